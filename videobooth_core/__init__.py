@@ -1,0 +1,22 @@
+"""VideoBooth core: a self-contained reimplementation of VideoBooth (arXiv 2312.00777).
+
+Depends only on torch, diffusers, transformers, safetensors and einops; never on a host application.
+Importing this package is cheap: heavy modules are imported by the functions that need them.
+"""
+
+from .errors import (
+    CheckpointError,
+    ImagePromptError,
+    PromptError,
+    SamplingError,
+    VideoBoothError,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ImagePromptError",
+    "PromptError",
+    "SamplingError",
+    "VideoBoothError",
+]
+__version__ = "0.1.0"
