@@ -1,0 +1,153 @@
+"""Attention for the VideoBooth 3D UNet: one module, three uses.
+
+* ``attn1`` - sparse-causal cross-frame attention: every frame attends to [frame 0 ; previous frame],
+  optionally with the image prompt (exemplar) tokens folded into frame 0's values;
+* ``attn2`` - text cross-attention;
+* ``attn_temp`` - temporal self-attention over the frames at each spatial position (no positional encoding).
+
+The key/value projections that the released model uses for ``attn1`` and ``attn2`` live in the mapper
+checkpoint; :class:`SiteProjections` carries them to the block without registering them twice.
+
+Two numerically equivalent backends: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
+flash / memory-efficient kernels on GPU) and ``"math"`` (explicit score matrix and softmax in the input
+dtype, the order of operations of the official diffusers-0.11 code, kept for checking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+AttentionBackend = Literal["sdpa", "math"]
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "math")
+
+
+def multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    backend: AttentionBackend = "sdpa",
+) -> torch.Tensor:
+    """Scaled dot-product attention with heads split from the channel axis.
+
+    Args:
+        query: (batch, query_tokens, channels).
+        key: (batch, key_tokens, channels).
+        value: (batch, key_tokens, channels).
+        num_heads: channels are split as (heads, channels // heads), head-major.
+        backend: ``"sdpa"`` or ``"math"``.
+
+    Returns:
+        (batch, query_tokens, channels), heads merged back, no output projection.
+    """
+    query, key, value = (rearrange(t, "b n (h d) -> b h n d", h=num_heads) for t in (query, key, value))
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(query, key, value)
+    elif backend == "math":
+        scale = query.shape[-1] ** -0.5
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        out = torch.matmul(scores.softmax(dim=-1), value)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    return rearrange(out, "b h n d -> b n (h d)")
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer; names mirror the official checkpoint (``to_q``, ``to_out.0``)."""
+
+    def __init__(self, query_dim: int, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
+        self.backend: AttentionBackend = "sdpa"
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of already projected tensors (see :func:`multi_head_attention`)."""
+        return multi_head_attention(query, key, value, self.num_heads, self.backend)
+
+    def self_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Plain self-attention with this layer's own projections: (b, n, c) → (b, n, c)."""
+        out = self.attend(self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states))
+        return self.to_out[0](out)
+
+
+@dataclass
+class SiteProjections:
+    """The mapper's per-site key/value projections, used in place of the UNet's own ``to_k``/``to_v``.
+
+    ``attn1_key``/``attn1_value`` (the mapper's ``_to_k_new``/``_to_v_new``) project video tokens in
+    cross-frame attention; ``image_prompt_key``/``image_prompt_value`` (``_to_k_exemplar``/``_to_v_exemplar``)
+    project the image prompt's tokens; ``text_key``/``text_value`` (``attn2`` ``_to_k``/``_to_v``) project text.
+    """
+
+    attn1_key: nn.Linear
+    attn1_value: nn.Linear
+    image_prompt_key: nn.Linear
+    image_prompt_value: nn.Linear
+    text_key: nn.Linear
+    text_value: nn.Linear
+
+
+def cross_frame_attention(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    num_frames: int,
+    key_proj: nn.Module,
+    value_proj: nn.Module,
+    image_prompt_states: torch.Tensor | None = None,
+    image_prompt_key_proj: nn.Module | None = None,
+    image_prompt_value_proj: nn.Module | None = None,
+) -> torch.Tensor:
+    """Sparse-causal attention: frame f attends to [frame 0 ; frame max(f-1, 0)] (2N keys).
+
+    With an image prompt, frame 0's queries first attend to [image prompt tokens ; frame-0 tokens]; the
+    result (heads merged, no output projection) replaces frame 0's *values* (not its keys) wherever
+    frame 0 is attended to.
+
+    Args:
+        hidden_states: (batch * frames, tokens, channels), ``norm1`` output, frame-minor.
+        num_frames: frames per video.
+        image_prompt_states: (batch, tokens, channels) image-prompt tokens at this site (frame 0 of the
+            exemplar stream, after the same GroupNorm/proj_in/norm1), or None.
+
+    Returns:
+        (batch * frames, tokens, channels), after ``to_out``.
+    """
+    query = attn.to_q(hidden_states)
+    key = rearrange(key_proj(hidden_states), "(b f) n c -> b f n c", f=num_frames)
+    value = rearrange(value_proj(hidden_states), "(b f) n c -> b f n c", f=num_frames)
+
+    if image_prompt_states is not None:
+        first_query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)[:, 0]
+        prompt_key = image_prompt_key_proj(image_prompt_states)
+        prompt_value = image_prompt_value_proj(image_prompt_states)
+        updated_first_value = attn.attend(
+            first_query,
+            torch.cat([prompt_key, key[:, 0]], dim=1),
+            torch.cat([prompt_value, value[:, 0]], dim=1),
+        )
+        value = torch.cat([updated_first_value[:, None], value[:, 1:]], dim=1)
+
+    previous = [max(f - 1, 0) for f in range(num_frames)]
+    first = [0] * num_frames
+    key = rearrange(torch.cat([key[:, first], key[:, previous]], dim=2), "b f n c -> (b f) n c")
+    value = rearrange(torch.cat([value[:, first], value[:, previous]], dim=2), "b f n c -> (b f) n c")
+    return attn.to_out[0](attn.attend(query, key, value))
+
+
+def text_cross_attention(
+    attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor, key_proj: nn.Module, value_proj: nn.Module
+) -> torch.Tensor:
+    """Cross-attention to text: (b, n, c) queries, (b, 77, d) text states → (b, n, c)."""
+    out = attn.attend(attn.to_q(hidden_states), key_proj(text_states), value_proj(text_states))
+    return attn.to_out[0](out)
