@@ -44,15 +44,23 @@ class GeneratorNoise:
     and moved to ``device``.
     """
 
-    def __init__(self, generator: torch.Generator, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, generator: torch.Generator, device: torch.device | str = "cpu", initial_noise: torch.Tensor | None = None
+    ) -> None:
+        """``initial_noise``: an already drawn z (the official order draws z before the VAE sample)."""
         self.generator = generator
         self.device = torch.device(device)
+        self.initial_noise = initial_noise
 
     def _draw(self, shape: tuple[int, ...]) -> torch.Tensor:
         noise = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
         return noise.to(self.device)
 
     def initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.initial_noise is not None:
+            if tuple(self.initial_noise.shape) != tuple(shape):
+                raise SamplingError(f"initial noise has shape {tuple(self.initial_noise.shape)}, expected {tuple(shape)}")
+            return self.initial_noise.to(self.device)
         return self._draw(shape)
 
     def exemplar(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""Shared test set-up: fixture locations (overridable by environment variables), offline mode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def fixture_dir(env_var: str, default: Path) -> Path:
+    path = Path(os.environ.get(env_var, default))
+    if not path.is_dir():
+        pytest.fail(f"test fixture folder {path} is missing (set {env_var} to its location)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_fixture() -> Path:
+    return fixture_dir("VIDEOBOOTH_PARITY_FIXTURE", SHARED_FIXTURES / "official_tiny")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir() -> Path:
+    return fixture_dir("VIDEOBOOTH_CLIP_TOKENIZER", SHARED_FIXTURES / "clip_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A complete tiny model set written by ``make-tiny`` (shared by every test of the session)."""
+    from videobooth_core.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny_models")
+    make_tiny(out)
+    return out

@@ -1,0 +1,217 @@
+"""The VideoBooth pipeline: load once, generate many. Used by the command line and the ComfyUI nodes.
+
+    pipe = VideoBoothPipeline.from_models_dir("models", dtype="fp32", device="cpu")
+    result = pipe.generate(GenerationRequest(prompt="a dog running on the beach", subject_word="dog",
+                                             image=load_image("dog.jpg"), mask=load_mask("dog_mask.png")))
+    result.frames  # (frames, height, width, 3) uint8
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import load_mapper, load_unet, parse_dtype
+from .errors import SamplingError
+from .image_prompt import PreparedImagePrompt, prepare_image_prompt
+from .mapper import Mapper, clip_vision_features
+from .models_dir import ModelFiles
+from .sampling import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
+from .scheduling import RespacedDDPM
+from .text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from .unet_3d import UNet3DModel
+
+logger = logging.getLogger(__name__)
+
+VAE_SCALE = 8
+"""Pixels per latent cell."""
+
+
+@dataclass
+class GenerationRequest:
+    """One video to generate. Without ``image`` (and ``subject_word``) it is plain text-to-video."""
+
+    prompt: str
+    subject_word: str | None = None
+    image: torch.Tensor | None = None
+    """(H, W, 3) uint8 or float in [0, 1]: the photo of the subject."""
+    mask: torch.Tensor | None = None
+    """(H, W) subject mask (nonzero = subject), or None."""
+    bbox: tuple[float, float, float, float] | None = None
+    negative_prompt: str = NULL_PROMPT
+    """The unconditional prompt; the official pipeline uses the literal "None"."""
+    frames: int = 16
+    width: int = 256
+    height: int = 256
+    steps: int = 250
+    cfg_scale: float = 4.0
+    guidance: str = "official"
+    seed: int = 10
+    image_prompt_padding: int = 0
+
+    def validate(self) -> None:
+        if self.frames < 1:
+            raise SamplingError(f"frames must be at least 1, got {self.frames}")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value < VAE_SCALE or value % VAE_SCALE:
+                raise SamplingError(
+                    f"{name} must be a positive multiple of {VAE_SCALE}, got {value}; "
+                    f"try {max(VAE_SCALE, round(value / VAE_SCALE) * VAE_SCALE)}"
+                )
+        if self.steps < 1 or self.steps > 1000:
+            raise SamplingError(f"steps must be between 1 and 1000, got {self.steps}")
+        if self.guidance not in GUIDANCE_RULES:
+            raise SamplingError(f"guidance must be one of {GUIDANCE_RULES}, got {self.guidance!r}")
+        if (self.image is None) != (self.subject_word is None):
+            raise SamplingError(
+                "an image prompt needs both the image and the subject word (the prompt's word naming the subject); "
+                "give both, or neither for text-to-video"
+            )
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor
+    """(1, 4, frames, height/8, width/8) float32, unscaled (VAE space x 0.18215)."""
+    frames: torch.Tensor
+    """(frames, height, width, 3) uint8."""
+    prompt_used: str
+    image_prompt: PreparedImagePrompt | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """(1, 4, frames, height/8, width/8)."""
+    return (1, 4, frames, height // VAE_SCALE, width // VAE_SCALE)
+
+
+def fit_exemplar(exemplar: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize a (b, 4, 1, h, w) exemplar latent to the video's latent size (bilinear; a no-op at 256x256,
+    the only size the model was trained at - other sizes are an extrapolation either way)."""
+    size = (height // VAE_SCALE, width // VAE_SCALE)
+    if tuple(exemplar.shape[-2:]) == size:
+        return exemplar
+    resized = torch.nn.functional.interpolate(exemplar[:, :, 0], size=size, mode="bilinear", align_corners=False)
+    return resized[:, :, None]
+
+
+class VideoBoothPipeline:
+    """All VideoBooth models on one device; each method is one stage of the pipeline."""
+
+    def __init__(
+        self,
+        unet: UNet3DModel,
+        mapper: Mapper,
+        vae: Any,
+        text_encoder: Any,
+        vision_encoder: Any,
+        tokenizer: Any,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.unet, self.mapper, self.vae = unet, mapper, vae
+        self.text_encoder, self.vision_encoder, self.tokenizer = text_encoder, vision_encoder, tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet.attach_projections(self.mapper.site_projections())
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> "VideoBoothPipeline":
+        """Load every model (UNet and mapper in ``dtype``; CLIP and the VAE stay float32, they are cheap)."""
+        from .encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
+
+        torch_dtype = parse_dtype(dtype)
+        unet = load_unet(files.unet, dtype=torch_dtype, device=device)
+        mapper = load_mapper(files.mapper, dtype=torch_dtype, device=device)
+        vae = load_vae(files.vae, dtype=torch.float32, device=device)
+        text = load_clip_text_encoder(files.clip_text, dtype=torch.float32, device=device)
+        vision = load_clip_vision_encoder(files.clip_vision, dtype=torch.float32, device=device)
+        tokenizer = load_clip_tokenizer(files.tokenizer)
+        return cls(unet, mapper, vae, text, vision, tokenizer, device, torch_dtype)
+
+    @classmethod
+    def from_models_dir(cls, models_dir: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", **overrides) -> "VideoBoothPipeline":
+        return cls.from_files(ModelFiles.from_models_dir(models_dir, **overrides), dtype, device)
+
+    # -- stages ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image_prompt(self, prepared: PreparedImagePrompt) -> torch.Tensor:
+        """Coarse embedding: CLIP vision features → mapper → (1, 5, text width) word vectors (float32)."""
+        features = clip_vision_features(self.vision_encoder, prepared.clip_pixels.to(self.device))
+        mapper_dtype = next(self.mapper.parameters()).dtype
+        return self.mapper([f.to(mapper_dtype) for f in features]).float()
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, subject_word: str | None = None, injected: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """Text states (1, 77, d) float32 and the text as tokenised; with ``injected`` the subject word's
+        tokens are replaced by the mapper's word vectors."""
+        if subject_word is None or injected is None:
+            return encode_text(self.text_encoder, tokenize(self.tokenizer, prompt)).last_hidden_state.float(), prompt
+        subject = prepare_subject_prompt(self.tokenizer, prompt, subject_word)
+        states = encode_text(self.text_encoder, subject.input_ids, injected, subject.placeholder_ids).last_hidden_state
+        return states.float(), subject.text
+
+    @torch.no_grad()
+    def encode_exemplar(self, prepared: PreparedImagePrompt, generator: torch.Generator) -> torch.Tensor:
+        """Fine embedding source: the 256-pixel image prompt's VAE posterior sample x 0.18215, (1, 4, 1, 32, 32)."""
+        from .encoders import vae_encode
+
+        latent = vae_encode(self.vae, prepared.vae_pixels.to(self.device), generator=generator, sample=True)
+        return latent[:, :, None].float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk_size: int = 4) -> torch.Tensor:
+        """(b, 4, f, h, w) latents → (b*f, 8h, 8w, 3) uint8 frames, decoded ``chunk_size`` frames at a time."""
+        from .encoders import vae_decode
+
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(-1, *latents.shape[1:2], *latents.shape[3:])
+        pixels = vae_decode(self.vae, flat.to(self.device, torch.float32), chunk_size=chunk_size)
+        # the official writer: (x * 0.5 + 0.5) * 255 + 0.5, clamped, truncated to uint8
+        return ((pixels * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def sample(
+        self,
+        cond_text: torch.Tensor,
+        null_text: torch.Tensor,
+        exemplar_clean: torch.Tensor | None,
+        frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        cfg_scale: float,
+        guidance: str,
+        generator: torch.Generator,
+        callback: StepCallback | None = None,
+        initial_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw (see sampling.sample_ddpm)."""
+        denoiser = VideoDenoiser(self.unet, cond_text.to(self.device), null_text.to(self.device), cfg_scale, guidance)
+        shape = latent_shape(frames, height, width)
+        with torch.no_grad():
+            return sample_ddpm(denoiser, RespacedDDPM(steps), shape, GeneratorNoise(generator, self.device, initial_noise),
+                               exemplar_clean, callback, self.device)
+
+    # -- everything -----------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True) -> GenerationResult:
+        """Image prompt → embeddings → sampling → frames. Randomness: one CPU generator seeded with ``seed``
+        (initial noise first, then the VAE posterior sample, then per step exemplar and step noise)."""
+        request.validate()
+        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        initial_noise = torch.randn(latent_shape(request.frames, request.height, request.width), generator=generator)
+        prepared = None
+        exemplar = None
+        injected = None
+        if request.image is not None:
+            prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        null_text, _ = self.encode_prompt(request.negative_prompt)
+        if prepared is not None:
+            injected = self.encode_image_prompt(prepared)
+        cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected)
+        if prepared is not None:
+            exemplar = fit_exemplar(self.encode_exemplar(prepared, generator), request.height, request.width)
+        latents = self.sample(cond_text, null_text, exemplar, request.frames, request.height, request.width,
+                              request.steps, request.cfg_scale, request.guidance, generator, callback, initial_noise)
+        frames = self.decode(latents) if decode else torch.empty(0)
+        return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared)
