@@ -52,7 +52,8 @@ def multi_head_attention(
     elif backend == "math":
         scale = query.shape[-1] ** -0.5
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-        out = torch.matmul(scores.softmax(dim=-1), value)
+        # softmax in float32 for half precision; identical for float32 inputs
+        out = torch.matmul(scores.float().softmax(dim=-1).to(value.dtype), value)
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     return rearrange(out, "b h n d -> b n (h d)")
@@ -107,6 +108,7 @@ def cross_frame_attention(
     image_prompt_states: torch.Tensor | None = None,
     image_prompt_key_proj: nn.Module | None = None,
     image_prompt_value_proj: nn.Module | None = None,
+    image_prompt_strength: float = 1.0,
 ) -> torch.Tensor:
     """Sparse-causal attention: frame f attends to [frame 0 ; frame max(f-1, 0)] (2N keys).
 
@@ -119,6 +121,8 @@ def cross_frame_attention(
         num_frames: frames per video.
         image_prompt_states: (batch, tokens, channels) image-prompt tokens at this site (frame 0 of the
             exemplar stream, after the same GroupNorm/proj_in/norm1), or None.
+        image_prompt_strength: 1 = the official update of frame 0's values; s blends
+            ``v0 + s * (updated - v0)`` (0 = no image prompt).
 
     Returns:
         (batch * frames, tokens, channels), after ``to_out``.
@@ -136,6 +140,8 @@ def cross_frame_attention(
             torch.cat([prompt_key, key[:, 0]], dim=1),
             torch.cat([prompt_value, value[:, 0]], dim=1),
         )
+        if image_prompt_strength != 1.0:
+            updated_first_value = value[:, 0] + image_prompt_strength * (updated_first_value - value[:, 0])
         value = torch.cat([updated_first_value[:, None], value[:, 1:]], dim=1)
 
     previous = [max(f - 1, 0) for f in range(num_frames)]

@@ -111,9 +111,19 @@ class VideoDenoiser:
         cfg_scale: float = 4.0,
         guidance: GuidanceRule = "official",
         batch_passes: bool = True,
+        single_frame_image_prompt: bool = False,
+        watermark_branch: bool = True,
+        image_prompt_strength: float = 1.0,
     ) -> None:
-        """cond_text / null_text: (1, 77, d) text states; ``batch_passes`` batches the unconditional and
-        image-prompt passes into one UNet call (same math; off follows the official call order)."""
+        """Args:
+            cond_text / null_text: (1, 77, d) text states.
+            batch_passes: batch the unconditional and image-prompt passes into one UNet call (same math;
+                False follows the official call order).
+            single_frame_image_prompt: opt-in speed mode: run the image-prompt stream on one frame instead
+                of all (an approximation: the official stream mixes its independently noised frames).
+            watermark_branch: False skips the watermark-removal branch (opt-in speed mode, changes output).
+            image_prompt_strength: scales the image prompt's injection (1 = official).
+        """
         if guidance not in GUIDANCE_RULES:
             raise SamplingError(f"unknown guidance rule {guidance!r}; choose one of {GUIDANCE_RULES}")
         self.unet = unet
@@ -122,6 +132,9 @@ class VideoDenoiser:
         self.cfg_scale = float(cfg_scale)
         self.guidance = guidance
         self.batch_passes = batch_passes
+        self.single_frame_image_prompt = single_frame_image_prompt
+        self.watermark_branch = watermark_branch
+        self.image_prompt_strength = float(image_prompt_strength)
 
     def predict(
         self, x_t: torch.Tensor, timestep: int, exemplar_t: torch.Tensor | None, exemplar_timestep: int | None = None
@@ -141,20 +154,29 @@ class VideoDenoiser:
         need_uncond = self.cfg_scale != 1.0 or self.guidance == "official"
         features = None
         eps_uncond = None
-        if exemplar_t is not None:
+        head = {"watermark_branch": self.watermark_branch}
+        if exemplar_t is not None and self.single_frame_image_prompt:
+            exemplar_t = exemplar_t[:, :, :1]
+        if exemplar_t is not None and exemplar_t.shape[2] != x_t.shape[2]:
+            # a stream of another frame count cannot share a batch with the video
+            te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
+                            dtype=torch.long, device=x_t.device)
+            _, features = unet(exemplar_t.to(dtype), te, null, capture_image_prompt_features=True, head_batch=0)
+        elif exemplar_t is not None:
             te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
                             dtype=torch.long, device=x_t.device)
             if self.batch_passes and need_uncond:
                 eps_uncond, captured = unet(
                     torch.cat([x_in, exemplar_t.to(dtype)]), torch.cat([t, te]), torch.cat([null, null]),
-                    capture_image_prompt_features=True, head_batch=batch,
+                    capture_image_prompt_features=True, head_batch=batch, **head,
                 )
                 features = {site: value[batch:] for site, value in captured.items()}
             else:
                 _, features = unet(exemplar_t.to(dtype), te, null, capture_image_prompt_features=True, head_batch=0)
-        eps_cond, _ = unet(x_in, t, cond, image_prompt_features=features)
+        eps_cond, _ = unet(x_in, t, cond, image_prompt_features=features,
+                           image_prompt_strength=self.image_prompt_strength, **head)
         if need_uncond and eps_uncond is None:
-            eps_uncond, _ = unet(x_in, t, null)
+            eps_uncond, _ = unet(x_in, t, null, **head)
         eps_cond = eps_cond.float()
         if eps_uncond is None:
             return eps_cond, eps_cond, None
@@ -170,6 +192,7 @@ def sample_ddpm(
     exemplar_clean: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     device: torch.device | str = "cpu",
+    image_prompt_steps: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """The official sampling loop (ancestral respaced DDPM), from pure noise to a clean latent.
 
@@ -177,6 +200,8 @@ def sample_ddpm(
         shape: (b, 4, frames, h, w) of the video latent.
         exemplar_clean: (b, 4, 1, h, w) clean image-prompt latent (VAE sample x 0.18215), or None.
         callback: called after every step (progress, previews, cancellation by raising).
+        image_prompt_steps: (start, end) fractions of the schedule (0 = first step) where the image prompt
+            is injected; (0, 1) is the official behaviour, (0, 0.5) an opt-in speed mode.
 
     Returns:
         (b, 4, frames, h, w) float32 latent (unscaled, i.e. still x 0.18215 VAE space).
@@ -188,8 +213,12 @@ def sample_ddpm(
     for step, index in enumerate(reversed(range(total))):
         timestep = schedule.timestep_map[index]
         exemplar_t = None
+        in_range = image_prompt_steps[0] <= step / total < image_prompt_steps[1]
         if exemplar_clean is not None:
-            exemplar_t = schedule.add_noise(exemplar_clean, noise.exemplar(step, tuple(exemplar_clean.shape)).to(device), index)
+            # drawn even when unused, so every setting consumes the same random stream
+            exemplar_noise = noise.exemplar(step, tuple(exemplar_clean.shape)).to(device)
+            if in_range:
+                exemplar_t = schedule.add_noise(exemplar_clean, exemplar_noise, index)
         eps, eps_cond, eps_uncond = denoiser.predict(x, timestep, exemplar_t)
         step_noise = noise.step(step, shape).to(device)
         x_prev, pred_x0 = schedule.step(eps, x, index, step_noise)

@@ -14,6 +14,7 @@ from torch import nn
 from .attention import ATTENTION_BACKENDS, Attention, AttentionBackend, SiteProjections
 from .config import UNetConfig
 from .unet_blocks import (
+    GroupNorm32,
     ImagePromptFeatures,
     InflatedConv3d,
     ResnetBlock3D,
@@ -112,7 +113,7 @@ class UNet3DModel(nn.Module):
             prev_out = out
         self.watermark_zero_out = InflatedConv3d(wm[0], wm[0], 1)
 
-        self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=eps)
+        self.conv_norm_out = GroupNorm32(groups, widths[0], eps=eps)
         self.conv_out = InflatedConv3d(widths[0], c.out_channels, 3, padding=1)
 
     # ----------------------------------------------------------------------------------------------
@@ -144,6 +145,8 @@ class UNet3DModel(nn.Module):
         image_prompt_features: ImagePromptFeatures | None = None,
         capture_image_prompt_features: bool = False,
         head_batch: int | None = None,
+        watermark_branch: bool = True,
+        image_prompt_strength: float = 1.0,
     ) -> tuple[torch.Tensor | None, ImagePromptFeatures | None]:
         """Predict the noise of a video latent.
 
@@ -156,12 +159,15 @@ class UNet3DModel(nn.Module):
             capture_image_prompt_features: also return every site's ``attn1`` input, frame 0 (b, n, c).
             head_batch: run the watermark branch and output head on the first ``head_batch`` batch
                 elements only (0: skip them, for a pure capture pass). None: all.
+            watermark_branch: False skips the watermark-removal branch (an opt-in speed mode that changes
+                the output; the released model always runs it).
+            image_prompt_strength: scales the image prompt's update of frame 0's values (1 = official).
 
         Returns:
             (noise prediction (head_batch or b, 4, f, h, w) or None, captured features or None).
         """
         batch, _, frames, height, width = sample.shape
-        ctx = SiteContext(image_prompt_features, capture=capture_image_prompt_features)
+        ctx = SiteContext(image_prompt_features, capture_image_prompt_features, image_prompt_strength)
 
         # 1. time embedding (per batch element, so differently noised inputs can share a batch)
         timesteps = torch.as_tensor(timestep, device=sample.device)
@@ -196,6 +202,8 @@ class UNet3DModel(nn.Module):
 
         # 5. watermark-removal branch on the up path's output
         branch_input = x
+        if not watermark_branch:
+            return self.conv_out(F.silu(self.conv_norm_out(x))), ctx.captured
         wm_skips = [x]
         for block in self.watermark_down_blocks:
             x, block_skips = block.down(x, temb, None, ctx)

@@ -20,6 +20,17 @@ ImagePromptFeatures = dict[str, torch.Tensor]
 """Per attention site (module path prefix): image-prompt tokens (batch, tokens, channels) at that site."""
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 whatever the weights' dtype (fp16/bf16 safe)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
 class InflatedConv3d(nn.Conv2d):
     """A 2-D convolution applied to every frame: (b, c, f, h, w) → (b, c', f, h', w')."""
 
@@ -56,10 +67,10 @@ class ResnetBlock3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
         self.conv1 = InflatedConv3d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
         self.conv2 = InflatedConv3d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = InflatedConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -142,6 +153,7 @@ class BasicTransformerBlock(nn.Module):
         num_frames: int,
         image_prompt_states: torch.Tensor | None = None,
         captured: list[torch.Tensor] | None = None,
+        image_prompt_strength: float = 1.0,
     ) -> torch.Tensor:
         """hidden_states: (b*f, n, c); text_states: (b*f, 77, d); image_prompt_states: (b, n, c) or None.
 
@@ -161,6 +173,7 @@ class BasicTransformerBlock(nn.Module):
             image_prompt_states=image_prompt_states,
             image_prompt_key_proj=p.image_prompt_key if p else None,
             image_prompt_value_proj=p.image_prompt_value if p else None,
+            image_prompt_strength=image_prompt_strength,
         )
         hidden_states = hidden_states + text_cross_attention(
             self.attn2,
@@ -183,7 +196,7 @@ class Transformer3DModel(nn.Module):
     def __init__(self, site: str, channels: int, num_heads: int, cross_attention_dim: int, groups: int) -> None:
         super().__init__()
         self.site = site
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm32(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, num_heads, cross_attention_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -198,7 +211,8 @@ class Transformer3DModel(nn.Module):
         image_prompt = ctx.image_prompt_features.get(self.site) if ctx.image_prompt_features else None
         captured: list[torch.Tensor] | None = [] if ctx.captured is not None else None
         for block in self.transformer_blocks:
-            h = block(h, text, frames, image_prompt_states=image_prompt, captured=captured)
+            h = block(h, text, frames, image_prompt_states=image_prompt, captured=captured,
+                      image_prompt_strength=ctx.image_prompt_strength)
         if captured:
             ctx.captured[self.site] = captured[0]
         h = rearrange(h, "bf (h w) c -> bf c h w", h=height, w=width)
@@ -210,9 +224,11 @@ class SiteContext:
     """Per-call state shared by every attention site: image-prompt features to inject or to capture."""
 
     def __init__(
-        self, image_prompt_features: ImagePromptFeatures | None = None, capture: bool = False
+        self, image_prompt_features: ImagePromptFeatures | None = None, capture: bool = False,
+        image_prompt_strength: float = 1.0,
     ) -> None:
         self.image_prompt_features = image_prompt_features
+        self.image_prompt_strength = image_prompt_strength
         self.captured: ImagePromptFeatures | None = {} if capture else None
 
 
