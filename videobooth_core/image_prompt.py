@@ -70,7 +70,8 @@ def load_mask(path: PathLike) -> torch.Tensor:
 
     Palette ("P") PNGs, as written by Grounded-SAM, are read as palette indices (index != 0 is subject,
     like the official code). Single-band images ("1", "L", "I", "I;16", "F"): nonzero is subject.
-    Other modes (RGB, RGBA, LA, ...) are converted to "L" (alpha dropped): nonzero is subject.
+    Other modes (RGB, RGBA, LA, ...) are converted to RGB (alpha dropped): a pixel whose colour has any
+    nonzero channel is subject (a luminance conversion would round faint pure-blue pixels to 0).
     """
     img = _open(path, "mask")
     if img.mode in ("P", "PA"):
@@ -79,7 +80,7 @@ def load_mask(path: PathLike) -> torch.Tensor:
     elif len(img.getbands()) == 1:
         a = np.asarray(img)
     else:
-        a = np.asarray(img.convert("L"))
+        a = np.asarray(img.convert("RGB")).any(axis=2)
     return torch.from_numpy(np.array(a != 0))
 
 
@@ -160,6 +161,8 @@ def _as_bool_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 def _check_bbox(bbox: Sequence[float], w: int, h: int) -> BBox:
+    if isinstance(bbox, (str, bytes)):  # a string would iterate into characters
+        raise ImagePromptError(f"the bbox must be 4 numbers (x1, y1, x2, y2) in pixels; got the string {bbox!r}.")
     try:
         values = [float(v) for v in bbox]
     except (TypeError, ValueError) as exc:
