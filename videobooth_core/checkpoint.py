@@ -9,18 +9,21 @@ store the model config in their metadata. Modules are built on the ``meta`` devi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import MapperConfig, UNetConfig
+from .encoders import read_safetensors_metadata, read_state_dict
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .mapper import Mapper
+    from .unet_3d import UNet3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -33,64 +36,11 @@ UNET_WRAPPER_KEY = "ema_unet"
 MAPPER_WRAPPER_KEY = "ema"
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Read a tensor file without running code: safetensors (memory-mapped) or a weights-only pickle.
-
-    Returns the file's top-level dict as stored (wrappers such as ``ema_unet`` are not removed).
-    Raises CheckpointError for a missing, truncated, corrupt or unsafe file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weight file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError / OSError types
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({error}); it is probably incomplete or corrupt: "
-                "download or convert it again"
-            ) from None
-    if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: unsupported weight file type {suffix!r}; use .safetensors (preferred) or .pt/.pth/.ckpt/.bin"
-        )
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error).lower():
-                raise
-            # legacy (non-zip) pickles cannot be memory-mapped
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path} was refused for safety: it is a pickle that contains objects other than tensors "
-            f"({first_line}). Only load files you trust; convert trusted ones to safetensors with "
-            "`python -m videobooth_core convert`."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} could not be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "the file is probably incomplete or corrupt: download it again"
-        ) from None
-
-
-def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file ({} for other files)."""
-    path = Path(path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download or convert it again") from None
+def _config_metadata(path: PathLike) -> str | None:
+    """The model config stored in a safetensors file's metadata (None for pickles or when absent)."""
+    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    return read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
 
 
 def detect_kind(state_dict: Mapping[str, object]) -> str:
@@ -203,7 +153,7 @@ def load_unet(
     raw = read_state_dict(path)
     state_dict = _unwrap(raw, UNET_WRAPPER_KEY, "videobooth_unet", path)
     if config is None:
-        meta = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+        meta = _config_metadata(path)
         config = UNetConfig.from_json(meta) if meta else UNetConfig.infer_from_state_dict(state_dict)
     with torch.device("meta"):
         unet = UNet3DModel(config)

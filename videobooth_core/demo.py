@@ -8,7 +8,6 @@ background, with its mask), so nothing has to be downloaded.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

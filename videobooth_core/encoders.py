@@ -202,7 +202,12 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
         if not is_zip and not _looks_like_foreign_global(global_name):
             # A legacy (non-zip) pickle cut short makes the restricted unpickler stop on a truncated name such as
             # 'torch._uti' or on a stray opcode; it was still refused, nothing ran.
-            raise _incomplete(path, f"the restricted unpickler stopped{f' at {global_name!r}' if global_name else ''}")
+            stopped = f" at {global_name!r}" if global_name else ""
+            raise CheckpointError(
+                f"Refused to load {path}: the safe (weights-only) unpickler stopped{stopped}, so the file is either "
+                "incomplete or corrupt, or a pickle that contains objects other than tensors; nothing in it was "
+                "executed. Fix: download the file again; if you trust its source, convert it to safetensors."
+            ) from e
         detail = f" (it asks to import {global_name!r})" if global_name else ""
         raise CheckpointError(
             f"Refused to load {path}: the file contains Python objects other than tensors{detail}. Unpickling it "
