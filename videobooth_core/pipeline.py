@@ -19,6 +19,7 @@ from .errors import SamplingError
 from .image_prompt import PreparedImagePrompt, prepare_image_prompt
 from .mapper import Mapper, clip_vision_features
 from .models_dir import ModelFiles
+from .samplers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS, sample_with_scheduler
 from .sampling import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
 from .scheduling import RespacedDDPM
 from .text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
@@ -28,6 +29,29 @@ logger = logging.getLogger(__name__)
 
 VAE_SCALE = 8
 """Pixels per latent cell."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Opt-in speed modes (each changes the result; measured deviations are in the README) and injection control."""
+
+    single_frame_image_prompt: bool = False
+    """Run the image-prompt stream on one frame instead of all (about a quarter less compute per step)."""
+    image_prompt_steps: tuple[float, float] = (0.0, 1.0)
+    """(start, end) fractions of the schedule where the image prompt is injected; (0, 1) is official."""
+    watermark_branch: bool = True
+    """False skips the watermark-removal branch (the released model always runs it)."""
+    image_prompt_strength: float = 1.0
+    """Scales the image prompt's update of frame 0's values in cross-frame attention (1 = official)."""
+    batch_passes: bool = True
+    """Batch the unconditional and image-prompt passes (same result up to float rounding)."""
+
+    def __post_init__(self) -> None:
+        start, end = self.image_prompt_steps
+        if not 0.0 <= start <= end <= 1.0:
+            raise SamplingError(f"image_prompt_steps must satisfy 0 <= start <= end <= 1, got {self.image_prompt_steps}")
+        if not 0.0 <= self.image_prompt_strength <= 2.0:
+            raise SamplingError(f"image prompt strength must be between 0 and 2, got {self.image_prompt_strength}")
 
 
 @dataclass
@@ -51,6 +75,12 @@ class GenerationRequest:
     guidance: str = "official"
     seed: int = 10
     image_prompt_padding: int = 0
+    sampler: str = "ddpm"
+    """``ddpm`` (official) or a diffusers sampler (see samplers.SAMPLERS)."""
+    spacing: str = "trailing"
+    """Timestep spacing of the diffusers samplers (``trailing`` or ``leading``)."""
+    eta: float = 0.0
+    options: "SamplingOptions" = None  # type: ignore[assignment]
 
     def validate(self) -> None:
         if self.frames < 1:
@@ -65,6 +95,10 @@ class GenerationRequest:
             raise SamplingError(f"steps must be between 1 and 1000, got {self.steps}")
         if self.guidance not in GUIDANCE_RULES:
             raise SamplingError(f"guidance must be one of {GUIDANCE_RULES}, got {self.guidance!r}")
+        if self.sampler not in SAMPLERS:
+            raise SamplingError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise SamplingError(f"unknown timestep spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
         if (self.image is None) != (self.subject_word is None):
             raise SamplingError(
                 "an image prompt needs both the image and the subject word (the prompt's word naming the subject); "
@@ -185,13 +219,30 @@ class VideoBoothPipeline:
         generator: torch.Generator,
         callback: StepCallback | None = None,
         initial_noise: torch.Tensor | None = None,
+        sampler: str = OFFICIAL_SAMPLER,
+        spacing: str = "trailing",
+        eta: float = 0.0,
+        options: SamplingOptions | None = None,
     ) -> torch.Tensor:
-        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw (see sampling.sample_ddpm)."""
-        denoiser = VideoDenoiser(self.unet, cond_text.to(self.device), null_text.to(self.device), cfg_scale, guidance)
+        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw.
+
+        ``sampler="ddpm"`` is the official respaced ancestral DDPM (sampling.sample_ddpm); the others are
+        diffusers schedulers on the same training schedule (samplers.sample_with_scheduler).
+        """
+        options = options or SamplingOptions()
+        denoiser = VideoDenoiser(
+            self.unet, cond_text.to(self.device), null_text.to(self.device), cfg_scale, guidance,
+            batch_passes=options.batch_passes, single_frame_image_prompt=options.single_frame_image_prompt,
+            watermark_branch=options.watermark_branch, image_prompt_strength=options.image_prompt_strength,
+        )
         shape = latent_shape(frames, height, width)
+        noise = GeneratorNoise(generator, self.device, initial_noise)
         with torch.no_grad():
-            return sample_ddpm(denoiser, RespacedDDPM(steps), shape, GeneratorNoise(generator, self.device, initial_noise),
-                               exemplar_clean, callback, self.device)
+            if sampler == OFFICIAL_SAMPLER:
+                return sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, callback, self.device,
+                                   image_prompt_steps=options.image_prompt_steps)
+            return sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean, callback,
+                                         self.device, spacing, eta, options.image_prompt_steps)
 
     # -- everything -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True) -> GenerationResult:
@@ -212,6 +263,7 @@ class VideoBoothPipeline:
         if prepared is not None:
             exemplar = fit_exemplar(self.encode_exemplar(prepared, generator), request.height, request.width)
         latents = self.sample(cond_text, null_text, exemplar, request.frames, request.height, request.width,
-                              request.steps, request.cfg_scale, request.guidance, generator, callback, initial_noise)
+                              request.steps, request.cfg_scale, request.guidance, generator, callback, initial_noise,
+                              request.sampler, request.spacing, request.eta, request.options)
         frames = self.decode(latents) if decode else torch.empty(0)
         return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared)
