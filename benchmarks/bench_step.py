@@ -67,6 +67,9 @@ def main() -> None:
         parser.error("official-order runs in fp32, as the official code")
 
     unet = build_models(dtype, args.device)
+    rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    weights_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    weights_mb += sum(p.numel() * p.element_size() for p in unet._mapper.parameters()) / 2**20
     unet.set_attention_backend("math" if args.mode == "official-order" else "sdpa")
     generator = torch.Generator().manual_seed(0)
     shape = (1, 4, args.frames, args.latent, args.latent)
@@ -107,6 +110,7 @@ def main() -> None:
         "frames": args.frames, "latent": [args.latent, args.latent], "video": [8 * args.latent, 8 * args.latent],
         "median_seconds": round(statistics.median(times), 3), "all_seconds": [round(t, 3) for t in times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_after_building_models_mb": round(rss_after_build, 1), "weights_mb": round(weights_mb, 1),
         "torch": torch.__version__,
     }
     if args.device.startswith("cuda"):
