@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import SiteProjections
 from .config import MapperConfig, mapper_stem_from_site_prefix
+from .errors import CheckpointError
 
 PROJECTION_SUFFIXES = ("attn1_to_k_exemplar", "attn1_to_v_exemplar", "attn1_to_k_new", "attn1_to_v_new",
                        "attn2_to_k", "attn2_to_v")
@@ -98,5 +99,7 @@ def clip_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) ->
     out = vision_model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)
     hidden = out.hidden_states
     if len(hidden) < 17:
-        raise ValueError(f"the CLIP vision tower has {len(hidden) - 1} layers; VideoBooth needs at least 16")
+        raise CheckpointError(
+            f"the CLIP vision tower has {len(hidden) - 1} layers; VideoBooth needs CLIP ViT-L/14 (24 layers, at least 16)"
+        )
     return [out.last_hidden_state, hidden[4], hidden[8], hidden[12], hidden[16]]

@@ -174,8 +174,8 @@ class VideoBoothPipeline:
     def encode_image_prompt(self, prepared: PreparedImagePrompt) -> torch.Tensor:
         """Coarse embedding: CLIP vision features → mapper → (1, 5, text width) word vectors (float32)."""
         features = clip_vision_features(self.vision_encoder, prepared.clip_pixels.to(self.device))
-        mapper_dtype = next(self.mapper.parameters()).dtype
-        return self.mapper([f.to(mapper_dtype) for f in features]).float()
+        mapper_param = next(self.mapper.parameters())
+        return self.mapper([f.to(mapper_param.device, mapper_param.dtype) for f in features]).float()
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, subject_word: str | None = None, injected: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:

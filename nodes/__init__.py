@@ -1,0 +1,18 @@
+"""The VideoBooth ComfyUI nodes: every family's mappings merged into one registry.
+
+Node ids (all starting with ``VideoBooth``) and socket type names are a public API: never rename one.
+"""
+
+from __future__ import annotations
+
+from . import _bridge, image_prompt, injection, loaders, sampling, text
+
+_bridge.register_videobooth_folder()
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _family in (loaders, image_prompt, text, injection, sampling):
+    NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,93 @@
+"""Image-prompt nodes: preparation (mask, crop, pad, resize) and the coarse embedding (CLIP vision -> mapper)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..videobooth_core.errors import ImagePromptError
+from ..videobooth_core.image_prompt import PreparedImagePrompt, prepare_image_prompt
+from ..videobooth_core.mapper import clip_vision_features
+from . import _bridge as bridge
+from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, MODEL, ImageEmbeds, VideoBoothCLIPVision, VideoBoothModel
+
+
+class VideoBoothImagePrompt:
+    DESCRIPTION = ("Prepares the photo of the subject as VideoBooth expects it: background painted white using the "
+                   "mask, cropped to the subject's box (plus padding), padded to a white square and resized (224 px "
+                   "for CLIP, 256 px for the VAE). The preview output shows the result.")
+    CATEGORY = "VideoBooth/image prompt"
+    FUNCTION = "prepare"
+    RETURN_TYPES = (IMAGE_PROMPT, "IMAGE")
+    RETURN_NAMES = ("image_prompt", "preview")
+    OUTPUT_TOOLTIPS = (
+        "The prepared image prompt, for Image Prompt Encode and Latent Injection.",
+        "The prepared 256x256 image (what the VAE sees); also a valid input for ComfyUI's VAE Encode.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The photo of the subject (the first image of a batch is used)."}),
+                "padding": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1, "tooltip": (
+                    "Extra pixels kept around the subject's box on every side; 0 is the official preprocessing.")}),
+                "invert_mask": ("BOOLEAN", {"default": False, "tooltip": (
+                    "Flip the mask. The subject must be 1 (white): segmentation masks and the mask editor already "
+                    "are; LoadImage's mask of a cut-out PNG is 1 where the picture is transparent, so turn this on "
+                    "for it.")}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": (
+                    "The subject's mask, 1 (white) on the subject, same size as the image (the first of a batch is "
+                    "used). Without a mask the whole image is the subject.")}),
+            },
+        }
+
+    def prepare(self, image: torch.Tensor, padding: int, invert_mask: bool,
+                mask: torch.Tensor | None = None) -> tuple[PreparedImagePrompt, torch.Tensor]:
+        picture = bridge.first_image(image)
+        subject = None if mask is None else bridge.subject_mask(mask, tuple(picture.shape[:2]), invert_mask)
+        prepared = prepare_image_prompt(picture, subject, padding=int(padding))
+        return prepared, bridge.image_to_comfy(prepared.preview())
+
+
+class VideoBoothImagePromptEncode:
+    DESCRIPTION = ("The coarse image-prompt embedding: the CLIP vision features of the prepared image, turned by the "
+                   "mapper into word vectors that VideoBooth Text Encode puts in place of the subject word.")
+    CATEGORY = "VideoBooth/image prompt"
+    FUNCTION = "encode"
+    RETURN_TYPES = (IMAGE_EMBEDS,)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("The subject's word vectors, for VideoBooth Text Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": (MODEL, {"tooltip": "The VideoBooth model (its mapper is used here)."}),
+            "clip_vision": (CLIP_VISION, {"tooltip": "The CLIP ViT-L/14 vision encoder."}),
+            "image_prompt": (IMAGE_PROMPT, {"tooltip": "The prepared image prompt from VideoBooth Image Prompt."}),
+        }}
+
+    def encode(self, model: VideoBoothModel, clip_vision: VideoBoothCLIPVision,
+               image_prompt: PreparedImagePrompt) -> tuple[ImageEmbeds]:
+        width, expected = clip_vision.vision_encoder.config.hidden_size, model.mapper.config.input_dim
+        if width != expected:
+            raise ImagePromptError(
+                f"the CLIP vision encoder {clip_vision.path.name} has width {width} but the mapper expects {expected} "
+                "(CLIP ViT-L/14); load the vision encoder that belongs to this VideoBooth model."
+            )
+        bridge.activate([clip_vision.managed, model.managed])
+        with torch.no_grad():
+            features = clip_vision_features(clip_vision.vision_encoder, image_prompt.clip_pixels)
+            words = model.mapper([f.to(model.managed.load_device, model.dtype) for f in features])
+        return (ImageEmbeds(words.float().cpu()),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "VideoBoothImagePrompt": VideoBoothImagePrompt,
+    "VideoBoothImagePromptEncode": VideoBoothImagePromptEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VideoBoothImagePrompt": "VideoBooth Image Prompt",
+    "VideoBoothImagePromptEncode": "VideoBooth Image Prompt Encode (coarse)",
+}
