@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import VideoBoothError
+from .samplers import SAMPLERS, SPACINGS
 
 logger = logging.getLogger("videobooth_core")
 
@@ -22,7 +23,7 @@ DEFAULT_MODELS_ENV = "VIDEOBOOTH_MODELS"
 
 
 def _peak_memory_mb() -> float:
-    """Peak resident memory of this process (MB); plus peak GPU memory when CUDA was used."""
+    """Peak resident memory of this process (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", default=os.environ.get(DEFAULT_MODELS_ENV, "models"),
                       help=f"models folder with real weights (default: ${DEFAULT_MODELS_ENV} or ./models)")
     demo.add_argument("--out", default="videobooth_demo.gif", help="output video (default videobooth_demo.gif)")
-    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default 25 on tiny weights, 250 on real)")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default 10 on tiny weights, 250 on real)")
     demo.add_argument("--device", default="cpu")
 
     conv = sub.add_parser("convert", help="convert the released .pt weights to safetensors")
@@ -74,7 +75,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--sampler", default="ddpm", choices=("ddpm",), help="ddpm: the official respaced ancestral DDPM")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm: the official respaced ancestral DDPM (default); others: diffusers samplers on the same schedule")
+    p.add_argument("--spacing", default="trailing", choices=SPACINGS, help="timestep spacing of the diffusers samplers")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--guidance", default="official", choices=("official", "all"),
                    help="official: channels 0-2 guided, channel 3 conditional (as released); all: every channel")
@@ -116,9 +120,13 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
         prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
         bbox=tuple(args.bbox) if args.bbox else None, negative_prompt=args.negative, frames=args.frames,
         width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg, guidance=args.guidance,
-        seed=args.seed,
+        seed=args.seed, sampler=args.sampler, spacing=getattr(args, "spacing", "trailing"), eta=getattr(args, "eta", 0.0),
     )
     request.validate()
+    if args.word is not None:  # fail on a word missing from the prompt before loading any model
+        from .text import substitute_subject
+
+        substitute_subject(args.prompt, args.word)
     if image is not None:  # fail on a bad mask/bbox before loading any model
         from .image_prompt import prepare_image_prompt
 

@@ -66,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("Weights: tiny and random (this proves the pipeline runs, not what it can draw).", file=sys.stderr)
 
     image, mask = synthetic_subject()
-    steps = args.steps or (25 if tiny else 250)
+    steps = args.steps or (10 if tiny else 250)
     request = GenerationRequest(prompt=DEMO_PROMPT, subject_word=DEMO_WORD, image=image, mask=mask, frames=16,
                                 width=256, height=256, steps=steps, seed=10)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, detect_kind
+from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, detect_kind, read_state_dict
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,11 @@ def find_model_file(models_dir: Path, kind: str) -> Path:
     folder = Path(models_dir) / FOLDERS[kind]
     matches = [p for p in _candidates(folder) if kind_of(p) == kind]
     if not matches:
+        for candidate in _candidates(folder):
+            # a file that should be this kind but cannot be read: report the broken file, not "not found"
+            if candidate.is_file() and any(stem in candidate.name.lower() for stem in PREFERRED_STEMS[kind]) \
+                    and not _keys_of(candidate):
+                read_state_dict(candidate)
         listing = ", ".join(p.name for p in _candidates(folder)) or "nothing"
         raise CheckpointError(
             f"no {kind.replace('_', ' ')} weights found in {folder} (it holds: {listing}); put there "

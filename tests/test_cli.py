@@ -1,0 +1,320 @@
+"""The command line, run as a user runs it (``python -m videobooth_core ...`` in a subprocess), on the tiny
+model set: every output format, text-to-video, determinism, every kind of bad input (non-zero exit, one
+``error:`` line, no output), the demo with and without weights, convert and make-tiny; and the Python API
+(one pipeline, many generations)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
+PROMPT = "a ball rolling on the grass"
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # one compute thread per run: on a small shared machine, spinning OpenMP threads of concurrent processes
+    # slow each other down several times over (the results do not depend on it)
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("VIDEOBOOTH_MODELS", None)
+    return env
+
+
+def _start(args: list[str], home: Path) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "videobooth_core", *map(str, args)], cwd=REPO, env=_env(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_cli(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return _finish(_start(args, home), timeout)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def _summary(result: subprocess.CompletedProcess) -> dict:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("done: ")]
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0][len("done: "):])
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    """Decoded RGB frames of a .gif/.webp/.mp4 or a folder of PNGs."""
+    from PIL import Image, ImageSequence
+
+    if path.is_dir():
+        return [np.array(Image.open(p).convert("RGB")) for p in sorted(path.glob("frame_*.png"))]
+    if path.suffix == ".mp4":
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        width, height = meta["size"]
+        return [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
+    with Image.open(path) as image:
+        return [np.array(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory) -> dict[str, Path]:
+    """A subject photo with its mask, an all-black mask, a text file named .png."""
+    from PIL import Image
+
+    from videobooth_core.demo import synthetic_subject
+
+    folder = tmp_path_factory.mktemp("subject")
+    image, mask = synthetic_subject(width=96, height=80)
+    Image.fromarray(image.numpy()).save(folder / "ball.png")
+    Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(folder / "ball_mask.png")
+    Image.new("L", (96, 80), 0).save(folder / "black_mask.png")
+    (folder / "notes.png").write_text("this is not an image\n")
+    return {"image": folder / "ball.png", "mask": folder / "ball_mask.png", "black": folder / "black_mask.png",
+            "text": folder / "notes.png", "missing": folder / "no_such_photo.png"}
+
+
+@pytest.fixture(scope="module")
+def formats(tiny_models, subject, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """One image-prompt generation per output format (same seed), plus one with another seed; run concurrently."""
+    out = tmp_path_factory.mktemp("formats")
+    base = ["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
+            "--prompt", PROMPT, "--word", "ball", *SMALL]
+    targets = {"gif": out / "clip.gif", "webp": out / "clip.webp", "mp4": out / "clip.mp4", "png": out / "frames",
+               "png_seed8": out / "frames_seed8"}
+    results = {}
+    names = list(targets)
+    for wave in (names[:2], names[2:4], names[4:]):  # two at a time (one thread each)
+        procs = {name: _start([*base, "--seed", "8" if name == "png_seed8" else "7", "--out", targets[name]],
+                              out / f"home_{name}") for name in wave}
+        results.update({name: (targets[name], _finish(proc)) for name, proc in procs.items()})
+    return results
+
+
+# -- generate -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gif", "webp", "mp4", "png"])
+def test_generate_writes_each_format(formats, name) -> None:
+    path, result = formats[name]
+    _ok(result)
+    assert path.is_dir() if name == "png" else path.is_file()
+    frames = read_frames(path)
+    assert len(frames) == 4
+    assert all(frame.shape == (64, 64, 3) for frame in frames)
+    if name == "png":
+        assert sorted(p.name for p in path.iterdir()) == [f"frame_{i:05d}.png" for i in range(4)]
+    if name == "mp4":
+        import imageio_ffmpeg
+
+        assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 4
+    summary = _summary(result)
+    assert summary["seed"] == 7 and summary["frames"] == 4 and summary["size"] == [64, 64] and summary["steps"] == 2
+    assert summary["seconds"] > 0 and summary["peak_rss_mb"] > 0
+    assert summary["prompt_used"] == "a sdksd rolling on the grass"
+    assert summary["output"] == str(path)
+    assert "sampling" in result.stderr  # the progress bar (tqdm, on stderr)
+    assert not list(path.parent.glob(".videobooth-*"))  # no temporary folder left behind
+
+
+def test_same_seed_same_frames_other_seed_other_frames(formats) -> None:
+    # webp is written lossless and PNG is lossless: two runs with seed 7 must decode to identical frames
+    a = read_frames(_ok(formats["webp"][1]) and formats["webp"][0])
+    b = read_frames(_ok(formats["png"][1]) and formats["png"][0])
+    c = read_frames(_ok(formats["png_seed8"][1]) and formats["png_seed8"][0])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, z) for x, z in zip(b, c, strict=True))
+
+
+def test_text_to_video_without_image_or_word(tiny_models, tmp_path) -> None:
+    out = tmp_path / "t2v.gif"
+    result = _ok(run_cli(["generate", "--models", tiny_models, "--prompt", "a dog running on the beach", *SMALL,
+                          "--seed", "3", "--out", out], tmp_path / "home"))
+    frames = read_frames(out)
+    assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
+    summary = _summary(result)
+    assert summary["prompt_used"] == "a dog running on the beach" and summary["seed"] == 3
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+def _models_without(tiny_models: Path, dest: Path, relative: str, truncate: bool) -> Path:
+    shutil.copytree(tiny_models, dest)
+    target = dest / relative
+    if truncate:
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    else:
+        target.unlink()
+    return dest
+
+
+BAD_INPUTS = {
+    # name: (extra arguments, words the error line must contain, output kind)
+    "word_not_in_prompt": (["--image", "{image}", "--mask", "{mask}", "--prompt", "a dog running", "--word", "ball"],
+                           ["'ball'", "not in the prompt"], "clip.gif"),
+    "empty_mask": (["--image", "{image}", "--mask", "{black}", "--prompt", PROMPT, "--word", "ball"],
+                   ["mask is empty"], "frames"),
+    "unreadable_image": (["--image", "{text}", "--prompt", PROMPT, "--word", "ball"],
+                         ["cannot read image", "notes.png"], "clip.mp4"),
+    "missing_image": (["--image", "{missing}", "--prompt", PROMPT, "--word", "ball"],
+                      ["not found", "no_such_photo.png"], "clip.webp"),
+    "zero_frames": (["--prompt", PROMPT, "--frames", "0"], ["frames must be at least 1", "0"], "frames"),
+    "width_not_multiple_of_8": (["--prompt", PROMPT, "--width", "65"], ["width", "multiple of 8", "65"], "clip.gif"),
+    "missing_weight_file": (["--prompt", PROMPT, "--models", "{no_mapper}"], ["mapper", "videobooth"], "clip.gif"),
+    "truncated_weight_file": (["--prompt", PROMPT, "--models", "{truncated}"], ["watermark_remove_module.pt"], "frames"),
+}
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_error_line_and_no_output(case, tiny_models, subject, tmp_path) -> None:
+    extra, words, out_name = BAD_INPUTS[case]
+    paths = {k: str(v) for k, v in subject.items()}
+    if case == "missing_weight_file":
+        paths["no_mapper"] = str(_models_without(tiny_models, tmp_path / "models", "videobooth/mapper.pt", False))
+    if case == "truncated_weight_file":
+        paths["truncated"] = str(_models_without(tiny_models, tmp_path / "models",
+                                                 "videobooth/watermark_remove_module.pt", True))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = [a.format(**paths) for a in extra]
+    models = [] if "--models" in args else ["--models", str(tiny_models)]
+    small = list(SMALL)
+    for flag in ("--frames", "--width"):  # the case's own value wins
+        if flag in args:
+            i = small.index(flag)
+            del small[i : i + 2]
+    result = run_cli(["generate", *models, *small, *args, "--out", out_dir / out_name], tmp_path / "home")
+    assert result.returncode == 2, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+    if case == "truncated_weight_file":
+        # the line must say what is wrong with the file, not only that no weights were found
+        assert any(w in lines[0].lower() for w in ("truncated", "incomplete", "corrupt")), lines[0]
+    assert list(out_dir.iterdir()) == []  # no output, no temporary file
+    assert result.stdout == ""
+
+
+# -- demo -------------------------------------------------------------------------------------------------------
+def test_demo_without_weights_uses_tiny_random_models(tmp_path) -> None:
+    home = tmp_path / "home"
+    missing = tmp_path / "no_models_here"
+    out = tmp_path / "demo.gif"
+    result = _ok(run_cli(["demo", "--models", missing, "--out", out, "--steps", "2"], home))
+    cache = home / ".cache" / "videobooth" / "tiny_models"
+    assert "TINY RANDOM" in result.stderr and "noise" in result.stderr
+    assert f"put the released weights in {missing}" in result.stderr and "README" in result.stderr
+    assert str(cache) in result.stderr
+    assert (cache / "VIDEOBOOTH_TINY_RANDOM_WEIGHTS.txt").is_file()
+    frames = read_frames(out)
+    assert len(frames) == 16 and frames[0].shape == (256, 256, 3)
+    summary = _summary(result)
+    assert summary["steps"] == 2 and summary["seconds"] > 0 and "seed" in summary
+    assert not missing.exists()
+
+
+def test_demo_uses_the_models_folder_when_it_holds_weights(tiny_models, tmp_path) -> None:
+    home = tmp_path / "home"
+    out = tmp_path / "demo.webp"
+    result = _ok(run_cli(["demo", "--models", tiny_models, "--out", out, "--steps", "1"], home))
+    assert "No VideoBooth weights" not in result.stderr
+    assert "tiny and random" in result.stderr  # this folder is make-tiny's: it says so
+    assert not (home / ".cache" / "videobooth").exists()  # no fallback set written
+    assert len(read_frames(out)) == 16
+
+
+# -- convert and make-tiny ------------------------------------------------------------------------------------
+def test_convert_to_fp16_safetensors(tiny_models, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from videobooth_core.checkpoint import load_mapper, load_unet, read_state_dict
+
+    out = tmp_path / "converted"
+    unet_pt = tiny_models / "videobooth" / "watermark_remove_module.pt"
+    mapper_pt = tiny_models / "videobooth" / "mapper.pt"
+    result = _ok(run_cli(["convert", "--unet", unet_pt, "--mapper", mapper_pt, "--out", out, "--dtype", "fp16"],
+                         tmp_path / "home"))
+    written = {out / "videobooth_unet.safetensors", out / "videobooth_mapper.safetensors"}
+    assert set(out.iterdir()) == written
+    for path in written:
+        assert f"wrote {path}" in result.stdout
+    for pt, wrapper, st in ((unet_pt, "ema_unet", "videobooth_unet"), (mapper_pt, "ema", "videobooth_mapper")):
+        original = read_state_dict(pt)[wrapper]
+        converted = load_file(str(out / f"{st}.safetensors"))
+        assert converted.keys() == original.keys()
+        for key, value in original.items():
+            expected = value.to(torch.float16) if value.is_floating_point() else value
+            assert converted[key].dtype == expected.dtype, key
+            assert torch.equal(converted[key], expected), key
+    unet = load_unet(out / "videobooth_unet.safetensors", dtype=torch.float16)
+    mapper = load_mapper(out / "videobooth_mapper.safetensors", dtype=torch.float16)
+    assert next(unet.parameters()).dtype == torch.float16 and next(mapper.parameters()).dtype == torch.float16
+
+
+def test_convert_refuses_a_file_that_is_not_videobooth(tiny_models, tmp_path) -> None:
+    out = tmp_path / "converted"
+    vae = next((tiny_models / "vae").iterdir())
+    result = run_cli(["convert", "--unet", vae, "--out", out], tmp_path / "home")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "UNet" in lines[0] and vae.name in lines[0]
+    assert not out.exists()
+
+
+def test_make_tiny_writes_a_usable_models_folder(tmp_path) -> None:
+    from videobooth_core.models_dir import ModelFiles
+
+    out = tmp_path / "tiny"
+    result = _ok(run_cli(["make-tiny", "--out", out], tmp_path / "home"))
+    assert "RANDOM" in result.stdout and str(out) in result.stdout
+    files = ModelFiles.from_models_dir(out)
+    assert files.unet.name == "watermark_remove_module.pt" and files.mapper.name == "mapper.pt"
+    assert (out / "VIDEOBOOTH_TINY_RANDOM_WEIGHTS.txt").is_file()
+    assert not list(out.rglob("*.partial"))
+
+
+# -- Python API ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _env
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
+    from videobooth_core.image_prompt import load_image, load_mask
+    from videobooth_core.pipeline import GenerationRequest, VideoBoothPipeline
+
+    pipe = VideoBoothPipeline.from_models_dir(str(tiny_models), dtype="fp32", device="cpu")
+    small = {"frames": 4, "width": 64, "height": 64, "steps": 2, "seed": 5}
+    with_image = GenerationRequest(prompt=PROMPT, subject_word="ball", image=load_image(subject["image"]),
+                                   mask=load_mask(subject["mask"]), **small)
+    text_only = GenerationRequest(prompt="a red car driving through a city at night", **small)
+    steps = []
+    first = pipe.generate(with_image, callback=lambda step, total, _out: steps.append((step, total)))
+    second = pipe.generate(text_only)
+    again = pipe.generate(with_image)
+    assert steps == [(0, 2), (1, 2)]
+    for result in (first, second, again):
+        assert result.frames.shape == (4, 64, 64, 3) and result.frames.dtype == torch.uint8
+    assert first.prompt_used == "a sdksd rolling on the grass"
+    assert second.prompt_used == "a red car driving through a city at night" and second.image_prompt is None
+    assert not torch.equal(first.frames, second.frames)
+    assert torch.equal(first.frames, again.frames)  # nothing of one generation leaks into the next
