@@ -1,0 +1,280 @@
+"""The shipped UI workflows (workflows/*.json, LiteGraph format) and their API twins (tests/workflows_api).
+
+UI workflows: every node type is known (this pack, the ComfyUI core table or the third-party table below), every
+link joins an output and an input of the same type, the link table agrees with the nodes' inputs/outputs, and
+widget values fit the schemas. API twins: classes and inputs match the schemas, and the pack's part of each
+runs end to end on the tiny model set of ``make-tiny`` (4 frames, 64 x 64, 3 steps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+UI_DIR = REPO / "workflows"
+API_DIR = REPO / "tests" / "workflows_api"
+PACK_NAME = "videobooth_pack_under_test"  # the same name as test_nodes.py: one import of the pack per session
+
+
+def _import_pack():
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pack = _import_pack()
+bridge = sys.modules[f"{PACK_NAME}.nodes._bridge"]
+MAPPINGS = pack.NODE_CLASS_MAPPINGS
+
+# -- schemas of the nodes from elsewhere: {type: (inputs [(name, type or combo list, options)], outputs)} ---------
+# ComfyUI core, copied from ComfyUI's source (/work/comfyui): nodes.py (LoadImage, SaveImage, PreviewImage,
+# ImageBatch), comfy_extras/nodes_images.py (SaveAnimatedWEBP), comfy_extras/nodes_upscale_model.py
+# (UpscaleModelLoader, ImageUpscaleWithModel). FILES marks a combo of file names (not checked).
+FILES = "FILES"
+CORE_NODES: dict[str, tuple[list, tuple]] = {
+    "LoadImage": ([("image", FILES, {})], ("IMAGE", "MASK")),
+    "SaveImage": ([("images", "IMAGE", {}), ("filename_prefix", "STRING", {})], ()),
+    "PreviewImage": ([("images", "IMAGE", {})], ()),
+    "ImageBatch": ([("image1", "IMAGE", {}), ("image2", "IMAGE", {})], ("IMAGE",)),
+    "SaveAnimatedWEBP": ([("images", "IMAGE", {}), ("filename_prefix", "STRING", {}),
+                          ("fps", "FLOAT", {"min": 0.01, "max": 1000.0}), ("lossless", "BOOLEAN", {}),
+                          ("quality", "INT", {"min": 0, "max": 100}),
+                          ("method", ["default", "fastest", "slowest"], {})], ()),
+    "UpscaleModelLoader": ([("model_name", FILES, {})], ("UPSCALE_MODEL",)),
+    "ImageUpscaleWithModel": ([("upscale_model", "UPSCALE_MODEL", {}), ("image", "IMAGE", {})], ("IMAGE",)),
+}
+# Widgets the frontend adds beyond the schema's inputs (LoadImage's "upload" button value).
+EXTRA_WIDGETS = {"LoadImage": 1}
+
+# Third-party nodes of workflows/videobooth_postprocess.json, checked against the packs' sources:
+#   VHS_VideoCombine: Kosinkadink/ComfyUI-VideoHelperSuite, videohelpersuite/nodes.py (class VideoCombine,
+#     NODE_CLASS_MAPPINGS["VHS_VideoCombine"]; commit 36fea9f97b46f7e565a5236403a430e5bf999738). Newer versions
+#     make frame_rate a FLOAT and add optional audio/meta_batch/vae inputs; "image/webp" needs no format widgets.
+#   RIFE VFI: Fannovel16/ComfyUI-Frame-Interpolation, vfi_models/rife/__init__.py (class RIFE_VFI, registered as
+#     "RIFE VFI"; commits 1c0b20d95be450cd7608f3da17c91184ac02e1bd and b7acc6c90749c74af1a27b528754caba9d791e9d).
+THIRD_PARTY_NODES: dict[str, tuple[list, tuple]] = {
+    "VHS_VideoCombine": ([("images", "IMAGE", {}), ("frame_rate", "INT", {"min": 1}),
+                          ("loop_count", "INT", {"min": 0, "max": 100}), ("filename_prefix", "STRING", {}),
+                          ("format", FILES, {}),  # image/gif, image/webp + the installed ffmpeg formats
+                          ("pingpong", "BOOLEAN", {}), ("save_output", "BOOLEAN", {})], ("VHS_FILENAMES",)),
+    "RIFE VFI": ([("ckpt_name", FILES, {}),  # a static list, but it grows between versions
+                  ("frames", "IMAGE", {}), ("clear_cache_after_n_frames", "INT", {"min": 1, "max": 1000}),
+                  ("multiplier", "INT", {"min": 1}), ("fast_mode", "BOOLEAN", {}), ("ensemble", "BOOLEAN", {}),
+                  ("scale_factor", [0.25, 0.5, 1.0, 2.0, 4.0], {}),
+                  ("optional_interpolation_states", "INTERPOLATION_STATES", {})], ("IMAGE",)),
+}
+# This pack's combos of file names (filled from the models folder at run time).
+PACK_FILE_INPUTS = {"unet_name", "mapper_name", "vae_name", "clip_name"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def schema(node_type: str) -> tuple[list, tuple]:
+    """(inputs [(name, type or combo list or FILES, options)], output types) of any known node type."""
+    if node_type in MAPPINGS:
+        cls = MAPPINGS[node_type]
+        declared = cls.INPUT_TYPES()
+        inputs = []
+        for section in ("required", "optional"):
+            for name, spec in declared.get(section, {}).items():
+                kind = FILES if name in PACK_FILE_INPUTS else spec[0]
+                inputs.append((name, kind, spec[1] if len(spec) > 1 else {}))
+        return inputs, tuple(cls.RETURN_TYPES)
+    if node_type in CORE_NODES:
+        return CORE_NODES[node_type]
+    return THIRD_PARTY_NODES[node_type]
+
+
+def is_widget(kind) -> bool:
+    return kind == FILES or isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def check_value(where, name, kind, options, value) -> None:
+    if kind == FILES:
+        assert isinstance(value, str) and value, (where, name, value)
+    elif isinstance(kind, list):
+        assert value in kind, (where, name, value, kind)
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), (where, name, value)
+    elif kind == "STRING":
+        assert isinstance(value, str), (where, name, value)
+    else:
+        assert isinstance(value, int if kind == "INT" else (int, float)) and not isinstance(value, bool), (
+            where, name, value)
+        assert options.get("min", value) <= value <= options.get("max", value), (where, name, value, options)
+
+
+UI_WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
+API_WORKFLOWS = sorted(p.name for p in API_DIR.glob("*.json"))
+
+
+def test_the_expected_workflows_ship() -> None:
+    expected = {"videobooth_basic.json", "videobooth_postprocess.json", "videobooth_text_to_video.json",
+                "videobooth_compare.json"}
+    assert expected <= set(UI_WORKFLOWS)
+    assert expected <= set(API_WORKFLOWS)
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_ui_workflow_is_valid(name) -> None:
+    graph = json.loads((UI_DIR / name).read_text())
+    assert graph["version"] == 0.4
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
+        assert key in graph, key
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert len(nodes) == len(graph["nodes"]) and max(nodes) <= graph["last_node_id"]
+    links = {link[0]: link for link in graph["links"]}
+    assert len(links) == len(graph["links"]) and (not links or max(links) <= graph["last_link_id"])
+    assert sorted(n["order"] for n in nodes.values()) == list(range(len(nodes)))
+
+    for node in nodes.values():
+        where = (name, node["id"], node["type"])
+        inputs, outputs = schema(node["type"])  # KeyError: an unknown node type
+        by_name = {i[0]: i for i in inputs}
+        assert node["properties"]["Node name for S&R"] == node["type"]
+        for key in ("pos", "size", "flags", "mode"):
+            assert key in node, (where, key)
+        # slots: names known, types as declared; every input slot that is not a widget is listed
+        for slot in node["inputs"]:
+            _, kind, _ = by_name[slot["name"]]
+            assert slot["type"] == ("COMBO" if isinstance(kind, list) or kind == FILES else kind), (where, slot)
+            if slot["link"] is not None:
+                link = links[slot["link"]]
+                assert link[3] == node["id"] and node["inputs"][link[4]] is slot, (where, slot)
+        assert {s["name"] for s in node["inputs"] if "widget" not in s} == {
+            n for n, kind, _ in inputs if not is_widget(kind)}, where
+        assert [o["type"] for o in node["outputs"]] == list(outputs), where
+        for index, out in enumerate(node["outputs"]):
+            for link_id in out["links"] or []:
+                assert links[link_id][1] == node["id"] and links[link_id][2] == index, (where, link_id)
+        # widget values, in the order of the widget inputs (a control value after a seed)
+        values = list(node.get("widgets_values", []))
+        for input_name, kind, options in inputs:
+            if not is_widget(kind):
+                continue
+            assert values, (where, input_name, "missing widget value")
+            check_value(where, input_name, kind, options, values.pop(0))
+            if options.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "randomize", "increment", "decrement"), where
+        assert len(values) == EXTRA_WIDGETS.get(node["type"], 0), (where, "extra widget values", values)
+
+    for link_id, source, source_slot, target, target_slot, kind in graph["links"]:
+        source_node, target_node = nodes[source], nodes[target]
+        out = source_node["outputs"][source_slot]
+        slot = target_node["inputs"][target_slot]
+        assert link_id in out["links"] and slot["link"] == link_id, (name, link_id)
+        assert schema(source_node["type"])[1][source_slot] == kind == out["type"], (name, link_id)
+        declared = {i[0]: i[1] for i in schema(target_node["type"])[0]}[slot["name"]]
+        assert declared == kind, (name, link_id, slot["name"], declared, kind)
+    # every node output goes somewhere or is an optional extra (a MASK or preview nobody uses is fine)
+    for node in nodes.values():
+        if node["type"].startswith("VideoBooth") and node["type"] != "VideoBoothImagePrompt":
+            assert all(o["links"] for o in node["outputs"]), (name, node["id"], "dangling output")
+
+
+def _ui_to_api_types(graph: dict) -> list[str]:
+    return sorted(n["type"] for n in graph["nodes"] if n["type"] in MAPPINGS)
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_ui_workflow_has_an_api_twin_with_the_same_pack_nodes(name) -> None:
+    ui = json.loads((UI_DIR / name).read_text())
+    api = json.loads((API_DIR / name).read_text())
+    assert _ui_to_api_types(ui) == sorted(n["class_type"] for n in api.values() if n["class_type"] in MAPPINGS)
+
+
+# -- API twins --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models_dir(tiny_models):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(bridge.MODELS_DIR_ENV, str(tiny_models))
+        yield tiny_models
+
+
+def subject_image() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 80, 96, 3), generator=generator, dtype=torch.uint8).float() / 255
+    subject = torch.zeros(1, 80, 96)
+    subject[:, 10:60, 20:90] = 1.0
+    return image, subject
+
+
+def run_api_graph(graph: dict) -> dict[str, torch.Tensor]:
+    """Execute an API graph with the pack's classes; LoadImage gives a cut-out picture (MASK = 1 where
+    transparent, as ComfyUI's), ImageBatch concatenates, the save/preview nodes record what they get."""
+    image, subject = subject_image()
+    outputs: dict[str, tuple] = {}
+    saved: dict[str, torch.Tensor] = {}
+
+    def evaluate(node_id: str) -> tuple:
+        if node_id not in outputs:
+            spec = graph[node_id]
+            inputs = {k: evaluate(v[0])[v[1]] if isinstance(v, list) else v for k, v in spec["inputs"].items()}
+            kind = spec["class_type"]
+            if kind == "LoadImage":
+                result = (image, 1.0 - subject)
+            elif kind == "ImageBatch":
+                result = (torch.cat([inputs["image1"], inputs["image2"]]),)
+            elif kind in ("SaveAnimatedWEBP", "SaveImage", "PreviewImage"):
+                saved[node_id] = inputs["images"]
+                result = ()
+            else:
+                cls = MAPPINGS[kind]
+                result = getattr(cls(), cls.FUNCTION)(**inputs)
+            outputs[node_id] = result
+        return outputs[node_id]
+
+    for node_id in graph:
+        evaluate(node_id)
+    return saved
+
+
+@pytest.mark.parametrize("name", API_WORKFLOWS)
+def test_api_twin_matches_the_schemas_and_runs(models_dir, name) -> None:
+    graph = json.loads((API_DIR / name).read_text())
+    for node_id, spec in graph.items():
+        kind = spec["class_type"]
+        assert kind in MAPPINGS or kind in CORE_NODES, (name, node_id, kind)  # the twins stop before third-party
+        inputs, _ = schema(kind)
+        declared = {i[0]: i for i in inputs}
+        assert set(spec["inputs"]) <= set(declared), (name, node_id)
+        if kind in MAPPINGS:
+            assert set(MAPPINGS[kind].INPUT_TYPES()["required"]) <= set(spec["inputs"]), (name, node_id)
+        else:
+            assert set(spec["inputs"]) == set(declared), (name, node_id)
+        for input_name, value in spec["inputs"].items():
+            _, input_kind, options = declared[input_name]
+            if isinstance(value, list):
+                source = graph[value[0]]["class_type"]
+                assert schema(source)[1][value[1]] == input_kind, (name, node_id, input_name)
+            elif input_kind == FILES and kind in MAPPINGS:  # the make-tiny file names
+                assert value in MAPPINGS[kind].INPUT_TYPES()["required"][input_name][0], (name, input_name, value)
+            else:
+                check_value((name, node_id), input_name, input_kind, options, value)
+        if kind == "VideoBoothSampler":  # kept tiny so that the test stays fast
+            assert spec["inputs"]["frames"] <= 4 and spec["inputs"]["steps"] <= 3
+            assert spec["inputs"]["width"] <= 64 and spec["inputs"]["height"] <= 64
+    saved = run_api_graph(graph)
+    videos = [v for v in saved.values() if v.shape[0] > 1]
+    assert videos
+    for frames in videos:
+        assert frames.shape[1:] == (64, 64, 3) and frames.shape[0] % 4 == 0
+        assert torch.isfinite(frames).all() and 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
+
+
+def test_compare_twin_uses_one_seed_with_and_without_the_image_prompt(models_dir) -> None:
+    graph = json.loads((API_DIR / "videobooth_compare.json").read_text())
+    samplers = [n for n in graph.values() if n["class_type"] == "VideoBoothSampler"]
+    assert len(samplers) == 2
+    assert samplers[0]["inputs"]["seed"] == samplers[1]["inputs"]["seed"]
+    assert sorted("exemplar" in s["inputs"] for s in samplers) == [False, True]
