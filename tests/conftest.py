@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,17 @@ def tiny_models(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_models")
     make_tiny(out)
     return out
+
+
+PACK_NAME = "videobooth_pack_under_test"
+
+
+def import_pack():
+    """Import the repository as the ComfyUI pack package (relative imports work, as in ComfyUI); once per session."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module

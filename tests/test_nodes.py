@@ -17,20 +17,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "videobooth_pack_under_test"
 FRAMES, SIZE, STEPS, SEED = 4, 64, 3, 7
 PROMPT, WORD = "a dog running on the beach", "dog"
 
 
-def _import_pack():
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import PACK_NAME, import_pack as _import_pack  # noqa: E402
 
 
 pack = _import_pack()

@@ -8,7 +8,6 @@ runs end to end on the tiny model set of ``make-tiny`` (4 frames, 64 x 64, 3 ste
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,18 +18,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 UI_DIR = REPO / "workflows"
 API_DIR = REPO / "tests" / "workflows_api"
-PACK_NAME = "videobooth_pack_under_test"  # the same name as test_nodes.py: one import of the pack per session
 
 
-def _import_pack():
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import PACK_NAME, import_pack as _import_pack  # noqa: E402
 
 
 pack = _import_pack()
