@@ -685,49 +685,7 @@ def load_clip_text_encoder(
     Raises:
         CheckpointError: unreadable/unsafe file, not a CLIP text encoder, missing/unexpected/mis-shaped weights.
     """
-    import transformers
-
-    _check_attn_implementation(attn_implementation)
-    p = Path(path)
-    expected = "a CLIP text encoder"
-    if p.is_dir():
-        folder = _resolve_model_folder(p, ("text_encoder",), expected)
-        config = _clip_folder_config(folder, kind="text", source=str(folder))
-        sd = _read_folder_weights(folder, "transformers")
-        source = str(folder)
-        metadata_config = None
-    else:
-        sd = unwrap_state_dict(read_state_dict(p), source=p)
-        source = str(p)
-        metadata_config = _read_config_metadata(p)
-        config = None
-    prefix, component = _select_component(
-        sd, _TEXT_MARKER, source=source, expected=expected, example_key="text_model.embeddings.token_embedding.weight"
-    )
-    _drop_keys(component, _is_clip_extra, source)
-    if config is None:
-        kwargs = metadata_config or infer_clip_text_config(
-            component, _find_projection(sd, prefix, "text_model", "text_projection.weight"), source=source,
-            prefix=prefix,
-        )
-        try:
-            config = transformers.CLIPTextConfig.from_dict(dict(kwargs))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(
-                f"Invalid CLIP text config for {source}: {e}. Expected CLIPTextConfig values. Fix: correct the "
-                f"'{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred."
-            ) from e
-    model = _build_on_meta(
-        lambda: transformers.CLIPTextModel._from_config(config, attn_implementation=attn_implementation),
-        source=source, expected=expected,
-    )
-    model_prefix = _model_key_prefix(model, "text_model")
-    weights = {model_prefix + k: v for k, v in component.items()}
-    _assign_weights(
-        model, weights, source=source, expected=expected, dtype=dtype, device=device,
-        file_name=lambda k: prefix + k[len(model_prefix) :],
-    )
-    return model
+    return _load_clip_tower(path, "text", dtype, device, attn_implementation)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -806,14 +764,33 @@ def load_clip_vision_encoder(
     Raises:
         CheckpointError: unreadable/unsafe file, not a CLIP vision encoder, missing/unexpected/mis-shaped weights.
     """
+    return _load_clip_tower(path, "vision", dtype, device, attn_implementation)
+
+
+_CLIP_TOWERS: dict[str, dict[str, Any]] = {
+    "text": dict(subfolder="text_encoder", marker=_TEXT_MARKER, example_key="text_model.embeddings.token_embedding.weight",
+                 wrapper="text_model", projection="text_projection.weight", infer=infer_clip_text_config,
+                 config_class="CLIPTextConfig", model_class="CLIPTextModel"),
+    "vision": dict(subfolder="image_encoder", marker=_VISION_MARKER,
+                   example_key="vision_model.embeddings.patch_embedding.weight", wrapper="vision_model",
+                   projection="visual_projection.weight", infer=infer_clip_vision_config,
+                   config_class="CLIPVisionConfig", model_class="CLIPVisionModel"),
+}
+
+
+def _load_clip_tower(
+    path: PathLike, kind: str, dtype: torch.dtype, device: Device, attn_implementation: str
+) -> torch.nn.Module:
+    """Shared body of :func:`load_clip_text_encoder` (``kind="text"``) and :func:`load_clip_vision_encoder`."""
     import transformers
 
+    spec = _CLIP_TOWERS[kind]
     _check_attn_implementation(attn_implementation)
     p = Path(path)
-    expected = "a CLIP vision encoder"
+    expected = f"a CLIP {kind} encoder"
     if p.is_dir():
-        folder = _resolve_model_folder(p, ("image_encoder",), expected)
-        config = _clip_folder_config(folder, kind="vision", source=str(folder))
+        folder = _resolve_model_folder(p, (spec["subfolder"],), expected)
+        config = _clip_folder_config(folder, kind=kind, source=str(folder))
         sd = _read_folder_weights(folder, "transformers")
         source = str(folder)
         metadata_config = None
@@ -823,27 +800,27 @@ def load_clip_vision_encoder(
         metadata_config = _read_config_metadata(p)
         config = None
     prefix, component = _select_component(
-        sd, _VISION_MARKER, source=source, expected=expected,
-        example_key="vision_model.embeddings.patch_embedding.weight",
+        sd, spec["marker"], source=source, expected=expected, example_key=spec["example_key"]
     )
     _drop_keys(component, _is_clip_extra, source)
+    config_class = getattr(transformers, spec["config_class"])
     if config is None:
-        kwargs = metadata_config or infer_clip_vision_config(
-            component, _find_projection(sd, prefix, "vision_model", "visual_projection.weight"), source=source,
-            prefix=prefix,
+        kwargs = metadata_config or spec["infer"](
+            component, _find_projection(sd, prefix, spec["wrapper"], spec["projection"]), source=source, prefix=prefix,
         )
         try:
-            config = transformers.CLIPVisionConfig.from_dict(dict(kwargs))
+            config = config_class.from_dict(dict(kwargs))
         except (ValueError, TypeError) as e:
             raise CheckpointError(
-                f"Invalid CLIP vision config for {source}: {e}. Expected CLIPVisionConfig values. Fix: correct the "
-                f"'{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred."
+                f"Invalid CLIP {kind} config for {source}: {e}. Expected {spec['config_class']} values. Fix: correct "
+                f"the '{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred."
             ) from e
+    model_class = getattr(transformers, spec["model_class"])
     model = _build_on_meta(
-        lambda: transformers.CLIPVisionModel._from_config(config, attn_implementation=attn_implementation),
+        lambda: model_class._from_config(config, attn_implementation=attn_implementation),
         source=source, expected=expected,
     )
-    model_prefix = _model_key_prefix(model, "vision_model")
+    model_prefix = _model_key_prefix(model, spec["wrapper"])
     weights = {model_prefix + k: v for k, v in component.items()}
     _assign_weights(
         model, weights, source=source, expected=expected, dtype=dtype, device=device,
