@@ -185,6 +185,16 @@ def test_whole_loop_from_z(official: Official) -> None:
 
 @torch.no_grad()
 def test_image_prompt_matters(official: Official) -> None:
-    """Guard against a silently ignored image prompt: the exemplar must change the conditional output."""
-    out = official.outputs
-    assert (out["unet_eval.eps_cond"] - out["unet_eval.eps_cond_no_exemplar"]).abs().max() > 1e-3
+    """Guard against a silently ignored image prompt: our injected features must change the prediction,
+    and injecting them at zero strength must give exactly the prediction without them."""
+    inp, out, unet = official.inputs, official.outputs, official.unet
+    x_t, t, exemplar_t = inp["unet_eval.x_t"], inp["unet_eval.t"], inp["unet_eval.exemplar_t"]
+    cond, null = out["text.cond_last_hidden_state"], out["text.null_last_hidden_state"]
+    clean = inp["exemplar_latent_clean"].expand(-1, -1, x_t.shape[2], -1, -1)
+    exemplar = RespacedDDPM(1000).add_noise(clean, inp["unet_eval.exemplar_noise"], int(exemplar_t))
+    _, features = unet(exemplar, exemplar_t, null, capture_image_prompt_features=True, head_batch=0)
+    with_prompt = unet(x_t, t, cond, image_prompt_features=features)[0]
+    without = unet(x_t, t, cond)[0]
+    zero_strength = unet(x_t, t, cond, image_prompt_features=features, image_prompt_strength=0.0)[0]
+    assert (with_prompt - without).abs().max() > 1e-3
+    torch.testing.assert_close(zero_strength, without, rtol=0, atol=0)
