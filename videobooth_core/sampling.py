@@ -157,15 +157,11 @@ class VideoDenoiser:
         head = {"watermark_branch": self.watermark_branch}
         if exemplar_t is not None and self.single_frame_image_prompt:
             exemplar_t = exemplar_t[:, :, :1]
-        if exemplar_t is not None and exemplar_t.shape[2] != x_t.shape[2]:
-            # a stream of another frame count cannot share a batch with the video
+        if exemplar_t is not None:
             te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
                             dtype=torch.long, device=x_t.device)
-            _, features = unet(exemplar_t.to(dtype), te, null, capture_image_prompt_features=True, head_batch=0)
-        elif exemplar_t is not None:
-            te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
-                            dtype=torch.long, device=x_t.device)
-            if self.batch_passes and need_uncond:
+            # a stream of another frame count (single-frame mode) cannot share a batch with the video
+            if self.batch_passes and need_uncond and exemplar_t.shape[2] == x_t.shape[2]:
                 eps_uncond, captured = unet(
                     torch.cat([x_in, exemplar_t.to(dtype)]), torch.cat([t, te]), torch.cat([null, null]),
                     capture_image_prompt_features=True, head_batch=batch, **head,
