@@ -45,7 +45,7 @@ def build_models(dtype: torch.dtype, device: str) -> UNet3DModel:
     sites = tuple(sorted((s.site, s.proj_in.out_channels) for s in unet.attention_sites))
     with torch.device(device):
         mapper = Mapper(MapperConfig(site_channels=sites)).to(dtype)
-    unet.attach_projections(mapper.site_projections())
+    unet.attach_projections(mapper.site_projections(), release_own=True)
     unet._mapper = mapper  # keep the projections alive
     return unet.eval().requires_grad_(False)
 

@@ -139,7 +139,7 @@ class VideoBoothModelLoader(_CachingLoader):
                 f"the mapper {mapper_name} does not belong to the UNet {unet_name}: they disagree on "
                 f"{len(unet_sites ^ mapper_sites)} attention sites; use the UNet and mapper of one release."
             )
-        unet.attach_projections(mapper.site_projections())
+        unet.attach_projections(mapper.site_projections(), release_own=True)
         logger.info("VideoBooth: loaded %s and %s (%s, compute on %s)", unet_name, mapper_name, dtype, load_device)
         managed = bridge.ManagedModel({"unet": unet, "mapper": mapper}, load_device, offload_device)
         return VideoBoothModel(managed, dtype, unet_path, mapper_path)

@@ -67,8 +67,8 @@ class Attention(nn.Module):
         context_dim = context_dim or query_dim
         self.num_heads = num_heads
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_k: nn.Linear | None = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v: nn.Linear | None = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
         self.backend: AttentionBackend = "sdpa"
 

@@ -140,6 +140,7 @@ def _summary(result, request, seconds: float, out: Path, args) -> str:
         "frames": request.frames, "size": [request.width, request.height], "steps": request.steps,
         "sampler": getattr(args, "sampler", "ddpm"), "cfg": request.cfg_scale, "guidance": request.guidance,
         "seed": request.seed, "dtype": getattr(args, "dtype", "fp32"), "prompt_used": result.prompt_used,
+        **result.info,
     })
 
 
@@ -205,6 +206,7 @@ COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("videobooth_core.pipeline").setLevel(logging.INFO)  # the memory estimate before sampling
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every file is local
     try:
         return COMMANDS[args.command](args)

@@ -18,6 +18,7 @@ from .checkpoint import load_mapper, load_unet, parse_dtype
 from .errors import SamplingError
 from .image_prompt import PreparedImagePrompt, prepare_image_prompt
 from .mapper import Mapper, clip_vision_features
+from .memory import MemoryEstimate, available_memory_bytes, estimate_step_memory
 from .models_dir import ModelFiles
 from .samplers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS, sample_with_scheduler
 from .sampling import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
@@ -149,7 +150,7 @@ class VideoBoothPipeline:
         self.unet, self.mapper, self.vae = unet, mapper, vae
         self.text_encoder, self.vision_encoder, self.tokenizer = text_encoder, vision_encoder, tokenizer
         self.device, self.dtype = torch.device(device), dtype
-        self.unet.attach_projections(self.mapper.site_projections())
+        self.unet.attach_projections(self.mapper.site_projections(), release_own=True)
 
     @classmethod
     def from_files(cls, files: ModelFiles, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> "VideoBoothPipeline":
@@ -236,6 +237,7 @@ class VideoBoothPipeline:
             watermark_branch=options.watermark_branch, image_prompt_strength=options.image_prompt_strength,
         )
         shape = latent_shape(frames, height, width)
+        self.check_memory(denoiser, shape, exemplar_clean is not None)
         noise = GeneratorNoise(generator, self.device, initial_noise)
         with torch.no_grad():
             if sampler == OFFICIAL_SAMPLER:
@@ -243,6 +245,24 @@ class VideoBoothPipeline:
                                    image_prompt_steps=options.image_prompt_steps)
             return sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean, callback,
                                          self.device, spacing, eta, options.image_prompt_steps)
+
+    def check_memory(self, denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool) -> MemoryEstimate:
+        """Estimate the sampling peak before the first step (kept in ``last_memory_estimate``); log it, and warn
+        when it exceeds the memory the device has available."""
+        estimate = estimate_step_memory(denoiser, tuple(shape), image_prompt, self.device,
+                                        [self.mapper, self.vae, self.text_encoder, self.vision_encoder])
+        self.last_memory_estimate = estimate
+        logger.info(estimate.describe())
+        available = available_memory_bytes(self.device)
+        if available is not None and estimate.total_bytes > available:
+            logger.warning(
+                "%s, more than the %.2f GB available: sampling may fail or swap. Lower it with dtype fp16/bf16, "
+                "fewer frames or a smaller size, or stream the UNet's weights (offload)",
+                estimate.describe(), available / 2**30,
+            )
+        return estimate
+
+    last_memory_estimate: MemoryEstimate | None = None
 
     # -- everything -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True) -> GenerationResult:
@@ -266,4 +286,5 @@ class VideoBoothPipeline:
                               request.steps, request.cfg_scale, request.guidance, generator, callback, initial_noise,
                               request.sampler, request.spacing, request.eta, request.options)
         frames = self.decode(latents) if decode else torch.empty(0)
-        return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared)
+        info = self.last_memory_estimate.as_dict() if self.last_memory_estimate else {}
+        return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared, info=info)

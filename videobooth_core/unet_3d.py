@@ -130,11 +130,30 @@ class UNet3DModel(nn.Module):
             if isinstance(module, Attention):
                 module.backend = backend
 
-    def attach_projections(self, projections: dict[str, SiteProjections] | None) -> None:
-        """Use the mapper's per-site K/V projections (keyed by site prefix); ``None`` restores the UNet's own."""
+    def attach_projections(
+        self, projections: dict[str, SiteProjections] | None, release_own: bool = False
+    ) -> None:
+        """Use the mapper's per-site K/V projections (keyed by site prefix); ``None`` restores the UNet's own.
+
+        ``release_own=True`` also frees the UNet's own ``attn1``/``attn2`` ``to_k``/``to_v`` weights, which the
+        released model never uses once the mapper's are attached (about 176 MB in fp32 at the released size).
+        """
+        if projections is None and self.released_own_projections:
+            raise ValueError(
+                "this UNet's own attn1/attn2 key/value weights were released when the mapper's projections were "
+                "attached; load the UNet again to run it without the mapper"
+            )
         for site in self.attention_sites:
             block = site.transformer_blocks[0]
             block.projections = None if projections is None else projections[site.site]
+            if release_own and projections is not None:
+                for attn in (block.attn1, block.attn2):
+                    attn.to_k = attn.to_v = None
+        if release_own and projections is not None:
+            self.released_own_projections = True
+
+    released_own_projections: bool = False
+    """True once :meth:`attach_projections` freed the UNet's own (unused) attn1/attn2 key/value weights."""
 
     # ----------------------------------------------------------------------------------------------
     def forward(
