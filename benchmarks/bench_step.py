@@ -9,6 +9,14 @@ Modes:
     single-frame    opt-in: the image-prompt stream on one frame
     late-steps      opt-in: a step outside the image-prompt range (image prompt used only early in sampling)
     no-watermark    opt-in: the watermark branch skipped
+Options:
+    --stream-weights  the UNet's weights stay in a safetensors file and are read block by block at every UNet call
+                      (videobooth_core.streaming; exact). The random weights are written to --weights-file by a
+                      child process first, so that building them does not count in this process's peak.
+
+Besides the timing, RESULT holds the step's FLOP count (matmuls and convolutions, counted by
+torch.utils.flop_counter on a storage-free twin of the model) and the achieved TFLOP/s, and the pre-sampling
+peak-memory estimate (videobooth_core.memory) next to the measured peak.
 Ends with one line: RESULT {json}.
 """
 
@@ -18,7 +26,9 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from videobooth_core.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.mapper import Mapper  # noqa: E402
+from videobooth_core.memory import estimate_step_memory, meta_twin, resident_weight_bytes  # noqa: E402
 from videobooth_core.sampling import VideoDenoiser  # noqa: E402
 from videobooth_core.scheduling import RespacedDDPM  # noqa: E402
 from videobooth_core.unet_3d import UNet3DModel  # noqa: E402
@@ -36,18 +47,52 @@ from videobooth_core.unet_3d import UNet3DModel  # noqa: E402
 MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
 
 
-def build_models(dtype: torch.dtype, device: str) -> UNet3DModel:
-    """A released-size UNet and mapper (random weights, built directly in the target dtype)."""
+DEFAULT_WEIGHTS_FILE = Path(tempfile.gettempdir()) / "videobooth_bench_unet_fp32.safetensors"
+
+
+def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = None) -> UNet3DModel:
+    """A released-size UNet and mapper (random weights, built directly in the target dtype); with
+    ``streamed_from``, the UNet streams its weights from that safetensors file instead."""
     config = UNetConfig()
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet3DModel(config).to(dtype)
+    if streamed_from is not None:
+        from videobooth_core.streaming import load_unet_streamed
+
+        unet = load_unet_streamed(streamed_from, config, dtype=dtype, device=device)
+    else:
+        with torch.device(device):
+            unet = UNet3DModel(config).to(dtype)
     sites = tuple(sorted((s.site, s.proj_in.out_channels) for s in unet.attention_sites))
     with torch.device(device):
         mapper = Mapper(MapperConfig(site_channels=sites)).to(dtype)
     unet.attach_projections(mapper.site_projections(), release_own=True)
     unet._mapper = mapper  # keep the projections alive
     return unet.eval().requires_grad_(False)
+
+
+def write_weights(path: Path) -> None:
+    """Write a released-size random UNet (fp32) to ``path`` (run in a child process, see --stream-weights)."""
+    from videobooth_core.checkpoint import CONFIG_METADATA_KEY, save_safetensors
+
+    torch.manual_seed(0)
+    unet = UNet3DModel(UNetConfig())
+    save_safetensors(unet.state_dict(), path, {CONFIG_METADATA_KEY: unet.config.to_json()})
+
+
+def count_step_flops(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool) -> float:
+    """FLOPs of one guided step (matmuls and convolutions), counted on a storage-free twin of the model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    twin = VideoDenoiser(
+        meta_twin(denoiser.unet), denoiser.cond_text.to(meta), denoiser.null_text.to(meta), denoiser.cfg_scale,
+        denoiser.guidance, batch_passes=denoiser.batch_passes,
+        single_frame_image_prompt=denoiser.single_frame_image_prompt, watermark_branch=denoiser.watermark_branch,
+    )
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        twin.predict(torch.empty(shape, device=meta), 500, torch.empty(shape, device=meta) if image_prompt else None)
+    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -60,16 +105,25 @@ def main() -> None:
     parser.add_argument("--mode", default="exact", choices=MODES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--stream-weights", action="store_true", help="stream the UNet's weights from a file")
+    parser.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS_FILE,
+                        help="safetensors file for --stream-weights (written once if missing)")
+    parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_weights:
+        write_weights(args.write_weights)
+        return
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     if args.mode == "official-order" and dtype != torch.float32:
         parser.error("official-order runs in fp32, as the official code")
 
-    unet = build_models(dtype, args.device)
+    if args.stream_weights and not args.weights_file.is_file():
+        print(f"writing random released-size weights to {args.weights_file} (once)", file=sys.stderr)
+        subprocess.run([sys.executable, __file__, "--write-weights", str(args.weights_file)], check=True)
+    unet = build_models(dtype, args.device, args.weights_file if args.stream_weights else None)
     rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    weights_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
-    weights_mb += sum(p.numel() * p.element_size() for p in unet._mapper.parameters()) / 2**20
+    weights_mb = resident_weight_bytes([unet, unet._mapper]) / 2**20  # streamed weights are not resident
     unet.set_attention_backend("math" if args.mode == "official-order" else "sdpa")
     generator = torch.Generator().manual_seed(0)
     shape = (1, 4, args.frames, args.latent, args.latent)
@@ -84,6 +138,8 @@ def main() -> None:
         watermark_branch=args.mode != "no-watermark",
     )
     index = 125
+    estimate = estimate_step_memory(denoiser, shape, args.mode != "late-steps", args.device, [unet._mapper])
+    flops = count_step_flops(denoiser, shape, args.mode != "late-steps")
 
     def step() -> None:
         exemplar = None
@@ -111,8 +167,13 @@ def main() -> None:
         "median_seconds": round(statistics.median(times), 3), "all_seconds": [round(t, 3) for t in times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_after_building_models_mb": round(rss_after_build, 1), "weights_mb": round(weights_mb, 1),
+        "tflop_per_step": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / 1e12 / statistics.median(times), 4),
+        "stream_weights": args.stream_weights, **estimate.as_dict(),
         "torch": torch.__version__,
     }
+    if args.stream_weights:
+        result["weights_read_per_step_mb"] = round(unet.weight_streamer.bytes_read / (args.warmup + args.repeats) / 2**20, 1)
     if args.device.startswith("cuda"):
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print("RESULT " + json.dumps(result))

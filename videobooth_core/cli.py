@@ -85,6 +85,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
+                        "memory; needs the UNet as .safetensors: see convert)")
     p.add_argument("--fps", type=float, default=8.0)
 
 
@@ -159,7 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)
     request = _request_from(args)
     start = time.perf_counter()
-    pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device)
+    pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
+                                              stream_weights=args.stream_weights)
     result = pipe.generate(request, callback=_progress_callback("sampling"))
     write_frames(result.frames, out, args.fps)
     print("done: " + _summary(result, request, time.perf_counter() - start, out, args))

@@ -531,7 +531,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         print(f"{tag}{len(jobs)} jobs, {len(mine)} on this rank ({device}): {len(skipped)} already done, "
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
-        pipe = _load_pipeline(args.models, dtype, device, tag) if todo else None
+        pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False)) if todo else None
 
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -559,7 +559,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_pipeline(models: str, dtype: str, device: str, tag: str):
+def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weights: bool = False):
     import torch
 
     from .pipeline import VideoBoothPipeline
@@ -567,7 +567,7 @@ def _load_pipeline(models: str, dtype: str, device: str, tag: str):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     load_start = time.perf_counter()
-    pipe = VideoBoothPipeline.from_models_dir(models, dtype=dtype, device=device)
+    pipe = VideoBoothPipeline.from_models_dir(models, dtype=dtype, device=device, stream_weights=stream_weights)
     print(f"{tag}models loaded from {models} in {time.perf_counter() - load_start:.1f} s", file=sys.stderr, flush=True)
     return pipe
 

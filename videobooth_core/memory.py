@@ -184,6 +184,9 @@ def estimate_step_memory(
     exemplar = torch.empty(shape, device=meta) if image_prompt else None
     activations = peak_activation_bytes(lambda: dry.predict(x_t, 500, exemplar))
     weights = resident_weight_bytes([denoiser.unet, *_projection_modules(denoiser.unet), *(extra_modules or [])])
+    streamer = getattr(denoiser.unet, "weight_streamer", None)
+    if streamer is not None:  # streamed weights: one block resident at a time
+        weights += streamer.largest_unit_bytes
     device = torch.device(device)
     return MemoryEstimate(weights, activations, CPU_RUNTIME_BYTES if device.type == "cpu" else 0, str(device))
 

@@ -153,12 +153,23 @@ class VideoBoothPipeline:
         self.unet.attach_projections(self.mapper.site_projections(), release_own=True)
 
     @classmethod
-    def from_files(cls, files: ModelFiles, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> "VideoBoothPipeline":
-        """Load every model (UNet and mapper in ``dtype``; CLIP and the VAE stay float32, they are cheap)."""
+    def from_files(
+        cls, files: ModelFiles, dtype: str | torch.dtype = "fp32", device: str = "cpu", stream_weights: bool = False
+    ) -> "VideoBoothPipeline":
+        """Load every model (UNet and mapper in ``dtype``; CLIP and the VAE stay float32, they are cheap).
+
+        ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at
+        every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.streaming`).
+        """
         from .encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
 
         torch_dtype = parse_dtype(dtype)
-        unet = load_unet(files.unet, dtype=torch_dtype, device=device)
+        if stream_weights:
+            from .streaming import load_unet_streamed
+
+            unet = load_unet_streamed(files.unet, dtype=torch_dtype, device=device)
+        else:
+            unet = load_unet(files.unet, dtype=torch_dtype, device=device)
         mapper = load_mapper(files.mapper, dtype=torch_dtype, device=device)
         vae = load_vae(files.vae, dtype=torch.float32, device=device)
         text = load_clip_text_encoder(files.clip_text, dtype=torch.float32, device=device)
@@ -167,8 +178,11 @@ class VideoBoothPipeline:
         return cls(unet, mapper, vae, text, vision, tokenizer, device, torch_dtype)
 
     @classmethod
-    def from_models_dir(cls, models_dir: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", **overrides) -> "VideoBoothPipeline":
-        return cls.from_files(ModelFiles.from_models_dir(models_dir, **overrides), dtype, device)
+    def from_models_dir(
+        cls, models_dir: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", stream_weights: bool = False,
+        **overrides,
+    ) -> "VideoBoothPipeline":
+        return cls.from_files(ModelFiles.from_models_dir(models_dir, **overrides), dtype, device, stream_weights)
 
     # -- stages ---------------------------------------------------------------------------------
     @torch.no_grad()

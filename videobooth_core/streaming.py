@@ -1,0 +1,207 @@
+"""Weight streaming: run the UNet with only one block's weights in memory at a time (exact, opt-in).
+
+The released UNet is 4.2 GB in fp32, more than half of what a guided step needs in all. With streaming, the
+UNet is built on the ``meta`` device and every block (a resnet, an attention site, a resampler, the input and
+output layers) reads its weights from the safetensors file just before it runs and drops them right after.
+The arithmetic is unchanged, so results are identical to the resident model; the price is reading the
+weights once per UNet call (twice per guided step) - from the OS page cache when the file fits there, else
+from disk.
+
+Weights are read with positional reads into fresh tensors rather than through a memory map, so no page of
+the file stays mapped into the process: its resident memory holds one block at a time. (The page cache may
+keep the file, but that memory is the kernel's, reclaimable at any time.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import UNetConfig
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Reads single tensors of a ``.safetensors`` file with positional reads (no memory map)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() not in (".safetensors", ".sft"):
+            raise CheckpointError(
+                f"weight streaming reads the UNet from a safetensors file, and {self.path.name} is not one. Convert "
+                "the released pickle once, keeping fp32 for the official numerics: python -m videobooth_core convert "
+                f"--unet {self.path} --out <models>/videobooth --dtype fp32"
+            )
+        try:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open while streaming
+        except OSError as error:
+            raise CheckpointError(f"cannot open {self.path} for weight streaming: {error}") from error
+        size = os.fstat(self._file.fileno()).st_size
+        try:
+            (header_size,) = struct.unpack("<Q", self._file.read(8))
+            if not 0 < header_size <= size - 8:
+                raise ValueError(f"header size {header_size} for a {size}-byte file")
+            header = json.loads(self._file.read(header_size))
+        except (struct.error, ValueError) as error:
+            self._file.close()
+            raise CheckpointError(f"{self.path} is not a valid safetensors file ({error}); it may be truncated") from error
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_size
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            if self._data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path} is truncated: tensor {name} ends past the end of the file. Copy or convert it again."
+                )
+            self.entries[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), begin, end)
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a storage-free ``meta`` tensor of its shape and dtype (for key and shape checks)."""
+        return {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape, _, _) in self.entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU in the file's dtype, in freshly allocated memory."""
+        dtype, shape, begin, end = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel() == 0:
+            return tensor
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        offset, done = self._data_start + begin, 0
+        while done < end - begin:
+            got = os.preadv(self._file.fileno(), [buffer[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path} ended while reading {name}; the file is truncated")
+            done += got
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def streaming_units(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks whose weights are loaded together: resnets, attention sites, resamplers and the top-level
+    layers (conv_in, time embedding, output head), each with its module path."""
+    from .unet_blocks import Downsample3D, ResnetBlock3D, Transformer3DModel, Upsample3D
+
+    block_types = (ResnetBlock3D, Transformer3DModel, Downsample3D, Upsample3D)
+    units: list[tuple[str, nn.Module]] = []
+    for name, module in unet.named_modules():
+        if isinstance(module, block_types):
+            units.append((name, module))
+    covered = [name for name, _ in units]
+    for name, module in unet.named_children():
+        if not any(c == name or c.startswith(name + ".") for c in covered):
+            units.append((name, module))  # conv_in, time_embedding, conv_norm_out, conv_out, watermark_zero_out
+    return units
+
+
+class WeightStreamer:
+    """Loads each unit's weights before its forward and releases them after (see the module docstring)."""
+
+    def __init__(self, unet: nn.Module, reader: SafetensorsReader, dtype: torch.dtype, device: torch.device) -> None:
+        self.reader, self.dtype, self.device = reader, dtype, device
+        self.units = streaming_units(unet)
+        self.bytes_read = 0
+        self._handles = []
+        for prefix, unit in self.units:
+            self._handles.append(unit.register_forward_pre_hook(self._loader(prefix, unit)))
+            self._handles.append(unit.register_forward_hook(lambda module, args, output: _release(module)))
+            _release(unit)
+
+    @property
+    def largest_unit_bytes(self) -> int:
+        """Bytes of the largest unit in the compute dtype: the UNet weights resident at any moment."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return max(sum(p.numel() for p in unit.parameters()) * size for _, unit in self.units)
+
+    def _loader(self, prefix: str, unit: nn.Module) -> Callable[[nn.Module, object], None]:
+        def load(module: nn.Module, args: object) -> None:
+            # listed at every call: attach_projections may have released some parameters since
+            for name, _ in list(unit.named_parameters()):
+                tensor = self.reader.read(f"{prefix}.{name}")
+                self.bytes_read += tensor.numel() * tensor.element_size()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(device=self.device, dtype=self.dtype)
+                _set_parameter(unit, name, tensor.to(self.device))
+
+        return load
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.reader.close()
+
+
+def _release(unit: nn.Module) -> None:
+    """Swap every parameter of ``unit`` for a storage-free placeholder of the same shape and dtype."""
+    for name, current in list(unit.named_parameters()):
+        _set_parameter(unit, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
+    _return_freed_memory()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps freed blocks under 32 MB in its heap, where the
+    next block's weights, of other sizes, fragment it and the process would slowly grow."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _set_parameter(unit: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = unit.get_submodule(owner_path) if owner_path else unit
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_unet_streamed(
+    path: str | Path,
+    config: UNetConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """A UNet whose weights stay in ``path`` (a safetensors UNet, e.g. from ``convert``) and are streamed per
+    block; keys and shapes are checked strictly up front, as :func:`checkpoint.load_unet` does."""
+    from .checkpoint import CONFIG_METADATA_KEY, check_keys
+    from .unet_3d import UNet3DModel
+
+    reader = SafetensorsReader(path)
+    try:
+        shapes = reader.meta_state_dict()
+        if config is None:
+            meta_config = reader.metadata.get(CONFIG_METADATA_KEY)
+            config = UNetConfig.from_json(meta_config) if meta_config else UNetConfig.infer_from_state_dict(shapes)
+        with torch.device("meta"):
+            unet = UNet3DModel(config).to(dtype)
+        check_keys(shapes, unet.state_dict(), path, "VideoBooth UNet")
+    except Exception:
+        reader.close()
+        raise
+    unet.weight_streamer = WeightStreamer(unet, reader, dtype, torch.device(device))
+    return unet.eval().requires_grad_(False)
