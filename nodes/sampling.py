@@ -9,22 +9,24 @@ from einops import rearrange
 
 from ..videobooth_core.errors import PromptError, SamplingError
 from ..videobooth_core.pipeline import GenerationRequest, fit_exemplar, latent_shape
+from ..videobooth_core.memory import estimate_step_memory
+from ..videobooth_core.samplers import OFFICIAL_SAMPLER, SPACINGS, sample_with_scheduler
+from ..videobooth_core.samplers import SAMPLERS as CORE_SAMPLERS
 from ..videobooth_core.sampling import GUIDANCE_RULES, GeneratorNoise, VideoDenoiser, sample_ddpm
 from ..videobooth_core.scheduling import RespacedDDPM
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 
-SAMPLERS = ["ddpm"]
-"""ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance)."""
+SAMPLERS = list(CORE_SAMPLERS)
+"""ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance); the others: diffusers'
+schedulers on the same linear-beta training schedule."""
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def _sampling_memory(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Working memory (bytes) for one guided step, an estimate: about 10 kB per latent cell and byte of
-    precision (the SD 1.x rule of thumb) for the three UNet streams (unconditional, image prompt,
-    conditional), x1.5 for the temporal attention and the watermark branch."""
-    cells = 3 * frames * (height // 8) * (width // 8)
-    return int(cells * torch.finfo(dtype).bits / 8 * 0.01 * 1.5 * 1024 * 1024)
+def _sampling_memory(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool, device: torch.device) -> int:
+    """Working memory (bytes) of one guided step beyond the weights: a dry run of the step on the meta device
+    (videobooth_core.memory), so ComfyUI frees that much before sampling."""
+    return estimate_step_memory(denoiser, shape, image_prompt, device).activations_bytes
 
 
 def _decode_memory(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
@@ -54,12 +56,15 @@ class VideoBoothSampler:
                     "Seed of all the noise (drawn on the CPU, so a seed gives the same video on any device and "
                     "the same as the command line). Video i of a batch uses seed + i.")}),
                 "steps": ("INT", {"default": 250, "min": 1, "max": 1000, "tooltip": (
-                    "Denoising steps; 250 is the official setting. Fewer (50-100) are faster and lose some "
-                    "quality with this sampler.")}),
+                    "Denoising steps; 250 with ddpm is the official setting. Each step costs the same with every "
+                    "sampler, so time is proportional to steps: dpmpp_2m or unipc need far fewer (about 25) for a "
+                    "converged result.")}),
                 "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": (
                     "Classifier-free guidance scale; 4.0 is the official setting.")}),
                 "sampler": (SAMPLERS, {"default": "ddpm", "tooltip": (
-                    "ddpm: the official respaced ancestral DDPM sampler.")}),
+                    "ddpm: the official respaced ancestral DDPM sampler (the reference, 250 steps). ddim, dpmpp_2m, "
+                    "euler, euler_ancestral, unipc: diffusers' samplers on VideoBooth's own linear-beta schedule "
+                    "(never SD's), the image prompt re-noised to every step's timestep.")}),
                 "guidance": (list(GUIDANCE_RULES), {"default": "official", "tooltip": (
                     "official: guidance on latent channels 0-2 and the conditional prediction on channel 3, as "
                     "released; all: guidance on every channel.")}),
@@ -77,17 +82,23 @@ class VideoBoothSampler:
                 "exemplar": (EXEMPLAR, {"tooltip": (
                     "The image prompt's latent from VideoBooth Latent Injection (the fine embedding); leave "
                     "unconnected for text-to-video.")}),
+                "spacing": (list(SPACINGS), {"default": "trailing", "tooltip": (
+                    "Timestep spacing of the diffusers samplers: trailing (starts at the noisiest timestep, best at "
+                    "few steps) or leading. The ddpm sampler always uses the official respacing.")}),
+                "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "DDIM only: 0 is deterministic DDIM, 1 adds DDPM-like fresh noise at every step.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model: VideoBoothModel, conditioning: Conditioning, seed: int, steps: int, cfg: float,
                sampler: str, guidance: str, frames: int, width: int, height: int, batch: int,
-               exemplar: Exemplar | None = None, unique_id: str | None = None) -> tuple[dict[str, torch.Tensor]]:
+               exemplar: Exemplar | None = None, spacing: str = "trailing", eta: float = 0.0,
+               unique_id: str | None = None) -> tuple[dict[str, torch.Tensor]]:
         GenerationRequest(prompt="", frames=frames, width=width, height=height, steps=steps, cfg_scale=cfg,
-                          guidance=guidance, seed=seed).validate()
-        if sampler not in SAMPLERS:
-            raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+                          guidance=guidance, seed=seed, sampler=sampler, spacing=spacing, eta=eta).validate()
+        if not 0.0 <= eta <= 1.0:
+            raise SamplingError(f"eta must be between 0 and 1, got {eta}.")
         if batch < 1:
             raise SamplingError(f"batch must be at least 1, got {batch}.")
         expected = model.unet.config.cross_attention_dim
@@ -98,25 +109,31 @@ class VideoBoothSampler:
             )
         encode_with_vae = exemplar is not None and exemplar.latent is None
         managed = [model.managed] + ([exemplar.vae.managed] if encode_with_vae else [])
-        bridge.activate(managed, memory_required=_sampling_memory(frames, height, width, model.dtype))
-        device = model.managed.load_device
-        schedule = RespacedDDPM(steps)
-        progress = bridge.Progress(batch * schedule.num_steps, unique_id)
         shape = latent_shape(frames, height, width)
-        cond, null = conditioning.cond.to(device), conditioning.null.to(device)
         strength, window = (1.0, (0.0, 1.0)) if exemplar is None else (exemplar.strength,
                                                                         (exemplar.start, exemplar.end))
+        denoiser = VideoDenoiser(model.unet, conditioning.cond, conditioning.null, cfg, guidance,
+                                 image_prompt_strength=strength)
+        working = _sampling_memory(denoiser, shape, exemplar is not None, model.managed.load_device)
+        bridge.activate(managed, memory_required=working)
+        device = model.managed.load_device
+        denoiser.cond_text, denoiser.null_text = conditioning.cond.to(device), conditioning.null.to(device)
+        progress = bridge.Progress(batch * steps, unique_id)
         videos = []
         for index in range(batch):
             bridge.check_interrupt()
             generator = torch.Generator("cpu").manual_seed((seed + index) % (MAX_SEED + 1))
             initial_noise = torch.randn(shape, generator=generator)  # the official order: z first
             exemplar_clean = self._exemplar_latent(exemplar, generator, height, width)
-            denoiser = VideoDenoiser(model.unet, cond, null, cfg, guidance, image_prompt_strength=strength)
+            noise = GeneratorNoise(generator, device, initial_noise)
+            report = bridge.step_reporter(progress, index * steps)
             with torch.no_grad():
-                latents = sample_ddpm(denoiser, schedule, shape, GeneratorNoise(generator, device, initial_noise),
-                                      exemplar_clean, bridge.step_reporter(progress, index * schedule.num_steps),
-                                      device, image_prompt_steps=window)
+                if sampler == OFFICIAL_SAMPLER:
+                    latents = sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, report, device,
+                                          image_prompt_steps=window)
+                else:
+                    latents = sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean,
+                                                    report, device, spacing, eta, window)
             videos.append(latents.cpu())
         return (bridge.video_latents_to_comfy(torch.cat(videos)),)
 

@@ -143,7 +143,10 @@ def test_sampler_schema_defaults() -> None:
     assert required["seed"][1]["control_after_generate"] is True
     assert required["steps"][1]["default"] == 250 and "250" in required["steps"][1]["tooltip"]
     assert required["cfg"][1]["default"] == 4.0
-    assert required["sampler"][0] == ["ddpm"] and required["guidance"][0] == ["official", "all"]
+    assert required["sampler"][0] == ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "unipc"]
+    assert required["sampler"][1]["default"] == "ddpm" and required["guidance"][0] == ["official", "all"]
+    optional = MAPPINGS["VideoBoothSampler"].INPUT_TYPES()["optional"]
+    assert optional["spacing"][0] == ["trailing", "leading"] and optional["eta"][1]["default"] == 0.0
     assert [required[name][1]["default"] for name in ("frames", "width", "height")] == [16, 256, 256]
     assert required["width"][1]["step"] == 8
     assert "exemplar" in MAPPINGS["VideoBoothSampler"].INPUT_TYPES()["optional"]
@@ -210,6 +213,25 @@ def test_the_graph_matches_the_pipeline_for_the_same_seed(models_dir, loaded, im
     reference = pipe.generate(request, decode=False).latents  # (1, 4, f, h, w), x 0.18215
     ours = (latent["samples"] * bridge.LATENT_SCALE).permute(1, 0, 2, 3)[None]
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler, spacing", [("dpmpp_2m", "trailing"), ("euler_ancestral", "leading")])
+def test_diffusers_samplers_in_the_graph_match_the_pipeline(models_dir, loaded, image_prompted, sampler,
+                                                            spacing) -> None:
+    pipeline = importlib.import_module(f"{PACK_NAME}.videobooth_core.pipeline")
+    (latent,) = run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"],
+                    exemplar=image_prompted["exemplar"], **sampler_inputs(sampler=sampler, spacing=spacing))
+    image, mask = subject_image()
+    request = pipeline.GenerationRequest(prompt=PROMPT, subject_word=WORD,
+                                         image=torch.round(image[0] * 255).to(torch.uint8), mask=mask[0] > 0,
+                                         frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS, seed=SEED,
+                                         sampler=sampler, spacing=spacing)
+    reference = pipeline.VideoBoothPipeline.from_models_dir(models_dir).generate(request, decode=False).latents
+    ddpm = run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"],
+               exemplar=image_prompted["exemplar"], **sampler_inputs())[0]["samples"]
+    ours = (latent["samples"] * bridge.LATENT_SCALE).permute(1, 0, 2, 3)[None]
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(latent["samples"], ddpm)  # the sampler choice reached the loop
 
 
 def test_same_seed_same_latent_and_batches_use_consecutive_seeds(loaded, image_prompted) -> None:
@@ -337,7 +359,9 @@ def test_wrong_file_kind_names_the_folder_and_the_expected_files(tiny_models, tm
     ({"height": 60}, "height must be a positive multiple of 8"),
     ({"frames": 0}, "frames must be at least 1"),
     ({"batch": 0}, "batch must be at least 1"),
-    ({"sampler": "euler"}, "unknown sampler"),
+    ({"sampler": "heun"}, "unknown sampler"),
+    ({"sampler": "ddim", "spacing": "linspace"}, "unknown timestep spacing"),
+    ({"sampler": "ddim", "eta": 1.5}, "eta must be between 0 and 1"),
 ])
 def test_bad_sampler_settings_fail_before_sampling(loaded, image_prompted, change, pattern) -> None:
     with pytest.raises(errors.SamplingError, match=pattern):
