@@ -111,3 +111,22 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
     assert result.info["estimated_peak_mb"] > result.info["estimated_weights_mb"] > 0
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning and "more than the 0.00 GB available" in warning[0].getMessage()
+
+
+def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> None:
+    """VAE decode works in frame chunks: 4x the frames add their latents and pixels, not 4x the working set."""
+    from videobooth_core.encoders import load_vae, vae_decode
+    from videobooth_core.models_dir import ModelFiles
+
+    vae = load_vae(ModelFiles.from_models_dir(tiny_models).vae)
+    peaks, sizes = {}, {}
+    for frames in (4, 16):
+        latents = torch.randn((frames, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+        out = []
+        peaks[frames] = peak_activation_bytes(lambda: out.append(vae_decode(vae, latents, chunk_size=4)))  # noqa: B023
+        sizes[frames] = out[0].numel() * out[0].element_size() + latents.numel() * latents.element_size()
+    # 16 frames need at most one 4-frame chunk's whole peak plus the 16 frames' latents and pixels ...
+    assert peaks[16] <= peaks[4] + sizes[16]
+    # ... far less than decoding them in one go
+    unchunked = peak_activation_bytes(lambda: vae_decode(vae, latents, chunk_size=16))
+    assert unchunked > 1.5 * peaks[16]

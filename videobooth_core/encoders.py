@@ -1155,9 +1155,15 @@ def vae_decode(
         raise VideoBoothError(f"vae_decode chunk_size must be >= 1, got {chunk_size}.")
     param = next(vae.parameters())
     scaled = latents.to(device=param.device, dtype=param.dtype) / _vae_scaling_factor(vae, scaling_factor)
+    out = None
     with torch.no_grad():
-        parts = [vae.decode(chunk).sample for chunk in scaled.split(chunk_size, dim=0)]
-    return torch.cat(parts, dim=0)
+        for start in range(0, scaled.shape[0], chunk_size):
+            part = vae.decode(scaled[start:start + chunk_size]).sample
+            if out is None:  # written in place: the frames are held once, never as parts plus their concatenation
+                out = part.new_empty((scaled.shape[0], *part.shape[1:]))
+            out[start:start + part.shape[0]] = part
+            del part
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
