@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from videobooth_core.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.mapper import Mapper  # noqa: E402
-from videobooth_core.memory import estimate_step_memory, meta_twin, resident_weight_bytes  # noqa: E402
+from videobooth_core.memory import estimate_step_memory, meta_twin, resident_weight_bytes, tune_allocator  # noqa: E402
 from videobooth_core.sampling import VideoDenoiser  # noqa: E402
 from videobooth_core.scheduling import RespacedDDPM  # noqa: E402
 from videobooth_core.unet_3d import UNet3DModel  # noqa: E402
@@ -60,14 +60,24 @@ def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = N
 
         unet = load_unet_streamed(streamed_from, config, dtype=dtype, device=device)
     else:
-        with torch.device(device):
-            unet = UNet3DModel(config).to(dtype)
+        unet = _random_in_dtype(UNet3DModel, config, dtype, device)
     sites = tuple(sorted((s.site, s.proj_in.out_channels) for s in unet.attention_sites))
-    with torch.device(device):
-        mapper = Mapper(MapperConfig(site_channels=sites)).to(dtype)
+    mapper = _random_in_dtype(Mapper, MapperConfig(site_channels=sites), dtype, device)
     unet.attach_projections(mapper.site_projections(), release_own=True)
     unet._mapper = mapper  # keep the projections alive
     return unet.eval().requires_grad_(False)
+
+
+def _random_in_dtype(cls: type, config: object, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """``cls(config)`` with its default random initialisation, allocated directly in ``dtype`` (building in fp32
+    and casting would put an fp32 copy into the process's peak memory)."""
+    with torch.device("meta"):
+        module = cls(config).to(dtype)
+    module = module.to_empty(device=device)
+    for layer in module.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    return module
 
 
 def write_weights(path: Path) -> None:
@@ -109,7 +119,11 @@ def main() -> None:
     parser.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS_FILE,
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's allocator as it is (the command line tunes it, see memory.tune_allocator)")
     args = parser.parse_args()
+    if not args.default_allocator:
+        tune_allocator()
     if args.write_weights:
         write_weights(args.write_weights)
         return
@@ -169,7 +183,7 @@ def main() -> None:
         "peak_rss_after_building_models_mb": round(rss_after_build, 1), "weights_mb": round(weights_mb, 1),
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / 1e12 / statistics.median(times), 4),
-        "stream_weights": args.stream_weights, **estimate.as_dict(),
+        "stream_weights": args.stream_weights, "tuned_allocator": not args.default_allocator, **estimate.as_dict(),
         "torch": torch.__version__,
     }
     if args.stream_weights:

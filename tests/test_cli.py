@@ -152,6 +152,22 @@ def test_text_to_video_without_image_or_word(tiny_models, tmp_path) -> None:
     assert summary["prompt_used"] == "a dog running on the beach" and summary["seed"] == 3
 
 
+def test_speed_modes_and_the_memory_estimate_reach_the_summary(formats, tiny_models, subject, tmp_path) -> None:
+    out = tmp_path / "fast"
+    result = _ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
+                          "--prompt", PROMPT, "--word", "ball", *SMALL, "--seed", "7", "--out", out,
+                          "--single-frame-image-prompt", "--image-prompt-steps", "0", "0.5", "--no-watermark-branch"],
+                         tmp_path / "home"))
+    summary = _summary(result)
+    assert summary["speed_modes"] == ["single-frame-image-prompt", "image-prompt-steps 0-0.5", "no-watermark-branch"]
+    assert summary["estimated_peak_mb"] > summary["estimated_weights_mb"] > 0
+    assert "estimated peak memory on cpu" in result.stderr  # said before sampling starts
+    assert result.stderr.index("estimated peak memory") < result.stderr.index("sampling")
+    exact = read_frames(_ok(formats["png"][1]) and formats["png"][0])  # same seed, exact path
+    assert _summary(formats["png"][1])["speed_modes"] == []
+    assert any(not np.array_equal(a, b) for a, b in zip(read_frames(out), exact))
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 def _models_without(tiny_models: Path, dest: Path, relative: str, truncate: bool) -> Path:
     shutil.copytree(tiny_models, dest)
@@ -178,6 +194,10 @@ BAD_INPUTS = {
     "width_not_multiple_of_8": (["--prompt", PROMPT, "--width", "65"], ["width", "multiple of 8", "65"], "clip.gif"),
     "missing_weight_file": (["--prompt", PROMPT, "--models", "{no_mapper}"], ["mapper", "videobooth"], "clip.gif"),
     "truncated_weight_file": (["--prompt", PROMPT, "--models", "{truncated}"], ["watermark_remove_module.pt"], "frames"),
+    "image_prompt_steps_reversed": (["--prompt", PROMPT, "--image-prompt-steps", "0.8", "0.2"],
+                                    ["image_prompt_steps", "0.8"], "clip.gif"),
+    "stream_weights_from_a_pickle": (["--prompt", PROMPT, "--stream-weights"], ["safetensors", "convert", "fp32"],
+                                     "clip.gif"),
 }
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_error_line_and_no_output(case, tiny_models, subject, tmp_path) -> None:

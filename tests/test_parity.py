@@ -20,6 +20,7 @@ from videobooth_core.encoders import load_clip_text_encoder, load_clip_tokenizer
 from videobooth_core.mapper import clip_vision_features
 from videobooth_core.sampling import VideoDenoiser, sample_ddpm
 from videobooth_core.scheduling import RespacedDDPM
+from videobooth_core.streaming import load_unet_streamed
 from videobooth_core.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
 
 RTOL = 1e-4
@@ -37,7 +38,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
 class Official:
     """Everything the fixture recorded, plus our models loaded through the real loading code."""
 
-    def __init__(self, folder, tokenizer_dir, unet_file: str, mapper_file: str, backend: str) -> None:
+    def __init__(self, folder, tokenizer_dir, unet_file: str, mapper_file: str, backend: str,
+                 stream_weights: bool = False) -> None:
         self.config = json.loads((folder / "config.json").read_text())
         self.inputs = load_file(str(folder / "inputs.safetensors"))
         self.outputs = load_file(str(folder / "outputs.safetensors"))
@@ -45,21 +47,26 @@ class Official:
         unet_config = UNetConfig.from_official(
             self.config["unet"], tuple(self.config["unet_watermark_block_out_channels"])
         )
-        self.unet = load_unet(folder / unet_file, unet_config)
+        if stream_weights:  # blocks read their weights from the file at every call
+            self.unet = load_unet_streamed(folder / unet_file, unet_config)
+        else:
+            self.unet = load_unet(folder / unet_file, unet_config)
         self.unet.set_attention_backend(backend)
         self.mapper = load_mapper(folder / mapper_file)
-        self.unet.attach_projections(self.mapper.site_projections())
+        self.unet.attach_projections(self.mapper.site_projections(), release_own=stream_weights)
         self.text_encoder = load_clip_text_encoder(folder / "text_encoder")
         self.vision_encoder = load_clip_vision_encoder(folder / "image_encoder")
         self.tokenizer = load_clip_tokenizer(tokenizer_dir)
         self.sampling = self.config["sampling"]
 
 
-@pytest.fixture(scope="module", params=[("unet.pt", "mapper.pt", "sdpa"), ("unet.safetensors", "mapper.safetensors", "math")],
-                ids=["pt-sdpa", "safetensors-math"])
+@pytest.fixture(scope="module", params=[("unet.pt", "mapper.pt", "sdpa", False),
+                                        ("unet.safetensors", "mapper.safetensors", "math", False),
+                                        ("unet.safetensors", "mapper.safetensors", "sdpa", True)],
+                ids=["pt-sdpa", "safetensors-math", "streamed-sdpa"])
 def official(request, parity_fixture, clip_tokenizer_dir) -> Official:
-    unet_file, mapper_file, backend = request.param
-    return Official(parity_fixture, clip_tokenizer_dir, unet_file, mapper_file, backend)
+    unet_file, mapper_file, backend, stream_weights = request.param
+    return Official(parity_fixture, clip_tokenizer_dir, unet_file, mapper_file, backend, stream_weights)
 
 
 def test_token_ids(official: Official) -> None:

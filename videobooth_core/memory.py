@@ -11,6 +11,7 @@ Python/PyTorch runtime itself (a few hundred MB of process memory, see :data:`CP
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,3 +217,28 @@ def available_memory_bytes(device: torch.device | str) -> int | None:
         except OSError:
             return None
     return None
+
+
+MMAP_THRESHOLD_BYTES = 256 * 1024
+"""Allocations from this size up are mapped and unmapped directly by glibc (see :func:`tune_allocator`)."""
+
+
+def tune_allocator() -> bool:
+    """Make glibc map large allocations directly instead of carving them from its heap.
+
+    By default glibc raises its mmap threshold (up to 32 MB) as large blocks are freed, so activations of many
+    sizes end up in the heap, fragment it, and the process grows: on the released model that adds about 0.4 GB
+    to a step's peak (5.77 GB instead of 5.38 GB measured with a fixed 256 KiB threshold, at the same speed).
+    Process-wide, so only the command line and the benchmarks call it, never the ComfyUI nodes (the host owns
+    its process). Returns True when applied (Linux with glibc), False elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES))

@@ -164,6 +164,9 @@ class VideoBoothPipeline:
         from .encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
 
         torch_dtype = parse_dtype(dtype)
+        if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
+            logger.warning("fp16 on the CPU has no fast kernels (2 real-size steps took over 16 minutes, fp32 under 2); "
+                           "use bf16 or fp32 on the CPU, fp16 on GPUs")
         if stream_weights:
             from .streaming import load_unet_streamed
 
