@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from ..videobooth_core.scheduling import RespacedDDPM
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 
+logger = logging.getLogger(__name__)
+
 SAMPLERS = list(CORE_SAMPLERS)
 """ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance); the others: diffusers'
 schedulers on the same linear-beta training schedule."""
@@ -26,7 +29,9 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 def _sampling_memory(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool, device: torch.device) -> int:
     """Working memory (bytes) of one guided step beyond the weights: a dry run of the step on the meta device
     (videobooth_core.memory), so ComfyUI frees that much before sampling."""
-    return estimate_step_memory(denoiser, shape, image_prompt, device).activations_bytes
+    estimate = estimate_step_memory(denoiser, shape, image_prompt, device)
+    logger.info("VideoBooth Sampler: %s", estimate.describe())
+    return estimate.activations_bytes
 
 
 def _decode_memory(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
