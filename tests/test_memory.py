@@ -130,3 +130,15 @@ def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> Non
     # ... far less than decoding them in one go
     unchunked = peak_activation_bytes(lambda: vae_decode(vae, latents, chunk_size=16))
     assert unchunked > 1.5 * peaks[16]
+
+
+def test_the_twin_follows_the_attention_backend() -> None:
+    """The materialised-attention ("math") backend holds score matrices the fused kernels never allocate."""
+    from videobooth_core.attention import Attention
+
+    denoiser = _tiny_denoiser()  # projections released: the twin must still line up module by module
+    fused = estimate_step_memory(denoiser, SHAPE, True, "cpu")
+    denoiser.unet.set_attention_backend("math")
+    assert {m.backend for m in meta_twin(denoiser.unet).modules() if isinstance(m, Attention)} == {"math"}
+    materialised = estimate_step_memory(denoiser, SHAPE, True, "cpu")
+    assert materialised.activations_bytes > fused.activations_bytes

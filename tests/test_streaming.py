@@ -50,7 +50,7 @@ def test_streamed_unet_computes_exactly_what_the_resident_one_does(tiny_unet_fil
     with torch.no_grad():
         expected = VideoDenoiser(resident_unet, text[:1], text[1:]).predict(x_t, 300, exemplar)
         got = VideoDenoiser(streamed, text[:1], text[1:]).predict(x_t, 300, exemplar)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(p.device.type == "meta" for p in streamed.parameters())  # every block released its weights
     file_bytes = sum(p.numel() * 4 for p in resident_unet.parameters())  # the file holds fp32, released K/V excluded

@@ -125,7 +125,9 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
         raise VideoBoothError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
     if (args.image is None) != (args.word is None):
         raise VideoBoothError("--image and --word go together: give the subject's photo and the prompt's word naming it")
-    resolve = (lambda p: p if base_dir is None or Path(p).is_absolute() else base_dir / p)
+    def resolve(path: str) -> str | Path:
+        return path if base_dir is None or Path(path).is_absolute() else base_dir / path
+
     image = load_image(resolve(args.image)) if args.image else None
     mask = load_mask(resolve(args.mask)) if args.mask else None
     request = GenerationRequest(

@@ -139,15 +139,15 @@ def meta_twin(unet: nn.Module) -> nn.Module:
     dtype = next(unet.parameters()).dtype
     with torch.device("meta"):
         twin = UNet3DModel(unet.config).to(dtype)
-    for site, twin_site in zip(unet.attention_sites, twin.attention_sites):
+    for site, twin_site in zip(unet.attention_sites, twin.attention_sites, strict=True):
         projections = site.transformer_blocks[0].projections
         if projections is not None:
             twin_site.transformer_blocks[0].projections = SiteProjections(
                 **{name: _meta_linear(getattr(projections, name)) for name in SiteProjections.__dataclass_fields__}
             )
-    for module, twin_module in zip(unet.modules(), twin.modules()):
+    for name, module in unet.named_modules():  # by name: released projections leave gaps in unet.modules()
         if hasattr(module, "backend"):
-            twin_module.backend = module.backend
+            twin.get_submodule(name).backend = module.backend
     return twin.requires_grad_(False)
 
 
