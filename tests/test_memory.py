@@ -111,6 +111,14 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
     assert result.info["estimated_peak_mb"] > result.info["estimated_weights_mb"] > 0
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning and "more than the 0.00 GB available" in warning[0].getMessage()
+    assert "--stream-weights" in warning[0].getMessage()
+
+    monkeypatch.setattr("videobooth_core.pipeline.available_memory_bytes",  # enough for the step's working memory
+                        lambda device: pipe.last_memory_estimate.activations_bytes + 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="videobooth_core.pipeline"):
+        pipe.generate(request, decode=False)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> None:

@@ -265,17 +265,18 @@ class VideoBoothPipeline:
 
     def check_memory(self, denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool) -> MemoryEstimate:
         """Estimate the sampling peak before the first step (kept in ``last_memory_estimate``); log it, and warn
-        when it exceeds the memory the device has available."""
+        when the working memory sampling adds to the loaded models exceeds what the device has available."""
         estimate = estimate_step_memory(denoiser, tuple(shape), image_prompt, self.device,
                                         [self.mapper, self.vae, self.text_encoder, self.vision_encoder])
         self.last_memory_estimate = estimate
         logger.info(estimate.describe())
-        available = available_memory_bytes(self.device)
-        if available is not None and estimate.total_bytes > available:
+        available = available_memory_bytes(self.device)  # the loaded weights are already taken out of it
+        if available is not None and estimate.activations_bytes > available:
             logger.warning(
-                "%s, more than the %.2f GB available: sampling may fail or swap. Lower it with dtype fp16/bf16, "
-                "fewer frames or a smaller size, or stream the UNet's weights (offload)",
-                estimate.describe(), available / 2**30,
+                "%s: sampling needs about %.2f GB beyond the loaded models, more than the %.2f GB available, so it may "
+                "fail or swap. Lower it with fewer frames or a smaller size, bf16 (fp16 on GPUs), or free memory by "
+                "streaming the UNet's weights (--stream-weights / stream_weights=True)",
+                estimate.describe(), estimate.activations_bytes / 2**30, available / 2**30,
             )
         return estimate
 
