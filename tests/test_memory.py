@@ -73,7 +73,7 @@ def test_estimate_counts_weights_once_and_grows_with_frames() -> None:
     large = estimate_step_memory(denoiser, (1, 4, 8, 16, 16), True, "cpu", [denoiser._mapper])
     text_only = estimate_step_memory(denoiser, SHAPE, False, "cpu", [denoiser._mapper])
     assert small.weights_bytes == expected_weights
-    assert small.runtime_bytes == memory.CPU_RUNTIME_BYTES
+    assert small.runtime_bytes >= memory.CPU_RUNTIME_BYTES  # at least; more when the process already holds more
     assert large.activations_bytes > 1.3 * small.activations_bytes  # activations grow with the frames
     assert text_only.activations_bytes < small.activations_bytes
     assert "estimated peak memory on cpu" in small.describe()

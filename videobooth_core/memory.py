@@ -3,14 +3,16 @@
 The estimate is a *dry run*: the same step (same code path, batching, speed modes, feed-forward chunks) runs
 on a twin of the UNet on PyTorch's ``meta`` device, where tensors have shapes but no storage, while a dispatch
 mode records when every intermediate tensor is created and freed. Its peak of live bytes plus the resident
-weights is the estimate; it costs well under a second and no real memory.
+weights is the estimate; it costs about a second at the released size and no real memory.
 
-Not counted: kernel workspaces (small next to the activations), the allocator's slack and, on the CPU, the
-Python/PyTorch runtime itself (a few hundred MB of process memory, see :data:`CPU_RUNTIME_BYTES`).
+On the CPU the process's own memory besides the weights (Python, PyTorch, libraries) is added, as measured
+(at least :data:`CPU_RUNTIME_BYTES`). Not counted: kernel workspaces (small next to the activations) and the
+allocator's slack (see :func:`tune_allocator`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -24,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .attention import SiteProjections
 
 CPU_RUNTIME_BYTES = 300 * 2**20
-"""Approximate process memory of Python + PyTorch before any model is built (added on the CPU only)."""
+"""Least process memory besides the weights assumed on the CPU (Python + PyTorch); the estimate uses what the
+process holds beyond its weights when that is more (diffusers, transformers and the encoders' buffers)."""
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -189,7 +192,20 @@ def estimate_step_memory(
     if streamer is not None:  # streamed weights: one block resident at a time
         weights += streamer.largest_unit_bytes
     device = torch.device(device)
-    return MemoryEstimate(weights, activations, CPU_RUNTIME_BYTES if device.type == "cpu" else 0, str(device))
+    runtime = 0
+    if device.type == "cpu":  # what this process holds besides the weights (libraries, encoders' buffers)
+        resident = _current_rss_bytes()
+        runtime = max(CPU_RUNTIME_BYTES, resident - weights if resident is not None else 0)
+    return MemoryEstimate(weights, activations, runtime, str(device))
+
+
+def _current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _projection_modules(unet: nn.Module) -> list[nn.Module]:
