@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from videobooth_core.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.mapper import Mapper  # noqa: E402
-from videobooth_core.memory import estimate_step_memory, meta_twin, resident_weight_bytes, tune_allocator  # noqa: E402
+from videobooth_core.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
 from videobooth_core.sampling import VideoDenoiser  # noqa: E402
 from videobooth_core.scheduling import RespacedDDPM  # noqa: E402
 from videobooth_core.unet_3d import UNet3DModel  # noqa: E402
@@ -94,11 +94,7 @@ def count_step_flops(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prom
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
-    twin = VideoDenoiser(
-        meta_twin(denoiser.unet), denoiser.cond_text.to(meta), denoiser.null_text.to(meta), denoiser.cfg_scale,
-        denoiser.guidance, batch_passes=denoiser.batch_passes,
-        single_frame_image_prompt=denoiser.single_frame_image_prompt, watermark_branch=denoiser.watermark_branch,
-    )
+    twin = meta_denoiser(denoiser)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         twin.predict(torch.empty(shape, device=meta), 500, torch.empty(shape, device=meta) if image_prompt else None)

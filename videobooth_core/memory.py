@@ -154,6 +154,20 @@ def meta_twin(unet: nn.Module) -> nn.Module:
     return twin.requires_grad_(False)
 
 
+def meta_denoiser(denoiser: Any) -> Any:
+    """A :class:`~videobooth_core.sampling.VideoDenoiser` with every setting of ``denoiser`` on the meta twin of
+    its UNet: it runs the same step without storage (memory estimate, FLOP count)."""
+    from .sampling import VideoDenoiser
+
+    meta = torch.device("meta")
+    return VideoDenoiser(
+        meta_twin(denoiser.unet), denoiser.cond_text.to(meta), denoiser.null_text.to(meta), denoiser.cfg_scale,
+        denoiser.guidance, batch_passes=denoiser.batch_passes,
+        single_frame_image_prompt=denoiser.single_frame_image_prompt, watermark_branch=denoiser.watermark_branch,
+        image_prompt_strength=denoiser.image_prompt_strength,
+    )
+
+
 def _meta_linear(linear: nn.Linear) -> nn.Linear:
     with torch.device("meta"):
         return nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -175,15 +189,8 @@ def estimate_step_memory(
         device: where sampling runs (decides whether the CPU runtime is added).
         extra_modules: other resident models to count (the mapper, encoders).
     """
-    from .sampling import VideoDenoiser
-
-    twin = meta_twin(denoiser.unet)
+    dry = meta_denoiser(denoiser)
     meta = torch.device("meta")
-    dry = VideoDenoiser(
-        twin, denoiser.cond_text.to(meta), denoiser.null_text.to(meta), denoiser.cfg_scale, denoiser.guidance,
-        batch_passes=denoiser.batch_passes, single_frame_image_prompt=denoiser.single_frame_image_prompt,
-        watermark_branch=denoiser.watermark_branch, image_prompt_strength=denoiser.image_prompt_strength,
-    )
     x_t = torch.empty(shape, device=meta)
     exemplar = torch.empty(shape, device=meta) if image_prompt else None
     activations = peak_activation_bytes(lambda: dry.predict(x_t, 500, exemplar))

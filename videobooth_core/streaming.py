@@ -136,9 +136,8 @@ class WeightStreamer:
             for name, _ in list(unit.named_parameters()):
                 tensor = self.reader.read(f"{prefix}.{name}")
                 self.bytes_read += tensor.numel() * tensor.element_size()
-                if tensor.is_floating_point():
-                    tensor = tensor.to(device=self.device, dtype=self.dtype)
-                _set_parameter(unit, name, tensor.to(self.device))
+                dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+                _set_parameter(unit, name, tensor.to(device=self.device, dtype=dtype))
 
         return load
 
