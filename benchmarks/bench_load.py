@@ -28,8 +28,8 @@ def _peak_mb() -> float:
 def write_checkpoint(path: Path) -> None:
     import torch
 
-    from videobooth_core.config import UNetConfig
-    from videobooth_core.unet_3d import UNet3DModel
+    from videobooth_core.models.config import UNetConfig
+    from videobooth_core.models.unet_3d import UNet3DModel
 
     with torch.device("meta"):
         unet = UNet3DModel(UNetConfig())
@@ -42,7 +42,7 @@ def write_checkpoint(path: Path) -> None:
 def measure(action: str, directory: Path) -> dict:
     import torch
 
-    from videobooth_core.checkpoint import convert_released_weights, load_unet
+    from videobooth_core.loading.checkpoint import convert_released_weights, load_unet
 
     start = time.perf_counter()
     if action == "load-pt":

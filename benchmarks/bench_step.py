@@ -11,12 +11,12 @@ Modes:
     no-watermark    opt-in: the watermark branch skipped
 Options:
     --stream-weights  the UNet's weights stay in a safetensors file and are read block by block at every UNet call
-                      (videobooth_core.streaming; exact). The random weights are written to --weights-file by a
+                      (videobooth_core.loading.streaming; exact). The random weights are written to --weights-file by a
                       child process first, so that building them does not count in this process's peak.
 
 Besides the timing, RESULT holds the step's FLOP count (matmuls and convolutions, counted by
 torch.utils.flop_counter on a storage-free twin of the model) and the achieved TFLOP/s, and the pre-sampling
-peak-memory estimate (videobooth_core.memory) next to the measured peak.
+peak-memory estimate (videobooth_core.sampling.memory) next to the measured peak.
 Ends with one line: RESULT {json}.
 """
 
@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from videobooth_core.checkpoint import parse_dtype  # noqa: E402
-from videobooth_core.config import MapperConfig, UNetConfig  # noqa: E402
-from videobooth_core.mapper import Mapper  # noqa: E402
-from videobooth_core.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
-from videobooth_core.sampling import VideoDenoiser  # noqa: E402
-from videobooth_core.scheduling import RespacedDDPM  # noqa: E402
-from videobooth_core.unet_3d import UNet3DModel  # noqa: E402
+from videobooth_core.loading.checkpoint import parse_dtype  # noqa: E402
+from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
+from videobooth_core.models.mapper import Mapper  # noqa: E402
+from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
+from videobooth_core.sampling.loop import VideoDenoiser  # noqa: E402
+from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
+from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
 
 MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
 
@@ -56,7 +56,7 @@ def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = N
     config = UNetConfig()
     torch.manual_seed(0)
     if streamed_from is not None:
-        from videobooth_core.streaming import load_unet_streamed
+        from videobooth_core.loading.streaming import load_unet_streamed
 
         unet = load_unet_streamed(streamed_from, config, dtype=dtype, device=device)
     else:
@@ -82,7 +82,7 @@ def _random_in_dtype(cls: type, config: object, dtype: torch.dtype, device: str)
 
 def write_weights(path: Path) -> None:
     """Write a released-size random UNet (fp32) to ``path`` (run in a child process, see --stream-weights)."""
-    from videobooth_core.checkpoint import CONFIG_METADATA_KEY, save_safetensors
+    from videobooth_core.loading.checkpoint import CONFIG_METADATA_KEY, save_safetensors
 
     torch.manual_seed(0)
     unet = UNet3DModel(UNetConfig())

@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO))
 
 from safetensors.torch import load_file  # noqa: E402
 
-from videobooth_core.checkpoint import load_mapper, load_unet  # noqa: E402
-from videobooth_core.config import UNetConfig  # noqa: E402
-from videobooth_core.sampling import VideoDenoiser, sample_ddpm  # noqa: E402
-from videobooth_core.scheduling import RespacedDDPM  # noqa: E402
+from videobooth_core.loading.checkpoint import load_mapper, load_unet  # noqa: E402
+from videobooth_core.models.config import UNetConfig  # noqa: E402
+from videobooth_core.sampling.loop import VideoDenoiser, sample_ddpm  # noqa: E402
+from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 
 
 class Replay:

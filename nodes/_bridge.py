@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from ..videobooth_core.encoders import SD_VAE_SCALING_FACTOR
+from ..videobooth_core.loading.encoders import SD_VAE_SCALING_FACTOR
 from ..videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError
 
 try:  # inside ComfyUI

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..videobooth_core.image_prompt import PreparedImagePrompt
+from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt
 from ._bridge import ManagedModel
 
 MODEL = "VIDEOBOOTH_MODEL"
@@ -18,7 +18,7 @@ VAE = "VIDEOBOOTH_VAE"
 CLIP = "VIDEOBOOTH_CLIP"
 CLIP_VISION = "VIDEOBOOTH_CLIP_VISION"
 IMAGE_PROMPT = "VIDEOBOOTH_IMAGE_PROMPT"
-"""A ``videobooth_core.image_prompt.PreparedImagePrompt``."""
+"""A ``videobooth_core.conditioning.image_prompt.PreparedImagePrompt``."""
 IMAGE_EMBEDS = "VIDEOBOOTH_IMAGE_EMBEDS"
 CONDITIONING = "VIDEOBOOTH_CONDITIONING"
 EXEMPLAR = "VIDEOBOOTH_EXEMPLAR"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..videobooth_core.errors import ImagePromptError
-from ..videobooth_core.image_prompt import PreparedImagePrompt, prepare_image_prompt
-from ..videobooth_core.mapper import clip_vision_features
+from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
+from ..videobooth_core.models.mapper import clip_vision_features
 from . import _bridge as bridge
 from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, MODEL, ImageEmbeds, VideoBoothCLIPVision, VideoBoothModel
 

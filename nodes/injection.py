@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..videobooth_core.errors import SamplingError
-from ..videobooth_core.image_prompt import PreparedImagePrompt
+from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt
 from . import _bridge as bridge
 from ._types import EXEMPLAR, IMAGE_PROMPT, VAE, Exemplar, VideoBoothVAE
 

@@ -16,9 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..videobooth_core.checkpoint import convert_released_weights, load_mapper, load_unet, parse_dtype
+from ..videobooth_core.loading.checkpoint import convert_released_weights, load_mapper, load_unet, parse_dtype
 from ..videobooth_core.errors import CheckpointError
-from ..videobooth_core.models_dir import EXPECTED_FILES, PREFERRED_STEMS
+from ..videobooth_core.loading.models_dir import EXPECTED_FILES, PREFERRED_STEMS
 from . import _bridge as bridge
 from ._types import (
     CLIP,
@@ -171,7 +171,7 @@ class VideoBoothVAELoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(vae_name, precision, device)),)
 
     def _load(self, vae_name: str, precision: str, device: str) -> VideoBoothVAE:
-        from ..videobooth_core.encoders import load_vae
+        from ..videobooth_core.loading.encoders import load_vae
 
         path = bridge.model_path("vae", vae_name)
         load_device, offload_device = bridge.devices_for("vae", device)
@@ -264,7 +264,7 @@ class VideoBoothCLIPLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, tokenizer, precision, device)),)
 
     def _load(self, clip_name: str, tokenizer: str, precision: str, device: str) -> VideoBoothCLIP:
-        from ..videobooth_core.encoders import load_clip_text_encoder, load_clip_tokenizer
+        from ..videobooth_core.loading.encoders import load_clip_text_encoder, load_clip_tokenizer
 
         path = bridge.model_path("text_encoders", clip_name)
         tokenizer_path = _choose_tokenizer(tokenizer, path)
@@ -308,7 +308,7 @@ class VideoBoothCLIPVisionLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, precision, device)),)
 
     def _load(self, clip_name: str, precision: str, device: str) -> VideoBoothCLIPVision:
-        from ..videobooth_core.encoders import load_clip_vision_encoder
+        from ..videobooth_core.loading.encoders import load_clip_vision_encoder
 
         path = bridge.model_path("clip_vision", clip_name)
         load_device, offload_device = bridge.devices_for("vision", device)

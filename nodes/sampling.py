@@ -10,11 +10,11 @@ from einops import rearrange
 
 from ..videobooth_core.errors import PromptError, SamplingError
 from ..videobooth_core.pipeline import GenerationRequest, fit_exemplar, latent_shape
-from ..videobooth_core.memory import estimate_step_memory
-from ..videobooth_core.samplers import OFFICIAL_SAMPLER, SPACINGS, sample_with_scheduler
-from ..videobooth_core.samplers import SAMPLERS as CORE_SAMPLERS
-from ..videobooth_core.sampling import GUIDANCE_RULES, GeneratorNoise, VideoDenoiser, sample_ddpm
-from ..videobooth_core.scheduling import RespacedDDPM
+from ..videobooth_core.sampling.memory import estimate_step_memory
+from ..videobooth_core.sampling.schedulers import OFFICIAL_SAMPLER, SPACINGS, sample_with_scheduler
+from ..videobooth_core.sampling.schedulers import SAMPLERS as CORE_SAMPLERS
+from ..videobooth_core.sampling.loop import GUIDANCE_RULES, GeneratorNoise, VideoDenoiser, sample_ddpm
+from ..videobooth_core.sampling.schedule import RespacedDDPM
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 
@@ -28,7 +28,7 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 def _sampling_memory(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool, device: torch.device) -> int:
     """Working memory (bytes) of one guided step beyond the weights: a dry run of the step on the meta device
-    (videobooth_core.memory), so ComfyUI frees that much before sampling."""
+    (videobooth_core.sampling.memory), so ComfyUI frees that much before sampling."""
     estimate = estimate_step_memory(denoiser, shape, image_prompt, device)
     logger.info("VideoBooth Sampler: %s", estimate.describe())
     return estimate.activations_bytes
@@ -151,7 +151,7 @@ class VideoBoothSampler:
             return None
         if exemplar.latent is not None:
             return fit_exemplar(exemplar.latent, height, width)
-        from ..videobooth_core.encoders import vae_encode
+        from ..videobooth_core.loading.encoders import vae_encode
 
         with torch.no_grad():
             latent = vae_encode(exemplar.vae.vae, exemplar.image_prompt.vae_pixels, generator=generator, sample=True)
@@ -182,7 +182,7 @@ class VideoBoothDecode:
 
     def decode(self, vae: VideoBoothVAE, samples: dict[str, Any], chunk_size: int,
                unique_id: str | None = None) -> tuple[torch.Tensor]:
-        from ..videobooth_core.encoders import vae_decode
+        from ..videobooth_core.loading.encoders import vae_decode
 
         if chunk_size < 1:
             raise SamplingError(f"chunk_size must be at least 1, got {chunk_size}.")

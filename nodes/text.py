@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..videobooth_core.errors import PromptError
-from ..videobooth_core.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from ..videobooth_core.conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
 from . import _bridge as bridge
 from ._types import CLIP, CONDITIONING, IMAGE_EMBEDS, Conditioning, ImageEmbeds, VideoBoothCLIP
 

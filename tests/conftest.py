@@ -36,7 +36,7 @@ def clip_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """A complete tiny model set written by ``make-tiny`` (shared by every test of the session)."""
-    from videobooth_core.tiny import make_tiny
+    from videobooth_core.app.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("tiny_models")
     make_tiny(out)

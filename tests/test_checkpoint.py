@@ -10,17 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from videobooth_core.checkpoint import (
+from videobooth_core.loading.checkpoint import (
     CONFIG_METADATA_KEY,
     convert_released_weights,
     detect_kind,
     load_mapper,
     load_unet,
 )
-from videobooth_core.config import UNetConfig
-from videobooth_core.encoders import read_safetensors_metadata
+from videobooth_core.models.config import UNetConfig
+from videobooth_core.loading.encoders import read_safetensors_metadata
 from videobooth_core.errors import CheckpointError
-from videobooth_core.tiny import MAPPER_FILE, TINY_UNET, UNET_FILE
+from videobooth_core.app.tiny import MAPPER_FILE, TINY_UNET, UNET_FILE
 
 
 def _fixture_unet_config(folder: Path) -> UNetConfig:

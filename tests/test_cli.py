@@ -80,7 +80,7 @@ def subject(tmp_path_factory) -> dict[str, Path]:
     """A subject photo with its mask, an all-black mask, a text file named .png."""
     from PIL import Image
 
-    from videobooth_core.demo import synthetic_subject
+    from videobooth_core.app.demo import synthetic_subject
 
     folder = tmp_path_factory.mktemp("subject")
     image, mask = synthetic_subject(width=96, height=80)
@@ -263,7 +263,7 @@ def test_demo_uses_the_models_folder_when_it_holds_weights(tiny_models, tmp_path
 def test_convert_to_fp16_safetensors(tiny_models, tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from videobooth_core.checkpoint import load_mapper, load_unet, read_state_dict
+    from videobooth_core.loading.checkpoint import load_mapper, load_unet, read_state_dict
 
     out = tmp_path / "converted"
     unet_pt = tiny_models / "videobooth" / "watermark_remove_module.pt"
@@ -298,7 +298,7 @@ def test_convert_refuses_a_file_that_is_not_videobooth(tiny_models, tmp_path) ->
 
 
 def test_make_tiny_writes_a_usable_models_folder(tmp_path) -> None:
-    from videobooth_core.models_dir import ModelFiles
+    from videobooth_core.loading.models_dir import ModelFiles
 
     out = tmp_path / "tiny"
     result = _ok(run_cli(["make-tiny", "--out", out], tmp_path / "home"))
@@ -319,7 +319,7 @@ def one_thread():
 
 
 def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
-    from videobooth_core.image_prompt import load_image, load_mask
+    from videobooth_core.conditioning.image_prompt import load_image, load_mask
     from videobooth_core.pipeline import GenerationRequest, VideoBoothPipeline
 
     pipe = VideoBoothPipeline.from_models_dir(str(tiny_models), dtype="fp32", device="cpu")

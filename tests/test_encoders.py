@@ -1,4 +1,4 @@
-"""Tests of videobooth_core.encoders: safe file reading, CLIP text/vision, VAE and tokenizer loading (CPU, offline)."""
+"""Tests of videobooth_core.loading.encoders: safe file reading, CLIP text/vision, VAE and tokenizer loading (CPU, offline)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def tiny_vae():
 
 def test_import_is_cheap() -> None:
     code = (
-        "import sys, videobooth_core.encoders; "
+        "import sys, videobooth_core.loading.encoders; "
         "heavy = [m for m in ('transformers', 'diffusers') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

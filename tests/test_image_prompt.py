@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from videobooth_core.errors import ImagePromptError
-from videobooth_core.image_prompt import (
+from videobooth_core.conditioning.image_prompt import (
     CLIP_MEAN,
     CLIP_SIZE,
     CLIP_STD,

@@ -87,7 +87,7 @@ def jobs_file(tmp_path_factory) -> Path:
     """Four jobs: two with an image prompt (mask; bbox), two text-only; a blank line (ids follow line numbers)."""
     from PIL import Image
 
-    from videobooth_core.demo import synthetic_subject
+    from videobooth_core.app.demo import synthetic_subject
 
     folder = tmp_path_factory.mktemp("jobs")
     (folder / "subject").mkdir()
@@ -280,7 +280,7 @@ def test_missing_weights_end_the_run_before_anything_is_written(tiny_models, job
 def test_a_job_failing_with_the_models_loaded_is_reported_and_the_rest_go_on(tiny_models, tmp_path) -> None:
     from PIL import Image
 
-    from videobooth_core.demo import synthetic_subject
+    from videobooth_core.app.demo import synthetic_subject
 
     image, _ = synthetic_subject(width=64, height=64)
     Image.fromarray(image.numpy()).save(tmp_path / "ball.png")
@@ -333,7 +333,7 @@ def _write_bad(jobs_file: Path, tmp_path: Path, lines: list[str]) -> Path:
 @pytest.mark.parametrize("case", list(BAD_JOBS))
 def test_bad_jobs_file_is_refused_before_anything_is_written(case, jobs_file, tmp_path) -> None:
     from videobooth_core.errors import VideoBoothError
-    from videobooth_core.jobs import load_jobs
+    from videobooth_core.app.jobs import load_jobs
 
     lines, words = BAD_JOBS[case]
     path = _write_bad(jobs_file, tmp_path, lines)
@@ -361,7 +361,7 @@ def test_bad_jobs_file_from_the_command_line(case, tiny_models, jobs_file, tmp_p
 
 
 def test_jobs_defaults_ids_and_paths(jobs_file) -> None:
-    from videobooth_core.jobs import load_jobs
+    from videobooth_core.app.jobs import load_jobs
 
     jobs = load_jobs(jobs_file, {"steps": 7, "frames": 5, "seed": 1})
     assert [job.id for job in jobs] == IDS and [job.line for job in jobs] == [1, 2, 3, 5]
@@ -374,7 +374,7 @@ def test_jobs_defaults_ids_and_paths(jobs_file) -> None:
 
 
 def test_jobs_flag_conflicts_with_single_video_flags(tiny_models, jobs_file, tmp_path, capsys) -> None:
-    from videobooth_core.cli import main
+    from videobooth_core.app.cli import main
 
     code = main(["generate", "--models", str(tiny_models), "--jobs", str(jobs_file), "--out-dir",
                  str(tmp_path / "out"), "--prompt", "a dog"])

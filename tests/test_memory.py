@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from videobooth_core import memory
-from videobooth_core.memory import LiveTensorTracker, estimate_step_memory, meta_twin, peak_activation_bytes
-from videobooth_core.sampling import VideoDenoiser
-from videobooth_core.tiny import tiny_unet_and_mapper
+from videobooth_core.sampling.memory import LiveTensorTracker, estimate_step_memory, meta_twin, peak_activation_bytes
+from videobooth_core.sampling.loop import VideoDenoiser
+from videobooth_core.app.tiny import tiny_unet_and_mapper
 
 SHAPE = (1, 4, 4, 16, 16)
 
@@ -123,8 +123,8 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
 
 def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> None:
     """VAE decode works in frame chunks: 4x the frames add their latents and pixels, not 4x the working set."""
-    from videobooth_core.encoders import load_vae, vae_decode
-    from videobooth_core.models_dir import ModelFiles
+    from videobooth_core.loading.encoders import load_vae, vae_decode
+    from videobooth_core.loading.models_dir import ModelFiles
 
     vae = load_vae(ModelFiles.from_models_dir(tiny_models).vae)
     peaks, sizes = {}, {}
@@ -142,7 +142,7 @@ def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> Non
 
 def test_the_twin_follows_the_attention_backend() -> None:
     """The materialised-attention ("math") backend holds score matrices the fused kernels never allocate."""
-    from videobooth_core.attention import Attention
+    from videobooth_core.models.attention import Attention
 
     denoiser = _tiny_denoiser()  # projections released: the twin must still line up module by module
     fused = estimate_step_memory(denoiser, SHAPE, True, "cpu")

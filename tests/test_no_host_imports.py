@@ -37,7 +37,7 @@ def test_detector_catches_a_host_import(tmp_path) -> None:
 
 
 def test_importing_the_core_is_cheap() -> None:
-    code = ("import sys, videobooth_core, videobooth_core.cli, videobooth_core.pipeline;"
+    code = ("import sys, videobooth_core, videobooth_core.app.cli, videobooth_core.pipeline;"
             "heavy = [m for m in ('transformers', 'diffusers') if m in sys.modules];"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -458,8 +458,8 @@ def test_models_are_handed_to_comfyui_memory_management(loaded, image_prompted, 
     patchers, memory, full = loads[-1]
     assert patchers == [unet.patcher, vae_managed.patcher] and full is True
     # ComfyUI is asked for the dry-run estimate of one step's working memory, beyond the weights
-    core_memory = importlib.import_module(f"{PACK_NAME}.videobooth_core.memory")
-    core_sampling = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling")
+    core_memory = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling.memory")
+    core_sampling = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling.loop")
     cond = image_prompted["conditioning"]
     denoiser = core_sampling.VideoDenoiser(model.unet, cond.cond, cond.null, 4.0, "official")
     expected = core_memory.estimate_step_memory(denoiser, (1, 4, FRAMES, SIZE // 8, SIZE // 8), True, "cpu")

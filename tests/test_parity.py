@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from videobooth_core.checkpoint import load_mapper, load_unet
-from videobooth_core.config import UNetConfig
-from videobooth_core.encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder
-from videobooth_core.mapper import clip_vision_features
-from videobooth_core.sampling import VideoDenoiser, sample_ddpm
-from videobooth_core.scheduling import RespacedDDPM
-from videobooth_core.streaming import load_unet_streamed
-from videobooth_core.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from videobooth_core.loading.checkpoint import load_mapper, load_unet
+from videobooth_core.models.config import UNetConfig
+from videobooth_core.loading.encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder
+from videobooth_core.models.mapper import clip_vision_features
+from videobooth_core.sampling.loop import VideoDenoiser, sample_ddpm
+from videobooth_core.sampling.schedule import RespacedDDPM
+from videobooth_core.loading.streaming import load_unet_streamed
+from videobooth_core.conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
 
 RTOL = 1e-4
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from videobooth_core.samplers import SAMPLERS, make_scheduler, sample_with_scheduler
-from videobooth_core.sampling import GeneratorNoise, VideoDenoiser, sample_ddpm
-from videobooth_core.scheduling import RespacedDDPM, base_betas
-from videobooth_core.tiny import tiny_unet_and_mapper
+from videobooth_core.sampling.schedulers import SAMPLERS, make_scheduler, sample_with_scheduler
+from videobooth_core.sampling.loop import GeneratorNoise, VideoDenoiser, sample_ddpm
+from videobooth_core.sampling.schedule import RespacedDDPM, base_betas
+from videobooth_core.app.tiny import tiny_unet_and_mapper
 
 ALPHAS_CUMPROD = torch.from_numpy(base_betas()).neg().add(1).cumprod(0)
 SHAPE = (1, 4, 3, 4, 4)

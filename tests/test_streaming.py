@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from videobooth_core.checkpoint import CONFIG_METADATA_KEY, convert_released_weights, save_safetensors
+from videobooth_core.loading.checkpoint import CONFIG_METADATA_KEY, convert_released_weights, save_safetensors
 from videobooth_core.errors import CheckpointError
-from videobooth_core.memory import estimate_step_memory, resident_weight_bytes
-from videobooth_core.sampling import VideoDenoiser
-from videobooth_core.streaming import SafetensorsReader, load_unet_streamed, streaming_units
-from videobooth_core.tiny import tiny_unet_and_mapper
+from videobooth_core.sampling.memory import estimate_step_memory, resident_weight_bytes
+from videobooth_core.sampling.loop import VideoDenoiser
+from videobooth_core.loading.streaming import SafetensorsReader, load_unet_streamed, streaming_units
+from videobooth_core.app.tiny import tiny_unet_and_mapper
 
 SHAPE = (1, 4, 3, 8, 8)
 

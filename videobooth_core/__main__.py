@@ -1,8 +1,8 @@
-"""``python -m videobooth_core``: see :mod:`videobooth_core.cli`."""
+"""``python -m videobooth_core``: see :mod:`videobooth_core.app.cli`."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_mapper, load_unet, parse_dtype
+from .loading.checkpoint import load_mapper, load_unet, parse_dtype
 from .errors import SamplingError
-from .image_prompt import PreparedImagePrompt, prepare_image_prompt
-from .mapper import Mapper, clip_vision_features
-from .memory import MemoryEstimate, available_memory_bytes, estimate_step_memory
-from .models_dir import ModelFiles
-from .samplers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS, sample_with_scheduler
-from .sampling import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
-from .scheduling import RespacedDDPM
-from .text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
-from .unet_3d import UNet3DModel
+from .conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
+from .models.mapper import Mapper, clip_vision_features
+from .sampling.memory import MemoryEstimate, available_memory_bytes, estimate_step_memory
+from .loading.models_dir import ModelFiles
+from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS, sample_with_scheduler
+from .sampling.loop import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
+from .sampling.schedule import RespacedDDPM
+from .conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from .models.unet_3d import UNet3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +159,16 @@ class VideoBoothPipeline:
         """Load every model (UNet and mapper in ``dtype``; CLIP and the VAE stay float32, they are cheap).
 
         ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at
-        every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.streaming`).
+        every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.loading.streaming`).
         """
-        from .encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
+        from .loading.encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
 
         torch_dtype = parse_dtype(dtype)
         if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
             logger.warning("fp16 on the CPU has no fast kernels (2 real-size steps took over 16 minutes, fp32 under 2); "
                            "use bf16 or fp32 on the CPU, fp16 on GPUs")
         if stream_weights:
-            from .streaming import load_unet_streamed
+            from .loading.streaming import load_unet_streamed
 
             unet = load_unet_streamed(files.unet, dtype=torch_dtype, device=device)
         else:
@@ -208,7 +208,7 @@ class VideoBoothPipeline:
     @torch.no_grad()
     def encode_exemplar(self, prepared: PreparedImagePrompt, generator: torch.Generator) -> torch.Tensor:
         """Fine embedding source: the 256-pixel image prompt's VAE posterior sample x 0.18215, (1, 4, 1, 32, 32)."""
-        from .encoders import vae_encode
+        from .loading.encoders import vae_encode
 
         latent = vae_encode(self.vae, prepared.vae_pixels.to(self.device), generator=generator, sample=True)
         return latent[:, :, None].float()
@@ -216,7 +216,7 @@ class VideoBoothPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 4) -> torch.Tensor:
         """(b, 4, f, h, w) latents → (b*f, 8h, 8w, 3) uint8 frames, decoded ``chunk_size`` frames at a time."""
-        from .encoders import vae_decode
+        from .loading.encoders import vae_decode
 
         flat = latents.permute(0, 2, 1, 3, 4).reshape(-1, *latents.shape[1:2], *latents.shape[3:])
         pixels = vae_decode(self.vae, flat.to(self.device, torch.float32), chunk_size=chunk_size)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import SiteProjections
 from .config import MapperConfig, mapper_stem_from_site_prefix
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PROJECTION_SUFFIXES = ("attn1_to_k_exemplar", "attn1_to_v_exemplar", "attn1_to_k_new", "attn1_to_v_new",
                        "attn2_to_k", "attn2_to_v")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImagePromptError
+from ..errors import ImagePromptError
 
 logger = logging.getLogger(__name__)
 

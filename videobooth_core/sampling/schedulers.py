@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .errors import SamplingError
-from .sampling import NoiseSource, StepCallback, StepOutput, VideoDenoiser
-from .scheduling import BETA_END, BETA_START, TRAIN_TIMESTEPS, base_betas
+from ..errors import SamplingError
+from .loop import NoiseSource, StepCallback, StepOutput, VideoDenoiser
+from .schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS, base_betas
 
 OFFICIAL_SAMPLER = "ddpm"
 DIFFUSERS_SAMPLERS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 DEMO_PROMPT = "a ball rolling on the grass"
 DEMO_WORD = "ball"
@@ -39,8 +39,8 @@ def synthetic_subject(width: int = 320, height: int = 240, seed: int = 0) -> tup
 
 def run_demo(args: argparse.Namespace) -> int:
     from .cli import _progress_callback, _summary
-    from .models_dir import ModelFiles
-    from .pipeline import GenerationRequest, VideoBoothPipeline
+    from ..loading.models_dir import ModelFiles
+    from ..pipeline import GenerationRequest, VideoBoothPipeline
     from .tiny import MARKER_FILE, make_tiny
     from .video_io import check_output_path, write_frames
 

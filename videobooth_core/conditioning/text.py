@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import PromptError
+from ..errors import PromptError
 
 PLACEHOLDER_WORD = "sdksd"
 NULL_PROMPT = "None"

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import MapperConfig, UNetConfig
+from ..models.config import MapperConfig, UNetConfig
 from .encoders import read_safetensors_metadata, read_state_dict
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .mapper import Mapper
-    from .unet_3d import UNet3DModel
+    from ..models.mapper import Mapper
+    from ..models.unet_3d import UNet3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def load_unet(
     The config comes from ``config``, else the safetensors metadata, else the checkpoint's shapes (with the
     released model's 8 heads and 32 groups, which shapes do not record).
     """
-    from .unet_3d import UNet3DModel
+    from ..models.unet_3d import UNet3DModel
 
     raw = read_state_dict(path)
     state_dict = _unwrap(raw, UNET_WRAPPER_KEY, "videobooth_unet", path)
@@ -165,7 +165,7 @@ def load_mapper(
     path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> "Mapper":
     """Load the mapper (and its per-site projections) from ``mapper.pt`` (``ema``) or a safetensors conversion."""
-    from .mapper import Mapper
+    from ..models.mapper import Mapper
 
     raw = read_state_dict(path)
     state_dict = _unwrap(raw, MAPPER_WRAPPER_KEY, "videobooth_mapper", path)
@@ -221,7 +221,7 @@ def convert_released_weights(
     if unet_path is not None:
         sd = _unwrap(read_state_dict(unet_path), UNET_WRAPPER_KEY, "videobooth_unet", unet_path)
         config = unet_config or UNetConfig.infer_from_state_dict(sd)
-        from .unet_3d import UNet3DModel
+        from ..models.unet_3d import UNet3DModel
 
         with torch.device("meta"):
             expected = UNet3DModel(config).state_dict()
@@ -230,7 +230,7 @@ def convert_released_weights(
                      {CONFIG_METADATA_KEY: config.to_json(), KIND_METADATA_KEY: "videobooth_unet"}))
     if mapper_path is not None:
         sd = _unwrap(read_state_dict(mapper_path), MAPPER_WRAPPER_KEY, "videobooth_mapper", mapper_path)
-        from .mapper import Mapper
+        from ..models.mapper import Mapper
 
         with torch.device("meta"):
             expected = Mapper(MapperConfig.infer_from_state_dict(sd)).state_dict()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, detect_kind, read_state_dict
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Literal, Protocol
 
 import torch
 
-from .errors import SamplingError
-from .scheduling import RespacedDDPM
-from .unet_3d import UNet3DModel
+from ..errors import SamplingError
+from .schedule import RespacedDDPM
+from ..models.unet_3d import UNet3DModel
 
 GuidanceRule = Literal["official", "all"]
 GUIDANCE_RULES: tuple[str, ...] = ("official", "all")

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from .errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, VideoBoothError
 
 if TYPE_CHECKING:
     import diffusers

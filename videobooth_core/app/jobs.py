@@ -55,7 +55,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import VideoBoothError
+from ..errors import VideoBoothError
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Job:
 
 # -- reading and validating the jobs file -------------------------------------------------------------
 def _request_fields() -> set[str]:
-    from .pipeline import GenerationRequest
+    from ..pipeline import GenerationRequest
 
     return {f.name for f in dataclasses.fields(GenerationRequest)}
 
@@ -231,8 +231,8 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
 
 def build_request(job: Job):
     """The pipeline request of ``job`` (images loaded from disk)."""
-    from .image_prompt import load_image, load_mask
-    from .pipeline import GenerationRequest
+    from ..conditioning.image_prompt import load_image, load_mask
+    from ..pipeline import GenerationRequest
 
     fields = _request_fields()
     extra = {k: job.settings[k] for k in ("sampler", *OPTIONAL_SETTINGS) if k in job.settings and k in fields}
@@ -248,8 +248,8 @@ def build_request(job: Job):
 
 def check_job(job: Job) -> None:
     """Everything that can be checked without the models: settings, images, masks, boxes, subject word."""
-    from .image_prompt import prepare_image_prompt
-    from .text import substitute_subject
+    from ..conditioning.image_prompt import prepare_image_prompt
+    from ..conditioning.text import substitute_subject
 
     where = f"line {job.line} (job {job.id})"
     try:
@@ -562,7 +562,7 @@ def run_jobs(args: argparse.Namespace) -> int:
 def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weights: bool = False):
     import torch
 
-    from .pipeline import VideoBoothPipeline
+    from ..pipeline import VideoBoothPipeline
 
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

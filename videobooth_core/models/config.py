@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 NUM_MAPPER_LEVELS = 5
 """The mapper turns 5 CLIP feature maps into 5 word vectors."""

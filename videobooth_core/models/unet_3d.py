@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import ATTENTION_BACKENDS, Attention, AttentionBackend, SiteProjections
 from .config import UNetConfig
-from .unet_blocks import (
+from .blocks import (
     GroupNorm32,
     ImagePromptFeatures,
     InflatedConv3d,

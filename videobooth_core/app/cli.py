@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import VideoBoothError
-from .samplers import SAMPLERS, SPACINGS
+from ..errors import VideoBoothError
+from ..sampling.schedulers import SAMPLERS, SPACINGS
 
 logger = logging.getLogger("videobooth_core")
 
@@ -118,8 +118,8 @@ def _progress_callback(total_label: str):
 
 
 def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
-    from .image_prompt import load_image, load_mask
-    from .pipeline import GenerationRequest
+    from ..conditioning.image_prompt import load_image, load_mask
+    from ..pipeline import GenerationRequest
 
     if not args.prompt:
         raise VideoBoothError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
@@ -139,18 +139,18 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
     request.options = _sampling_options(args)
     request.validate()
     if args.word is not None:  # fail on a word missing from the prompt before loading any model
-        from .text import substitute_subject
+        from ..conditioning.text import substitute_subject
 
         substitute_subject(args.prompt, args.word)
     if image is not None:  # fail on a bad mask/bbox before loading any model
-        from .image_prompt import prepare_image_prompt
+        from ..conditioning.image_prompt import prepare_image_prompt
 
         prepare_image_prompt(image, mask, request.bbox)
     return request
 
 
 def _sampling_options(args: argparse.Namespace):
-    from .pipeline import SamplingOptions
+    from ..pipeline import SamplingOptions
 
     steps = getattr(args, "image_prompt_steps", None)
     return SamplingOptions(
@@ -184,7 +184,7 @@ def _summary(result, request, seconds: float, out: Path, args) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import VideoBoothPipeline
+    from ..pipeline import VideoBoothPipeline
     from .video_io import check_output_path, write_frames
 
     if args.jobs:
@@ -215,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .checkpoint import convert_released_weights
+    from ..loading.checkpoint import convert_released_weights
 
     bars: dict[str, tqdm] = {}
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("videobooth_core.pipeline").setLevel(logging.INFO)  # the memory estimate before sampling
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every file is local
-    from .memory import tune_allocator
+    from ..sampling.memory import tune_allocator
 
     tune_allocator()  # this process is ours: keep glibc's heap from fragmenting (lower peak memory, same speed)
     try:

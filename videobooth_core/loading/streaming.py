@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import UNetConfig
-from .errors import CheckpointError
+from ..models.config import UNetConfig
+from ..errors import CheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -97,7 +97,7 @@ class SafetensorsReader:
 def streaming_units(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """The blocks whose weights are loaded together: resnets, attention sites, resamplers and the top-level
     layers (conv_in, time embedding, output head), each with its module path."""
-    from .unet_blocks import Downsample3D, ResnetBlock3D, Transformer3DModel, Upsample3D
+    from ..models.blocks import Downsample3D, ResnetBlock3D, Transformer3DModel, Upsample3D
 
     block_types = (ResnetBlock3D, Transformer3DModel, Downsample3D, Upsample3D)
     units: list[tuple[str, nn.Module]] = []
@@ -188,7 +188,7 @@ def load_unet_streamed(
     """A UNet whose weights stay in ``path`` (a safetensors UNet, e.g. from ``convert``) and are streamed per
     block; keys and shapes are checked strictly up front, as :func:`checkpoint.load_unet` does."""
     from .checkpoint import CONFIG_METADATA_KEY, check_keys
-    from .unet_3d import UNet3DModel
+    from ..models.unet_3d import UNet3DModel
 
     reader = SafetensorsReader(path)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VideoBoothError
+from ..errors import VideoBoothError
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 

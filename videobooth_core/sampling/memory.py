@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .attention import SiteProjections
+from ..models.attention import SiteProjections
 
 CPU_RUNTIME_BYTES = 300 * 2**20
 """Least process memory besides the weights assumed on the CPU (Python + PyTorch); the estimate uses what the
@@ -136,8 +136,8 @@ def resident_weight_bytes(modules: list[nn.Module]) -> int:
 
 
 def meta_twin(unet: nn.Module) -> nn.Module:
-    """A storage-free copy of a :class:`~videobooth_core.unet_3d.UNet3DModel` (same config, dtype, projections)."""
-    from .unet_3d import UNet3DModel
+    """A storage-free copy of a :class:`~videobooth_core.models.unet_3d.UNet3DModel` (same config, dtype, projections)."""
+    from ..models.unet_3d import UNet3DModel
 
     dtype = next(unet.parameters()).dtype
     with torch.device("meta"):
@@ -155,9 +155,9 @@ def meta_twin(unet: nn.Module) -> nn.Module:
 
 
 def meta_denoiser(denoiser: Any) -> Any:
-    """A :class:`~videobooth_core.sampling.VideoDenoiser` with every setting of ``denoiser`` on the meta twin of
+    """A :class:`~videobooth_core.sampling.loop.VideoDenoiser` with every setting of ``denoiser`` on the meta twin of
     its UNet: it runs the same step without storage (memory estimate, FLOP count)."""
-    from .sampling import VideoDenoiser
+    from .loop import VideoDenoiser
 
     meta = torch.device("meta")
     return VideoDenoiser(
@@ -181,7 +181,7 @@ def estimate_step_memory(
     device: torch.device | str,
     extra_modules: list[nn.Module] | None = None,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of one guided step of ``denoiser`` (a :class:`~videobooth_core.sampling.VideoDenoiser`).
+    """Estimate the peak memory of one guided step of ``denoiser`` (a :class:`~videobooth_core.sampling.loop.VideoDenoiser`).
 
     Args:
         shape: (b, 4, frames, h, w) of the video latent.

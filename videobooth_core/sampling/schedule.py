@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import SamplingError
+from ..errors import SamplingError
 
 TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4

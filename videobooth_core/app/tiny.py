@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .config import MapperConfig, UNetConfig
-from .mapper import Mapper
-from .unet_3d import UNet3DModel
+from ..models.config import MapperConfig, UNetConfig
+from ..models.mapper import Mapper
+from ..models.unet_3d import UNet3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def tiny_unet_and_mapper(vision_width: int, text_width: int, seed: int = 0) -> t
 
 def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model set into ``out_dir`` (created if needed) and return it."""
-    from .encoders import (
+    from ..loading.encoders import (
         save_clip_text_single_file,
         save_clip_vision_single_file,
         save_vae_ldm_single_file,
