@@ -23,3 +23,7 @@ class PromptError(VideoBoothError):
 
 class SamplingError(VideoBoothError):
     """Sampling settings (frames, size, steps, sampler, guidance) are invalid."""
+
+
+class OutputError(VideoBoothError):
+    """An output path cannot be written without destroying something, or cannot be written at all."""

@@ -1,0 +1,93 @@
+"""Writing files and folders so that nothing half-written survives and nothing the user made is lost.
+
+Everything the project writes (converted weights, tiny model sets, videos, frame folders, done-records,
+manifests, datasets, checkpoints) goes through :func:`atomic_path`: the content is written to a temporary
+sibling (same folder, so the final ``os.replace`` is atomic on one file system), and only a complete result
+is renamed into place. An existing target is refused unless the caller passes ``overwrite=True``, and even
+then a folder is only replaced when it holds nothing but what this project writes into such a folder
+(``replaceable``), so a user's folder is never deleted by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+TEMP_PREFIX = ".videobooth-"
+"""Prefix of every temporary file or folder this project writes (a killed run's leftovers are recognisable)."""
+PARTIAL_SUFFIX = ".partial"
+
+
+def check_target(path: str | os.PathLike, overwrite: bool = False,
+                 replaceable: Callable[[Path], bool] | None = None, flag: str = "--overwrite") -> Path:
+    """Refuse a target that would destroy something: an existing path without ``overwrite``; a folder (or the
+    current/root folder) where a file is to be written; with ``overwrite``, a folder that ``replaceable`` does not
+    accept (by default no folder is replaceable). Returns the absolute path. Call it before any heavy work."""
+    target = Path(path).expanduser()
+    resolved = target.resolve()
+    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise OutputError(f"refusing to write the output to {str(path)!r}: that is the current, home or root folder; "
+                          "name a new file or folder, e.g. --out video.gif")
+    if target.is_symlink() or target.exists():
+        if not overwrite:
+            raise OutputError(f"{str(path)!r} already exists and would be replaced; choose a new name, or pass "
+                              f"{flag} to replace it")
+        if target.is_dir() and not target.is_symlink() and not (replaceable and replaceable(target)):
+            raise OutputError(f"{str(path)!r} is an existing folder with content this program did not write; it is "
+                              "never deleted: choose a new name")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise OutputError(f"cannot write {str(path)!r}: {str(target.parent)!r} is a file, not a folder")
+    return resolved
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write (a file path, or a created folder with ``folder=True``);
+    when the block succeeds it is renamed onto ``path`` (a folder being replaced is removed only after the new
+    one is complete), otherwise it is removed. Check the target with :func:`check_target` first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + path.name + ".", suffix=PARTIAL_SUFFIX, dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", suffix=PARTIAL_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if folder and path.is_dir() and not path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + path.name + ".old.", dir=path.parent))
+            os.replace(path, old / "content")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically (synced before the rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def is_temporary(path: Path) -> bool:
+    """True for a leftover of :func:`atomic_path` (a killed run's temporary file or folder)."""
+    return path.name.startswith(TEMP_PREFIX) and (path.name.endswith(PARTIAL_SUFFIX) or ".old." in path.name)
