@@ -1,0 +1,12 @@
+"""Measuring what VideoBooth makes: the paper's metrics (CLIP-T, CLIP-I, DINO) and VBench's subject consistency,
+best-of-N generation ranked by one of them, and the ``evaluate`` command with its report.
+
+    models.py    finding and loading the metric models (a full CLIP, DINO ViT-S/16) with their own processors
+    metrics.py   the scores of one video (:class:`Scorer`)
+    media.py     reading videos (mp4 & co. through PyAV, gif/webp/PNG folders through PIL) and evaluation sets
+    report.py    scores.csv / scores.json, the HTML page, the PNG sheet and the charts (matplotlib, optional)
+    best_of.py   best-of-N generation: N seeds, ranked by a metric
+    cli.py       ``python -m videobooth_core evaluate`` and the ``generate --best-of`` flags
+
+Importing this package does no heavy work (torch and transformers are imported inside the functions).
+"""

@@ -1,0 +1,129 @@
+"""``python -m videobooth_core evaluate`` and the ``generate --best-of N --rank-by METRIC`` flags.
+
+Registered by ``app/cli.py`` (``add_evaluate_parser`` + ``cmd_evaluate``; ``add_best_of_args`` +
+``run_best_of``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import EvaluationError
+from .metrics import RANK_CHOICES
+
+EVALUATE_EXAMPLES = """examples:
+  # a batch-jobs output folder (its manifest.json), models found in ./models (clip_eval/ or text_encoders/, dino/)
+  python -m videobooth_core evaluate --manifest videos/manifest.json --models models --out eval
+
+  # your own set: one {"video", "prompt", "word", "image", "mask"} object per line, paths relative to the file
+  python -m videobooth_core evaluate --set eval_set.jsonl --models models --out eval
+"""
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` command to the main parser's sub-parsers."""
+    ev = sub.add_parser("evaluate", help="score videos: CLIP-T, CLIP-I, DINO, consistency (+ an HTML/PNG report)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVALUATE_EXAMPLES,
+                        description="Score videos as the paper does (CLIP-T, CLIP-I on the x100 scale, DINO ViT-S/16) "
+                                    "plus VBench's subject consistency; writes scores.csv, scores.json, report.html, "
+                                    "sheet.png and a chart per metric into --out.")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="manifest.json of a `generate --jobs` output (or its folder)")
+    source.add_argument("--set", dest="eval_set", help="a .jsonl evaluation set (see README: Evaluation)")
+    ev.add_argument("--out", required=True, help="output folder (created; its score and report files are replaced)")
+    _add_model_args(ev)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=os.environ.get("VIDEOBOOTH_MODELS", "models"),
+                   help="models folder searched for the metric models (default: $VIDEOBOOTH_MODELS or ./models)")
+    p.add_argument("--clip", help="a full CLIP folder or .safetensors for CLIP-T/CLIP-I (default: found in the models "
+                                  "folder's clip_eval/, text_encoders/, clip_vision/)")
+    p.add_argument("--dino", help="DINO ViT-S/16 folder or .safetensors (default: found in the models folder's dino/)")
+
+
+def add_best_of_args(p: argparse.ArgumentParser) -> None:
+    """``--best-of`` and ``--rank-by`` on ``generate``."""
+    group = p.add_argument_group("best of N (scores N seeds with a metric model, keeps the best)")
+    group.add_argument("--best-of", type=int, default=1,
+                       help="generate N videos with seeds seed..seed+N-1 and keep the best (default: 1, off)")
+    group.add_argument("--rank-by", choices=tuple(RANK_CHOICES), default="dino",
+                       help="the metric that ranks them: dino, clip-i (likeness to the image prompt) or clip-t "
+                            "(text alignment) (default: dino)")
+    group.add_argument("--clip", help="a full CLIP for clip-i/clip-t (default: found in --models)")
+    group.add_argument("--dino", help="DINO ViT-S/16 for dino (default: found in --models' dino/)")
+
+
+def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino"), device: str = "cpu"):
+    """A Scorer with the requested models: explicit paths win, else found in ``args.models``. For the
+    ``evaluate`` command a model that is not found is skipped (its metrics stay empty) unless none is found."""
+    from ..errors import CheckpointError
+    from .metrics import Scorer
+    from .models import find_clip, find_dino, load_clip_for_metrics, load_dino_for_metrics
+
+    loaded: dict[str, Any] = {}
+    problems = []
+    for which, find, load in (("clip", find_clip, load_clip_for_metrics), ("dino", find_dino, load_dino_for_metrics)):
+        if which not in need:
+            continue
+        try:
+            path = getattr(args, which, None) or find(args.models)
+        except CheckpointError as error:
+            problems.append(error)
+            continue
+        loaded[which] = load(path, device)
+    if not loaded or (len(need) == 1 and problems):
+        raise problems[0]
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return Scorer(**loaded)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .media import prepared_image_prompt, read_manifest, read_set, read_video
+    from .metrics import mean_scores
+    from .report import thumbnail_strip, write_charts, write_html, write_scores, write_sheet
+
+    items = read_manifest(args.manifest) if args.manifest else read_set(args.eval_set)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvaluationError(f"--out {out} is a file; give a folder for the scores and the report")
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    scorer = load_scorer(args)
+    rows, strips = [], {}
+    for item in items:
+        frames = read_video(item.video)
+        reference = prepared_image_prompt(item)
+        scores = scorer.score(frames, reference, item.prompt)
+        rows.append({"id": item.id, "video": str(item.video), "seed": item.seed, "prompt": item.prompt,
+                     "frames": int(frames.shape[0]), **scores})
+        strips[item.id] = thumbnail_strip(item.id, frames, reference)
+        strips[item.id].save(out / "thumbs" / f"{item.id}.png")
+        print(json.dumps({k: rows[-1][k] for k in ("id", "clip_t", "clip_i", "dino", "consistency")}), flush=True)
+    mean = mean_scores(rows)
+    models = {"clip": scorer.clip.source if scorer.clip else None, "dino": scorer.dino.source if scorer.dino else None}
+    write_scores(out, rows, mean, models)
+    write_sheet(out, rows, strips)
+    charts = write_charts(out, rows)
+    write_html(out, rows, mean, charts)
+    print("mean: " + json.dumps(mean))
+    return 0
+
+
+def run_best_of(args: argparse.Namespace, pipe: Any, request: Any, callback: Any = None):
+    """``generate --best-of N``: the N candidates ranked (best first); prints each seed and its scores."""
+    from .best_of import generate_best_of
+    from .metrics import rank_key
+
+    need = ("dino",) if rank_key(args.rank_by) == "dino" else ("clip",)
+    scorer = load_scorer(args, need, device=getattr(args, "device", "cpu"))
+    ranked = generate_best_of(pipe, request, args.best_of, args.rank_by, scorer, callback)
+    for place, candidate in enumerate(ranked, 1):
+        scores = {k: (None if v is None else round(v, 4)) for k, v in candidate.scores.items()}
+        print(json.dumps({"rank": place, "seed": candidate.seed, **scores}), file=sys.stderr)
+    return ranked

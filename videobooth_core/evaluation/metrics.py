@@ -1,0 +1,165 @@
+"""The scores of one video against its image prompt and prompt.
+
+* **CLIP-T**: max(0, mean over frames of 100 x cos(CLIP text embedding of the prompt, CLIP image embedding of the
+  frame)) - torchmetrics' ``CLIPScore`` (clamped at 0 after the mean, as it does; a real CLIP never comes near 0);
+* **CLIP-I**: the same between the prepared image prompt and each frame (x100, the paper's scale);
+* **DINO**: mean over frames of cos(DINO CLS embedding of the image prompt, of the frame) (0..1; the paper prints
+  it x100);
+* **consistency**: VBench ``subject_consistency``: mean over frames i >= 1 of
+  (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2 on DINO features (stability, not likeness).
+
+Frames and images are ``(n, H, W, 3)`` / ``(H, W, 3)`` uint8; each model's own image processor prepares them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import EvaluationError
+from .models import ClipForMetrics, DinoForMetrics
+
+METRICS = ("clip_t", "clip_i", "dino", "consistency")
+RANK_CHOICES = {"dino": "dino", "clip-i": "clip_i", "clip-t": "clip_t"}
+"""``--rank-by`` values and the score each ranks by."""
+FRAME_CHUNK = 16
+"""Frames per model call (bounds memory on long videos)."""
+
+
+def _features(output: Any) -> torch.Tensor:
+    """``get_*_features`` returns a tensor in transformers 4.x and the projected ``pooler_output`` in 5.x."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _as_uint8_frames(frames: torch.Tensor, what: str) -> torch.Tensor:
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise EvaluationError(f"{what} must be (frames, height, width, 3) RGB, got shape {tuple(frames.shape)}")
+    if frames.dtype != torch.uint8:  # [0, 1] floats (ComfyUI's IMAGE) to the uint8 levels the processors expect
+        frames = (frames.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return frames.cpu()
+
+
+def _images(frames: torch.Tensor) -> list:
+    return [frame.numpy() for frame in frames]
+
+
+class Scorer:
+    """Scores videos with whichever metric models it was given (a metric whose model is absent is ``None``)."""
+
+    def __init__(self, clip: ClipForMetrics | None = None, dino: DinoForMetrics | None = None) -> None:
+        if clip is None and dino is None:
+            raise EvaluationError("a Scorer needs at least one metric model: a full CLIP (CLIP-T, CLIP-I) or DINO "
+                                  "(DINO, consistency)")
+        self.clip, self.dino = clip, dino
+
+    # -- embeddings: (n, d) float32, unit length ----------------------------------------------------------
+    @torch.no_grad()
+    def clip_image_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n, d) unit CLIP image embeddings (projected)."""
+        model = self._need("clip").model
+        device = next(model.parameters()).device
+        parts = []
+        for start in range(0, frames.shape[0], FRAME_CHUNK):
+            pixels = self.clip.image_processor(images=_images(frames[start:start + FRAME_CHUNK]),
+                                               return_tensors="pt")["pixel_values"]
+            parts.append(_features(model.get_image_features(pixel_values=pixels.to(device))).float().cpu())
+        embeddings = torch.cat(parts)
+        return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def clip_text_embedding(self, prompt: str) -> torch.Tensor:
+        """The prompt -> (1, d) unit CLIP text embedding (projected; cut at the model's positions, as torchmetrics)."""
+        model = self._need("clip").model
+        device = next(model.parameters()).device
+        tokens = self.clip.tokenizer([prompt], padding=True, truncation=True,
+                                     max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
+        output = model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                         attention_mask=tokens["attention_mask"].to(device))
+        embedding = _features(output).float().cpu()
+        return embedding / embedding.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def dino_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n, d) unit DINO CLS embeddings (after the final layer norm)."""
+        model = self._need("dino").model
+        device = next(model.parameters()).device
+        parts = []
+        for start in range(0, frames.shape[0], FRAME_CHUNK):
+            pixels = self.dino.image_processor(images=_images(frames[start:start + FRAME_CHUNK]),
+                                               return_tensors="pt")["pixel_values"]
+            parts.append(model(pixel_values=pixels.to(device)).last_hidden_state[:, 0].float().cpu())
+        embeddings = torch.cat(parts)
+        return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+    def _need(self, which: str) -> Any:
+        model = getattr(self, which)
+        if model is None:
+            what = "a full CLIP (--clip, or clip_eval/ in the models folder)" if which == "clip" else \
+                "DINO ViT-S/16 (--dino, or dino/ in the models folder)"
+            raise EvaluationError(f"this metric needs {what}, which was not loaded")
+        return model
+
+    # -- the scores ---------------------------------------------------------------------------------------
+    def score(self, frames: torch.Tensor, image_prompt: torch.Tensor | None = None,
+              prompt: str | None = None) -> dict[str, float | None]:
+        """{clip_t, clip_i, dino, consistency} of one video; a score without its input or model is ``None``.
+
+        Args:
+            frames: (n, H, W, 3) uint8 (or float in [0, 1]) frames of one video.
+            image_prompt: (H, W, 3) the prepared image prompt (``PreparedImagePrompt.square`` as (H, W, 3)).
+            prompt: the prompt with the subject word as written.
+        """
+        frames = _as_uint8_frames(frames, "the video's frames")
+        scores: dict[str, float | None] = dict.fromkeys(METRICS)
+        if self.clip is not None:
+            frame_clip = self.clip_image_embeddings(frames)
+            if prompt:
+                scores["clip_t"] = clip_score(frame_clip, self.clip_text_embedding(prompt))
+            if image_prompt is not None:
+                reference = self.clip_image_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
+                scores["clip_i"] = clip_score(frame_clip, reference)
+        if self.dino is not None:
+            frame_dino = self.dino_embeddings(frames)
+            if image_prompt is not None:
+                reference = self.dino_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
+                scores["dino"] = float((frame_dino @ reference[0]).mean())
+            scores["consistency"] = subject_consistency(frame_dino)
+        return scores
+
+
+def clip_score(frames: torch.Tensor, reference: torch.Tensor) -> float:
+    """max(0, mean_i 100 * cos(frames[i], reference[0])) of unit embeddings (n, d) and (1, d): torchmetrics'
+    ``CLIPScore`` over the frames."""
+    return max(float((100 * frames @ reference[0]).mean()), 0.0)
+
+
+def subject_consistency(features: torch.Tensor) -> float | None:
+    """VBench ``subject_consistency`` of unit DINO features (n, d): mean over i >= 1 of
+    (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2; ``None`` for a single frame."""
+    if features.shape[0] < 2:
+        return None
+    previous = (features[1:] * features[:-1]).sum(-1).clamp(min=0)
+    first = (features[1:] @ features[0]).clamp(min=0)
+    return float(((previous + first) / 2).mean())
+
+
+def rank_key(rank_by: str) -> str:
+    """The score key of a ``--rank-by`` value (``dino``, ``clip-i``, ``clip-t``; the score keys also work)."""
+    key = RANK_CHOICES.get(rank_by, rank_by)
+    if key not in RANK_CHOICES.values():
+        raise EvaluationError(f"unknown ranking metric {rank_by!r}; choose one of {', '.join(RANK_CHOICES)}")
+    return key
+
+
+def mean_scores(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Each metric averaged over the rows that have it (``None`` when none has)."""
+    means: dict[str, float | None] = {}
+    for key in METRICS:
+        values = [row[key] for row in rows if row.get(key) is not None and not math.isnan(row[key])]
+        means[key] = sum(values) / len(values) if values else None
+    return means
