@@ -40,7 +40,7 @@ from videobooth_core.loading.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.models.mapper import Mapper  # noqa: E402
 from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
-from videobooth_core.sampling.loop import VideoDenoiser  # noqa: E402
+from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
 
@@ -64,7 +64,7 @@ def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = N
     sites = tuple(sorted((s.site, s.proj_in.out_channels) for s in unet.attention_sites))
     mapper = _random_in_dtype(Mapper, MapperConfig(site_channels=sites), dtype, device)
     unet.attach_projections(mapper.site_projections(), release_own=True)
-    unet._mapper = mapper  # keep the projections alive
+    unet._mapper = mapper  # counted with the resident weights (the UNet only references its projections)
     return unet.eval().requires_grad_(False)
 
 
@@ -82,7 +82,7 @@ def _random_in_dtype(cls: type, config: object, dtype: torch.dtype, device: str)
 
 def write_weights(path: Path) -> None:
     """Write a released-size random UNet (fp32) to ``path`` (run in a child process, see --stream-weights)."""
-    from videobooth_core.loading.checkpoint import CONFIG_METADATA_KEY, save_safetensors
+    from videobooth_core.loading.weight_files import CONFIG_METADATA_KEY, save_safetensors
 
     torch.manual_seed(0)
     unet = UNet3DModel(UNetConfig())

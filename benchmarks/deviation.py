@@ -24,7 +24,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from videobooth_core.loading.checkpoint import load_mapper, load_unet  # noqa: E402
 from videobooth_core.models.config import UNetConfig  # noqa: E402
-from videobooth_core.sampling.loop import VideoDenoiser, sample_ddpm  # noqa: E402
+from videobooth_core.sampling.ddpm import sample_ddpm  # noqa: E402
+from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 
 

@@ -68,7 +68,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from videobooth_core.conditioning.image_prompt import prepare_image_prompt  # noqa: E402
 from videobooth_core.pipeline import VAE_SCALE, VideoBoothPipeline, fit_exemplar, latent_shape  # noqa: E402
 from videobooth_core.sampling.schedulers import make_scheduler, sample_with_scheduler  # noqa: E402
-from videobooth_core.sampling.loop import VideoDenoiser  # noqa: E402
+from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import base_betas  # noqa: E402
 from videobooth_core.app.tiny import MARKER_FILE, make_tiny  # noqa: E402
 

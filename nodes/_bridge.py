@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from ..videobooth_core.loading.encoders import SD_VAE_SCALING_FACTOR
+from ..videobooth_core.conditioning.vae import SD_VAE_SCALING_FACTOR
 from ..videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError
 
 try:  # inside ComfyUI
@@ -49,8 +49,9 @@ WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
 LATENT_SCALE = SD_VAE_SCALING_FACTOR
 """Core latents are raw SD-1.x VAE latents times this factor (0.18215)."""
 
-# SD-1.x latent -> approximate RGB, per latent channel (R, G, B); fitted by eye on decoded SD-1.x latents,
-# good enough for a sampler preview.
+# SD-1.x latent -> approximate RGB per latent channel (R, G, B): ComfyUI's SD1.5 ``latent_rgb_factors``
+# (comfy.latent_formats.SD15), rounded. Inside ComfyUI its own values are read (latent_rgb_factors()); these are
+# only the stand-in for tests and other hosts.
 PREVIEW_RGB_FACTORS = (
     (0.35, 0.23, 0.32),
     (0.33, 0.50, 0.24),
@@ -63,24 +64,19 @@ PREVIEW_FRAMES = 4
 
 # -- model folders --------------------------------------------------------------------------------------
 def register_videobooth_folder(paths_module: Any = None) -> None:
-    """Register ``models/videobooth`` with ComfyUI without clobbering an existing entry.
+    """Register ``models/videobooth`` with ComfyUI through ``folder_paths.add_model_folder_path``.
 
     ``extra_model_paths.yaml`` is read before packs load and may already have created the key (with an
-    empty extension set); its paths are kept, the default path is appended and the weight extensions are
-    merged into its extension set. ``paths_module`` defaults to ComfyUI's ``folder_paths`` (no-op without it).
+    empty extension set, which means "any file"): its paths are kept (the default path is appended after them)
+    and the weight extensions are added to its extension set. ``paths_module`` defaults to ComfyUI's
+    ``folder_paths`` (no-op without it).
     """
     fp = paths_module if paths_module is not None else folder_paths
     if fp is None:
         return
-    default = os.path.join(fp.models_dir, VIDEOBOOTH_FOLDER)
-    entry = fp.folder_names_and_paths.get(VIDEOBOOTH_FOLDER)
-    if entry is None:
-        fp.folder_names_and_paths[VIDEOBOOTH_FOLDER] = ([default], set(fp.supported_pt_extensions))
-        return
-    paths, extensions = entry
-    if default not in paths:
-        paths.append(default)
-    fp.folder_names_and_paths[VIDEOBOOTH_FOLDER] = (paths, set(extensions) | set(fp.supported_pt_extensions))
+    fp.add_model_folder_path(VIDEOBOOTH_FOLDER, os.path.join(fp.models_dir, VIDEOBOOTH_FOLDER))
+    # no public call sets a folder's extensions: add ours to the set ComfyUI (or the yaml) made for the folder
+    fp.folder_names_and_paths[VIDEOBOOTH_FOLDER][1].update(fp.supported_pt_extensions)
 
 
 def folder_locations(folder: str) -> list[str]:
@@ -276,15 +272,30 @@ class Progress:
             self.bar.update_absolute(value, self.total, image)
 
 
+def latent_rgb_factors() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ComfyUI's SD1.5 latent -> RGB factors (4, 3) and bias (3,) or None; the rounded stand-in without ComfyUI."""
+    try:
+        from comfy.latent_formats import SD15
+    except ImportError:
+        return torch.tensor(PREVIEW_RGB_FACTORS, dtype=torch.float32), None
+    latent_format = SD15()
+    bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+    return (torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32),
+            None if bias is None else torch.tensor(bias, dtype=torch.float32))
+
+
 def latent_preview(latents: torch.Tensor) -> Any:
-    """A PIL preview of core latents (b, 4, frames, h, w): up to 4 frames of video 0, side by side."""
+    """A PIL preview of core latents (b, 4, frames, h, w): up to 4 frames of video 0, side by side, in the colours
+    of ComfyUI's latent2rgb preview."""
     from PIL import Image
 
     video = latents[0].detach().float().cpu()  # (4, f, h, w)
     frames = video.shape[1]
     picks = sorted({round(i * (frames - 1) / max(PREVIEW_FRAMES - 1, 1)) for i in range(min(frames, PREVIEW_FRAMES))})
-    factors = torch.tensor(PREVIEW_RGB_FACTORS, dtype=torch.float32)  # (4, 3)
+    factors, bias = latent_rgb_factors()
     rgb = torch.einsum("cfhw,cr->fhwr", video[:, picks], factors)
+    if bias is not None:
+        rgb = rgb + bias
     strip = rearrange(rgb, "f h w r -> h (f w) r")
     pixels = ((strip + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels)
@@ -353,6 +364,37 @@ def subject_mask(mask: torch.Tensor, image_hw: tuple[int, int], invert: bool) ->
     return mask
 
 
+def _touches_every_border(region: torch.Tensor) -> bool:
+    return all(bool(edge.any()) for edge in (region[0], region[-1], region[:, 0], region[:, -1]))
+
+
+def inverted_mask_warning(image: torch.Tensor, mask: torch.Tensor, invert: bool) -> str | None:
+    """Why the (H, W) subject mask (after ``invert``) looks like the background, or None.
+
+    Two signs, each of which a subject photo almost never shows: the "subject" touches all four borders of the
+    image while the rest does not (a background around a subject), or every "subject" pixel of the (H, W, 3)
+    image has one flat colour while the rest does not (the transparent area of a cut-out PNG, which LoadImage's
+    mask marks with 1 unless invert_mask is on).
+    """
+    subject = mask != 0  # the core's rule: only exact zeros are background
+    rest = ~subject
+    if not bool(rest.any()):
+        return None
+    signs = []
+    if _touches_every_border(subject) and not _touches_every_border(rest):
+        signs.append("it touches every border of the image and the rest does not")
+    spread = image[subject].amax(dim=0) - image[subject].amin(dim=0)  # per channel, over the "subject" pixels
+    rest_spread = image[rest].amax(dim=0) - image[rest].amin(dim=0)
+    if float(spread.max()) <= 1.5 / 255 < float(rest_spread.max()):
+        signs.append("all of it is one flat colour, as the transparent area of a cut-out picture")
+    if not signs:
+        return None
+    fix = ("turn invert_mask off: the mask already marks the subject with 1" if invert else
+           "turn invert_mask on: LoadImage's mask of a cut-out PNG is 1 where the picture is transparent")
+    return (f"VideoBooth Image Prompt: the mask's subject looks like the background ({'; '.join(signs)}); {fix}. "
+            "The preview output shows what is used as the subject.")
+
+
 def video_latents_to_comfy(latents: torch.Tensor) -> dict[str, torch.Tensor]:
     """Core latents (b, 4, frames, h, w), x 0.18215 -> ComfyUI LATENT {samples: (b * frames, 4, h, w)} raw."""
     samples = rearrange(latents.float(), "b c f h w -> (b f) c h w") / LATENT_SCALE
@@ -377,17 +419,16 @@ def comfy_latent_to_core(samples: torch.Tensor) -> torch.Tensor:
     return samples.float() * LATENT_SCALE
 
 
+def comfy_latent_to_video(samples: torch.Tensor) -> torch.Tensor:
+    """Raw (n, 4, h, w) ComfyUI samples (frames in the batch axis) -> one core video (1, 4, n, h, w), x 0.18215."""
+    return rearrange(comfy_latent_to_core(samples), "n c h w -> 1 c n h w")
+
+
 def comfy_latent_to_exemplar(samples: torch.Tensor) -> torch.Tensor:
     """The first raw latent of a ComfyUI LATENT (e.g. from VAE Encode) -> a core exemplar (1, 4, 1, h, w)."""
     return rearrange(comfy_latent_to_core(samples[:1]).cpu(), "b c h w -> b c 1 h w")
 
 
-def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
-    """VAE output (n, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (n, H, W, 3) float32 in [0, 1]."""
-    image = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return rearrange(image, "n c h w -> n h w c").to(intermediate_device())
-
-
 def image_to_comfy(image: torch.Tensor) -> torch.Tensor:
-    """A core (1, H, W, 3) float image in [0, 1] -> ComfyUI IMAGE on the intermediate device."""
+    """Core (n, H, W, 3) float images in [0, 1] -> ComfyUI IMAGE on the intermediate device."""
     return image.float().to(intermediate_device())

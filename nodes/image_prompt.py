@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from ..videobooth_core.errors import ImagePromptError
+from ..videobooth_core.conditioning.embeddings import encode_image_prompt
 from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
-from ..videobooth_core.models.mapper import clip_vision_features
+from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, MODEL, ImageEmbeds, VideoBoothCLIPVision, VideoBoothModel
+
+logger = logging.getLogger(__name__)
 
 
 class VideoBoothImagePrompt:
@@ -29,7 +33,7 @@ class VideoBoothImagePrompt:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The photo of the subject (the first image of a batch is used)."}),
-                "padding": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 1, "tooltip": (
+                "padding": ("INT", {**widget("padding"), "step": 1, "tooltip": (
                     "Extra pixels kept around the subject's box on every side; 0 is the official preprocessing.")}),
                 "invert_mask": ("BOOLEAN", {"default": False, "tooltip": (
                     "Flip the mask. The subject must be 1 (white): segmentation masks and the mask editor already "
@@ -47,6 +51,9 @@ class VideoBoothImagePrompt:
                 mask: torch.Tensor | None = None) -> tuple[PreparedImagePrompt, torch.Tensor]:
         picture = bridge.first_image(image)
         subject = None if mask is None else bridge.subject_mask(mask, tuple(picture.shape[:2]), invert_mask)
+        warning = None if subject is None else bridge.inverted_mask_warning(picture, subject, invert_mask)
+        if warning is not None:
+            logger.warning(warning)
         prepared = prepare_image_prompt(picture, subject, padding=int(padding))
         return prepared, bridge.image_to_comfy(prepared.preview())
 
@@ -70,17 +77,9 @@ class VideoBoothImagePromptEncode:
 
     def encode(self, model: VideoBoothModel, clip_vision: VideoBoothCLIPVision,
                image_prompt: PreparedImagePrompt) -> tuple[ImageEmbeds]:
-        width, expected = clip_vision.vision_encoder.config.hidden_size, model.mapper.config.input_dim
-        if width != expected:
-            raise ImagePromptError(
-                f"the CLIP vision encoder {clip_vision.path.name} has width {width} but the mapper expects {expected} "
-                "(CLIP ViT-L/14); load the vision encoder that belongs to this VideoBooth model."
-            )
         bridge.activate([clip_vision.managed, model.managed])
-        with torch.no_grad():
-            features = clip_vision_features(clip_vision.vision_encoder, image_prompt.clip_pixels)
-            words = model.mapper([f.to(model.managed.load_device, model.dtype) for f in features])
-        return (ImageEmbeds(words.float().cpu()),)
+        words = encode_image_prompt(clip_vision.vision_encoder, model.mapper, image_prompt)
+        return (ImageEmbeds(words.cpu()),)
 
 
 NODE_CLASS_MAPPINGS = {

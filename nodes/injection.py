@@ -6,6 +6,7 @@ from typing import Any
 
 from ..videobooth_core.errors import SamplingError
 from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt
+from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import EXEMPLAR, IMAGE_PROMPT, VAE, Exemplar, VideoBoothVAE
 
@@ -25,7 +26,7 @@ class VideoBoothLatentInjection:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": (
+                "strength": ("FLOAT", {**widget("image_prompt_strength"), "step": 0.05, "tooltip": (
                     "How strongly the image prompt's features are injected; 1 is the official model.")}),
                 "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                     "First sampling step (as a fraction of the steps, 0 = first) where the image prompt is "

@@ -16,9 +16,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..videobooth_core.loading.checkpoint import convert_released_weights, load_mapper, load_unet, parse_dtype
+from ..videobooth_core.loading.checkpoint import convert_released_weights, parse_dtype
 from ..videobooth_core.errors import CheckpointError
 from ..videobooth_core.loading.models_dir import EXPECTED_FILES, PREFERRED_STEMS
+from ..videobooth_core.pipeline import load_unet_and_mapper
 from . import _bridge as bridge
 from ._types import (
     CLIP,
@@ -70,13 +71,15 @@ def _file_input(folder: str, kind: str, tooltip: str, extra: tuple[str, ...] = (
     return names + list(extra), options
 
 
-def _load_checked(kind: str, folder: str, load: Callable[[], T]) -> T:
-    """Run a core loader; a wrong, broken or unsafe file gets an error naming the folder and what belongs there."""
+def _load_checked(kinds: str | tuple[str, ...], folder: str, load: Callable[[], T]) -> T:
+    """Run a core loader; a wrong, broken or unsafe file gets an error (of the same class) naming the folder and
+    what belongs there (``kinds``: keys of EXPECTED_FILES)."""
     try:
         return load()
     except CheckpointError as error:
-        raise CheckpointError(f"{error}\n{bridge.describe_locations(folder).capitalize()} should hold "
-                              f"{EXPECTED_FILES[kind]}.") from error
+        where = bridge.describe_locations(folder)
+        expected = " and ".join(EXPECTED_FILES[kind] for kind in ((kinds,) if isinstance(kinds, str) else kinds))
+        raise type(error)(f"{error}\n{where[:1].upper()}{where[1:]} should hold {expected}.") from error
 
 
 class _CachingLoader:
@@ -128,18 +131,9 @@ class VideoBoothModelLoader(_CachingLoader):
         unet_path, mapper_path = bridge.model_path(folder, unet_name), bridge.model_path(folder, mapper_name)
         load_device, offload_device = bridge.devices_for("unet", device)
         dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
-        unet = _load_checked("videobooth_unet", folder,
-                             lambda: load_unet(unet_path, dtype=dtype, device=offload_device))
-        mapper = _load_checked("videobooth_mapper", folder,
-                               lambda: load_mapper(mapper_path, dtype=dtype, device=offload_device))
-        unet_sites = {site.site for site in unet.attention_sites}
-        mapper_sites = {site for site, _ in mapper.config.site_channels}
-        if unet_sites != mapper_sites:
-            raise CheckpointError(
-                f"the mapper {mapper_name} does not belong to the UNet {unet_name}: they disagree on "
-                f"{len(unet_sites ^ mapper_sites)} attention sites; use the UNet and mapper of one release."
-            )
-        unet.attach_projections(mapper.site_projections(), release_own=True)
+        # the mapper's projections are attached to the UNet, which checks that the two belong together
+        unet, mapper = _load_checked(("videobooth_unet", "videobooth_mapper"), folder,
+                                     lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
         logger.info("VideoBooth: loaded %s and %s (%s, compute on %s)", unet_name, mapper_name, dtype, load_device)
         managed = bridge.ManagedModel({"unet": unet, "mapper": mapper}, load_device, offload_device)
         return VideoBoothModel(managed, dtype, unet_path, mapper_path)
@@ -171,7 +165,7 @@ class VideoBoothVAELoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(vae_name, precision, device)),)
 
     def _load(self, vae_name: str, precision: str, device: str) -> VideoBoothVAE:
-        from ..videobooth_core.loading.encoders import load_vae
+        from ..videobooth_core.conditioning.vae import load_vae
 
         path = bridge.model_path("vae", vae_name)
         load_device, offload_device = bridge.devices_for("vae", device)
@@ -264,7 +258,8 @@ class VideoBoothCLIPLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, tokenizer, precision, device)),)
 
     def _load(self, clip_name: str, tokenizer: str, precision: str, device: str) -> VideoBoothCLIP:
-        from ..videobooth_core.loading.encoders import load_clip_text_encoder, load_clip_tokenizer
+        from ..videobooth_core.conditioning.clip import load_clip_text_encoder
+        from ..videobooth_core.conditioning.tokenizer import load_clip_tokenizer
 
         path = bridge.model_path("text_encoders", clip_name)
         tokenizer_path = _choose_tokenizer(tokenizer, path)
@@ -308,7 +303,7 @@ class VideoBoothCLIPVisionLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, precision, device)),)
 
     def _load(self, clip_name: str, precision: str, device: str) -> VideoBoothCLIPVision:
-        from ..videobooth_core.loading.encoders import load_clip_vision_encoder
+        from ..videobooth_core.conditioning.clip import load_clip_vision_encoder
 
         path = bridge.model_path("clip_vision", clip_name)
         load_device, offload_device = bridge.devices_for("vision", device)

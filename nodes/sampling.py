@@ -6,15 +6,14 @@ import logging
 from typing import Any
 
 import torch
-from einops import rearrange
 
-from ..videobooth_core.errors import PromptError, SamplingError
-from ..videobooth_core.pipeline import GenerationRequest, fit_exemplar, latent_shape
-from ..videobooth_core.sampling.memory import estimate_step_memory
-from ..videobooth_core.sampling.schedulers import OFFICIAL_SAMPLER, SPACINGS, sample_with_scheduler
+from ..videobooth_core.errors import SamplingError
+from ..videobooth_core.pipeline import GenerationRequest, decode_video, latent_shape, sample_seeded
+from ..videobooth_core.sampling.run import prepare_denoiser
 from ..videobooth_core.sampling.schedulers import SAMPLERS as CORE_SAMPLERS
-from ..videobooth_core.sampling.loop import GUIDANCE_RULES, GeneratorNoise, VideoDenoiser, sample_ddpm
-from ..videobooth_core.sampling.schedule import RespacedDDPM
+from ..videobooth_core.sampling.schedulers import SPACINGS
+from ..videobooth_core.sampling.denoiser import GUIDANCE_RULES
+from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 
@@ -24,14 +23,6 @@ SAMPLERS = list(CORE_SAMPLERS)
 """ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance); the others: diffusers'
 schedulers on the same linear-beta training schedule."""
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _sampling_memory(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool, device: torch.device) -> int:
-    """Working memory (bytes) of one guided step beyond the weights: a dry run of the step on the meta device
-    (videobooth_core.sampling.memory), so ComfyUI frees that much before sampling."""
-    estimate = estimate_step_memory(denoiser, shape, image_prompt, device)
-    logger.info("VideoBooth Sampler: %s", estimate.describe())
-    return estimate.activations_bytes
 
 
 def _decode_memory(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
@@ -57,14 +48,14 @@ class VideoBoothSampler:
             "required": {
                 "model": (MODEL, {"tooltip": "The VideoBooth UNet and mapper."}),
                 "conditioning": (CONDITIONING, {"tooltip": "From VideoBooth Text Encode."}),
-                "seed": ("INT", {"default": 10, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": (
+                "seed": ("INT", {**widget("seed"), "control_after_generate": True, "tooltip": (
                     "Seed of all the noise (drawn on the CPU, so a seed gives the same video on any device and "
                     "the same as the command line). Video i of a batch uses seed + i.")}),
-                "steps": ("INT", {"default": 250, "min": 1, "max": 1000, "tooltip": (
+                "steps": ("INT", {**widget("steps"), "tooltip": (
                     "Denoising steps; 250 with ddpm is the official setting. Each step costs the same with every "
                     "sampler, so time is proportional to steps: dpmpp_2m or unipc need far fewer (about 25) for a "
                     "converged result.")}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": (
+                "cfg": ("FLOAT", {**widget("cfg"), "step": 0.1, "round": 0.01, "tooltip": (
                     "Classifier-free guidance scale; 4.0 is the official setting.")}),
                 "sampler": (SAMPLERS, {"default": "ddpm", "tooltip": (
                     "ddpm: the official respaced ancestral DDPM sampler (the reference, 250 steps). ddim, dpmpp_2m, "
@@ -73,11 +64,11 @@ class VideoBoothSampler:
                 "guidance": (list(GUIDANCE_RULES), {"default": "official", "tooltip": (
                     "official: guidance on latent channels 0-2 and the conditional prediction on channel 3, as "
                     "released; all: guidance on every channel.")}),
-                "frames": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": (
+                "frames": ("INT", {**widget("frames"), "tooltip": (
                     "Frames per video; the model was trained on 16.")}),
-                "width": ("INT", {"default": 256, "min": 8, "max": 2048, "step": 8, "tooltip": (
+                "width": ("INT", {**widget("width"), "tooltip": (
                     "Video width in pixels, a multiple of 8; the model was trained at 256.")}),
-                "height": ("INT", {"default": 256, "min": 8, "max": 2048, "step": 8, "tooltip": (
+                "height": ("INT", {**widget("height"), "tooltip": (
                     "Video height in pixels, a multiple of 8; the model was trained at 256.")}),
                 "batch": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
                     "Number of videos, generated one after another with seeds seed, seed+1, ...; their frames are "
@@ -90,7 +81,7 @@ class VideoBoothSampler:
                 "spacing": (list(SPACINGS), {"default": "trailing", "tooltip": (
                     "Timestep spacing of the diffusers samplers: trailing (starts at the noisiest timestep, best at "
                     "few steps) or leading. The ddpm sampler always uses the official respacing.")}),
-                "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                "eta": ("FLOAT", {**widget("eta"), "step": 0.05, "tooltip": (
                     "DDIM only: 0 is deterministic DDIM, 1 adds DDPM-like fresh noise at every step.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -106,56 +97,33 @@ class VideoBoothSampler:
             raise SamplingError(f"eta must be between 0 and 1, got {eta}.")
         if batch < 1:
             raise SamplingError(f"batch must be at least 1, got {batch}.")
-        expected = model.unet.config.cross_attention_dim
-        if conditioning.cond.shape[-1] != expected:
-            raise PromptError(
-                f"the conditioning has width {conditioning.cond.shape[-1]} but the UNet expects {expected}; encode the "
-                "prompt with the text encoder of the same model set."
-            )
-        encode_with_vae = exemplar is not None and exemplar.latent is None
-        managed = [model.managed] + ([exemplar.vae.managed] if encode_with_vae else [])
+        # the image prompt's latent: encoded per video with its generator (the official seed order), or given
+        source: dict[str, Any] = {}
+        if exemplar is not None and exemplar.latent is None:
+            source = {"vae": exemplar.vae.vae, "image_prompt": exemplar.image_prompt}
+        elif exemplar is not None:
+            source = {"exemplar_latent": exemplar.latent}
         shape = latent_shape(frames, height, width)
         strength, window = (1.0, (0.0, 1.0)) if exemplar is None else (exemplar.strength,
                                                                         (exemplar.start, exemplar.end))
-        denoiser = VideoDenoiser(model.unet, conditioning.cond, conditioning.null, cfg, guidance,
-                                 image_prompt_strength=strength)
-        working = _sampling_memory(denoiser, shape, exemplar is not None, model.managed.load_device)
-        bridge.activate(managed, memory_required=working)
         device = model.managed.load_device
-        denoiser.cond_text, denoiser.null_text = conditioning.cond.to(device), conditioning.null.to(device)
+        denoiser, estimate = prepare_denoiser(model.unet, conditioning.cond, conditioning.null, shape, device,
+                                              image_prompt=exemplar is not None, cfg_scale=cfg, guidance=guidance,
+                                              image_prompt_strength=strength)
+        logger.info("VideoBooth Sampler: %s", estimate.describe())
+        # ComfyUI frees the step's working memory (beyond the weights) before loading the models
+        bridge.activate([model.managed] + ([exemplar.vae.managed] if "vae" in source else []),
+                        memory_required=estimate.activations_bytes)
         progress = bridge.Progress(batch * steps, unique_id)
         videos = []
         for index in range(batch):
             bridge.check_interrupt()
-            generator = torch.Generator("cpu").manual_seed((seed + index) % (MAX_SEED + 1))
-            initial_noise = torch.randn(shape, generator=generator)  # the official order: z first
-            exemplar_clean = self._exemplar_latent(exemplar, generator, height, width)
-            noise = GeneratorNoise(generator, device, initial_noise)
             report = bridge.step_reporter(progress, index * steps)
-            with torch.no_grad():
-                if sampler == OFFICIAL_SAMPLER:
-                    latents = sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, report, device,
-                                          image_prompt_steps=window)
-                else:
-                    latents = sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean,
-                                                    report, device, spacing, eta, window)
+            latents = sample_seeded(denoiser, (seed + index) % (MAX_SEED + 1), shape, device, sampler=sampler,
+                                    steps=steps, spacing=spacing, eta=eta, image_prompt_steps=window, callback=report,
+                                    **source)
             videos.append(latents.cpu())
         return (bridge.video_latents_to_comfy(torch.cat(videos)),)
-
-    @staticmethod
-    def _exemplar_latent(exemplar: Exemplar | None, generator: torch.Generator, height: int,
-                         width: int) -> torch.Tensor | None:
-        """The clean (1, 4, 1, h, w) exemplar at the video's latent size; a VAE posterior sample drawn from the
-        video's generator when it comes from the image prompt."""
-        if exemplar is None:
-            return None
-        if exemplar.latent is not None:
-            return fit_exemplar(exemplar.latent, height, width)
-        from ..videobooth_core.loading.encoders import vae_encode
-
-        with torch.no_grad():
-            latent = vae_encode(exemplar.vae.vae, exemplar.image_prompt.vae_pixels, generator=generator, sample=True)
-        return fit_exemplar(rearrange(latent.float(), "b c h w -> b c 1 h w"), height, width)
 
 
 class VideoBoothDecode:
@@ -182,23 +150,19 @@ class VideoBoothDecode:
 
     def decode(self, vae: VideoBoothVAE, samples: dict[str, Any], chunk_size: int,
                unique_id: str | None = None) -> tuple[torch.Tensor]:
-        from ..videobooth_core.loading.encoders import vae_decode
-
         if chunk_size < 1:
             raise SamplingError(f"chunk_size must be at least 1, got {chunk_size}.")
-        latents = bridge.comfy_latent_to_core(bridge.comfy_latent_samples(samples, "VideoBooth Decode"))
-        count, _, h, w = latents.shape
+        video = bridge.comfy_latent_to_video(bridge.comfy_latent_samples(samples, "VideoBooth Decode"))
+        _, _, count, h, w = video.shape
         dtype = next(vae.vae.parameters()).dtype
         bridge.activate([vae.managed], memory_required=_decode_memory(min(chunk_size, count), h, w, dtype))
         progress = bridge.Progress(count, unique_id)
-        images = []
-        for start in range(0, count, chunk_size):
+
+        def on_chunk(done: int, total: int) -> None:
+            progress.update(done)
             bridge.check_interrupt()
-            with torch.no_grad():
-                pixels = vae_decode(vae.vae, latents[start:start + chunk_size], chunk_size=chunk_size)
-            images.append(bridge.pixels_to_image(pixels))
-            progress.update(min(start + chunk_size, count))
-        return (torch.cat(images),)
+
+        return (bridge.image_to_comfy(decode_video(vae.vae, video, chunk_size, on_chunk)),)
 
 
 NODE_CLASS_MAPPINGS = {"VideoBoothSampler": VideoBoothSampler, "VideoBoothDecode": VideoBoothDecode}

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from ..videobooth_core.errors import PromptError
-from ..videobooth_core.conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from ..videobooth_core.conditioning.embeddings import encode_prompt
+from ..videobooth_core.conditioning.text import NULL_PROMPT
 from . import _bridge as bridge
 from ._types import CLIP, CONDITIONING, IMAGE_EMBEDS, Conditioning, ImageEmbeds, VideoBoothCLIP
 
@@ -47,28 +45,13 @@ class VideoBoothTextEncode:
 
     def encode(self, clip: VideoBoothCLIP, prompt: str, subject_word: str, negative_prompt: str,
                image_embeds: ImageEmbeds | None = None) -> tuple[Conditioning]:
-        text_encoder, tokenizer = clip.text_encoder, clip.tokenizer
-        if image_embeds is not None:
-            width = text_encoder.config.hidden_size
-            if image_embeds.words.shape[-1] != width:
-                raise PromptError(
-                    f"the image embeddings have width {image_embeds.words.shape[-1]} but the text encoder "
-                    f"{clip.path.name} has width {width}; use the text encoder of the same model set as the mapper."
-                )
-            subject = prepare_subject_prompt(tokenizer, prompt, subject_word)  # fails early on a missing word
-        elif subject_word.strip():
+        words = None if image_embeds is None else image_embeds.words
+        if words is None and subject_word.strip():
             logger.info("VideoBooth Text Encode: no image embeddings, so the subject word %r is not used", subject_word)
         bridge.activate([clip.managed])
-        with torch.no_grad():
-            null = encode_text(text_encoder, tokenize(tokenizer, negative_prompt)).last_hidden_state
-            if image_embeds is None:
-                cond = encode_text(text_encoder, tokenize(tokenizer, prompt)).last_hidden_state
-                used = prompt
-            else:
-                encoded = encode_text(text_encoder, subject.input_ids, image_embeds.words, subject.placeholder_ids)
-                cond = encoded.last_hidden_state
-                used = subject.text
-        return (Conditioning(cond.float().cpu(), null.float().cpu(), used, image_embeds is not None),)
+        null, _ = encode_prompt(clip.text_encoder, clip.tokenizer, negative_prompt)
+        cond, used = encode_prompt(clip.text_encoder, clip.tokenizer, prompt, subject_word, words)
+        return (Conditioning(cond.cpu(), null.cpu(), used, words is not None),)
 
 
 NODE_CLASS_MAPPINGS = {"VideoBoothTextEncode": VideoBoothTextEncode}

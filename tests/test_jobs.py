@@ -247,16 +247,21 @@ def test_kill_and_resume(tiny_models, jobs_file, tmp_path) -> None:
     if "manifest.json" in visible:
         manifest = json.loads((out_dir / "manifest.json").read_text())
         assert [item["id"] for item in manifest["items"]] == ["a"] and manifest["pending"] == ["b", "c"]
-    # what a kill during a write would leave (write_frames' temporary folder, a half-written record)
-    (out_dir / ".videobooth-x1y2z3").mkdir()
-    (out_dir / ".videobooth-x1y2z3" / "video.gif").write_bytes(b"GIF89a half")
+    # what a kill during a write would leave (files.atomic_path's temporary file and folder, a half-written
+    # record), next to a user's file that merely looks similar (never touched)
+    (out_dir / ".videobooth-b.gif.x1y2z3.partial").write_bytes(b"GIF89a half")
+    (out_dir / ".videobooth-frames.q7.partial").mkdir()
+    (out_dir / ".videobooth-frames.q7.partial" / "frame_00000.png").write_bytes(b"half")
     (out_dir / ".videobooth" / "done" / ".videobooth-b.json.123.partial").write_text("{")
+    (out_dir / "download.partial").write_text("the user's")
 
     result = _ok(run_jobs_cli(args, home))
     (summary,) = _finished(result)
     assert summary["done"] == 2 and summary["skipped"] == 1 and summary["failed"] == 0
-    assert "removed" in result.stderr and ".videobooth-x1y2z3" in result.stderr
+    assert "removed" in result.stderr and ".videobooth-b.gif.x1y2z3.partial" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in first_mtimes} == first_mtimes  # a was not redone
+    assert (out_dir / "download.partial").read_text() == "the user's"
+    (out_dir / "download.partial").unlink()
     assert _leftovers(out_dir) == []
     assert _visible(out_dir) == {"a.gif", "b.gif", "c.webp", "manifest.json"}
     for output in ("a.gif", "b.gif", "c.webp"):
@@ -277,29 +282,6 @@ def test_missing_weights_end_the_run_before_anything_is_written(tiny_models, job
     assert not out_dir.exists()
 
 
-def test_a_job_failing_with_the_models_loaded_is_reported_and_the_rest_go_on(tiny_models, tmp_path) -> None:
-    from PIL import Image
-
-    from videobooth_core.app.demo import synthetic_subject
-
-    image, _ = synthetic_subject(width=64, height=64)
-    Image.fromarray(image.numpy()).save(tmp_path / "ball.png")
-    long_prompt = " ".join(["a very long and winding road"] * 20) + " with a ball"  # "ball" past token 77
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"id": "long", "prompt": long_prompt, "word": "ball", "image": "ball.png"}) + "\n"
-                    + json.dumps({"id": "fine", "prompt": "a dog running on the beach"}) + "\n")
-    out_dir = tmp_path / "out"
-    result = run_jobs_cli(_command(tiny_models, jobs, out_dir, *SMALL), tmp_path / "home")
-    assert result.returncode == 1, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "line 1 (job long)" in errors[0] and "77" in errors[0], result.stderr
-    (summary,) = _finished(result)
-    assert summary["done"] == 1 and summary["failed"] == 1
-    assert _visible(out_dir) == {"fine.gif", "manifest.json"}
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert manifest["pending"] == ["long"] and not manifest["complete"]
-
-
 # -- bad jobs files ------------------------------------------------------------------------------------------
 BAD_JOBS = {
     # name: (lines, words the error line must contain)
@@ -315,7 +297,9 @@ BAD_JOBS = {
     "image_without_word": (['{"prompt": "a ball", "image": "subject/ball.png"}'], ["line 1", "'image' and 'word' go together"]),
     "duplicate_id": (['{"id": "x", "prompt": "a dog"}', '{"id": "x", "prompt": "a cat"}'], ["line 2", "'x'", "line 1"]),
     "duplicate_out": (['{"prompt": "a dog", "out": "v.gif"}', '{"prompt": "a cat", "out": "v.gif"}'], ["line 2", "v.gif"]),
-    "out_escapes": (['{"prompt": "a dog", "out": "../v.gif"}'], ["line 1", "'out'"]),
+    "out_escapes": (['{"prompt": "a dog", "out": "../v.gif"}'], ["line 1", "'out'", "../v.gif"]),
+    "out_is_the_out_dir": (['{"prompt": "a dog", "out": "."}'], ["line 1", "'out'", "not the folder itself"]),
+    "out_in_the_state_folder": (['{"prompt": "a dog", "out": ".videobooth/x.gif"}'], ["line 1", "'out'", "hidden"]),
     "out_inside_png_folder": (['{"prompt": "a dog", "out": "clips"}', '{"prompt": "a cat", "out": "clips/cat.gif"}'],
                               ["line 2", "inside the PNG folder 'clips'", "line 1"]),
     "per_run_key": (['{"prompt": "a dog", "dtype": "fp16"}'], ["line 1", "--dtype"]),

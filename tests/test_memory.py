@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from videobooth_core import memory
+from videobooth_core.sampling import memory
 from videobooth_core.sampling.memory import LiveTensorTracker, estimate_step_memory, meta_twin, peak_activation_bytes
-from videobooth_core.sampling.loop import VideoDenoiser
+from videobooth_core.sampling.denoiser import VideoDenoiser
 from videobooth_core.app.tiny import tiny_unet_and_mapper
 
 SHAPE = (1, 4, 4, 16, 16)
@@ -109,7 +109,8 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
             pipe.last_memory_estimate is not None), decode=False)
     assert seen_estimate_before_step == [True, True]
     assert result.info["estimated_peak_mb"] > result.info["estimated_weights_mb"] > 0
-    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    # the memory warning (32x32 also warns that the model was trained at 256x256)
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING and "GB available" in r.getMessage()]
     assert warning and "more than the 0.00 GB available" in warning[0].getMessage()
     assert "--stream-weights" in warning[0].getMessage()
 
@@ -118,12 +119,12 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="videobooth_core.pipeline"):
         pipe.generate(request, decode=False)
-    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and "GB available" in r.getMessage()]
 
 
 def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> None:
     """VAE decode works in frame chunks: 4x the frames add their latents and pixels, not 4x the working set."""
-    from videobooth_core.loading.encoders import load_vae, vae_decode
+    from videobooth_core.conditioning.vae import load_vae, vae_decode
     from videobooth_core.loading.models_dir import ModelFiles
 
     vae = load_vae(ModelFiles.from_models_dir(tiny_models).vae)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,27 @@ def test_detector_catches_a_host_import(tmp_path) -> None:
     assert _imported_roots(sample) >= {"comfy", "folder_paths"}
 
 
-def test_importing_the_core_is_cheap() -> None:
-    code = ("import sys, videobooth_core, videobooth_core.app.cli, videobooth_core.pipeline;"
-            "heavy = [m for m in ('transformers', 'diffusers') if m in sys.modules];"
-            "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"importing the core loaded {out.stdout.strip()}"
+def test_importing_the_core_and_the_pack_is_cheap() -> None:
+    """One fresh interpreter (the point: nothing imported before) loads the core's entry points and the pack the
+    way ComfyUI does (its folder as a package); neither may pull in transformers or diffusers."""
+    code = ("import importlib, importlib.util, json, sys\n"
+            "for name in ('videobooth_core', 'videobooth_core.app.cli', 'videobooth_core.pipeline',\n"
+            "             'videobooth_core.loading', 'videobooth_core.settings', 'videobooth_core.loading.checkpoint',\n"
+            "             'videobooth_core.loading.streaming', 'videobooth_core.conditioning.clip',\n"
+            "             'videobooth_core.conditioning.vae', 'videobooth_core.conditioning.tokenizer',\n"
+            "             'videobooth_core.app.tiny'):\n"
+            "    importlib.import_module(name)\n"
+            "heavy_after_core = sorted(m for m in ('transformers', 'diffusers') if m in sys.modules)\n"
+            f"spec = importlib.util.spec_from_file_location('vbpack', {str(REPO / '__init__.py')!r},\n"
+            f"                                              submodule_search_locations=[{str(REPO)!r}])\n"
+            "pack = importlib.util.module_from_spec(spec); sys.modules['vbpack'] = pack\n"
+            "spec.loader.exec_module(pack)\n"
+            "print(json.dumps({'core': heavy_after_core, 'nodes': sorted(pack.NODE_CLASS_MAPPINGS),\n"
+            "                  'pack': sorted(m for m in ('transformers', 'diffusers') if m in sys.modules)}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["core"] == [], f"importing the core loaded {result['core']}"
+    assert result["pack"] == [], f"importing the pack loaded {result['pack']}"
+    assert len(result["nodes"]) >= 11 and all(n.startswith("VideoBooth") for n in result["nodes"]), result["nodes"]

@@ -7,8 +7,8 @@ core seen here is ``<pack>.videobooth_core``; its error classes are taken from t
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -95,6 +95,7 @@ EXPECTED_IDS = {
     "VideoBoothModelLoader", "VideoBoothVAELoader", "VideoBoothCLIPLoader", "VideoBoothCLIPVisionLoader",
     "VideoBoothConvertWeights", "VideoBoothImagePrompt", "VideoBoothImagePromptEncode", "VideoBoothTextEncode",
     "VideoBoothLatentInjection", "VideoBoothSampler", "VideoBoothDecode",
+    "VideoBoothMetricModels", "VideoBoothScore", "VideoBoothBestOfN",
 }
 
 
@@ -152,16 +153,6 @@ def test_sampler_schema_defaults() -> None:
     assert "exemplar" in MAPPINGS["VideoBoothSampler"].INPUT_TYPES()["optional"]
 
 
-def test_importing_the_pack_is_cheap() -> None:
-    code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('vbpack', {str(REPO / '__init__.py')!r}, "
-            f"submodule_search_locations=[{str(REPO)!r}]); m = importlib.util.module_from_spec(spec); "
-            "sys.modules['vbpack'] = m; spec.loader.exec_module(m); "
-            "print(len(m.NODE_CLASS_MAPPINGS), [x for x in ('transformers', 'diffusers') if x in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"{len(EXPECTED_IDS)} []"
-
-
 # -- the graph --------------------------------------------------------------------------------------------
 def test_loaders_give_the_custom_types(loaded) -> None:
     model, vae, clip, vision = loaded
@@ -199,8 +190,9 @@ def test_full_graph_shapes_and_ranges(loaded, image_prompted) -> None:
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
 
 
-def test_the_graph_matches_the_pipeline_for_the_same_seed(models_dir, loaded, image_prompted) -> None:
-    """Nodes and the command line's pipeline make the same video from one seed (z, VAE sample, steps order)."""
+def test_the_graph_matches_the_pipeline_for_the_same_seed(models_dir, loaded, image_prompted, capsys) -> None:
+    """Nodes and the pipeline make the same video from one seed (z, VAE sample, steps order), bit for bit; the
+    pipeline's progress bar counts the steps."""
     pipeline = importlib.import_module(f"{PACK_NAME}.videobooth_core.pipeline")
     model, _, _, _ = loaded
     (latent,) = run("VideoBoothSampler", model=model, conditioning=image_prompted["conditioning"],
@@ -210,28 +202,10 @@ def test_the_graph_matches_the_pipeline_for_the_same_seed(models_dir, loaded, im
     request = pipeline.GenerationRequest(prompt=PROMPT, subject_word=WORD,
                                          image=torch.round(image[0] * 255).to(torch.uint8), mask=mask[0] > 0,
                                          frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS, seed=SEED)
-    reference = pipe.generate(request, decode=False).latents  # (1, 4, f, h, w), x 0.18215
-    ours = (latent["samples"] * bridge.LATENT_SCALE).permute(1, 0, 2, 3)[None]
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("sampler, spacing", [("dpmpp_2m", "trailing"), ("euler_ancestral", "leading")])
-def test_diffusers_samplers_in_the_graph_match_the_pipeline(models_dir, loaded, image_prompted, sampler,
-                                                            spacing) -> None:
-    pipeline = importlib.import_module(f"{PACK_NAME}.videobooth_core.pipeline")
-    (latent,) = run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"],
-                    exemplar=image_prompted["exemplar"], **sampler_inputs(sampler=sampler, spacing=spacing))
-    image, mask = subject_image()
-    request = pipeline.GenerationRequest(prompt=PROMPT, subject_word=WORD,
-                                         image=torch.round(image[0] * 255).to(torch.uint8), mask=mask[0] > 0,
-                                         frames=FRAMES, width=SIZE, height=SIZE, steps=STEPS, seed=SEED,
-                                         sampler=sampler, spacing=spacing)
-    reference = pipeline.VideoBoothPipeline.from_models_dir(models_dir).generate(request, decode=False).latents
-    ddpm = run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"],
-               exemplar=image_prompted["exemplar"], **sampler_inputs())[0]["samples"]
-    ours = (latent["samples"] * bridge.LATENT_SCALE).permute(1, 0, 2, 3)[None]
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(latent["samples"], ddpm)  # the sampler choice reached the loop
+    steps = []
+    reference = pipe.generate(request, decode=False, progress=True, callback=lambda s, t, o: steps.append(s)).latents
+    assert torch.equal(latent["samples"], bridge.video_latents_to_comfy(reference)["samples"])
+    assert steps == list(range(STEPS)) and f"{STEPS}/{STEPS}" in capsys.readouterr().err
 
 
 def test_same_seed_same_latent_and_batches_use_consecutive_seeds(loaded, image_prompted) -> None:
@@ -298,6 +272,25 @@ def test_invert_mask_for_loadimage_alpha_masks() -> None:
     assert whole.bbox == (0, 0, 96, 80)
 
 
+def test_a_mask_that_looks_inverted_is_a_warning_naming_invert_mask(caplog) -> None:
+    image, subject = subject_image()
+    cutout = image * subject[..., None]  # a cut-out PNG as LoadImage gives it: transparent pixels black,
+    loadimage_mask = 1.0 - subject  # and its mask 1 - alpha
+
+    def warnings(**inputs) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run("VideoBoothImagePrompt", padding=0, **inputs)
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    (message,) = warnings(image=cutout, invert_mask=False, mask=loadimage_mask)
+    assert "turn invert_mask on" in message and "every border" in message and "flat colour" in message
+    assert warnings(image=cutout, invert_mask=True, mask=loadimage_mask) == []
+    assert warnings(image=image, invert_mask=False, mask=subject) == []  # a segmentation mask, subject = 1
+    (message,) = warnings(image=image, invert_mask=True, mask=subject)
+    assert "turn invert_mask off" in message and "every border" in message and "flat colour" not in message
+
+
 # -- errors ----------------------------------------------------------------------------------------------
 def test_missing_subject_word_lists_the_prompts_words(loaded, image_prompted) -> None:
     clip = loaded[2]
@@ -332,25 +325,27 @@ def test_mask_of_another_size_is_an_error() -> None:
 
 
 def test_wrong_file_kind_names_the_folder_and_the_expected_files(tiny_models, tmp_path, monkeypatch) -> None:
-    (tmp_path / "videobooth").mkdir()
+    root = tmp_path / "ComfyUI"  # capitals: the message names the folder as it is spelt
+    root.mkdir()
+    (root / "videobooth").mkdir()
     shutil.copy(tiny_models / "vae" / "videobooth_tiny_vae.safetensors",
-                tmp_path / "videobooth" / "some_model.safetensors")
-    shutil.copy(tiny_models / "videobooth" / "mapper.pt", tmp_path / "videobooth" / "mapper.pt")
-    monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(tmp_path))
+                root / "videobooth" / "some_model.safetensors")
+    shutil.copy(tiny_models / "videobooth" / "mapper.pt", root / "videobooth" / "mapper.pt")
+    monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(root))
     with pytest.raises(errors.CheckpointError) as caught:
         run("VideoBoothModelLoader", unet_name="some_model.safetensors", mapper_name="mapper.pt", precision="fp32",
             device="cpu")
     message = str(caught.value)
     assert "holds a VAE" in message and "watermark_remove_module.pt" in message
-    assert str(tmp_path / "videobooth") in message
+    assert f"The 'videobooth' model folder ({root / 'videobooth'}) should hold" in message
     with pytest.raises(errors.CheckpointError, match="mapper.pt"):  # the mapper chosen as the UNet
         run("VideoBoothModelLoader", unet_name="mapper.pt", mapper_name="mapper.pt", precision="fp32", device="cpu")
     with pytest.raises(errors.CheckpointError, match="not found in the 'videobooth' model folder"):
         run("VideoBoothModelLoader", unet_name="gone.pt", mapper_name="mapper.pt", precision="fp32", device="cpu")
     with pytest.raises(errors.CheckpointError, match=r"'vae' model folder .*sd-vae-ft-ema"):
-        shutil.copy(tiny_models / "videobooth" / "mapper.pt", tmp_path / "vae.pt")
-        (tmp_path / "vae").mkdir()
-        shutil.move(tmp_path / "vae.pt", tmp_path / "vae" / "vae.pt")
+        shutil.copy(tiny_models / "videobooth" / "mapper.pt", root / "vae.pt")
+        (root / "vae").mkdir()
+        shutil.move(root / "vae.pt", root / "vae" / "vae.pt")
         run("VideoBoothVAELoader", vae_name="vae.pt", precision="fp32", device="cpu")
 
 
@@ -459,20 +454,32 @@ def test_models_are_handed_to_comfyui_memory_management(loaded, image_prompted, 
     assert patchers == [unet.patcher, vae_managed.patcher] and full is True
     # ComfyUI is asked for the dry-run estimate of one step's working memory, beyond the weights
     core_memory = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling.memory")
-    core_sampling = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling.loop")
+    core_sampling = importlib.import_module(f"{PACK_NAME}.videobooth_core.sampling.denoiser")
     cond = image_prompted["conditioning"]
     denoiser = core_sampling.VideoDenoiser(model.unet, cond.cond, cond.null, 4.0, "official")
     expected = core_memory.estimate_step_memory(denoiser, (1, 4, FRAMES, SIZE // 8, SIZE // 8), True, "cpu")
     assert memory == expected.activations_bytes > 0
 
 
+class FakeFolderPaths:
+    """ComfyUI's folder_paths as far as the pack uses it: add_model_folder_path appends a path to a folder or
+    creates the folder with no extensions (= any file), as ComfyUI's does."""
+
+    supported_pt_extensions = {".pt", ".safetensors"}
+
+    def __init__(self, models_dir: str, folders: dict) -> None:
+        self.models_dir, self.folder_names_and_paths = models_dir, folders
+
+    def add_model_folder_path(self, name: str, path: str, is_default: bool = False) -> None:
+        paths = self.folder_names_and_paths.setdefault(name, ([], set()))[0]
+        if path not in paths:
+            paths.insert(0, path) if is_default else paths.append(path)
+
+
 def test_folder_registration_keeps_existing_entries(tmp_path) -> None:
     yaml_path = str(tmp_path / "from_yaml")
-    fake = types.SimpleNamespace(
-        models_dir=str(tmp_path / "models"),
-        supported_pt_extensions={".pt", ".safetensors"},
-        folder_names_and_paths={"videobooth": ([yaml_path], set()), "vae": (["/somewhere/vae"], {".pt"})},
-    )
+    fake = FakeFolderPaths(str(tmp_path / "models"), {"videobooth": ([yaml_path], set()),
+                                                      "vae": (["/somewhere/vae"], {".pt"})})
     bridge.register_videobooth_folder(fake)
     bridge.register_videobooth_folder(fake)  # twice: nothing duplicated
     paths, extensions = fake.folder_names_and_paths["videobooth"]
@@ -480,10 +487,22 @@ def test_folder_registration_keeps_existing_entries(tmp_path) -> None:
     assert extensions == {".pt", ".safetensors"}
     assert fake.folder_names_and_paths["vae"] == (["/somewhere/vae"], {".pt"})
 
-    fresh = types.SimpleNamespace(models_dir=str(tmp_path / "m"), supported_pt_extensions={".pt"},
-                                  folder_names_and_paths={})
+    fresh = FakeFolderPaths(str(tmp_path / "m"), {})
     bridge.register_videobooth_folder(fresh)
-    assert fresh.folder_names_and_paths == {"videobooth": ([str(tmp_path / "m" / "videobooth")], {".pt"})}
+    assert fresh.folder_names_and_paths == {"videobooth": ([str(tmp_path / "m" / "videobooth")],
+                                                          {".pt", ".safetensors"})}
+
+
+def test_previews_use_comfyui_latent_rgb_factors(monkeypatch) -> None:
+    latents = torch.zeros(1, 4, 1, 3, 5)
+    latents[:, 0] = 1.0  # channel 0 only: the preview's colour is the first row of the factors
+    assert bridge.latent_preview(latents).getpixel((0, 0)) == (172, 156, 168)  # the stand-in, without ComfyUI
+    latent_formats = types.ModuleType("comfy.latent_formats")
+    latent_formats.SD15 = lambda: types.SimpleNamespace(latent_rgb_factors=[[0.5, -0.5, 0.0]] + [[0.0] * 3] * 3)
+    monkeypatch.setitem(sys.modules, "comfy", types.ModuleType("comfy"))
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", latent_formats)
+    picture = bridge.latent_preview(latents)
+    assert picture.size == (5, 3) and picture.getpixel((0, 0)) == (191, 63, 127)
 
 
 def test_convert_weights_node(tiny_models, tmp_path, monkeypatch) -> None:

@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 
 from videobooth_core.loading.checkpoint import load_mapper, load_unet
 from videobooth_core.models.config import UNetConfig
-from videobooth_core.loading.encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder
+from videobooth_core.conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
 from videobooth_core.models.mapper import clip_vision_features
-from videobooth_core.sampling.loop import VideoDenoiser, sample_ddpm
+from videobooth_core.sampling.ddpm import sample_ddpm
+from videobooth_core.sampling.denoiser import VideoDenoiser
 from videobooth_core.sampling.schedule import RespacedDDPM
 from videobooth_core.loading.streaming import load_unet_streamed
 from videobooth_core.conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
@@ -125,10 +127,10 @@ def test_single_unet_evaluations(official: Official) -> None:
     exemplar = RespacedDDPM(1000).add_noise(clean, inp["unet_eval.exemplar_noise"], int(exemplar_t))
     assert_close("unet_eval.exemplar_latent_t", exemplar, out["unet_eval.exemplar_latent_t"])
 
-    assert_close("unet_eval.eps_uncond", unet(x_t, t, null)[0], out["unet_eval.eps_uncond"])
-    assert_close("unet_eval.eps_cond_no_exemplar", unet(x_t, t, cond)[0], out["unet_eval.eps_cond_no_exemplar"])
-    _, features = unet(exemplar, exemplar_t, null, capture_image_prompt_features=True, head_batch=0)
-    assert_close("unet_eval.eps_cond", unet(x_t, t, cond, image_prompt_features=features)[0], out["unet_eval.eps_cond"])
+    assert_close("unet_eval.eps_uncond", unet(x_t, t, null), out["unet_eval.eps_uncond"])
+    assert_close("unet_eval.eps_cond_no_exemplar", unet(x_t, t, cond), out["unet_eval.eps_cond_no_exemplar"])
+    features = unet.capture_image_prompt_features(exemplar, exemplar_t, null)
+    assert_close("unet_eval.eps_cond", unet(x_t, t, cond, image_prompt_features=features), out["unet_eval.eps_cond"])
 
     for batch_passes in (True, False):
         guided, _, _ = _denoiser(official, batch_passes).predict(x_t, int(t), exemplar, int(exemplar_t))
@@ -199,9 +201,9 @@ def test_image_prompt_matters(official: Official) -> None:
     cond, null = out["text.cond_last_hidden_state"], out["text.null_last_hidden_state"]
     clean = inp["exemplar_latent_clean"].expand(-1, -1, x_t.shape[2], -1, -1)
     exemplar = RespacedDDPM(1000).add_noise(clean, inp["unet_eval.exemplar_noise"], int(exemplar_t))
-    _, features = unet(exemplar, exemplar_t, null, capture_image_prompt_features=True, head_batch=0)
-    with_prompt = unet(x_t, t, cond, image_prompt_features=features)[0]
-    without = unet(x_t, t, cond)[0]
-    zero_strength = unet(x_t, t, cond, image_prompt_features=features, image_prompt_strength=0.0)[0]
+    features = unet.capture_image_prompt_features(exemplar, exemplar_t, null)
+    with_prompt = unet(x_t, t, cond, image_prompt_features=features)
+    without = unet(x_t, t, cond)
+    zero_strength = unet(x_t, t, cond, image_prompt_features=features, image_prompt_strength=0.0)
     assert (with_prompt - without).abs().max() > 1e-3
     torch.testing.assert_close(zero_strength, without, rtol=0, atol=0)

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from videobooth_core.sampling.schedulers import SAMPLERS, make_scheduler, sample_with_scheduler
-from videobooth_core.sampling.loop import GeneratorNoise, VideoDenoiser, sample_ddpm
+from videobooth_core.sampling.ddpm import sample_ddpm
+from videobooth_core.sampling.denoiser import VideoDenoiser
+from videobooth_core.sampling.noise import GeneratorNoise
+from videobooth_core.sampling.run import run_sampler
 from videobooth_core.sampling.schedule import RespacedDDPM, base_betas
 from videobooth_core.app.tiny import tiny_unet_and_mapper
 
@@ -85,12 +88,8 @@ def test_every_sampler_runs_the_real_model(name: str) -> None:
     exemplar = torch.randn((1, 4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     shape = (1, 4, 3, 8, 8)
     steps = []
-    if name == "ddpm":
-        out = sample_ddpm(denoiser, RespacedDDPM(3), shape, GeneratorNoise(torch.Generator().manual_seed(2)),
-                          exemplar, callback=lambda s, t, o: steps.append(s))
-    else:
-        out = sample_with_scheduler(denoiser, name, 3, shape, GeneratorNoise(torch.Generator().manual_seed(2)),
-                                    torch.Generator().manual_seed(3), exemplar, callback=lambda s, t, o: steps.append(s))
+    out = run_sampler(denoiser, name, 3, shape, torch.Generator().manual_seed(2), "cpu", exemplar_clean=exemplar,
+                      callback=lambda s, t, o: steps.append(s))
     assert out.shape == shape and torch.isfinite(out).all()
     assert steps == [0, 1, 2]
 

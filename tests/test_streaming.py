@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from videobooth_core.loading.checkpoint import CONFIG_METADATA_KEY, convert_released_weights, save_safetensors
+from videobooth_core.loading.checkpoint import convert_released_weights
+from videobooth_core.loading.weight_files import CONFIG_METADATA_KEY, save_safetensors
 from videobooth_core.errors import CheckpointError
 from videobooth_core.sampling.memory import estimate_step_memory, resident_weight_bytes
-from videobooth_core.sampling.loop import VideoDenoiser
+from videobooth_core.sampling.denoiser import VideoDenoiser
 from videobooth_core.loading.streaming import SafetensorsReader, load_unet_streamed, streaming_units
 from videobooth_core.app.tiny import tiny_unet_and_mapper
 

@@ -18,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 UI_DIR = REPO / "workflows"
 API_DIR = REPO / "tests" / "workflows_api"
+SUBJECT_PHOTO = "videobooth_subject.png"  # assets/, copied into ComfyUI/input by the user
 
 
 from conftest import PACK_NAME, import_pack as _import_pack  # noqa: E402
@@ -46,24 +47,37 @@ CORE_NODES: dict[str, tuple[list, tuple]] = {
 }
 # Widgets the frontend adds beyond the schema's inputs (LoadImage's "upload" button value).
 EXTRA_WIDGETS = {"LoadImage": 1}
+# Nodes that exist only in the frontend (never in /object_info, never in an API graph).
+FRONTEND_NODES: dict[str, tuple[list, tuple]] = {"Note": ([("text", "STRING", {})], ())}
 
 # Third-party nodes of workflows/videobooth_postprocess.json, checked against the packs' sources:
-#   VHS_VideoCombine: Kosinkadink/ComfyUI-VideoHelperSuite, videohelpersuite/nodes.py (class VideoCombine,
-#     NODE_CLASS_MAPPINGS["VHS_VideoCombine"]; commit 36fea9f97b46f7e565a5236403a430e5bf999738). Newer versions
-#     make frame_rate a FLOAT and add optional audio/meta_batch/vae inputs; "image/webp" needs no format widgets.
-#   RIFE VFI: Fannovel16/ComfyUI-Frame-Interpolation, vfi_models/rife/__init__.py (class RIFE_VFI, registered as
-#     "RIFE VFI"; commits 1c0b20d95be450cd7608f3da17c91184ac02e1bd and b7acc6c90749c74af1a27b528754caba9d791e9d).
+#   VHS_VideoCombine: Kosinkadink/ComfyUI-VideoHelperSuite 1.7.9 (4ee72c065db22c9d96c2427954dc69e7b908444b),
+#     videohelpersuite/nodes.py class VideoCombine. Its web/js/VHS.core.js saves widgets_values as a dict by
+#     widget name (onSerialize), with the chosen format's own widgets (video_formats/<format>.json) after
+#     "format" and the preview state last; a list is read only through a legacy conversion table.
+#   RIFE VFI: Fannovel16/ComfyUI-Frame-Interpolation (26545cc5, 2026-03-29), vfi_models/rife/__init__.py class
+#     RIFE_VFI. Older versions without dtype/torch_compile/batch_size ignore the extra widget values.
 THIRD_PARTY_NODES: dict[str, tuple[list, tuple]] = {
-    "VHS_VideoCombine": ([("images", "IMAGE", {}), ("frame_rate", "INT", {"min": 1}),
+    "VHS_VideoCombine": ([("images", "IMAGE", {}), ("frame_rate", "FLOAT", {"min": 1}),
                           ("loop_count", "INT", {"min": 0, "max": 100}), ("filename_prefix", "STRING", {}),
                           ("format", FILES, {}),  # image/gif, image/webp + the installed ffmpeg formats
-                          ("pingpong", "BOOLEAN", {}), ("save_output", "BOOLEAN", {})], ("VHS_FILENAMES",)),
-    "RIFE VFI": ([("ckpt_name", FILES, {}),  # a static list, but it grows between versions
+                          ("pingpong", "BOOLEAN", {}), ("save_output", "BOOLEAN", {}),
+                          ("audio", "AUDIO", {}), ("meta_batch", "VHS_BatchManager", {}), ("vae", "VAE", {})],
+                         ("VHS_FILENAMES",)),
+    "RIFE VFI": ([("ckpt_name", ["rife47.pth", "rife49.pth", "rife417.pth", "rife426.pth",
+                                 "sudo_rife4_269.662_testV1_scale1.pth"], {}),
                   ("frames", "IMAGE", {}), ("clear_cache_after_n_frames", "INT", {"min": 1, "max": 1000}),
                   ("multiplier", "INT", {"min": 1}), ("fast_mode", "BOOLEAN", {}), ("ensemble", "BOOLEAN", {}),
                   ("scale_factor", [0.25, 0.5, 1.0, 2.0, 4.0], {}),
+                  ("dtype", ["float32", "float16", "bfloat16"], {}), ("torch_compile", "BOOLEAN", {}),
+                  ("batch_size", "INT", {"min": 1, "max": 64}),
                   ("optional_interpolation_states", "INTERPOLATION_STATES", {})], ("IMAGE",)),
 }
+# VHS format widgets (video_formats/h264-mp4.json; "image/webp" adds "lossless" in VideoCombine.INPUT_TYPES).
+VHS_FORMAT_WIDGETS = {"video/h264-mp4": [("pix_fmt", ["yuv420p", "yuv420p10le"], {}),
+                                         ("crf", "INT", {"min": 0, "max": 100}),
+                                         ("save_metadata", "BOOLEAN", {}), ("trim_to_audio", "BOOLEAN", {})],
+                      "image/webp": [("lossless", "BOOLEAN", {})], "image/gif": []}
 # This pack's combos of file names (filled from the models folder at run time).
 PACK_FILE_INPUTS = {"unet_name", "mapper_name", "vae_name", "clip_name"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -82,6 +96,8 @@ def schema(node_type: str) -> tuple[list, tuple]:
         return inputs, tuple(cls.RETURN_TYPES)
     if node_type in CORE_NODES:
         return CORE_NODES[node_type]
+    if node_type in FRONTEND_NODES:
+        return FRONTEND_NODES[node_type]
     return THIRD_PARTY_NODES[node_type]
 
 
@@ -102,6 +118,17 @@ def check_value(where, name, kind, options, value) -> None:
         assert isinstance(value, int if kind == "INT" else (int, float)) and not isinstance(value, bool), (
             where, name, value)
         assert options.get("min", value) <= value <= options.get("max", value), (where, name, value, options)
+
+
+def check_vhs_widgets(where, inputs, values: dict) -> None:
+    """VHS's own serialisation: {widget name: value} in widget order, the format's widgets after "format"."""
+    assert isinstance(values, dict), (where, "VHS saves widgets_values as a dict by name", values)
+    widgets = [i for i in inputs if is_widget(i[1])]
+    at = [n for n, _, _ in widgets].index("format") + 1
+    widgets[at:at] = VHS_FORMAT_WIDGETS[values["format"]]
+    assert list(values) == [n for n, _, _ in widgets] + ["videopreview"], (where, list(values))
+    for name, kind, options in widgets:
+        check_value(where, name, kind, options, values[name])
 
 
 UI_WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
@@ -147,6 +174,9 @@ def test_ui_workflow_is_valid(name) -> None:
         for index, out in enumerate(node["outputs"]):
             for link_id in out["links"] or []:
                 assert links[link_id][1] == node["id"] and links[link_id][2] == index, (where, link_id)
+        if node["type"] == "VHS_VideoCombine":
+            check_vhs_widgets(where, inputs, node["widgets_values"])
+            continue
         # widget values, in the order of the widget inputs (a control value after a seed)
         values = list(node.get("widgets_values", []))
         for input_name, kind, options in inputs:
@@ -181,6 +211,98 @@ def test_ui_workflow_has_an_api_twin_with_the_same_pack_nodes(name) -> None:
     ui = json.loads((UI_DIR / name).read_text())
     api = json.loads((API_DIR / name).read_text())
     assert _ui_to_api_types(ui) == sorted(n["class_type"] for n in api.values() if n["class_type"] in MAPPINGS)
+
+
+# -- how the UI workflows look in the frontend ----------------------------------------------------------------
+# Geometry of the ComfyUI frontend (1.27, with ComfyUI 0.3.64): a node's body starts at pos and is size big,
+# its title bar (LiteGraph.NODE_TITLE_HEIGHT) sits above pos. "Fit view" (createBounds + fitToBounds) pads the
+# nodes' bounds by 10 and zooms to 0.75 of the canvas; on a 1920 x 1080 window the canvas is about 1856 x 1000
+# (side bar and top bar). Below 8 px / 14 px text (LiteGraph.Canvas.MinFontSizeForLOD over NODE_TEXT_SIZE)
+# the frontend draws nodes without any text.
+TITLE_HEIGHT = 30
+CANVAS = (1856, 1000)
+TEXT_DROPPED_BELOW = 8 / 14
+
+
+def node_rects(graph: dict) -> dict[int, tuple[float, float, float, float]]:
+    """{node id: (left, top, right, bottom)} including the title bar."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in graph["nodes"]}
+
+
+def overlapping(rects: dict) -> list[tuple[int, int]]:
+    ids = sorted(rects)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if rects[a][0] < rects[b][2] and rects[b][0] < rects[a][2]
+            and rects[a][1] < rects[b][3] and rects[b][1] < rects[a][3]]
+
+
+def fit_view_zoom(graph: dict) -> float:
+    rects = node_rects(graph).values()
+    width = max(r[2] for r in rects) - min(r[0] for r in rects) + 20
+    height = max(r[3] for r in rects) - min(r[1] for r in rects) + 20
+    return 0.75 * min(CANVAS[0] / width, CANVAS[1] / height)
+
+
+def test_the_overlap_check_sees_a_title_bar() -> None:
+    below = {"nodes": [{"id": 1, "pos": [0, 0], "size": [100, 100]}, {"id": 2, "pos": [0, 120], "size": [100, 50]}]}
+    assert overlapping(node_rects(below)) == [(1, 2)]  # node 2's title bar (90..120) covers node 1's bottom
+    below["nodes"][1]["pos"] = [0, 130]
+    assert overlapping(node_rects(below)) == []
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_ui_workflow_layout_is_readable(name) -> None:
+    graph = json.loads((UI_DIR / name).read_text())
+    assert overlapping(node_rects(graph)) == [], name
+    assert fit_view_zoom(graph) >= TEXT_DROPPED_BELOW + 0.05, (name, fit_view_zoom(graph))
+    if name == "videobooth_basic.json":
+        assert fit_view_zoom(graph) >= 0.75, fit_view_zoom(graph)
+    # the view saved in the file opens at the fit-view zoom, not zoomed out to unreadable text
+    assert graph["extra"]["ds"]["scale"] >= TEXT_DROPPED_BELOW + 0.05, name
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_ui_workflow_uses_the_fast_sampler_and_names_the_official_one(name) -> None:
+    graph = json.loads((UI_DIR / name).read_text())
+    names = [i[0] for i in schema("VideoBoothSampler")[0] if is_widget(i[1])]
+    names.insert(names.index("seed") + 1, "control_after_generate")
+    samplers = [dict(zip(names, n["widgets_values"])) for n in graph["nodes"] if n["type"] == "VideoBoothSampler"]
+    assert samplers
+    for sampler in samplers:
+        settings = (sampler["sampler"], sampler["spacing"], sampler["steps"], sampler["cfg"])
+        assert settings == ("dpmpp_2m", "trailing", 25, 4.0), (name, settings)
+    notes = " ".join(n["widgets_values"][0] for n in graph["nodes"] if n["type"] == "Note")
+    for official in ("ddpm", "steps 250", "cfg 4.0"):
+        assert official in notes, (name, official)
+
+
+def test_every_workflow_uses_the_shipped_subject_photo() -> None:
+    from PIL import Image
+
+    photo = Image.open(REPO / "assets" / SUBJECT_PHOTO)
+    assert photo.mode == "RGBA" and photo.getchannel("A").getextrema() == (0, 255)  # the mask is its alpha
+    subject_share = sum(photo.getchannel("A").histogram()[128:]) / (photo.width * photo.height)
+    assert 0.15 < subject_share < 0.7, subject_share
+    images = [n["widgets_values"][0] for p in UI_DIR.glob("*.json") for n in json.loads(p.read_text())["nodes"]
+              if n["type"] == "LoadImage"]
+    images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
+               if n["class_type"] == "LoadImage"]
+    assert len(images) == 6 and set(images) == {SUBJECT_PHOTO}, images
+
+
+@pytest.mark.parametrize("name", UI_WORKFLOWS)
+def test_ui_workflow_has_a_thumbnail(name) -> None:
+    from PIL import Image
+
+    thumbnail = Image.open(UI_DIR / name.replace(".json", ".jpg"))  # the template browser asks for <name>.jpg
+    assert thumbnail.format == "JPEG" and 400 <= thumbnail.width <= 1024 and thumbnail.height >= 200
+
+
+def test_no_second_template_folder_shadows_workflows() -> None:
+    # ComfyUI serves /api/workflow_templates/<pack>/ from the first of these folders that exists
+    # (app/custom_node_manager.py), so another one would hide workflows/ from the template browser.
+    assert [d for d in ("example_workflows", "example", "examples", "workflow") if (REPO / d).exists()] == []
 
 
 # -- API twins --------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ Importing this package is cheap: heavy modules are imported by the functions tha
 
 from .errors import (
     CheckpointError,
+    DeviceError,
     ImagePromptError,
+    JobsError,
+    OutOfMemory,
+    OutputError,
     PromptError,
     SamplingError,
     VideoBoothError,
@@ -14,7 +18,11 @@ from .errors import (
 
 __all__ = [
     "CheckpointError",
+    "DeviceError",
     "ImagePromptError",
+    "JobsError",
+    "OutOfMemory",
+    "OutputError",
     "PromptError",
     "SamplingError",
     "VideoBoothError",

@@ -5,7 +5,8 @@ manifests, datasets, checkpoints) goes through :func:`atomic_path`: the content 
 sibling (same folder, so the final ``os.replace`` is atomic on one file system), and only a complete result
 is renamed into place. An existing target is refused unless the caller passes ``overwrite=True``, and even
 then a folder is only replaced when it holds nothing but what this project writes into such a folder
-(``replaceable``), so a user's folder is never deleted by mistake.
+(``replaceable``), so a user's folder is never deleted by mistake; a file is never replaced by a folder, nor
+a folder by a file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OutputError, explain
 
 TEMP_PREFIX = ".videobooth-"
 """Prefix of every temporary file or folder this project writes (a killed run's leftovers are recognisable)."""
@@ -27,25 +28,41 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def check_target(path: str | os.PathLike, overwrite: bool = False,
-                 replaceable: Callable[[Path], bool] | None = None, flag: str = "--overwrite") -> Path:
-    """Refuse a target that would destroy something: an existing path without ``overwrite``; a folder (or the
-    current/root folder) where a file is to be written; with ``overwrite``, a folder that ``replaceable`` does not
-    accept (by default no folder is replaceable). Returns the absolute path. Call it before any heavy work."""
+                 replaceable: Callable[[Path], bool] | None = None, flag: str = "--overwrite",
+                 folder: bool = False) -> Path:
+    """Refuse a target that would destroy something, before any heavy work. Refused: the current, home or
+    root folder; an existing folder where a file is to be written, or an existing file where a folder
+    (``folder=True``) is to be written; an existing folder that ``replaceable`` does not accept (by default
+    none is); any other existing target unless ``overwrite``. Returns the absolute path."""
     target = Path(path).expanduser()
     resolved = target.resolve()
-    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
-        raise OutputError(f"refusing to write the output to {str(path)!r}: that is the current, home or root folder; "
-                          "name a new file or folder, e.g. --out video.gif")
-    if target.is_symlink() or target.exists():
-        if not overwrite:
-            raise OutputError(f"{str(path)!r} already exists and would be replaced; choose a new name, or pass "
-                              f"{flag} to replace it")
-        if target.is_dir() and not target.is_symlink() and not (replaceable and replaceable(target)):
-            raise OutputError(f"{str(path)!r} is an existing folder with content this program did not write; it is "
-                              "never deleted: choose a new name")
+    if resolved in {Path.cwd().resolve(), Path(resolved.anchor), Path.home().resolve()}:
+        raise OutputError(explain("refusing to write the output over the current, home or root folder", path,
+                                  "name a new file or folder, e.g. --out video.gif"))
+    if target.is_dir() and not target.is_symlink():
+        if not folder:
+            raise OutputError(explain("the output is an existing folder (never deleted)", path,
+                                      "name a new file, e.g. video.gif"))
+        if not (replaceable and replaceable(target)):
+            raise OutputError(explain("the output is an existing folder holding files this program did not "
+                                      "write (never deleted)", path, "name a new folder"))
+    elif folder and (target.is_symlink() or target.exists()):
+        raise OutputError(explain("the output folder's name is taken by a file (never deleted)", path,
+                                  "name a new folder, or give a suffix (.gif, .webp, .mp4) to write a video file"))
+    if (target.is_symlink() or target.exists()) and not overwrite:
+        raise OutputError(explain("the output already exists", path, f"choose a new name, or pass {flag} to "
+                                  "replace it"))
     if target.parent.exists() and not target.parent.is_dir():
-        raise OutputError(f"cannot write {str(path)!r}: {str(target.parent)!r} is a file, not a folder")
+        raise OutputError(explain("cannot write the output: its parent is a file, not a folder", target.parent,
+                                  "choose another place"))
     return resolved
+
+
+def _default_mode(folder: bool) -> int:
+    """The permissions a plain ``open``/``mkdir`` would give (mkstemp/mkdtemp make private 0600/0700 files)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 @contextlib.contextmanager
@@ -63,6 +80,7 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(folder))
         if folder and path.is_dir() and not path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + path.name + ".old.", dir=path.parent))
             os.replace(path, old / "content")

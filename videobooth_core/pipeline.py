@@ -9,22 +9,30 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 
-from .loading.checkpoint import load_mapper, load_unet, parse_dtype
-from .errors import SamplingError
+from .conditioning.embeddings import encode_exemplar, encode_image_prompt, encode_prompt
 from .conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
-from .models.mapper import Mapper, clip_vision_features
-from .sampling.memory import MemoryEstimate, available_memory_bytes, estimate_step_memory
+from .conditioning.text import WHOLE_WORD
+from .conditioning.vae import vae_decode
+from .errors import SamplingError
+from .loading.checkpoint import load_mapper, load_unet, parse_dtype
 from .loading.models_dir import ModelFiles
-from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS, sample_with_scheduler
-from .sampling.loop import GUIDANCE_RULES, GeneratorNoise, StepCallback, VideoDenoiser, sample_ddpm
-from .sampling.schedule import RespacedDDPM
-from .conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
+from .models.mapper import Mapper
 from .models.unet_3d import UNet3DModel
+from .sampling.denoiser import StepCallback, VideoDenoiser
+from .sampling.memory import MemoryEstimate, available_memory_bytes
+from .sampling.run import prepare_denoiser, run_sampler
+from .sampling.schedulers import OFFICIAL_SAMPLER
+from .settings import GenerationSettings, SamplingOptions, check_request, log_once
 
 logger = logging.getLogger(__name__)
 
@@ -32,32 +40,12 @@ VAE_SCALE = 8
 """Pixels per latent cell."""
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Opt-in speed modes (each changes the result; measured deviations are in the README) and injection control."""
+@dataclass(kw_only=True)
+class GenerationRequest(GenerationSettings):
+    """One video to generate. Without ``image`` (and ``subject_word``) it is plain text-to-video.
 
-    single_frame_image_prompt: bool = False
-    """Run the image-prompt stream on one frame instead of all (about a quarter less compute per step)."""
-    image_prompt_steps: tuple[float, float] = (0.0, 1.0)
-    """(start, end) fractions of the schedule where the image prompt is injected; (0, 1) is official."""
-    watermark_branch: bool = True
-    """False skips the watermark-removal branch (the released model always runs it)."""
-    image_prompt_strength: float = 1.0
-    """Scales the image prompt's update of frame 0's values in cross-frame attention (1 = official)."""
-    batch_passes: bool = True
-    """Batch the unconditional and image-prompt passes (same result up to float rounding)."""
-
-    def __post_init__(self) -> None:
-        start, end = self.image_prompt_steps
-        if not 0.0 <= start <= end <= 1.0:
-            raise SamplingError(f"image_prompt_steps must satisfy 0 <= start <= end <= 1, got {self.image_prompt_steps}")
-        if not 0.0 <= self.image_prompt_strength <= 2.0:
-            raise SamplingError(f"image prompt strength must be between 0 and 2, got {self.image_prompt_strength}")
-
-
-@dataclass
-class GenerationRequest:
-    """One video to generate. Without ``image`` (and ``subject_word``) it is plain text-to-video."""
+    The settings (frames, size, steps, sampler, cfg_scale, seed, options...) with their defaults and ranges are
+    those of :class:`videobooth_core.settings.GenerationSettings`."""
 
     prompt: str
     subject_word: str | None = None
@@ -66,45 +54,15 @@ class GenerationRequest:
     mask: torch.Tensor | None = None
     """(H, W) subject mask (nonzero = subject), or None."""
     bbox: tuple[float, float, float, float] | None = None
-    negative_prompt: str = NULL_PROMPT
-    """The unconditional prompt; the official pipeline uses the literal "None"."""
-    frames: int = 16
-    width: int = 256
-    height: int = 256
-    steps: int = 250
-    cfg_scale: float = 4.0
-    guidance: str = "official"
-    seed: int = 10
-    image_prompt_padding: int = 0
-    sampler: str = "ddpm"
-    """``ddpm`` (official) or a diffusers sampler (see samplers.SAMPLERS)."""
-    spacing: str = "trailing"
-    """Timestep spacing of the diffusers samplers (``trailing`` or ``leading``)."""
-    eta: float = 0.0
-    options: "SamplingOptions" = None  # type: ignore[assignment]
 
-    def validate(self) -> None:
-        if self.frames < 1:
-            raise SamplingError(f"frames must be at least 1, got {self.frames}")
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value < VAE_SCALE or value % VAE_SCALE:
-                raise SamplingError(
-                    f"{name} must be a positive multiple of {VAE_SCALE}, got {value}; "
-                    f"try {max(VAE_SCALE, round(value / VAE_SCALE) * VAE_SCALE)}"
-                )
-        if self.steps < 1 or self.steps > 1000:
-            raise SamplingError(f"steps must be between 1 and 1000, got {self.steps}")
-        if self.guidance not in GUIDANCE_RULES:
-            raise SamplingError(f"guidance must be one of {GUIDANCE_RULES}, got {self.guidance!r}")
-        if self.sampler not in SAMPLERS:
-            raise SamplingError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.spacing not in SPACINGS:
-            raise SamplingError(f"unknown timestep spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
-        if (self.image is None) != (self.subject_word is None):
-            raise SamplingError(
-                "an image prompt needs both the image and the subject word (the prompt's word naming the subject); "
-                "give both, or neither for text-to-video"
-            )
+    def validate(self, tokenizer: Any = None, device: Any = None) -> list[str]:
+        """The one validation (:func:`videobooth_core.settings.check_request`): raises a VideoBoothError naming
+        the bad value; logs and returns the warnings (each once per process). With ``tokenizer`` the prompts are
+        checked against CLIP's 77 tokens; with ``device`` the device must exist here."""
+        warnings = check_request(self, tokenizer, device)
+        for warning in warnings:
+            log_once(warning, __name__)
+        return warnings
 
 
 @dataclass
@@ -133,8 +91,141 @@ def fit_exemplar(exemplar: torch.Tensor, height: int, width: int) -> torch.Tenso
     return resized[:, :, None]
 
 
+# -- the stages that compose the others, each written once (the pipeline and the ComfyUI nodes call them) --------
+def load_unet_and_mapper(
+    unet_path: str | Path,
+    mapper_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    stream_weights: bool = False,
+) -> tuple[UNet3DModel, Mapper]:
+    """The VideoBooth model pair, loaded and joined: the mapper's per-site key/value projections are attached to
+    the UNet, which checks that the two belong together (a ModelMismatchError naming both files otherwise) and
+    frees the UNet's own projections, which the released model never uses.
+
+    ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at every
+    UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.loading.streaming`).
+    """
+    if stream_weights:
+        from .loading.streaming import load_unet_streamed
+
+        unet = load_unet_streamed(unet_path, dtype=dtype, device=device)
+    else:
+        unet = load_unet(unet_path, dtype=dtype, device=device)
+    mapper = load_mapper(mapper_path, dtype=dtype, device=device)
+    unet.attach_projections(mapper.site_projections(), release_own=True, unet_name=Path(unet_path).name,
+                            mapper_name=Path(mapper_path).name)
+    return unet, mapper
+
+
+def sample_seeded(
+    denoiser: VideoDenoiser,
+    seed: int,
+    shape: tuple[int, int, int, int, int],
+    device: torch.device | str,
+    *,
+    sampler: str = OFFICIAL_SAMPLER,
+    steps: int = 250,
+    spacing: str = "trailing",
+    eta: float = 0.0,
+    image_prompt_steps: tuple[float, float] = (0.0, 1.0),
+    callback: StepCallback | None = None,
+    vae: Any = None,
+    image_prompt: PreparedImagePrompt | None = None,
+    exemplar_latent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One video latent from ``seed``, with the official order of random draws, written once so that the
+    pipeline and the ComfyUI sampler give the same video for a seed: one CPU generator draws the initial noise
+    z first, then the image prompt's VAE posterior sample (with ``vae`` and ``image_prompt``), then per step
+    the image prompt's noise and the step's noise.
+
+    Args:
+        shape: (1, 4, frames, h, w) of the video latent.
+        exemplar_latent: instead of ``vae`` and ``image_prompt``, a clean (1, 4, 1, h', w') image-prompt latent
+            (x 0.18215, e.g. from ComfyUI's VAE Encode). Either is resized to the video's latent size.
+
+    Returns:
+        (1, 4, frames, h, w) float32 latent on ``device``.
+    """
+    if image_prompt is not None and (vae is None or exemplar_latent is not None):
+        raise SamplingError("the image prompt's latent comes from either the image prompt and the VAE, or a "
+                            "ready latent; give the image prompt with the VAE, or exemplar_latent alone")
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    initial_noise = torch.randn(shape, generator=generator)
+    exemplar = encode_exemplar(vae, image_prompt, generator) if image_prompt is not None else exemplar_latent
+    if exemplar is not None:
+        exemplar = fit_exemplar(exemplar, shape[3] * VAE_SCALE, shape[4] * VAE_SCALE)
+    return run_sampler(denoiser, sampler, steps, shape, generator, device, initial_noise=initial_noise,
+                       exemplar_clean=exemplar, callback=callback, spacing=spacing, eta=eta,
+                       image_prompt_steps=image_prompt_steps)
+
+
+@torch.no_grad()
+def decode_video(
+    vae: Any, latents: torch.Tensor, chunk_size: int = 8, on_chunk: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Video latents → frames, ``chunk_size`` frames per VAE call (the VAE's working memory is one chunk's).
+
+    Args:
+        vae: the SD 1.x ``diffusers.AutoencoderKL``.
+        latents: (b, 4, f, h, w) VAE latents x 0.18215.
+        on_chunk: called after every chunk with (frames done, total frames); raising from it cancels.
+
+    Returns:
+        (b * f, 8h, 8w, 3) float32 frames in [0, 1] on the CPU, all frames of video 0 first.
+    """
+    if latents.ndim != 5:
+        raise SamplingError(f"decode_video expects latents of shape (batch, 4, frames, h, w), got "
+                            f"{tuple(latents.shape)}; add the missing batch or frame axis")
+    if chunk_size < 1:
+        raise SamplingError(f"chunk_size must be at least 1, got {chunk_size}")
+    flat = rearrange(latents, "b c f h w -> (b f) c h w")
+    total = flat.shape[0]
+    frames = None
+    for start in range(0, total, chunk_size):
+        pixels = vae_decode(vae, flat[start:start + chunk_size], chunk_size=chunk_size)
+        # [-1, 1] -> [0, 1]: bit for bit the official writer's x * 0.5 + 0.5 (halving is exact in floating point)
+        unit = rearrange(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0), "n c h w -> n h w c").cpu()
+        if frames is None:  # written in place: the frames are held once, never as parts plus their concatenation
+            frames = unit.new_empty((total, *unit.shape[1:]))
+        frames[start:start + unit.shape[0]] = unit
+        if on_chunk is not None:
+            on_chunk(start + unit.shape[0], total)
+    return frames
+
+
+def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """(n, H, W, 3) frames in [0, 1] → uint8 as the official writer rounds them (x * 255 + 0.5, truncated)."""
+    return (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+@contextmanager
+def progress_bar(show: bool, callback: StepCallback | None = None,
+                 label: str = "VideoBooth sampling") -> Iterator[StepCallback | None]:
+    """A step callback that also draws a tqdm progress bar on stderr (when ``show``), then calls ``callback``."""
+    if not show:
+        yield callback
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=label, unit="step", file=sys.stderr)
+
+    def report(step: int, total: int, output: Any) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.update(1)
+        if callback is not None:
+            callback(step, total, output)
+
+    try:
+        yield report
+    finally:
+        bar.close()
+
+
 class VideoBoothPipeline:
-    """All VideoBooth models on one device; each method is one stage of the pipeline."""
+    """All VideoBooth models on one device; each method is one stage of the pipeline, a thin call of the
+    core function that the ComfyUI nodes call too."""
 
     def __init__(
         self,
@@ -150,7 +241,8 @@ class VideoBoothPipeline:
         self.unet, self.mapper, self.vae = unet, mapper, vae
         self.text_encoder, self.vision_encoder, self.tokenizer = text_encoder, vision_encoder, tokenizer
         self.device, self.dtype = torch.device(device), dtype
-        self.unet.attach_projections(self.mapper.site_projections(), release_own=True)
+        if getattr(unet, "attached_projections", None) is None:  # a pair not joined by load_unet_and_mapper
+            unet.attach_projections(mapper.site_projections(), release_own=True)
 
     @classmethod
     def from_files(
@@ -161,19 +253,15 @@ class VideoBoothPipeline:
         ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at
         every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.loading.streaming`).
         """
-        from .loading.encoders import load_clip_text_encoder, load_clip_tokenizer, load_clip_vision_encoder, load_vae
+        from .conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+        from .conditioning.tokenizer import load_clip_tokenizer
+        from .conditioning.vae import load_vae
 
         torch_dtype = parse_dtype(dtype)
         if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
             logger.warning("fp16 on the CPU has no fast kernels (2 real-size steps took over 16 minutes, fp32 under 2); "
                            "use bf16 or fp32 on the CPU, fp16 on GPUs")
-        if stream_weights:
-            from .loading.streaming import load_unet_streamed
-
-            unet = load_unet_streamed(files.unet, dtype=torch_dtype, device=device)
-        else:
-            unet = load_unet(files.unet, dtype=torch_dtype, device=device)
-        mapper = load_mapper(files.mapper, dtype=torch_dtype, device=device)
+        unet, mapper = load_unet_and_mapper(files.unet, files.mapper, torch_dtype, device, stream_weights)
         vae = load_vae(files.vae, dtype=torch.float32, device=device)
         text = load_clip_text_encoder(files.clip_text, dtype=torch.float32, device=device)
         vision = load_clip_vision_encoder(files.clip_vision, dtype=torch.float32, device=device)
@@ -188,40 +276,24 @@ class VideoBoothPipeline:
         return cls.from_files(ModelFiles.from_models_dir(models_dir, **overrides), dtype, device, stream_weights)
 
     # -- stages ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_image_prompt(self, prepared: PreparedImagePrompt) -> torch.Tensor:
-        """Coarse embedding: CLIP vision features → mapper → (1, 5, text width) word vectors (float32)."""
-        features = clip_vision_features(self.vision_encoder, prepared.clip_pixels.to(self.device))
-        mapper_param = next(self.mapper.parameters())
-        return self.mapper([f.to(mapper_param.device, mapper_param.dtype) for f in features]).float()
+        """Coarse embedding: (1, 5, text width) float32 word vectors
+        (:func:`conditioning.embeddings.encode_image_prompt`)."""
+        return encode_image_prompt(self.vision_encoder, self.mapper, prepared)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str, subject_word: str | None = None, injected: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    def encode_prompt(self, prompt: str, subject_word: str | None = None, injected: torch.Tensor | None = None,
+                      subject_match: str = WHOLE_WORD) -> tuple[torch.Tensor, str]:
         """Text states (1, 77, d) float32 and the text as tokenised; with ``injected`` the subject word's
-        tokens are replaced by the mapper's word vectors."""
-        if subject_word is None or injected is None:
-            return encode_text(self.text_encoder, tokenize(self.tokenizer, prompt)).last_hidden_state.float(), prompt
-        subject = prepare_subject_prompt(self.tokenizer, prompt, subject_word)
-        states = encode_text(self.text_encoder, subject.input_ids, injected, subject.placeholder_ids).last_hidden_state
-        return states.float(), subject.text
+        tokens are replaced by the mapper's word vectors (:func:`conditioning.embeddings.encode_prompt`)."""
+        return encode_prompt(self.text_encoder, self.tokenizer, prompt, subject_word, injected, subject_match)
 
-    @torch.no_grad()
     def encode_exemplar(self, prepared: PreparedImagePrompt, generator: torch.Generator) -> torch.Tensor:
-        """Fine embedding source: the 256-pixel image prompt's VAE posterior sample x 0.18215, (1, 4, 1, 32, 32)."""
-        from .loading.encoders import vae_encode
+        """Fine embedding source: the image prompt's VAE posterior sample x 0.18215, (1, 4, 1, 32, 32)."""
+        return encode_exemplar(self.vae, prepared, generator)
 
-        latent = vae_encode(self.vae, prepared.vae_pixels.to(self.device), generator=generator, sample=True)
-        return latent[:, :, None].float()
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 4) -> torch.Tensor:
         """(b, 4, f, h, w) latents → (b*f, 8h, 8w, 3) uint8 frames, decoded ``chunk_size`` frames at a time."""
-        from .loading.encoders import vae_decode
-
-        flat = latents.permute(0, 2, 1, 3, 4).reshape(-1, *latents.shape[1:2], *latents.shape[3:])
-        pixels = vae_decode(self.vae, flat.to(self.device, torch.float32), chunk_size=chunk_size)
-        # the official writer: (x * 0.5 + 0.5) * 255 + 0.5, clamped, truncated to uint8
-        return ((pixels * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return frames_to_uint8(decode_video(self.vae, latents, chunk_size))
 
     def sample(
         self,
@@ -242,32 +314,33 @@ class VideoBoothPipeline:
         eta: float = 0.0,
         options: SamplingOptions | None = None,
     ) -> torch.Tensor:
-        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw.
-
-        ``sampler="ddpm"`` is the official respaced ancestral DDPM (sampling.sample_ddpm); the others are
-        diffusers schedulers on the same training schedule (samplers.sample_with_scheduler).
-        """
+        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw (:func:`sampling.run.run_sampler`);
+        ``exemplar_clean`` at the video's latent size. :meth:`generate` draws in the official seed order."""
         options = options or SamplingOptions()
-        denoiser = VideoDenoiser(
-            self.unet, cond_text.to(self.device), null_text.to(self.device), cfg_scale, guidance,
-            batch_passes=options.batch_passes, single_frame_image_prompt=options.single_frame_image_prompt,
-            watermark_branch=options.watermark_branch, image_prompt_strength=options.image_prompt_strength,
-        )
         shape = latent_shape(frames, height, width)
-        self.check_memory(denoiser, shape, exemplar_clean is not None)
-        noise = GeneratorNoise(generator, self.device, initial_noise)
-        with torch.no_grad():
-            if sampler == OFFICIAL_SAMPLER:
-                return sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, callback, self.device,
-                                   image_prompt_steps=options.image_prompt_steps)
-            return sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean, callback,
-                                         self.device, spacing, eta, options.image_prompt_steps)
+        denoiser = self.prepare_denoiser(cond_text, null_text, shape, exemplar_clean is not None, cfg_scale, guidance,
+                                         options)
+        return run_sampler(denoiser, sampler, steps, shape, generator, self.device, initial_noise=initial_noise,
+                           exemplar_clean=exemplar_clean, callback=callback, spacing=spacing, eta=eta,
+                           image_prompt_steps=options.image_prompt_steps)
 
-    def check_memory(self, denoiser: VideoDenoiser, shape: tuple[int, ...], image_prompt: bool) -> MemoryEstimate:
-        """Estimate the sampling peak before the first step (kept in ``last_memory_estimate``); log it, and warn
-        when the working memory sampling adds to the loaded models exceeds what the device has available."""
-        estimate = estimate_step_memory(denoiser, tuple(shape), image_prompt, self.device,
-                                        [self.mapper, self.vae, self.text_encoder, self.vision_encoder])
+    def prepare_denoiser(self, cond_text: torch.Tensor, null_text: torch.Tensor, shape: tuple[int, int, int, int, int],
+                         image_prompt: bool, cfg_scale: float, guidance: str,
+                         options: SamplingOptions) -> VideoDenoiser:
+        """The guided denoiser (:func:`sampling.run.prepare_denoiser`), its memory checked before the first step."""
+        denoiser, estimate = prepare_denoiser(
+            self.unet, cond_text, null_text, shape, self.device, image_prompt=image_prompt, cfg_scale=cfg_scale,
+            guidance=guidance, image_prompt_strength=options.image_prompt_strength,
+            single_frame_image_prompt=options.single_frame_image_prompt, watermark_branch=options.watermark_branch,
+            batch_passes=options.batch_passes,
+            resident_models=[self.mapper, self.vae, self.text_encoder, self.vision_encoder],
+        )
+        self.check_memory(estimate)
+        return denoiser
+
+    def check_memory(self, estimate: MemoryEstimate) -> MemoryEstimate:
+        """Keep the sampling estimate (``last_memory_estimate``), log it, and warn when the working memory
+        sampling adds to the loaded models exceeds what the device has available."""
         self.last_memory_estimate = estimate
         logger.info(estimate.describe())
         available = available_memory_bytes(self.device)  # the loaded weights are already taken out of it
@@ -283,26 +356,29 @@ class VideoBoothPipeline:
     last_memory_estimate: MemoryEstimate | None = None
 
     # -- everything -----------------------------------------------------------------------------
-    def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True) -> GenerationResult:
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True,
+                 progress: bool = False) -> GenerationResult:
         """Image prompt → embeddings → sampling → frames. Randomness: one CPU generator seeded with ``seed``
-        (initial noise first, then the VAE posterior sample, then per step exemplar and step noise)."""
-        request.validate()
-        generator = torch.Generator("cpu").manual_seed(int(request.seed))
-        initial_noise = torch.randn(latent_shape(request.frames, request.height, request.width), generator=generator)
+        (initial noise first, then the VAE posterior sample, then per step exemplar and step noise; see
+        :func:`sample_seeded`). ``progress=True`` draws a progress bar of the steps on stderr; ``callback`` is
+        called after every step either way."""
+        request.validate(tokenizer=self.tokenizer)
+        options = request.options or SamplingOptions()
+        shape = latent_shape(request.frames, request.height, request.width)
         prepared = None
-        exemplar = None
-        injected = None
         if request.image is not None:
             prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
         null_text, _ = self.encode_prompt(request.negative_prompt)
-        if prepared is not None:
-            injected = self.encode_image_prompt(prepared)
-        cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected)
-        if prepared is not None:
-            exemplar = fit_exemplar(self.encode_exemplar(prepared, generator), request.height, request.width)
-        latents = self.sample(cond_text, null_text, exemplar, request.frames, request.height, request.width,
-                              request.steps, request.cfg_scale, request.guidance, generator, callback, initial_noise,
-                              request.sampler, request.spacing, request.eta, request.options)
+        injected = None if prepared is None else self.encode_image_prompt(prepared)
+        cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected, request.subject_match)
+        denoiser = self.prepare_denoiser(cond_text, null_text, shape, prepared is not None, request.cfg_scale,
+                                         request.guidance, options)
+        with progress_bar(progress, callback) as report:
+            latents = sample_seeded(
+                denoiser, request.seed, shape, self.device, sampler=request.sampler, steps=request.steps,
+                spacing=request.spacing, eta=request.eta, image_prompt_steps=options.image_prompt_steps,
+                callback=report, vae=self.vae, image_prompt=prepared,
+            )
         frames = self.decode(latents) if decode else torch.empty(0)
         info = self.last_memory_estimate.as_dict() if self.last_memory_estimate else {}
         return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared, info=info)

@@ -12,10 +12,12 @@ import os
 import resource
 import sys
 import time
+import traceback
+from datetime import datetime
 from pathlib import Path
 
-from ..errors import VideoBoothError
-from ..sampling.schedulers import SAMPLERS, SPACINGS
+from ..errors import OutputError, VideoBoothError, out_of_memory
+from ..settings import SETTINGS
 
 logger = logging.getLogger("videobooth_core")
 
@@ -33,71 +35,132 @@ def _cache_dir() -> Path:
 
 
 # -- argument parsing --------------------------------------------------------------------------------
+PROG = "python -m videobooth_core"
+GENERATE_EXAMPLES = f"""examples:
+  # a subject video in minutes on a CPU: the fast sampler (a cut-out PNG's alpha is its mask)
+  {PROG} generate --models models --image dog.png --word dog \\
+      --prompt "a dog running on the beach" --sampler dpmpp_2m --steps 25 --out dog.mp4
+
+  # the official settings (250 ddpm steps: hours on a CPU, minutes on a GPU), a photo and its mask
+  {PROG} generate --models models --image dog.jpg --mask dog_mask.png --word dog \\
+      --prompt "a dog running on the beach" --device cuda --out dog.mp4
+
+  # text-to-video, written as a folder of PNG frames
+  {PROG} generate --models models --prompt "waves at sunset" --sampler dpmpp_2m --steps 25 --out waves
+
+  # a batch: one JSON object per line, keys named like the flags, e.g.
+  #   {{"prompt": "a dog running on the beach", "word": "dog", "image": "dog.png", "seed": 3}}
+  # the flags below set every line's defaults (prompt, word, image, mask, bbox and out go on the lines)
+  {PROG} generate --models models --jobs jobs.jsonl --out-dir videos --sampler dpmpp_2m --steps 25
+"""
+DEMO_EXAMPLES = f"""examples:
+  {PROG} demo                      # tiny random weights if ./models holds none: proves the install works
+  {PROG} demo --models models --steps 25 --out demo.gif
+"""
+CONVERT_EXAMPLES = f"""examples:
+  {PROG} convert --unet watermark_remove_module.pt --mapper mapper.pt --out models/videobooth
+"""
+TINY_EXAMPLES = f"""examples:
+  {PROG} make-tiny --out tiny_models && {PROG} generate --models tiny_models --prompt "a cat" --steps 2 --out cat.gif
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; the help texts state their own defaults."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m videobooth_core", description="VideoBooth: videos of a specific subject from a prompt and a photo.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=PROG, formatter_class=_Formatter,
+                     description="VideoBooth: videos of a specific subject from a prompt and a photo.",
+                     epilog=f"Each command explains its flags: {PROG} generate --help")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (default: warnings only)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="generate a video (or a batch of them with --jobs)")
-    gen.add_argument("--models", required=True, help="models folder laid out like make-tiny's output (see README)")
+    gen = sub.add_parser("generate", help="generate a video (or a batch of them with --jobs)", formatter_class=_Formatter,
+                         description="Generate a video of the subject in the photo doing what the prompt says. Every "
+                                     "setting is checked before any model loads.", epilog=GENERATE_EXAMPLES)
+    gen.add_argument("--models", required=True, help="models folder laid out like make-tiny's output (see README); "
+                                                       "required")
     _add_generation_args(gen)
-    gen.add_argument("--out", help="output .mp4/.gif/.webp, or a folder for PNG frames")
-    gen.add_argument("--jobs", help="a .jsonl file with one generation per line (batch mode; needs --out-dir)")
-    gen.add_argument("--out-dir", help="batch mode: folder for the outputs and the manifest")
+    gen.add_argument("--out", help="output .mp4/.gif/.webp, or a folder for PNG frames (required without --jobs)")
+    gen.add_argument("--jobs", help="a .jsonl file with one generation per line: batch mode, needs --out-dir (default: none, one video)")
+    gen.add_argument("--out-dir", help="batch mode: folder for the outputs and the manifest (required with --jobs)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output (never a folder holding anything but frames written here) "
+                          "(default: refuse)")
 
-    demo = sub.add_parser("demo", help="run the whole pipeline end to end (tiny random weights if none are installed)")
+    demo = sub.add_parser("demo", help="run the whole pipeline end to end (tiny random weights if none are installed)",
+                          formatter_class=_Formatter, epilog=DEMO_EXAMPLES)
     demo.add_argument("--models", default=os.environ.get(DEFAULT_MODELS_ENV, "models"),
                       help=f"models folder with real weights (default: ${DEFAULT_MODELS_ENV} or ./models)")
-    demo.add_argument("--out", default="videobooth_demo.gif", help="output video (default videobooth_demo.gif)")
-    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default 10 on tiny weights, 250 on real)")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--out", default="videobooth_demo.gif", help="output video (default: videobooth_demo.gif)")
+    demo.add_argument("--steps", type=int, default=None, help="sampling steps (default: 10 on tiny weights, 250 on real)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
 
-    conv = sub.add_parser("convert", help="convert the released .pt weights to safetensors")
-    conv.add_argument("--unet", help="watermark_remove_module.pt")
-    conv.add_argument("--mapper", help="mapper.pt")
-    conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth)")
-    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    conv = sub.add_parser("convert", help="convert the released .pt weights to safetensors", formatter_class=_Formatter,
+                          epilog=CONVERT_EXAMPLES)
+    conv.add_argument("--unet", help="the released watermark_remove_module.pt (default: none)")
+    conv.add_argument("--mapper", help="the released mapper.pt (default: none)")
+    conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth); required")
+    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                      help="precision of the written weights (default: fp16)")
 
-    tiny = sub.add_parser("make-tiny", help="write a complete tiny random model set (for tests and demos)")
-    tiny.add_argument("--out", required=True, help="output models folder")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = sub.add_parser("make-tiny", help="write a complete tiny random model set (for tests and demos)",
+                          formatter_class=_Formatter, epilog=TINY_EXAMPLES)
+    tiny.add_argument("--out", required=True, help="output models folder; required")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    from ..dataset.cli import add_dataset_parser  # the training-data commands live with the dataset package
+
+    add_dataset_parser(sub)
+    from ..evaluation.cli import add_best_of_args, add_evaluate_parser  # the metrics live with the evaluation package
+
+    add_best_of_args(gen)
+    add_evaluate_parser(sub)
     return parser
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", help="photo of the subject")
-    p.add_argument("--mask", help="subject mask (white/nonzero = subject); default: whole image or --bbox")
-    p.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="subject box in pixels")
-    p.add_argument("--prompt", help="text prompt, e.g. 'a dog running on the beach'")
-    p.add_argument("--word", help="the prompt's word naming the subject, e.g. 'dog'")
-    p.add_argument("--negative", default="None", help="unconditional prompt (official: the literal 'None')")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: the official respaced ancestral DDPM (default); others: diffusers samplers on the same schedule")
-    p.add_argument("--spacing", default="trailing", choices=SPACINGS, help="timestep spacing of the diffusers samplers")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--guidance", default="official", choices=("official", "all"),
-                   help="official: channels 0-2 guided, channel 3 conditional (as released); all: every channel")
-    p.add_argument("--seed", type=int, default=10)
+    """The generation flags: the subject and prompt, then every setting of :data:`settings.SETTINGS` (flag,
+    default, range, help and jobs key come from there), then the per-run flags."""
+    p.add_argument("--prompt", help="text prompt (required), e.g. 'a dog running on the beach'")
+    p.add_argument("--word", help="the prompt's word naming the subject, e.g. 'dog' (required with --image; matched "
+                                  "as a whole word, see --subject-match)")
+    p.add_argument("--image", help="photo of the subject (default: none, text-to-video)")
+    p.add_argument("--mask", help="subject mask, white/nonzero = subject (default: the photo's alpha channel if it has "
+                                  "one, else --bbox or the whole photo)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+                   help="subject box in pixels (default: the mask's box, or the whole photo)")
+    speed = p.add_argument_group("opt-in modes (each changes the video: speed modes and the image prompt's strength; "
+                                 "measured deviations in the README)")
+    for spec in SETTINGS.values():
+        group = speed if spec.section == "options" else p
+        if spec.kind == "bool":
+            action = "store_false" if spec.default else "store_true"
+            state = "runs" if spec.default else "off"
+            group.add_argument(spec.flag, dest=spec.key, action=action, default=spec.default,
+                               help=f"{spec.help} (default: {state})")
+            continue
+        kind = {"int": int, "float": float, "pair": float, "str": str}[spec.kind]
+        extra = {"nargs": 2, "metavar": ("START", "END")} if spec.kind == "pair" else {}
+        if spec.choices:
+            extra["choices"] = spec.choices
+        group.add_argument(spec.flag, dest=spec.key, type=kind, default=spec.default,
+                           help=f"{spec.help} (default: {spec.describe_default()})", **extra)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="UNet precision: fp32 (official numerics), bf16 (about 2x faster on CPUs with AVX-512 BF16), "
-                        "fp16 (GPUs only: very slow on CPUs)")
-    p.add_argument("--device", default="cpu")
-    speed = p.add_argument_group("opt-in speed modes (each changes the video; measured deviations in the README)")
-    speed.add_argument("--single-frame-image-prompt", action="store_true",
-                       help="run the image-prompt stream on one frame instead of all (about a quarter less compute)")
-    speed.add_argument("--image-prompt-steps", type=float, nargs=2, metavar=("START", "END"), default=None,
-                       help="inject the image prompt only in this fraction of the steps (official: 0 1; e.g. 0 0.5)")
-    speed.add_argument("--no-watermark-branch", action="store_true",
-                       help="skip the watermark-removal branch (the released model always runs it)")
+                        "fp16 (GPUs only: very slow on CPUs) (default: fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; must exist on this machine (default: cpu)")
     p.add_argument("--stream-weights", action="store_true",
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
-                        "memory; needs the UNet as .safetensors: see convert)")
-    p.add_argument("--fps", type=float, default=8.0)
+                        "memory; needs the UNet as .safetensors: see convert) (default: off)")
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -118,46 +181,31 @@ def _progress_callback(total_label: str):
 
 
 def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
-    from ..conditioning.image_prompt import load_image, load_mask
+    """The validated GenerationRequest of a ``generate`` command line, before any model loads: images and
+    masks read, every setting checked, the prompt measured against CLIP's 77 tokens with the models folder's
+    tokenizer, the device checked (:meth:`GenerationRequest.validate`)."""
+    from ..conditioning.image_prompt import load_mask, load_subject
+    from ..errors import PromptError
     from ..pipeline import GenerationRequest
+    from ..settings import load_prompt_tokenizer, settings_kwargs
 
     if not args.prompt:
-        raise VideoBoothError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
-    if (args.image is None) != (args.word is None):
-        raise VideoBoothError("--image and --word go together: give the subject's photo and the prompt's word naming it")
+        raise PromptError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
+
     def resolve(path: str) -> str | Path:
         return path if base_dir is None or Path(path).is_absolute() else base_dir / path
 
-    image = load_image(resolve(args.image)) if args.image else None
-    mask = load_mask(resolve(args.mask)) if args.mask else None
-    request = GenerationRequest(
-        prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
-        bbox=tuple(args.bbox) if args.bbox else None, negative_prompt=args.negative, frames=args.frames,
-        width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg, guidance=args.guidance,
-        seed=args.seed, sampler=args.sampler, spacing=getattr(args, "spacing", "trailing"), eta=getattr(args, "eta", 0.0),
-    )
-    request.options = _sampling_options(args)
-    request.validate()
-    if args.word is not None:  # fail on a word missing from the prompt before loading any model
-        from ..conditioning.text import substitute_subject
-
-        substitute_subject(args.prompt, args.word)
-    if image is not None:  # fail on a bad mask/bbox before loading any model
-        from ..conditioning.image_prompt import prepare_image_prompt
-
-        prepare_image_prompt(image, mask, request.bbox)
+    mask_path = resolve(args.mask) if args.mask else None
+    if args.image:
+        image, mask = load_subject(resolve(args.image), mask_path)
+    else:
+        image, mask = None, (load_mask(mask_path) if mask_path else None)
+    values = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    request = GenerationRequest(prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
+                                bbox=tuple(args.bbox) if args.bbox else None, **settings_kwargs(values))
+    tokenizer = load_prompt_tokenizer(args.models) if getattr(args, "models", None) else None
+    request.validate(tokenizer, getattr(args, "device", None))
     return request
-
-
-def _sampling_options(args: argparse.Namespace):
-    from ..pipeline import SamplingOptions
-
-    steps = getattr(args, "image_prompt_steps", None)
-    return SamplingOptions(
-        single_frame_image_prompt=getattr(args, "single_frame_image_prompt", False),
-        image_prompt_steps=tuple(steps) if steps else (0.0, 1.0),
-        watermark_branch=not getattr(args, "no_watermark_branch", False),
-    )
 
 
 def _speed_modes(options) -> list[str]:
@@ -192,16 +240,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
+        if args.best_of > 1:
+            raise VideoBoothError(f"--best-of {args.best_of} does not go with --jobs yet; generate the lines with "
+                                  "different seeds and rank them with `evaluate --manifest`, or run one line with "
+                                  "generate --best-of")
         return run_jobs(args)
     if not args.out:
-        raise VideoBoothError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
-    out = check_output_path(args.out)
+        raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
+    # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours
+    out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
     request = _request_from(args)
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
-    result = pipe.generate(request, callback=_progress_callback("sampling"))
-    write_frames(result.frames, out, args.fps)
+    if args.best_of > 1:  # N seeds scored by a metric model; the best is written, every seed is reported
+        from ..evaluation.cli import run_best_of
+
+        best = run_best_of(args, pipe, request)[0]
+        result, request.seed = best.result, best.seed  # the summary's seed alone reproduces the written video
+    else:
+        result = pipe.generate(request, callback=_progress_callback("sampling"))
+    write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
     print("done: " + _summary(result, request, time.perf_counter() - start, out, args))
     return 0
 
@@ -240,7 +299,20 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "make-tiny": cmd_make_tiny}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation.cli import cmd_evaluate as run
+
+    return run(args)
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from ..dataset.cli import cmd_dataset as run
+
+    return run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "make-tiny": cmd_make_tiny,
+            "dataset": cmd_dataset, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,8 +326,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except VideoBoothError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # no traceback reaches a user: one line, the traceback in a log file
+        memory = out_of_memory(error)
+        if memory is not None:
+            print(f"error: {_one_line(memory)}", file=sys.stderr)
+            return 2
+        log = _write_error_log(error, argv)
+        if args.verbose:
+            traceback.print_exc()
+        where = f"the full traceback is in {log}" if log else "no log file could be written; -v prints the traceback"
+        print(f"error: unexpected {type(error).__name__}: {_one_line(error)[:300]} ({where}; please include it "
+              "in a bug report)", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _write_error_log(error: BaseException, argv: list[str] | None) -> Path | None:
+    """Write the command line and the full traceback of ``error`` to a new file under the cache folder's
+    ``logs/`` (or the temporary folder); returns its path, or None when neither can be written."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = (f"command: {sys.argv[0]} {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"python: {sys.version.split()[0]}\n\n"
+            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    import tempfile
+
+    for folder in (_cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"videobooth-error-{stamp}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None

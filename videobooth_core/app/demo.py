@@ -44,7 +44,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .tiny import MARKER_FILE, make_tiny
     from .video_io import check_output_path, write_frames
 
-    out = check_output_path(args.out)
+    overwrite = getattr(args, "overwrite", False)
+    out = check_output_path(args.out, overwrite=overwrite)  # before any model loads or is written
     models = Path(args.models)
     tiny = False
     try:
@@ -72,6 +73,6 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_files(files, dtype="fp32", device=args.device)
     result = pipe.generate(request, callback=_progress_callback("sampling"))
-    write_frames(result.frames, out, fps=8.0)
+    write_frames(result.frames, out, fps=8.0, overwrite=overwrite)
     print("done: " + _summary(result, request, time.perf_counter() - start, out, args))
     return 0

@@ -5,40 +5,53 @@ The jobs file holds one JSON object per line, with keys named like the command l
     {"id": "dog", "prompt": "a dog running on the beach", "word": "dog", "image": "dog.jpg", "mask": "dog_mask.png"}
     {"prompt": "a cat sleeping on a sofa", "frames": 16, "steps": 50, "seed": 3, "out": "cat.mp4"}
 
-Keys: ``prompt`` (required), ``word``, ``image``, ``mask``, ``bbox`` ([x1, y1, x2, y2]), ``negative``, ``frames``,
-``width``, ``height``, ``steps``, ``sampler``, ``cfg``, ``guidance``, ``seed``, ``fps``, ``out`` and ``id``.
-Settings a line leaves out come from the command line (``--steps 50`` sets every job's default). ``id``
+Keys: ``prompt`` (required), ``word``, ``image``, ``mask``, ``bbox`` ([x1, y1, x2, y2]), ``out``, ``id``, and
+every setting of :data:`videobooth_core.settings.SETTINGS` under its flag's name: ``negative``, ``frames``,
+``width``, ``height``, ``steps``, ``sampler``, ``spacing``, ``eta``, ``cfg``, ``guidance``, ``seed``, ``padding``,
+``subject_match``, ``fps``, ``single_frame_image_prompt`` (true/false), ``image_prompt_steps`` ([start, end]),
+``watermark_branch`` (false = ``--no-watermark-branch``) and ``image_prompt_strength``. Settings a line leaves out
+come from the command line (``--steps 50`` sets every job's default); ``--dtype``, ``--device`` and
+``--stream-weights`` hold for the whole run. ``id``
 defaults to the line number, zero-padded (``00001``); ``out`` defaults to ``<id>.gif`` and is relative to
 ``--out-dir`` (``.mp4``, ``.gif``, ``.webp``, or no suffix for a folder of PNG frames). Relative image and
 mask paths are resolved against the jobs file's folder. Blank lines are ignored.
 
-Every line is validated (JSON, keys, values, images, masks, subject words) before anything is written: the
+Every line is validated (JSON, keys, values, images, masks, subject words, the prompt's fit in CLIP's 77 tokens
+with the models folder's tokenizer) and the device checked before anything is written or any model loads: the
 first problem ends the run with exit code 2 and one line naming the line number.
 
 Under ``torchrun`` the jobs are sharded across the ranks (job ``i`` goes to rank ``i % WORLD_SIZE``), one
 device per rank (``--device cuda`` becomes ``cuda:LOCAL_RANK``; CPU ranks work too). Each rank loads the
 pipeline once, and only if it has work left.
 
-Resuming. Each finished item gets an output (written atomically by :func:`video_io.write_frames`) and then a
-done-record ``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item
-is skipped when its output and its done-record both exist and the record's settings match the job's, so a
-killed run restarted with the same command redoes only unfinished items; a job whose line changed is redone.
-``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank);
-it is rebuilt from the done-records - under an exclusive file lock, after every item and at the end, and by
-rank 0 once more after all ranks have finished - so concurrent ranks never lose each other's entries.
-Temporary files left by a killed run (``.videobooth-*`` folders, ``*.partial`` files) are removed on start,
-so one output folder serves one run at a time (the ranks of one torchrun launch count as one run).
+Outputs. ``out`` names a new path inside ``--out-dir`` (relative, no ``..``, no hidden names, not the folder
+itself). Before any model loads, every output that already exists is refused unless this job wrote it (its
+done-record or its claim, see below, names it) or ``--overwrite`` is given; even then a folder is replaced
+only when it holds nothing but PNG frames, so other jobs' and the user's files are never replaced.
 
-A line whose problem only shows with the models loaded (a subject word past CLIP's 77 tokens) is reported
-on its own ``error:`` line; the other jobs go on, the run exits with 1 and the next run retries that line.
-Missing or broken weights end the run (exit 2) before anything is written.
+Resuming. Before writing its output an item records a claim ``OUT/.videobooth/claims/<id>.json``; the output
+is written atomically by :func:`video_io.write_frames`, then the done-record ``OUT/.videobooth/done/<id>.json``
+(written atomically: temporary file, ``os.replace``). An item is skipped when its output and its done-record
+both exist and the record's settings match the job's, so a killed run restarted with the same command redoes
+only unfinished items; a job whose line changed is redone (replacing its own earlier output).
+``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank)
+and every failed one (id, line, output, error); it is rebuilt from the records - under an exclusive file lock
+(``filelock``), after every item and at the end, and by rank 0 once more after all ranks have finished - so
+concurrent ranks never lose each other's entries. Temporary files left by a killed run (``.videobooth-*.partial``
+files and folders) are removed on start, so one output folder serves one run at a time (the ranks of one
+torchrun launch count as one run).
+
+A job that fails at run time (out of memory; a failed write; a problem only visible with the models loaded) is
+reported on its own ``error:`` line and recorded with its reason in ``OUT/.videobooth/failed/<id>.json`` and the
+manifest's ``failed`` list; the other jobs go on, the run exits with 1 and the next run retries it. Missing or
+broken weights end the run (exit 2) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -47,7 +60,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,18 +67,22 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import VideoBoothError
+from ..errors import JobsError, OutputError, VideoBoothError, explain, out_of_memory
+from ..files import check_target, is_temporary, write_json_atomic
+from ..settings import SETTINGS as GENERATION_SETTINGS
+from ..settings import Setting, check_device, load_prompt_tokenizer, settings_kwargs
 
 logger = logging.getLogger(__name__)
 
 STATE_DIR = ".videobooth"
-"""Folder (inside --out-dir) holding the done-records and the manifest lock."""
+"""Folder (inside --out-dir) holding the done-records, claims, failure records and the manifest lock."""
 DONE_DIR = f"{STATE_DIR}/done"
+CLAIMS_DIR = f"{STATE_DIR}/claims"
+"""Written before an item's output: proves on a rerun that an output without a done-record is this job's."""
+FAILED_DIR = f"{STATE_DIR}/failed"
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-TEMP_PREFIX = ".videobooth-"
-"""Prefix of video_io.write_frames' temporary folders (and of this module's temporary files)."""
-PARTIAL_SUFFIX = ".partial"
+MANIFEST_VERSION = 2
+"""2: the manifest gained the ``failed`` list."""
 DEFAULT_SUFFIX = ".gif"
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
@@ -74,31 +90,16 @@ DIST_TIMEOUT = timedelta(days=7)
 """Ranks wait for each other at the end; a shard can take hours with real weights (torchrun stops every
 rank as soon as one fails, so a long timeout never leaves a rank hanging on a dead one)."""
 
-# key -> (kind, CLI attribute giving its default, fallback default)
-SETTINGS: dict[str, tuple[str, str, Any]] = {
-    "negative": ("str", "negative", "None"),
-    "frames": ("int", "frames", 16),
-    "width": ("int", "width", 256),
-    "height": ("int", "height", 256),
-    "steps": ("int", "steps", 250),
-    "sampler": ("str", "sampler", "ddpm"),
-    "cfg": ("float", "cfg", 4.0),
-    "guidance": ("str", "guidance", "official"),
-    "seed": ("int", "seed", 10),
-    "fps": ("float", "fps", 8.0),
-}
-# Optional request fields, accepted only when the pipeline's GenerationRequest has them.
-OPTIONAL_SETTINGS: dict[str, tuple[str, str, Any]] = {
-    "spacing": ("str", "spacing", "trailing"),
-    "eta": ("float", "eta", 0.0),
-}
+SETTINGS: dict[str, Setting] = GENERATION_SETTINGS
+"""Every setting a line may set, by key (``cfg``, ``steps``, ``single_frame_image_prompt``...): the command
+line's flags, derived from :mod:`videobooth_core.settings`; a flag given with --jobs is every line's default."""
+FINGERPRINT_V1_KEYS = ("negative", "frames", "width", "height", "steps", "sampler", "cfg", "guidance", "seed", "fps",
+                       "spacing", "eta")
+"""Settings of the first jobs format. Later settings enter a job's fingerprint only when they differ from their
+default, so the done-records of earlier runs stay valid (a resume does not redo finished items)."""
 SUBJECT_KEYS = ("prompt", "word", "image", "mask", "bbox")
 CLI_ONLY_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "mask": "--mask", "bbox": "--bbox", "out": "--out"}
-PER_RUN_KEYS = ("dtype", "device", "models")
-
-
-class JobsError(VideoBoothError):
-    """The jobs file, or one of its lines, cannot be used."""
+PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "best_of", "rank_by", "clip", "dino")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Job:
     mask: str | None
     bbox: tuple[float, float, float, float] | None
     settings: dict[str, Any]
-    """negative, frames, width, height, steps, sampler, cfg, guidance, seed, fps (+ spacing, eta)."""
+    """Every key of :data:`SETTINGS` (the line's value, else the command line's, else the default)."""
 
     def describe(self) -> dict[str, Any]:
         """The job's full settings, as recorded in done-records and the manifest."""
@@ -128,45 +129,47 @@ class Job:
 
     def fingerprint(self, dtype: str) -> str:
         """Hash of everything that determines the output (so a changed line is redone, not skipped)."""
-        spec = {**self.describe(), "out": self.out, "dtype": dtype}
+        spec = {key: value for key, value in self.describe().items()
+                if key not in SETTINGS or key in FINGERPRINT_V1_KEYS or value != SETTINGS[key].default}
+        spec.update(out=self.out, dtype=dtype)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- reading and validating the jobs file -------------------------------------------------------------
-def _request_fields() -> set[str]:
-    from ..pipeline import GenerationRequest
-
-    return {f.name for f in dataclasses.fields(GenerationRequest)}
-
-
-def _setting_specs() -> dict[str, tuple[str, str, Any]]:
-    fields = _request_fields()
-    specs = dict(SETTINGS)
-    specs.update({k: v for k, v in OPTIONAL_SETTINGS.items() if k in fields})
-    return specs
-
-
-def _check_value(key: str, kind: str, value: Any, where: str) -> Any:
-    if kind == "str":
-        if not isinstance(value, str):
-            raise JobsError(f"{where}: {key!r} must be a string, got {json.dumps(value)}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+def _check_value(key: str, value: Any, where: str) -> Any:
+    """A line's JSON value converted to the setting's kind and checked against its range (settings.py)."""
+    spec = SETTINGS[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec.kind == "int":
+        if not number or (isinstance(value, float) and not value.is_integer()):
             raise JobsError(f"{where}: {key!r} must be a whole number, got {json.dumps(value)}")
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise JobsError(f"{where}: {key!r} must be a number, got {json.dumps(value)}")
-    return float(value)
+        value = int(value)
+    elif spec.kind == "float":
+        if not number:
+            raise JobsError(f"{where}: {key!r} must be a number, got {json.dumps(value)}")
+        value = float(value)
+    elif spec.kind == "bool" and not isinstance(value, bool):
+        raise JobsError(f"{where}: {key!r} must be true or false, got {json.dumps(value)}")
+    elif spec.kind == "str" and not isinstance(value, str):
+        raise JobsError(f"{where}: {key!r} must be a string, got {json.dumps(value)}")
+    elif spec.kind == "pair":
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise JobsError(f"{where}: {key!r} must be two numbers [start, end], got {json.dumps(value)}")
+        value = (float(value[0]), float(value[1]))
+    try:
+        return spec.check(value)
+    except VideoBoothError as error:
+        raise JobsError(f"{where}: {error}") from None
 
 
 def _check_out(out: Any, where: str) -> str:
     if not isinstance(out, str) or not out.strip():
         raise JobsError(f"{where}: 'out' must be a file name such as \"clip.mp4\", got {json.dumps(out)}")
     path = Path(out)
-    if path.is_absolute() or ".." in path.parts or any(p.startswith(".") for p in path.parts):
-        raise JobsError(f"{where}: 'out' must be a relative path inside --out-dir without '..' or hidden "
-                        f"names, got {out!r}")
+    if not path.parts or path.is_absolute() or ".." in path.parts or any(p.startswith(".") for p in path.parts):
+        raise JobsError(explain(f"{where}: 'out' must name a new path inside --out-dir (relative, not the folder "
+                                "itself, no '..' or hidden names)", out, 'e.g. "out": "clip.gif"'))
     if path.suffix and path.suffix.lower() not in VIDEO_SUFFIXES:
         raise JobsError(f"{where}: unsupported output {out!r}: use .mp4, .gif or .webp, or a name without a "
                         "suffix for a folder of PNG frames")
@@ -185,11 +188,11 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     where = f"line {line}"
     if not isinstance(obj, dict):
         raise JobsError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
-    specs = _setting_specs()
-    allowed = ("id", "out", *SUBJECT_KEYS, *specs)
+    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS)
     for key in obj:
         if key in PER_RUN_KEYS:
-            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key} on the command line")
+            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
+                            "line")
         if key not in allowed:
             raise JobsError(f"{where}: unknown key {key!r}; the keys are {', '.join(allowed)}")
     job_id = obj.get("id", f"{line:05d}")
@@ -217,58 +220,59 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
             raise JobsError(f"{where}: 'bbox' must be 4 numbers [x1, y1, x2, y2] in pixels, got {json.dumps(bbox)}")
         bbox = tuple(float(v) for v in bbox)
-    settings = {}
-    for key, (kind, _attr, _fallback) in specs.items():
-        settings[key] = _check_value(key, kind, obj[key], where) if key in obj else defaults[key]
-    if settings["fps"] <= 0:
-        raise JobsError(f"{where}: 'fps' must be positive, got {settings['fps']}")
-    if not 0 <= settings["seed"] < 2**63:
-        raise JobsError(f"{where}: 'seed' must be between 0 and 2**63 - 1, got {settings['seed']}")
+    settings = {key: _check_value(key, obj[key], where) if key in obj else defaults[key] for key in SETTINGS}
     out = _check_out(obj.get("out", f"{job_id}{DEFAULT_SUFFIX}"), where)
     return Job(index=index, line=line, id=job_id, out=out, prompt=prompt, word=word, image=image, mask=mask,
                bbox=bbox, settings=settings)
 
 
 def build_request(job: Job):
-    """The pipeline request of ``job`` (images loaded from disk)."""
-    from ..conditioning.image_prompt import load_image, load_mask
+    """The pipeline request of ``job`` (images and masks loaded from disk; a cut-out's alpha is its mask)."""
+    from ..conditioning.image_prompt import load_subject
     from ..pipeline import GenerationRequest
 
-    fields = _request_fields()
-    extra = {k: job.settings[k] for k in ("sampler", *OPTIONAL_SETTINGS) if k in job.settings and k in fields}
-    image = load_image(job.image) if job.image else None
-    mask = load_mask(job.mask) if job.mask else None
-    return GenerationRequest(
-        prompt=job.prompt, subject_word=job.word, image=image, mask=mask, bbox=job.bbox,
-        negative_prompt=job.settings["negative"], frames=job.settings["frames"], width=job.settings["width"],
-        height=job.settings["height"], steps=job.settings["steps"], cfg_scale=job.settings["cfg"],
-        guidance=job.settings["guidance"], seed=job.settings["seed"], **extra,
-    )
+    image, mask = load_subject(job.image, job.mask) if job.image else (None, None)
+    return GenerationRequest(prompt=job.prompt, subject_word=job.word, image=image, mask=mask, bbox=job.bbox,
+                             **settings_kwargs(job.settings))
 
 
-def check_job(job: Job) -> None:
-    """Everything that can be checked without the models: settings, images, masks, boxes, subject word."""
-    from ..conditioning.image_prompt import prepare_image_prompt
-    from ..conditioning.text import substitute_subject
-
+def check_job(job: Job, tokenizer: Any = None) -> None:
+    """Everything that can be checked without the models (:meth:`GenerationRequest.validate`): settings,
+    images, masks, boxes, the subject word, and with ``tokenizer`` the prompt's fit in CLIP's 77 tokens."""
     where = f"line {job.line} (job {job.id})"
     try:
-        request = build_request(job)
-        request.validate()
-        if request.image is not None:
-            prepare_image_prompt(request.image, request.mask, request.bbox)
-            substitute_subject(job.prompt, job.word)
+        build_request(job).validate(tokenizer)
     except JobsError:
         raise
     except VideoBoothError as error:
         raise JobsError(f"{where}: {error}") from None
 
 
-def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, check_files: bool = True) -> list[Job]:
-    """Read and validate every line of a jobs file; JobsError names the first bad line."""
+def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """Every setting's default for the lines: the command line's value where given (checked), else settings.py's."""
+    merged = {}
+    for key, spec in SETTINGS.items():
+        value = (defaults or {}).get(key)
+        if value is None:
+            merged[key] = spec.default
+            continue
+        try:
+            merged[key] = spec.check(tuple(value) if spec.kind == "pair" else value)
+        except VideoBoothError as error:
+            raise JobsError(f"{spec.flag} (the default of every job): {error}") from None
+    return merged
+
+
+def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, check_files: bool = True,
+              tokenizer: Any = None, device: Any = None) -> list[Job]:
+    """Read and validate every line of a jobs file; JobsError names the first bad line.
+
+    ``defaults``: settings by key (the command line's flags). With ``check_files`` every job is also checked as
+    :func:`check_job` does (with ``tokenizer``, the prompts against CLIP's 77 tokens); ``device`` must exist."""
     path = Path(path)
-    specs = _setting_specs()
-    defaults = {k: (defaults or {}).get(k, fallback) for k, (_kind, _attr, fallback) in specs.items()}
+    if device is not None:
+        check_device(device)
+    defaults = _line_defaults(defaults)
     if not path.is_file():
         raise JobsError(f"jobs file not found: {path}")
     try:
@@ -305,7 +309,7 @@ def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, c
                                 f"of line {outs[parent.as_posix()]}")
     if check_files:
         for job in jobs:
-            check_job(job)
+            check_job(job, tokenizer)
         if any(job.out.lower().endswith(".mp4") for job in jobs):
             try:
                 import imageio_ffmpeg  # noqa: F401
@@ -316,33 +320,20 @@ def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, c
 
 
 # -- files -------------------------------------------------------------------------------------------------
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` atomically (a synced temporary file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def done_record_path(out_dir: Path, job_id: str) -> Path:
     return out_dir / DONE_DIR / f"{job_id}.json"
 
 
-def read_done_record(out_dir: Path, job: Job) -> dict[str, Any] | None:
+def _read_record(path: Path, job: Job) -> dict[str, Any] | None:
     try:
-        record = json.loads(done_record_path(out_dir, job.id).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("id") == job.id else None
+
+
+def read_done_record(out_dir: Path, job: Job) -> dict[str, Any] | None:
+    return _read_record(done_record_path(out_dir, job.id), job)
 
 
 def finished_record(out_dir: Path, job: Job, dtype: str) -> dict[str, Any] | None:
@@ -353,16 +344,58 @@ def finished_record(out_dir: Path, job: Job, dtype: str) -> dict[str, Any] | Non
     return record if (out_dir / job.out).exists() else None
 
 
+def failed_record(out_dir: Path, job: Job, dtype: str) -> dict[str, Any] | None:
+    """The job's failure record if its last run failed with the job's current settings."""
+    record = _read_record(out_dir / FAILED_DIR / f"{job.id}.json", job)
+    return record if record is not None and record.get("fingerprint") == job.fingerprint(dtype) else None
+
+
+def owns_output(out_dir: Path, job: Job) -> bool:
+    """True if ``job`` (same id, same ``out``) wrote its existing output: its done-record or its claim names it."""
+    for folder in (DONE_DIR, CLAIMS_DIR):
+        record = _read_record(out_dir / folder / f"{job.id}.json", job)
+        if record is not None and record.get("output") == job.out:
+            return True
+    return False
+
+
+def check_outputs(out_dir: Path, jobs: list[Job], dtype: str, overwrite: bool = False) -> set[str]:
+    """Refuse, before any model loads, every unfinished job whose output would replace something it did not
+    write (a user's file or folder, another job's output) unless ``overwrite``, and any folder holding more than
+    PNG frames. Returns the ids of the jobs allowed to replace their existing output."""
+    from .video_io import is_frame_folder
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(explain("--out-dir is a file, not a folder", out_dir, "name a folder for the outputs"))
+    replace: set[str] = set()
+    for job in jobs:
+        target = out_dir / job.out
+        if not (target.exists() or target.is_symlink()) or finished_record(out_dir, job, dtype) is not None:
+            continue
+        owned = owns_output(out_dir, job)
+        if not (owned or overwrite):
+            raise OutputError(explain(f"line {job.line} (job {job.id}): its output already exists in --out-dir and "
+                                      "was not written by this job", job.out,
+                                      "choose another 'out', or pass --overwrite to replace it"))
+        try:
+            check_target(target, overwrite=True, replaceable=is_frame_folder, folder=not Path(job.out).suffix)
+        except OutputError as error:
+            raise OutputError(f"line {job.line} (job {job.id}): {error}") from None
+        replace.add(job.id)
+    return replace
+
+
 def cleanup_stale(out_dir: Path, jobs: list[Job]) -> list[Path]:
-    """Remove temporary files of an interrupted run: write_frames' ``.videobooth-*`` folders next to the
-    outputs and this module's ``*.partial`` files. Call it before any rank starts writing."""
-    folders = {out_dir, out_dir / DONE_DIR, *((out_dir / job.out).parent for job in jobs)}
+    """Remove temporary files of an interrupted run (``files.atomic_path``'s ``.videobooth-*.partial`` files and
+    folders) next to the outputs and in the state folders. Call it before any rank starts writing."""
+    folders = {out_dir, out_dir / DONE_DIR, out_dir / CLAIMS_DIR, out_dir / FAILED_DIR,
+               *((out_dir / job.out).parent for job in jobs)}
     removed = []
     for folder in sorted(folders):
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():
-            if entry.name.startswith(TEMP_PREFIX) or entry.name.endswith(PARTIAL_SUFFIX):
+            if is_temporary(entry):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
@@ -372,33 +405,27 @@ def cleanup_stale(out_dir: Path, jobs: list[Job]) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def _manifest_lock(out_dir: Path) -> Iterator[None]:
-    """An exclusive lock serialising manifest rebuilds across ranks (no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
+def _manifest_lock(out_dir: Path):
+    """An exclusive lock serialising manifest rebuilds across ranks (and processes)."""
+    from filelock import FileLock
+
     lock_path = out_dir / STATE_DIR / "manifest.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return FileLock(str(lock_path))
 
 
 def rebuild_manifest(out_dir: Path, jobs: list[Job], jobs_file: Path, models: str, dtype: str) -> dict[str, Any]:
-    """Rewrite ``manifest.json`` from the done-records (atomically, under the lock). Every rank writes its
-    done-record before rebuilding, and rebuilds are serialised, so the last rebuild lists every item."""
+    """Rewrite ``manifest.json`` from the done- and failure records (atomically, under the lock). Every rank
+    writes its records before rebuilding, and rebuilds are serialised, so the last rebuild lists every item."""
     with _manifest_lock(out_dir):
-        items, pending = [], []
+        items, pending, failed = [], [], []
         for job in jobs:
             record = finished_record(out_dir, job, dtype)
             if record is None:
                 pending.append(job.id)
+                failure = failed_record(out_dir, job, dtype)
+                if failure is not None:
+                    failed.append({k: failure.get(k) for k in ("id", "line", "output", "error", "failed_at")})
             else:
                 items.append({k: v for k, v in record.items() if k != "fingerprint"})
         manifest = {
@@ -410,10 +437,11 @@ def rebuild_manifest(out_dir: Path, jobs: list[Job], jobs_file: Path, models: st
             "finished": len(items),
             "complete": not pending,
             "pending": pending,
+            "failed": failed,
             "items": items,
             "updated_at": _now(),
         }
-        atomic_write_json(out_dir / MANIFEST, manifest)
+        write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -493,8 +521,8 @@ def _peak_memory(device: str) -> dict[str, float]:
 
 # -- the run ----------------------------------------------------------------------------------------------
 def _defaults_from(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, attr, fallback) if getattr(args, attr, None) is not None else fallback
-            for key, (_kind, attr, fallback) in _setting_specs().items()}
+    """Every line's defaults: the command line's setting flags (each setting's dest is its jobs key)."""
+    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -512,9 +540,11 @@ def run_jobs(args: argparse.Namespace) -> int:
     jobs_file = Path(args.jobs)
     out_dir = Path(args.out_dir)
     dtype = getattr(args, "dtype", "fp32") or "fp32"
-    jobs = load_jobs(jobs_file, _defaults_from(args))  # validates every line before anything is written
-    if out_dir.exists() and not out_dir.is_dir():
-        raise JobsError(f"--out-dir {out_dir} exists and is not a folder")
+    # validates every line (with the models folder's tokenizer, cheap) and the device before anything is written
+    jobs = load_jobs(jobs_file, _defaults_from(args), tokenizer=load_prompt_tokenizer(args.models),
+                     device=getattr(args, "device", None))
+    # before any model loads: no output replaces what this batch did not write (unless --overwrite)
+    replace = check_outputs(out_dir, jobs, dtype, overwrite=getattr(args, "overwrite", False))
     device = rank_device(getattr(args, "device", "cpu") or "cpu", local_rank, world)
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
 
@@ -544,7 +574,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         done = failed = 0
         if todo:
             done, failed = _generate_all(pipe, args.models, todo, len(mine), out_dir, jobs, jobs_file, dtype, device,
-                                         rank, world, tag)
+                                         rank, world, tag, replace)
         rebuild_manifest(out_dir, jobs, jobs_file, args.models, dtype)
         if dist is not None:
             dist.barrier()  # every rank's done-records are written
@@ -573,22 +603,33 @@ def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weight
 
 
 def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path, jobs: list[Job], jobs_file: Path,
-                  dtype: str, device: str, rank: int, world: int, tag: str) -> tuple[int, int]:
-    from .cli import _progress_callback
-    from .video_io import write_frames
-
+                  dtype: str, device: str, rank: int, world: int, tag: str,
+                  replace: set[str] | None = None) -> tuple[int, int]:
+    """Generate and write ``todo`` in order; a job that fails at run time is recorded and the rest go on.
+    Returns (done, failed)."""
     done = failed = 0
     for number, job in enumerate(todo, start=1):
         item_start = time.perf_counter()
+        memory = False
         try:
-            request = build_request(job)
-            result = pipe.generate(request, callback=_progress_callback(f"{tag}{job.id} ({number}/{len(todo)})"))
-            output = out_dir / job.out
-            output.parent.mkdir(parents=True, exist_ok=True)
-            write_frames(result.frames, output, job.settings["fps"])
-        except VideoBoothError as error:  # bad input only detectable with the models: report, go on
+            result = _generate_one(pipe, job, out_dir, f"{tag}{job.id} ({number}/{len(todo)})",
+                                   overwrite=job.id in (replace or ()))
+        except Exception as error:  # noqa: BLE001 - classified below; anything unknown is re-raised
+            reason = _failure_reason(error)
+            if reason is None:
+                raise
+            memory = out_of_memory(error) is not None
+        else:
+            reason = None
+        if reason is not None:
+            if memory:
+                _free_memory(device)
             failed += 1
-            print(f"{tag}error: line {job.line} (job {job.id}): {error}", file=sys.stderr, flush=True)
+            print(f"{tag}error: line {job.line} (job {job.id}): {reason}", file=sys.stderr, flush=True)
+            write_json_atomic(out_dir / FAILED_DIR / f"{job.id}.json", {
+                "id": job.id, "line": job.line, "output": job.out, "error": reason, "rank": rank,
+                "failed_at": _now(), "fingerprint": job.fingerprint(dtype)})
+            rebuild_manifest(out_dir, jobs, jobs_file, models, dtype)
             continue
         seconds = time.perf_counter() - item_start
         record = {
@@ -597,7 +638,10 @@ def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path
             "seconds": round(seconds, 2), "rank": rank, "world_size": world, "device": device,
             "finished_at": _now(), "fingerprint": job.fingerprint(dtype),
         }
-        atomic_write_json(done_record_path(out_dir, job.id), record)  # after the output: done means done
+        write_json_atomic(done_record_path(out_dir, job.id), record)  # after the output: done means done
+        for stale in (out_dir / CLAIMS_DIR / f"{job.id}.json", out_dir / FAILED_DIR / f"{job.id}.json"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         rebuild_manifest(out_dir, jobs, jobs_file, models, dtype)
         done += 1
         print(f"{tag}done {job.id} ({number}/{len(todo)}, {n_mine} on this rank): " + json.dumps({
@@ -607,3 +651,40 @@ def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path
             "seed": job.settings["seed"], "prompt_used": result.prompt_used,
         }), flush=True)
     return done, failed
+
+
+def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool):
+    """Generate ``job`` and write its output (claimed first, so that a rerun after a kill between the output
+    and its done-record knows the output is this job's)."""
+    from .cli import _progress_callback
+    from .video_io import write_frames
+
+    result = pipe.generate(build_request(job), callback=_progress_callback(label))
+    output = out_dir / job.out
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / CLAIMS_DIR / f"{job.id}.json", {"id": job.id, "output": job.out, "claimed_at": _now()})
+    write_frames(result.frames, output, job.settings["fps"], overwrite=overwrite)
+    return result
+
+
+def _failure_reason(error: Exception) -> str | None:
+    """One line saying why a job failed, for failures of one job (bad input only visible with the models loaded,
+    out of memory, a failed write); None for anything else (a bug: the run stops and the CLI logs it)."""
+    memory = out_of_memory(error)
+    if memory is not None:
+        return str(memory)
+    if isinstance(error, VideoBoothError):
+        return " ".join(str(error).split())
+    if isinstance(error, OSError):
+        return explain("a file could not be written", " ".join(str(error).split()),
+                       "check free space and permissions of --out-dir")
+    return None
+
+
+def _free_memory(device: str) -> None:
+    """Give back what a job that ran out of memory held, so that the next (perhaps smaller) job can run."""
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

@@ -53,16 +53,60 @@ def load_image(path: PathLike) -> torch.Tensor:
     """Decode an image file to an RGB uint8 tensor of shape (H, W, 3), values 0..255.
 
     Grayscale, palette and RGBA/LA images go through Pillow's ``convert("RGB")``: alpha is dropped, not
-    composited (transparent pixels keep their stored colour). 16-bit grayscale ("I;16", "I") is scaled
-    to 8 bits (v / 257, rounded). EXIF orientation is not applied: boxes refer to the stored pixels.
+    composited (transparent pixels keep their stored colour); :func:`load_subject` uses it as the mask.
+    16-bit grayscale ("I;16", "I") is scaled to 8 bits (v / 257, rounded). EXIF orientation is not
+    applied: boxes refer to the stored pixels.
     """
-    img = _open(path, "image")
+    return _rgb(_open(path, "image"))
+
+
+def _rgb(img) -> torch.Tensor:
     if img.mode.startswith("I"):
         # Pillow's own I -> RGB conversion clips at 255 instead of rescaling 16-bit data.
         a = np.asarray(img, dtype=np.float64)
         a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
         return torch.from_numpy(np.repeat(a[:, :, None], 3, axis=2).copy())
     return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8))
+
+
+def _alpha_mask(img) -> Optional[torch.Tensor]:
+    """(H, W) bool, True where the picture is not fully transparent, or None when the image has no alpha
+    channel (or a transparency key) or is fully opaque (an alpha channel that says nothing)."""
+    if "A" in img.getbands():
+        alpha = np.asarray(img.getchannel("A"))
+    elif "transparency" in img.info:
+        alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+    else:
+        return None
+    if alpha.min() == 255:
+        return None
+    return torch.from_numpy(np.array(alpha != 0))  # like masks: only exact zeros are background
+
+
+def load_subject(image_path: PathLike, mask_path: Optional[PathLike] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The subject's photo (H, W, 3) uint8 and its mask (H, W) bool or None, ready for the image prompt.
+
+    The mask comes from ``mask_path`` when given (:func:`load_mask`); otherwise a photo with a real alpha
+    channel (a cut-out PNG) uses it: its non-transparent pixels are the subject (logged), so the background
+    hidden by the alpha is never used. A fully opaque alpha channel is ignored (no mask).
+    """
+    img = _open(image_path, "image")
+    image = _rgb(img)
+    if mask_path is not None:
+        return image, load_mask(mask_path)
+    alpha = _alpha_mask(img)
+    if alpha is not None:
+        if not bool(alpha.any()):
+            raise ImagePromptError(
+                f"the image '{image_path}' is fully transparent: its alpha channel hides every pixel; use a photo "
+                "in which the subject is visible (or give a mask)."
+            )
+        from ..settings import log_once
+
+        log_once(f"the image '{image_path}' has an alpha channel and no mask was given: its non-transparent pixels "
+                 "are used as the subject mask (the transparent background is painted white, as masks do); give a "
+                 "mask to choose the subject yourself", __name__)
+    return image, alpha
 
 
 def load_mask(path: PathLike) -> torch.Tensor:

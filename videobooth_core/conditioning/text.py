@@ -15,11 +15,17 @@ from typing import Any
 import torch
 
 from ..errors import PromptError
+from ..models.config import NUM_MAPPER_LEVELS
 
 PLACEHOLDER_WORD = "sdksd"
 NULL_PROMPT = "None"
 """The official unconditional prompt is the literal string "None", not the empty string."""
 MAX_TOKENS = 77
+WHOLE_WORD = "whole-word"
+OFFICIAL_SUBSTRING = "official-substring"
+SUBJECT_MATCHES = (WHOLE_WORD, OFFICIAL_SUBSTRING)
+"""How the subject word is found in the prompt (see :func:`substitute_subject`)."""
+DROPPED_WORDS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -32,23 +38,38 @@ class SubjectPrompt:
     placeholder_ids: tuple[int, ...]
 
 
-def substitute_subject(prompt: str, subject_word: str) -> str:
-    """Lower-case ``prompt`` and replace every occurrence of ``subject_word`` by the placeholder.
+def substitute_subject(prompt: str, subject_word: str, match: str = WHOLE_WORD) -> str:
+    """Lower-case ``prompt`` and replace the subject word by the placeholder wherever it occurs.
 
-    Replacement is a plain substring replacement, as the official code does ("pandas" → "sdksds").
-    Raises PromptError if the word is empty or not in the prompt.
+    ``match="whole-word"`` (default) replaces whole words only: with the word "dog", "a dog's hotdog" becomes
+    "a sdksd's hotdog". ``match="official-substring"`` is the official code's plain substring replacement
+    ("hotdog" becomes "hotsdksd", "pandas" becomes "sdksds"). Several words ("teddy bear") match across any
+    whitespace. Raises PromptError if the word is empty or not in the prompt (listing the prompt's words).
     """
+    if not isinstance(subject_word, str) or not isinstance(prompt, str):
+        raise PromptError(f"the prompt and the subject word must be strings, got {prompt!r} and {subject_word!r}")
+    if match not in SUBJECT_MATCHES:
+        raise PromptError(f"unknown subject_match {match!r}; choose one of {', '.join(SUBJECT_MATCHES)}")
     word = subject_word.strip().lower()
     if not word:
         raise PromptError("the subject word is empty; give the word of the prompt that names the subject, e.g. 'dog'")
     lowered = prompt.lower()
-    if word not in lowered:
+    if match == OFFICIAL_SUBSTRING:
+        text, count = lowered.replace(word, PLACEHOLDER_WORD), lowered.count(word)
+    else:
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+        text, count = re.subn(pattern, PLACEHOLDER_WORD, lowered)
+    if not count:
         words = re.findall(r"[\w'-]+", lowered)
+        inside = [w for w in dict.fromkeys(words) if word in w]
+        hint = (f" (it only appears inside {', '.join(repr(w) for w in inside)}: the subject word must be a whole "
+                f"word; subject_match='{OFFICIAL_SUBSTRING}' replaces inside words as the official code did)"
+                if inside else "")
         raise PromptError(
-            f"the subject word {subject_word!r} is not in the prompt {prompt!r}; "
+            f"the subject word {subject_word!r} is not in the prompt {prompt!r}{hint}; "
             f"use one of the prompt's words: {', '.join(repr(w) for w in dict.fromkeys(words)) or '(none)'}"
         )
-    return lowered.replace(word, PLACEHOLDER_WORD)
+    return text
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -57,17 +78,77 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return ids.to(torch.long)
 
 
-def prepare_subject_prompt(tokenizer: Any, prompt: str, subject_word: str) -> SubjectPrompt:
-    """Substitute the placeholder and tokenise; errors if the placeholder falls past the 77-token limit."""
-    text = substitute_subject(prompt, subject_word)
-    ids = tokenize(tokenizer, text)
-    placeholder = tuple(int(i) for i in tokenizer(PLACEHOLDER_WORD, add_special_tokens=False).input_ids)
-    if not (ids[0] == placeholder[0]).any():
+def placeholder_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The token ids of the placeholder word (3 with CLIP's vocabulary: "sd", "k", "sd</w>")."""
+    return tuple(int(i) for i in tokenizer(PLACEHOLDER_WORD, add_special_tokens=False).input_ids)
+
+
+def prepare_subject_prompt(tokenizer: Any, prompt: str, subject_word: str, match: str = WHOLE_WORD,
+                           vectors: int = NUM_MAPPER_LEVELS) -> SubjectPrompt:
+    """Substitute the placeholder and tokenise; PromptError if any of the ``vectors`` word vectors that replace
+    the placeholder would fall past CLIP's 77 tokens (see :func:`prompt_fit`)."""
+    text = substitute_subject(prompt, subject_word, match)
+    placeholder = placeholder_token_ids(tokenizer)
+    prompt_fit(tokenizer, text, placeholder, vectors, subject_word)  # raises when the subject's vectors are cut
+    return SubjectPrompt(text=text, input_ids=tokenize(tokenizer, text), placeholder_ids=placeholder)
+
+
+def prompt_fit(tokenizer: Any, text: str, placeholder_ids: tuple[int, ...] = (), vectors: int = NUM_MAPPER_LEVELS,
+               subject_word: str | None = None) -> list[str]:
+    """The words of ``text`` (already substituted) that never reach the text encoder: cut by the tokenizer's
+    77-token limit or pushed out by the subject splice (each placeholder's tokens become ``vectors`` vectors,
+    shifting the rest right, as :func:`splice_subject_embeddings` does). The end-of-text token is not a word.
+
+    Raises PromptError when a splice would be cut: every position holding the placeholder's first token
+    starts a splice (the official rule), so each such position must leave room for all ``vectors`` vectors.
+    """
+    full = [int(i) for i in tokenizer(text, verbose=False).input_ids]  # start, tokens, end; verbose: no length warning
+    starts = [i for i, token in enumerate(full) if placeholder_ids and token == placeholder_ids[0]]
+    late = [i for i in starts if i + vectors > MAX_TOKENS]
+    if late:
         raise PromptError(
-            f"the subject word {subject_word!r} lies beyond CLIP's {MAX_TOKENS}-token limit in the prompt; "
-            "shorten the prompt or mention the subject earlier"
+            f"the subject word {subject_word!r} lies beyond CLIP's {MAX_TOKENS}-token limit after the subject splice: "
+            f"its {vectors} word vectors would start at token {late[0]}, and only tokens up to {MAX_TOKENS - vectors} "
+            f"leave room for them ({len(full)} tokens in all); shorten the prompt or mention the subject earlier"
         )
-    return SubjectPrompt(text=text, input_ids=ids, placeholder_ids=placeholder)
+    # follow every position through the tokenizer's truncation and the splice itself
+    ids = tokenize(tokenizer, text)
+    positions = torch.arange(MAX_TOKENS, dtype=torch.float64).view(1, MAX_TOKENS, 1)
+    if starts:
+        positions = splice_subject_embeddings(positions, ids, placeholder_ids,
+                                              torch.full((1, vectors, 1), -1.0, dtype=torch.float64))
+    kept = {int(p) for p in positions.flatten().tolist() if p >= 0}
+    replaced = {i for s in starts for i in range(s, s + len(placeholder_ids))}
+    lost = {i for i in range(1, len(full) - 1) if i not in kept and i not in replaced}
+    if not lost:
+        return []
+    tokens = tokenizer.convert_ids_to_tokens(full[1:-1])
+    dropped, word, word_lost = [], [], False
+    for position, token in enumerate(tokens, start=1):  # a word ends with the token marked "</w>"
+        word.append(full[position])
+        word_lost |= position in lost
+        if token.endswith("</w>") or position == len(tokens):
+            if word_lost:
+                dropped.append(tokenizer.decode(word).strip())
+            word, word_lost = [], False
+    return dropped
+
+
+def prompt_fit_warnings(tokenizer: Any, prompt: str, subject_word: str | None = None, match: str = WHOLE_WORD,
+                        vectors: int = NUM_MAPPER_LEVELS, what: str = "prompt") -> list[str]:
+    """A warning naming the words of ``prompt`` that CLIP never sees (empty list when it all fits); PromptError
+    when the subject's vectors would be cut (see :func:`prompt_fit`)."""
+    if subject_word is None:
+        dropped = prompt_fit(tokenizer, prompt)
+    else:
+        text = substitute_subject(prompt, subject_word, match)
+        dropped = prompt_fit(tokenizer, text, placeholder_token_ids(tokenizer), vectors, subject_word)
+    if not dropped:
+        return []
+    shown = " ".join(dropped[:DROPPED_WORDS_SHOWN]) + (" ..." if len(dropped) > DROPPED_WORDS_SHOWN else "")
+    splice = " after the subject splice" if subject_word is not None else ""
+    return [f"the {what} does not fit CLIP's {MAX_TOKENS} tokens{splice}: {len(dropped)} word(s) are dropped: "
+            f"'{shown}'; shorten the {what} to keep them"]
 
 
 def splice_subject_embeddings(

@@ -1,2 +1,3 @@
-"""Weight files: safe reading (safetensors, weights-only pickles), kind detection by keys, strict assignment on the
-meta device, conversion, the models folder layout, and weight streaming."""
+"""Weight files: reading and writing them safely (``weight_files``), telling their kind by their keys (``kinds``),
+strict assignment on the meta device (``strict``), the VideoBooth UNet and mapper and their conversion
+(``checkpoint``), the models folder layout (``models_dir``) and weight streaming (``streaming``)."""

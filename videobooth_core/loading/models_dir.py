@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, detect_kind, read_state_dict
+from .kinds import detect_kind
+from .weight_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header, read_state_dict
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -54,27 +55,18 @@ def _keys_of(path: Path) -> dict[str, object]:
                 return _keys_of(path / name)
         return {}
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return dict.fromkeys(handle.keys())
-        except Exception:  # an unreadable candidate is reported when it is actually loaded
-            return {}
-    if suffix in PICKLE_SUFFIXES:
-        import torch
-
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return {}
-        return data if isinstance(data, dict) else {}
+    try:  # an unreadable candidate is reported when it is actually loaded
+        if suffix in SAFETENSORS_SUFFIXES:
+            return dict.fromkeys(read_safetensors_header(path).entries)
+        if suffix in PICKLE_SUFFIXES:
+            return read_state_dict(path)
+    except CheckpointError:
+        return {}
     return {}
 
 
 def kind_of(path: Path) -> str:
-    """The kind of a weight file or model folder (see :func:`checkpoint.detect_kind`), ``unknown`` if none."""
+    """The kind of a weight file or model folder (see :func:`kinds.detect_kind`), ``unknown`` if none."""
     kind = detect_kind(_keys_of(path))
     return {"wrapped_videobooth_unet": "videobooth_unet", "wrapped_videobooth_mapper": "videobooth_mapper"}.get(kind, kind)
 

@@ -14,9 +14,7 @@ keep the file, but that memory is the kernel's, reclaimable at any time.)
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +24,7 @@ from torch import nn
 
 from ..models.config import UNetConfig
 from ..errors import CheckpointError
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from .weight_files import read_safetensors_header
 
 
 class SafetensorsReader:
@@ -45,31 +38,14 @@ class SafetensorsReader:
                 "the released pickle once, keeping fp32 for the official numerics: python -m videobooth_core convert "
                 f"--unet {self.path} --out <models>/videobooth --dtype fp32"
             )
+        header = read_safetensors_header(self.path)  # checked: a truncated or corrupt file is refused here
+        self.metadata: dict[str, str] = header.metadata
+        self._data_start = header.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = dict(header.entries)
         try:
             self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open while streaming
         except OSError as error:
             raise CheckpointError(f"cannot open {self.path} for weight streaming: {error}") from error
-        size = os.fstat(self._file.fileno()).st_size
-        try:
-            (header_size,) = struct.unpack("<Q", self._file.read(8))
-            if not 0 < header_size <= size - 8:
-                raise ValueError(f"header size {header_size} for a {size}-byte file")
-            header = json.loads(self._file.read(header_size))
-        except (struct.error, ValueError) as error:
-            self._file.close()
-            raise CheckpointError(f"{self.path} is not a valid safetensors file ({error}); it may be truncated") from error
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + header_size
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            begin, end = entry["data_offsets"]
-            if self._data_start + end > size:
-                raise CheckpointError(
-                    f"{self.path} is truncated: tensor {name} ends past the end of the file. Copy or convert it again."
-                )
-            self.entries[name] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), begin, end)
 
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor as a storage-free ``meta`` tensor of its shape and dtype (for key and shape checks)."""
@@ -187,18 +163,18 @@ def load_unet_streamed(
 ) -> nn.Module:
     """A UNet whose weights stay in ``path`` (a safetensors UNet, e.g. from ``convert``) and are streamed per
     block; keys and shapes are checked strictly up front, as :func:`checkpoint.load_unet` does."""
-    from .checkpoint import CONFIG_METADATA_KEY, check_keys
+    from .checkpoint import unet_config_for
+    from .strict import check_keys
     from ..models.unet_3d import UNet3DModel
 
     reader = SafetensorsReader(path)
     try:
         shapes = reader.meta_state_dict()
         if config is None:
-            meta_config = reader.metadata.get(CONFIG_METADATA_KEY)
-            config = UNetConfig.from_json(meta_config) if meta_config else UNetConfig.infer_from_state_dict(shapes)
+            config = unet_config_for(shapes, reader.metadata, path)
         with torch.device("meta"):
             unet = UNet3DModel(config).to(dtype)
-        check_keys(shapes, unet.state_dict(), path, "VideoBooth UNet")
+        check_keys(shapes, unet.state_dict(), path, "a VideoBooth UNet")
     except Exception:
         reader.close()
         raise

@@ -5,8 +5,10 @@
 * ``attn2`` - text cross-attention;
 * ``attn_temp`` - temporal self-attention over the frames at each spatial position (no positional encoding).
 
-The key/value projections that the released model uses for ``attn1`` and ``attn2`` live in the mapper
-checkpoint; :class:`SiteProjections` carries them to the block without registering them twice.
+Every :class:`Attention` holds the key/value projections it uses (``key_value``): its own ``to_k``/``to_v``
+until :meth:`UNet3DModel.attach_projections` resolves, once, the mapper's for ``attn1`` and ``attn2`` (the
+released model uses the mapper checkpoint's, see :class:`SiteProjections`). They are held by reference, not
+registered, so the UNet's state dict never lists the mapper's weights.
 
 Two numerically equivalent backends: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
 flash / memory-efficient kernels on GPU) and ``"math"`` (explicit score matrix and softmax in the input
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from ..errors import SamplingError
 
 AttentionBackend = Literal["sdpa", "math"]
 ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "math")
@@ -55,12 +59,25 @@ def multi_head_attention(
         # softmax in float32 for half precision; identical for float32 inputs
         out = torch.matmul(scores.float().softmax(dim=-1).to(value.dtype), value)
     else:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+        raise SamplingError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     return rearrange(out, "b h n d -> b n (h d)")
 
 
+@dataclass(frozen=True)
+class KeyValueProjections:
+    """The key and value projections an attention layer applies to what it attends to."""
+
+    key: nn.Module
+    value: nn.Module
+
+
 class Attention(nn.Module):
-    """Projections of one attention layer; names mirror the official checkpoint (``to_q``, ``to_out.0``)."""
+    """Projections of one attention layer; names mirror the official checkpoint (``to_q``, ``to_out.0``).
+
+    ``key_value`` holds the key/value projections in use (by reference, not registered: they may be the
+    mapper's); ``image_prompt_key_value`` those of the image prompt's tokens (``attn1`` only, set when the
+    mapper's projections are attached).
+    """
 
     def __init__(self, query_dim: int, num_heads: int, context_dim: int | None = None) -> None:
         super().__init__()
@@ -71,18 +88,21 @@ class Attention(nn.Module):
         self.to_v: nn.Linear | None = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
         self.backend: AttentionBackend = "sdpa"
+        self.key_value = KeyValueProjections(self.to_k, self.to_v)
+        self.image_prompt_key_value: KeyValueProjections | None = None
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Multi-head attention of already projected tensors (see :func:`multi_head_attention`)."""
         return multi_head_attention(query, key, value, self.num_heads, self.backend)
 
     def self_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Plain self-attention with this layer's own projections: (b, n, c) → (b, n, c)."""
-        out = self.attend(self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states))
+        """Plain self-attention: (b, n, c) → (b, n, c)."""
+        key_value = self.key_value
+        out = self.attend(self.to_q(hidden_states), key_value.key(hidden_states), key_value.value(hidden_states))
         return self.to_out[0](out)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteProjections:
     """The mapper's per-site key/value projections, used in place of the UNet's own ``to_k``/``to_v``.
 
@@ -103,11 +123,7 @@ def cross_frame_attention(
     attn: Attention,
     hidden_states: torch.Tensor,
     num_frames: int,
-    key_proj: nn.Module,
-    value_proj: nn.Module,
     image_prompt_states: torch.Tensor | None = None,
-    image_prompt_key_proj: nn.Module | None = None,
-    image_prompt_value_proj: nn.Module | None = None,
     image_prompt_strength: float = 1.0,
 ) -> torch.Tensor:
     """Sparse-causal attention: frame f attends to [frame 0 ; frame max(f-1, 0)] (2N keys).
@@ -120,7 +136,8 @@ def cross_frame_attention(
         hidden_states: (batch * frames, tokens, channels), ``norm1`` output, frame-minor.
         num_frames: frames per video.
         image_prompt_states: (batch, tokens, channels) image-prompt tokens at this site (frame 0 of the
-            exemplar stream, after the same GroupNorm/proj_in/norm1), or None.
+            exemplar stream, after the same GroupNorm/proj_in/norm1), or None. Projected with
+            ``attn.image_prompt_key_value`` (the UNet checks once per call that the mapper's are attached).
         image_prompt_strength: 1 = the official update of frame 0's values; s blends
             ``v0 + s * (updated - v0)`` (0 = no image prompt).
 
@@ -128,13 +145,13 @@ def cross_frame_attention(
         (batch * frames, tokens, channels), after ``to_out``.
     """
     query = attn.to_q(hidden_states)
-    key = rearrange(key_proj(hidden_states), "(b f) n c -> b f n c", f=num_frames)
-    value = rearrange(value_proj(hidden_states), "(b f) n c -> b f n c", f=num_frames)
+    key = rearrange(attn.key_value.key(hidden_states), "(b f) n c -> b f n c", f=num_frames)
+    value = rearrange(attn.key_value.value(hidden_states), "(b f) n c -> b f n c", f=num_frames)
 
     if image_prompt_states is not None:
         first_query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)[:, 0]
-        prompt_key = image_prompt_key_proj(image_prompt_states)
-        prompt_value = image_prompt_value_proj(image_prompt_states)
+        prompt_key = attn.image_prompt_key_value.key(image_prompt_states)
+        prompt_value = attn.image_prompt_key_value.value(image_prompt_states)
         updated_first_value = attn.attend(
             first_query,
             torch.cat([prompt_key, key[:, 0]], dim=1),
@@ -151,9 +168,7 @@ def cross_frame_attention(
     return attn.to_out[0](attn.attend(query, key, value))
 
 
-def text_cross_attention(
-    attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor, key_proj: nn.Module, value_proj: nn.Module
-) -> torch.Tensor:
+def text_cross_attention(attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
     """Cross-attention to text: (b, n, c) queries, (b, 77, d) text states → (b, n, c)."""
-    out = attn.attend(attn.to_q(hidden_states), key_proj(text_states), value_proj(text_states))
+    out = attn.attend(attn.to_q(hidden_states), attn.key_value.key(text_states), attn.key_value.value(text_states))
     return attn.to_out[0](out)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .attention import Attention, SiteProjections, cross_frame_attention, text_cross_attention
+from .attention import Attention, cross_frame_attention, text_cross_attention
 
 ImagePromptFeatures = dict[str, torch.Tensor]
 """Per attention site (module path prefix): image-prompt tokens (batch, tokens, channels) at that site."""
@@ -144,7 +144,6 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.attn_temp = Attention(dim, num_heads)
         self.norm_temp = nn.LayerNorm(dim)
-        self.projections: SiteProjections | None = None  # the mapper's K/V projections, see attach_mapper
 
     def forward(
         self,
@@ -160,28 +159,13 @@ class BasicTransformerBlock(nn.Module):
         When ``captured`` is a list, frame 0 of this block's ``attn1`` input (b, n, c) is appended to it:
         that is exactly what the image prompt contributes when this UNet runs on the noised exemplar.
         """
-        p = self.projections
         normed = self.norm1(hidden_states)
         if captured is not None:
             captured.append(rearrange(normed, "(b f) n c -> b f n c", f=num_frames)[:, 0])
         hidden_states = hidden_states + cross_frame_attention(
-            self.attn1,
-            normed,
-            num_frames,
-            key_proj=p.attn1_key if p else self.attn1.to_k,
-            value_proj=p.attn1_value if p else self.attn1.to_v,
-            image_prompt_states=image_prompt_states,
-            image_prompt_key_proj=p.image_prompt_key if p else None,
-            image_prompt_value_proj=p.image_prompt_value if p else None,
-            image_prompt_strength=image_prompt_strength,
+            self.attn1, normed, num_frames, image_prompt_states, image_prompt_strength
         )
-        hidden_states = hidden_states + text_cross_attention(
-            self.attn2,
-            self.norm2(hidden_states),
-            text_states,
-            key_proj=p.text_key if p else self.attn2.to_k,
-            value_proj=p.text_value if p else self.attn2.to_v,
-        )
+        hidden_states = hidden_states + text_cross_attention(self.attn2, self.norm2(hidden_states), text_states)
         hidden_states = hidden_states + self._chunked_feed_forward(self.norm3(hidden_states))
 
         tokens = hidden_states.shape[1]
@@ -218,7 +202,7 @@ class Transformer3DModel(nn.Module):
         h = self.proj_in(self.norm(frames_first))
         h = rearrange(h, "bf c h w -> bf (h w) c")
         text = repeat(text_states, "b n d -> (b f) n d", f=frames)
-        image_prompt = ctx.image_prompt_features.get(self.site) if ctx.image_prompt_features else None
+        image_prompt = ctx.image_prompt_features[self.site] if ctx.image_prompt_features is not None else None
         captured: list[torch.Tensor] | None = [] if ctx.captured is not None else None
         for block in self.transformer_blocks:
             h = block(h, text, frames, image_prompt_states=image_prompt, captured=captured,
@@ -231,11 +215,12 @@ class Transformer3DModel(nn.Module):
 
 
 class SiteContext:
-    """Per-call state shared by every attention site: image-prompt features to inject or to capture."""
+    """Per-call state shared by every attention site: the image-prompt features to inject (with their strength),
+    or, for a capture pass, the dict each site's captured ``attn1`` input (frame 0) goes into."""
 
     def __init__(
-        self, image_prompt_features: ImagePromptFeatures | None = None, capture: bool = False,
-        image_prompt_strength: float = 1.0,
+        self, *, image_prompt_features: ImagePromptFeatures | None = None, image_prompt_strength: float = 1.0,
+        capture: bool = False,
     ) -> None:
         self.image_prompt_features = image_prompt_features
         self.image_prompt_strength = image_prompt_strength

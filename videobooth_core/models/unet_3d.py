@@ -1,8 +1,16 @@
 """The VideoBooth 3D UNet (SD-1.4 inflated to video, plus temporal attention and a watermark branch).
 
 Module names mirror the official checkpoint (``ema_unet`` of ``watermark_remove_module.pt``), so all of its
-keys load strictly. The image prompt enters as per-site features captured from a plain pass of this UNet on
-the noised exemplar (see :meth:`UNet3DModel.forward` and ``docs``: this equals the official exemplar stream).
+keys load strictly.
+
+The interface, explicitly:
+
+* :meth:`UNet3DModel.attach_projections` - once, after loading: use the mapper's key/value projections (and
+  check that the mapper belongs to this UNet);
+* :meth:`UNet3DModel.capture_image_prompt_features` - a pass on the noised exemplar that returns every
+  attention site's ``attn1`` input of frame 0 (this equals the official exemplar stream, see ``docs``);
+* :meth:`UNet3DModel.forward` - the noise prediction, optionally with those features injected;
+* :meth:`UNet3DModel.predict_and_capture` - both of the last two in one batched call (the default sampling path).
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, Attention, AttentionBackend, SiteProjections
+from ..errors import CheckpointError, ModelMismatchError, SamplingError, explain
+from .attention import ATTENTION_BACKENDS, Attention, AttentionBackend, KeyValueProjections, SiteProjections
 from .config import UNetConfig
 from .blocks import (
     GroupNorm32,
@@ -125,35 +134,94 @@ class UNet3DModel(nn.Module):
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Select ``"sdpa"`` (default, fused kernels) or ``"math"`` (explicit scores) for every attention."""
         if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+            raise SamplingError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
 
-    def attach_projections(
-        self, projections: dict[str, SiteProjections] | None, release_own: bool = False
-    ) -> None:
-        """Use the mapper's per-site K/V projections (keyed by site prefix); ``None`` restores the UNet's own.
-
-        ``release_own=True`` also frees the UNet's own ``attn1``/``attn2`` ``to_k``/``to_v`` weights, which the
-        released model never uses once the mapper's are attached (about 176 MB in fp32 at the released size).
-        """
-        if projections is None and self.released_own_projections:
-            raise ValueError(
-                "this UNet's own attn1/attn2 key/value weights were released when the mapper's projections were "
-                "attached; load the UNet again to run it without the mapper"
-            )
-        for site in self.attention_sites:
-            block = site.transformer_blocks[0]
-            block.projections = None if projections is None else projections[site.site]
-            if release_own and projections is not None:
-                for attn in (block.attn1, block.attn2):
-                    attn.to_k = attn.to_v = None
-        if release_own and projections is not None:
-            self.released_own_projections = True
+    attached_projections: dict[str, SiteProjections] | None = None
+    """The mapper's per-site projections in use (see :meth:`attach_projections`), or None: the UNet's own."""
 
     released_own_projections: bool = False
     """True once :meth:`attach_projections` freed the UNet's own (unused) attn1/attn2 key/value weights."""
+
+    def attach_projections(
+        self,
+        projections: dict[str, SiteProjections] | None,
+        release_own: bool = False,
+        *,
+        unet_name: str = "the UNet",
+        mapper_name: str = "the mapper",
+    ) -> None:
+        """Use the mapper's per-site K/V projections (``Mapper.site_projections()``); ``None`` restores the UNet's own.
+
+        Resolved once here: afterwards every ``attn1`` attends with the mapper's ``to_k_new``/``to_v_new`` (and
+        projects the image prompt with ``to_k_exemplar``/``to_v_exemplar``), every ``attn2`` with its text
+        ``to_k``/``to_v``. ``release_own=True`` also frees the UNet's own ``attn1``/``attn2`` ``to_k``/``to_v``
+        weights, which the released model never uses (about 176 MB in fp32 at the released size).
+
+        ``unet_name`` / ``mapper_name`` (e.g. the files they were loaded from) only label the error.
+
+        Raises:
+            ModelMismatchError: the mapper does not belong to this UNet (other attention sites, other widths or
+                another precision); nothing is changed then.
+            CheckpointError: ``None`` after the UNet's own weights were released.
+        """
+        if projections is None:
+            if self.released_own_projections:
+                raise CheckpointError(explain(
+                    f"{unet_name}'s own attn1/attn2 key/value weights were released when the mapper's projections "
+                    "were attached, so it cannot go back to them", "attach_projections(None)",
+                    "load the UNet again to run it without the mapper"))
+            for site in self.attention_sites:
+                block = site.transformer_blocks[0]
+                for attn in (block.attn1, block.attn2):
+                    attn.key_value = KeyValueProjections(attn.to_k, attn.to_v)
+                block.attn1.image_prompt_key_value = None
+            self.attached_projections = None
+            return
+
+        self._check_projections(projections, unet_name, mapper_name)
+        for site in self.attention_sites:
+            block, p = site.transformer_blocks[0], projections[site.site]
+            block.attn1.key_value = KeyValueProjections(p.attn1_key, p.attn1_value)
+            block.attn1.image_prompt_key_value = KeyValueProjections(p.image_prompt_key, p.image_prompt_value)
+            block.attn2.key_value = KeyValueProjections(p.text_key, p.text_value)
+            if release_own:
+                for attn in (block.attn1, block.attn2):
+                    attn.to_k = attn.to_v = None
+        self.attached_projections = dict(projections)
+        if release_own:
+            self.released_own_projections = True
+
+    def _check_projections(self, projections: dict[str, SiteProjections], unet_name: str, mapper_name: str) -> None:
+        """Raise :class:`ModelMismatchError` unless ``projections`` cover exactly this UNet's sites with the
+        widths (and dtype) each site needs."""
+        what = f"{mapper_name} does not belong to {unet_name}"
+        fix = ("load the UNet and the mapper of one release (watermark_remove_module.pt with mapper.pt, or the "
+               "safetensors files one `convert` or `make-tiny` wrote together), in one precision")
+        sites = [site.site for site in self.attention_sites]
+        missing = [site for site in sites if site not in projections]
+        extra = [site for site in projections if site not in set(sites)]
+        if missing or extra:
+            counts = f"{unet_name} has {len(sites)} attention sites, {mapper_name} projections for {len(projections)}"
+            first = "first missing site" if missing else "first unknown site"
+            raise ModelMismatchError(explain(f"{what}: {counts}; {first}", (missing or extra)[0], fix))
+        dtype = next(self.parameters()).dtype
+        text_width = self.config.cross_attention_dim
+        for site in self.attention_sites:
+            channels = site.proj_in.out_channels
+            p = projections[site.site]
+            for name in SiteProjections.__dataclass_fields__:
+                weight = getattr(p, name).weight
+                needed = (channels, text_width if name.startswith("text_") else channels)
+                if tuple(weight.shape) != needed:
+                    raise ModelMismatchError(explain(
+                        f"{what}: at {site.site} the UNet needs {name} weights of shape {needed}, {mapper_name}'s are",
+                        tuple(weight.shape), fix))
+                if weight.dtype != dtype:
+                    raise ModelMismatchError(explain(
+                        f"{what}: {unet_name} is {dtype}, {mapper_name}'s projections are", weight.dtype, fix))
 
     # ----------------------------------------------------------------------------------------------
     def forward(
@@ -162,35 +230,104 @@ class UNet3DModel(nn.Module):
         timestep: torch.Tensor | int,
         text_states: torch.Tensor,
         image_prompt_features: ImagePromptFeatures | None = None,
-        capture_image_prompt_features: bool = False,
-        head_batch: int | None = None,
-        watermark_branch: bool = True,
         image_prompt_strength: float = 1.0,
-    ) -> tuple[torch.Tensor | None, ImagePromptFeatures | None]:
+        watermark_branch: bool = True,
+    ) -> torch.Tensor:
         """Predict the noise of a video latent.
 
         Args:
             sample: (b, 4, f, h, w) noisy latent; h and w need not be multiples of 8.
             timestep: int or (b,) integer timesteps on the 0..999 training scale.
             text_states: (b, 77, d) CLIP text states.
-            image_prompt_features: per-site image-prompt tokens (b, n, c) to inject into frame 0's
-                cross-frame attention (from a capture pass on the noised exemplar), or None.
-            capture_image_prompt_features: also return every site's ``attn1`` input, frame 0 (b, n, c).
-            head_batch: run the watermark branch and output head on the first ``head_batch`` batch
-                elements only (0: skip them, for a pure capture pass). None: all.
+            image_prompt_features: per-site image-prompt tokens (b, n, c), from
+                :meth:`capture_image_prompt_features` on the noised exemplar, injected into frame 0's
+                cross-frame attention; or None (no image prompt).
+            image_prompt_strength: scales the image prompt's update of frame 0's values (1 = official).
             watermark_branch: False skips the watermark-removal branch (an opt-in speed mode that changes
                 the output; the released model always runs it).
-            image_prompt_strength: scales the image prompt's update of frame 0's values (1 = official).
 
         Returns:
-            (noise prediction (head_batch or b, 4, f, h, w) or None, captured features or None).
+            (b, 4, f, h, w) noise prediction, in the weights' dtype.
         """
-        batch, _, frames, height, width = sample.shape
-        ctx = SiteContext(image_prompt_features, capture_image_prompt_features, image_prompt_strength)
+        self._check_image_prompt_features(image_prompt_features)
+        ctx = SiteContext(image_prompt_features=image_prompt_features, image_prompt_strength=image_prompt_strength)
+        hidden, temb = self._down_mid_up(sample, self._timesteps(timestep, sample), text_states, ctx)
+        return self._output_head(hidden, temb, watermark_branch)
+
+    def capture_image_prompt_features(
+        self, exemplar: torch.Tensor, timestep: torch.Tensor | int, text_states: torch.Tensor
+    ) -> ImagePromptFeatures:
+        """Every attention site's ``attn1`` input, frame 0, from a plain pass on the noised image prompt.
+
+        Args:
+            exemplar: (b, 4, f, h, w) the clean image-prompt latent repeated over f frames and noised to ``timestep``
+                (independent noise per frame, as the official exemplar stream).
+            timestep: int or (b,) timesteps of ``exemplar``.
+            text_states: (b, 77, d) text states (the null prompt's, as the official stream).
+
+        Returns:
+            site prefix → (b, tokens, channels) features, for ``forward(image_prompt_features=...)``.
+        """
+        ctx = SiteContext(capture=True)
+        self._down_mid_up(exemplar, self._timesteps(timestep, exemplar), text_states, ctx)
+        return ctx.captured
+
+    def predict_and_capture(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        text_states: torch.Tensor,
+        exemplar: torch.Tensor,
+        exemplar_timestep: torch.Tensor | int,
+        exemplar_text_states: torch.Tensor,
+        watermark_branch: bool = True,
+    ) -> tuple[torch.Tensor, ImagePromptFeatures]:
+        """``forward(sample, timestep, text_states)`` and ``capture_image_prompt_features(exemplar, ...)`` in one
+        batched call (same math; batching changes only kernel choice). The output head runs on ``sample`` only.
+
+        Args:
+            sample: (b, 4, f, h, w); exemplar: (b2, 4, f, h, w), same frames and size.
+
+        Returns:
+            ((b, 4, f, h, w) prediction for ``sample``, site → (b2, tokens, channels) features of ``exemplar``).
+        """
+        batch = sample.shape[0]
+        timesteps = torch.cat([self._timesteps(timestep, sample), self._timesteps(exemplar_timestep, exemplar)])
+        ctx = SiteContext(capture=True)
+        hidden, temb = self._down_mid_up(
+            torch.cat([sample, exemplar]), timesteps, torch.cat([text_states, exemplar_text_states]), ctx
+        )
+        prediction = self._output_head(hidden[:batch], temb[:batch], watermark_branch)
+        return prediction, {site: features[batch:] for site, features in ctx.captured.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _timesteps(timestep: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
+        """(b,) timesteps for ``sample``'s batch: one per element, so differently noised inputs can share a batch."""
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        return timesteps.reshape(-1).expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
+
+    def _check_image_prompt_features(self, features: ImagePromptFeatures | None) -> None:
+        if features is None:
+            return
+        if self.attached_projections is None:
+            raise SamplingError(explain(
+                "image-prompt features need the mapper's image-prompt projections; this UNet's attached projections",
+                None, "call unet.attach_projections(mapper.site_projections()) once after loading"))
+        sites = self.attached_projections  # checked at attach time to be exactly this UNet's sites
+        if features.keys() != sites.keys():
+            differing = sorted(features.keys() ^ sites.keys())[0]
+            raise SamplingError(explain(
+                f"image-prompt features for {len(features)} sites given to a UNet with {len(sites)}; first differing "
+                "site", differing, "capture them with this UNet's capture_image_prompt_features"))
+
+    def _down_mid_up(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor, ctx: SiteContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 1-4: (b, 4, f, h, w) → (the up path's output (b, c0, f, h, w), time embedding (b, temb))."""
+        height, width = sample.shape[3:]
 
         # 1. time embedding (per batch element, so differently noised inputs can share a batch)
-        timesteps = torch.as_tensor(timestep, device=sample.device)
-        timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
         temb_features = timestep_embedding(
             timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
         )
@@ -213,16 +350,16 @@ class UNet3DModel(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if force_size and i < len(self.up_blocks) - 1 else None
             x = block.up(x, block_skips, temb, text_states, ctx, size)
+        return x, temb
 
-        if head_batch is not None:
-            x, temb = x[:head_batch], temb[:head_batch]
-        if x.shape[0] == 0:
-            return None, ctx.captured
-
-        # 5. watermark-removal branch on the up path's output
-        branch_input = x
+    def _output_head(self, x: torch.Tensor, temb: torch.Tensor, watermark_branch: bool) -> torch.Tensor:
+        """Stages 5-6: the watermark-removal branch and the output convolution, (b, c0, f, h, w) → (b, 4, f, h, w)."""
         if not watermark_branch:
-            return self.conv_out(F.silu(self.conv_norm_out(x))), ctx.captured
+            return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+        # 5. watermark-removal branch on the up path's output (no attention sites: no text, no image prompt)
+        branch_input = x
+        ctx = SiteContext()
         wm_skips = [x]
         for block in self.watermark_down_blocks:
             x, block_skips = block.down(x, temb, None, ctx)
@@ -235,5 +372,4 @@ class UNet3DModel(nn.Module):
 
         # 6. output head
         x = branch_input + self.watermark_zero_out(x)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return x, ctx.captured
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

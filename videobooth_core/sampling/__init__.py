@@ -1,2 +1,7 @@
-"""Denoising: the noise schedules, the guided denoiser with the image-prompt stream, the official DDPM loop and the
-diffusers samplers, and the peak-memory estimate of a step."""
+"""Denoising, from noise to a clean video latent.
+
+``schedule`` the training noise schedule, q_sample and the official respaced DDPM's coefficients;
+``noise`` the run's random draws in the official order and the image prompt's per-step noising;
+``denoiser`` one guided prediction (the UNet passes with the image prompt, classifier-free guidance);
+``ddpm`` the official sampling loop; ``schedulers`` the diffusers samplers' loop on the same schedule;
+``memory`` the peak-memory estimate of a step (a dry run on the meta device)."""

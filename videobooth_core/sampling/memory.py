@@ -136,28 +136,30 @@ def resident_weight_bytes(modules: list[nn.Module]) -> int:
 
 
 def meta_twin(unet: nn.Module) -> nn.Module:
-    """A storage-free copy of a :class:`~videobooth_core.models.unet_3d.UNet3DModel` (same config, dtype, projections)."""
+    """A storage-free copy of a :class:`~videobooth_core.models.unet_3d.UNet3DModel` (same config, dtype, attached
+    projections, attention backends)."""
     from ..models.unet_3d import UNet3DModel
 
     dtype = next(unet.parameters()).dtype
     with torch.device("meta"):
         twin = UNet3DModel(unet.config).to(dtype)
-    for site, twin_site in zip(unet.attention_sites, twin.attention_sites, strict=True):
-        projections = site.transformer_blocks[0].projections
-        if projections is not None:
-            twin_site.transformer_blocks[0].projections = SiteProjections(
-                **{name: _meta_linear(getattr(projections, name)) for name in SiteProjections.__dataclass_fields__}
-            )
-    for name, module in unet.named_modules():  # by name: released projections leave gaps in unet.modules()
+    if unet.attached_projections is not None:
+        twin.attach_projections(
+            {site: SiteProjections(**{name: _meta_linear(getattr(projections, name))
+                                      for name in SiteProjections.__dataclass_fields__})
+             for site, projections in unet.attached_projections.items()},
+            release_own=unet.released_own_projections,
+        )
+    for name, module in unet.named_modules():  # by name: the twin has the same modules (released ones too)
         if hasattr(module, "backend"):
             twin.get_submodule(name).backend = module.backend
     return twin.requires_grad_(False)
 
 
 def meta_denoiser(denoiser: Any) -> Any:
-    """A :class:`~videobooth_core.sampling.loop.VideoDenoiser` with every setting of ``denoiser`` on the meta twin of
+    """A :class:`~.denoiser.VideoDenoiser` with every setting of ``denoiser`` on the meta twin of
     its UNet: it runs the same step without storage (memory estimate, FLOP count)."""
-    from .loop import VideoDenoiser
+    from .denoiser import VideoDenoiser
 
     meta = torch.device("meta")
     return VideoDenoiser(
@@ -181,7 +183,7 @@ def estimate_step_memory(
     device: torch.device | str,
     extra_modules: list[nn.Module] | None = None,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of one guided step of ``denoiser`` (a :class:`~videobooth_core.sampling.loop.VideoDenoiser`).
+    """Estimate the peak memory of one guided step of ``denoiser`` (a :class:`~.denoiser.VideoDenoiser`).
 
     Args:
         shape: (b, 4, frames, h, w) of the video latent.
@@ -216,12 +218,9 @@ def _current_rss_bytes() -> int | None:
 
 
 def _projection_modules(unet: nn.Module) -> list[nn.Module]:
-    modules = []
-    for site in unet.attention_sites:
-        projections = site.transformer_blocks[0].projections
-        if projections is not None:
-            modules.extend(getattr(projections, name) for name in SiteProjections.__dataclass_fields__)
-    return modules
+    """The mapper's projections the UNet attends with (not its own modules, so not in ``unet.parameters()``)."""
+    projections = unet.attached_projections or {}
+    return [getattr(p, name) for p in projections.values() for name in SiteProjections.__dataclass_fields__]
 
 
 def available_memory_bytes(device: torch.device | str) -> int | None:

@@ -8,6 +8,7 @@ Coefficients are computed in float64 and rounded to float32 when used, as the of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,17 @@ def respaced_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
         taken.append(round(position))
         position += stride
     return sorted(set(taken))
+
+
+def q_sample(clean: torch.Tensor, noise: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
+    """q(x_t | x_0): ``sqrt(abar) * clean + sqrt(1 - abar) * noise``, in ``clean``'s dtype.
+
+    ``alpha_cumprod`` is the float64 cumulative product at the timestep; both square roots are taken in float64
+    and rounded to float32, as the official code does (so every sampler noises the image prompt identically).
+    """
+    signal = torch.tensor(math.sqrt(alpha_cumprod), dtype=torch.float32, device=clean.device).to(clean.dtype)
+    spread = torch.tensor(math.sqrt(1.0 - alpha_cumprod), dtype=torch.float32, device=clean.device).to(clean.dtype)
+    return signal * clean + spread * noise
 
 
 @dataclass(frozen=True)
@@ -97,8 +109,7 @@ class RespacedDDPM:
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
         """q(x_t | x_0) at respaced step ``index``: sqrt(abar) * clean + sqrt(1 - abar) * noise."""
-        c = self.coefficients(index, clean.device)
-        return c.sqrt_alphas_cumprod.to(clean.dtype) * clean + c.sqrt_one_minus_alphas_cumprod.to(clean.dtype) * noise
+        return q_sample(clean, noise, float(self.alphas_cumprod[index]))
 
     def step(
         self, eps: torch.Tensor, x_t: torch.Tensor, index: int, noise: torch.Tensor

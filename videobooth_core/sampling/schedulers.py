@@ -3,8 +3,8 @@
 Every scheduler is configured with the schedule the model was trained on (1000 steps, betas linear from 1e-4
 to 0.02, epsilon prediction) - never Stable Diffusion's scaled-linear one - with ``leading`` or ``trailing``
 timestep spacing. At each step the image prompt is noised to that step's timestep (q(x_t | x_0) on the same
-schedule), exactly as the official sampler does for its own steps. The official respaced DDPM
-(:func:`sampling.sample_ddpm`) remains the reference.
+schedule, :class:`.noise.ImagePromptNoising`), exactly as the official sampler does for its own steps. The
+official respaced DDPM (:func:`.ddpm.sample_ddpm`) remains the reference.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
 from ..errors import SamplingError
-from .loop import NoiseSource, StepCallback, StepOutput, VideoDenoiser
+from .denoiser import StepCallback, StepOutput, VideoDenoiser
+from .noise import ImagePromptNoising, NoiseSource
 from .schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS, base_betas
 
 OFFICIAL_SAMPLER = "ddpm"
@@ -60,7 +63,7 @@ def sample_with_scheduler(
     eta: float = 0.0,
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Sample with a diffusers scheduler; same contract as :func:`sampling.sample_ddpm`.
+    """Sample with a diffusers scheduler; same contract as :func:`.ddpm.sample_ddpm`.
 
     Args:
         generator: the noise of ancestral schedulers (Euler ancestral, DDIM with eta > 0), on the CPU.
@@ -73,21 +76,15 @@ def sample_with_scheduler(
         raise SamplingError(f"steps must be between 1 and {TRAIN_TIMESTEPS}, got {steps}")
     scheduler = make_scheduler(name, spacing)
     scheduler.set_timesteps(steps, device=device)
-    alphas_cumprod = torch.from_numpy(base_betas()).neg().add(1).cumprod(0)  # float64
+    alphas_cumprod = np.cumprod(1.0 - base_betas())  # float64, the training schedule's
     x = noise.initial(shape).to(device) * scheduler.init_noise_sigma
-    if exemplar_clean is not None:
-        exemplar_clean = exemplar_clean.to(device=device, dtype=torch.float32).expand(-1, -1, shape[2], -1, -1)
+    image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
     timesteps = scheduler.timesteps
     total = len(timesteps)
     step_kwargs: dict[str, Any] = {"eta": eta} if name == "ddim" else {}
     for step, t in enumerate(timesteps):
         timestep = int(round(float(t)))
-        exemplar_t = None
-        if exemplar_clean is not None:
-            exemplar_noise = noise.exemplar(step, tuple(exemplar_clean.shape)).to(device)
-            if image_prompt_steps[0] <= step / total < image_prompt_steps[1]:
-                abar = alphas_cumprod[timestep]
-                exemplar_t = (abar.sqrt().float() * exemplar_clean + (1 - abar).sqrt().float() * exemplar_noise)
+        exemplar_t = image_prompt.at(step, total, float(alphas_cumprod[timestep]))
         model_input = scheduler.scale_model_input(x, t)
         eps, eps_cond, eps_uncond = denoiser.predict(model_input, timestep, exemplar_t)
         out = scheduler.step(eps, t, x, **step_kwargs, **_generator_kwargs(scheduler, generator))

@@ -1,0 +1,95 @@
+"""A sampling run's randomness, in the official order: the initial latent, then per step the image prompt's
+noise and the update's noise; and the image prompt's per-step noising (written once, for every sampler).
+
+All of it comes from a :class:`NoiseSource`, by default a caller-supplied ``torch.Generator``
+(:class:`GeneratorNoise`; seed it on the CPU for results that match across devices).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..errors import SamplingError
+from .schedule import q_sample
+
+
+class NoiseSource(Protocol):
+    """Where the loops' random numbers come from (a generator, or recorded tensors in tests)."""
+
+    def initial(self, shape: tuple[int, ...]) -> torch.Tensor: ...
+    def exemplar(self, step: int, shape: tuple[int, ...]) -> torch.Tensor: ...
+    def step(self, step: int, shape: tuple[int, ...]) -> torch.Tensor: ...
+
+
+class GeneratorNoise:
+    """Standard normal noise from a ``torch.Generator`` in the order z, then per step exemplar, step noise.
+
+    Noise is drawn on the generator's device (seed it on the CPU for results that match across devices)
+    and moved to ``device``.
+    """
+
+    def __init__(
+        self, generator: torch.Generator, device: torch.device | str = "cpu", initial_noise: torch.Tensor | None = None
+    ) -> None:
+        """``initial_noise``: an already drawn z (the official order draws z before the VAE sample)."""
+        self.generator = generator
+        self.device = torch.device(device)
+        self.initial_noise = initial_noise
+
+    def _draw(self, shape: tuple[int, ...]) -> torch.Tensor:
+        noise = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
+        return noise.to(self.device)
+
+    def initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.initial_noise is not None:
+            if tuple(self.initial_noise.shape) != tuple(shape):
+                raise SamplingError(f"initial noise has shape {tuple(self.initial_noise.shape)}, expected {tuple(shape)}")
+            return self.initial_noise.to(self.device)
+        return self._draw(shape)
+
+    def exemplar(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw(shape)
+
+    def step(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._draw(shape)
+
+
+class ImagePromptNoising:
+    """The image prompt (exemplar) at every step: its clean latent, repeated over the frames, noised to the step's
+    timestep with fresh, per-frame independent noise - the official exemplar stream's input, for any sampler.
+
+    The noise is drawn at every step, inside the injection window or not, so every setting consumes the same
+    random stream (and the step noise that follows stays the same).
+    """
+
+    def __init__(
+        self,
+        clean: torch.Tensor | None,
+        frames: int,
+        noise: NoiseSource,
+        device: torch.device | str = "cpu",
+        image_prompt_steps: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        """Args:
+            clean: (b, 4, 1, h, w) clean image-prompt latent (VAE sample x 0.18215), or None (no image prompt:
+                nothing is drawn).
+            frames: frames of the video latent.
+            image_prompt_steps: (start, end) fractions of the schedule (0 = first step) where the image prompt is
+                injected; (0, 1) is the official behaviour.
+        """
+        self.clean = None if clean is None else (
+            clean.to(device=device, dtype=torch.float32).expand(-1, -1, frames, -1, -1))
+        self.noise, self.device, self.image_prompt_steps = noise, device, image_prompt_steps
+
+    def at(self, step: int, total: int, alpha_cumprod: float) -> torch.Tensor | None:
+        """The noised image prompt (b, 4, frames, h, w) float32 for step ``step`` of ``total`` (0 = first), whose
+        timestep has the cumulative product ``alpha_cumprod``; None without an image prompt or outside the window."""
+        if self.clean is None:
+            return None
+        drawn = self.noise.exemplar(step, tuple(self.clean.shape)).to(self.device)
+        start, end = self.image_prompt_steps
+        if not start <= step / total < end:
+            return None
+        return q_sample(self.clean, drawn, alpha_cumprod)

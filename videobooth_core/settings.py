@@ -1,0 +1,364 @@
+"""One home for the settings of a generation: defaults, ranges, choices, help, command-line flags, jobs keys
+and the checks, all in one place.
+
+Every user-facing setting is a field of :class:`GenerationSettings` (or of :class:`SamplingOptions`, the
+opt-in speed modes) whose metadata is a :class:`Setting`. The command line builds its flags from
+:data:`SETTINGS`, batch jobs read their keys from it, the ComfyUI nodes take their widget ranges from it (a
+test checks them), and :func:`check_request` is the one validation that the single run, batch jobs, the
+API and the nodes all call before any model is loaded or any step is run.
+
+    SETTINGS["cfg"]          # Setting(kind="float", default=4.0, minimum=0.0, maximum=30.0, flag="--cfg", ...)
+    settings_kwargs({"cfg": 6, "single_frame_image_prompt": True})  # GenerationRequest keyword arguments
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .conditioning.text import NULL_PROMPT, SUBJECT_MATCHES, WHOLE_WORD
+from .errors import DeviceError, ImagePromptError, SamplingError, VideoBoothError
+from .sampling.denoiser import GUIDANCE_RULES
+from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**64 - 1
+"""Seeds are 64-bit: torch.Generator.manual_seed takes [0, 2**64)."""
+TRAINED_FRAMES = 16
+TRAINED_SIZE = 256
+"""The released model was trained on 16 frames of 256 x 256; anything else is an extrapolation."""
+VAE_SCALE = 8
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What is known about one setting. ``kind``: ``int``, ``float``, ``str``, ``bool`` or ``pair`` (two
+    floats, start < end). Bounds are inclusive except ``above`` (value must exceed it)."""
+
+    kind: str
+    default: Any
+    help: str
+    key: str = ""
+    """Jobs key and command-line ``dest``; the field name when empty."""
+    flag: str = ""
+    """Command-line flag; ``--key`` with dashes when empty (``--no-...`` for a setting that defaults to True)."""
+    label: str = ""
+    """Name used in messages; the key when empty."""
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | None = None
+    name: str = ""
+    """The dataclass field (filled in by :data:`SETTINGS`)."""
+    section: str = "request"
+    """``request`` (a field of GenerationSettings) or ``options`` (a field of SamplingOptions)."""
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it is valid for this setting; otherwise SamplingError naming it and the fix."""
+        what = self.label or self.key
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise SamplingError(f"{what} must be true or false, got {value!r}")
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise SamplingError(f"{what} must be a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise SamplingError(f"unknown {what} {value!r}; choose one of {', '.join(self.choices)}")
+            return value
+        if self.kind == "pair":
+            return self._check_pair(value, what)
+        whole = self.kind == "int"
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+            raise SamplingError(f"{what} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise SamplingError(f"{what} must be a finite number, got {value}; {self._fix()}")
+        if self.multiple_of and (value < self.multiple_of or value % self.multiple_of):
+            nearest = max(self.multiple_of, round(value / self.multiple_of) * self.multiple_of)
+            raise SamplingError(f"{what} must be a positive multiple of {self.multiple_of}, got {value}; try {nearest}")
+        default = f"the default is {_number(self.default)}"
+        if self.above is not None and not value > self.above:
+            raise SamplingError(f"{what} must be greater than {_number(self.above)}, got {value}; {default}")
+        if self.minimum is not None and value < self.minimum:
+            most = f" and at most {_number(self.maximum)}" if self.maximum is not None else ""
+            raise SamplingError(f"{what} must be at least {_number(self.minimum)}{most}, got {value}; {default}")
+        if self.maximum is not None and value > self.maximum:
+            raise SamplingError(f"{what} must be between {_number(self.minimum)} and {_number(self.maximum)}, "
+                                f"got {value}; {default}")
+        return value
+
+    def _check_pair(self, value: Any, what: str) -> tuple[float, float]:
+        if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)):
+            raise SamplingError(f"{what} must be two numbers (start, end), got {value!r}")
+        start, end = float(value[0]), float(value[1])
+        low, high = _number(self.minimum), _number(self.maximum)
+        if not (math.isfinite(start) and math.isfinite(end)) or not self.minimum <= start < end <= self.maximum:
+            raise SamplingError(f"{what} must satisfy {low} <= start < end <= {high}, got ({value[0]}, {value[1]}); "
+                                f"e.g. {self.flag} 0 0.5 for the first half of the steps ({low} {high} is official)")
+        return start, end
+
+    def _fix(self) -> str:
+        bounds = []
+        if self.above is not None:
+            bounds.append(f"above {_number(self.above)}")
+        if self.minimum is not None and self.maximum is not None:
+            bounds.append(f"between {_number(self.minimum)} and {_number(self.maximum)}")
+        elif self.minimum is not None:
+            bounds.append(f"at least {_number(self.minimum)}")
+        elif self.maximum is not None:
+            bounds.append(f"at most {_number(self.maximum)}")
+        return f"use a value {' and '.join(bounds)} (default {_number(self.default)})"
+
+    def describe_default(self) -> str:
+        """The default as a user types it on the command line."""
+        if self.kind == "pair":
+            return " ".join(_number(v) for v in self.default)
+        return repr(self.default) if isinstance(self.default, str) else _number(self.default)
+
+
+def _number(value: Any) -> str:
+    if value == MAX_SEED:
+        return "2**64 - 1"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _setting(kind: str, default: Any, help: str, **details: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(kind, default, help, **details)})
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Opt-in speed modes (each changes the result; measured deviations are in the README) and injection control."""
+
+    single_frame_image_prompt: bool = _setting(
+        "bool", False, "run the image-prompt stream on one frame instead of all (about a quarter less compute per "
+        "step; changes the video)")
+    image_prompt_steps: tuple[float, float] = _setting(
+        "pair", (0.0, 1.0), "inject the image prompt only in this fraction of the steps, start < end (0 1 is "
+        "official; 0 0.5: the first half, faster, a little less faithful)", minimum=0.0, maximum=1.0)
+    watermark_branch: bool = _setting(
+        "bool", True, "skip the watermark-removal branch (faster; the released model always runs it)",
+        flag="--no-watermark-branch")
+    image_prompt_strength: float = _setting(
+        "float", 1.0, "scale of the image prompt's update of frame 0's values in cross-frame attention (1 is the "
+        "official model)", minimum=0.0, maximum=2.0)
+    batch_passes: bool = True
+    """Batch the unconditional and image-prompt passes (same result up to float rounding)."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(kw_only=True)
+class GenerationSettings:
+    """The settings of one generation (everything but the prompt and the subject), validated by :meth:`check`.
+    The defaults are the released model's official settings."""
+
+    negative_prompt: str = _setting(
+        "str", NULL_PROMPT, "unconditional prompt of classifier-free guidance (official: the literal word 'None')",
+        key="negative")
+    frames: int = _setting("int", TRAINED_FRAMES, "frames per video (the model was trained on 16)",
+                           minimum=1, maximum=256)
+    width: int = _setting("int", TRAINED_SIZE, "video width in pixels, a multiple of 8 (the model was trained at 256)",
+                          multiple_of=VAE_SCALE, minimum=VAE_SCALE, maximum=2048)
+    height: int = _setting("int", TRAINED_SIZE, "video height in pixels, a multiple of 8 (the model was trained at "
+                           "256)", multiple_of=VAE_SCALE, minimum=VAE_SCALE, maximum=2048)
+    steps: int = _setting(
+        "int", 250, "denoising steps; 250 with ddpm is the official setting and takes hours on a CPU: for a quick "
+        "result use --sampler dpmpp_2m --steps 25", minimum=1, maximum=1000)
+    sampler: str = _setting(
+        "str", OFFICIAL_SAMPLER, "ddpm: the official respaced ancestral DDPM; the others: diffusers samplers on the "
+        "same training schedule (dpmpp_2m or unipc converge in about 25 steps)", choices=SAMPLERS)
+    spacing: str = _setting("str", "trailing", "timestep spacing of the diffusers samplers (ddpm ignores it)",
+                            choices=SPACINGS, label="timestep spacing")
+    eta: float = _setting("float", 0.0, "DDIM stochasticity (0: deterministic; 1: fresh noise at every step)",
+                          minimum=0.0, maximum=1.0)
+    cfg_scale: float = _setting("float", 4.0, "classifier-free guidance scale (4 is official)", key="cfg",
+                                minimum=0.0, maximum=30.0)
+    guidance: str = _setting(
+        "str", "official", "official: channels 0-2 guided, channel 3 conditional (as released); all: every channel",
+        choices=GUIDANCE_RULES)
+    seed: int = _setting("int", 10, "seed of all the noise (drawn on the CPU: the same video on any device)",
+                         minimum=0, maximum=MAX_SEED)
+    image_prompt_padding: int = _setting(
+        "int", 0, "extra pixels kept around the subject's box on every side (0 is the official preprocessing)",
+        key="padding", minimum=0, maximum=4096)
+    subject_match: str = _setting(
+        "str", WHOLE_WORD, "how the subject word is found in the prompt: whole-word (so 'dog' leaves 'hotdog' "
+        "alone) or official-substring (the official code's plain replacement)", choices=SUBJECT_MATCHES)
+    fps: float = _setting("float", 8.0, "frames per second of the written video", above=0.0)
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    """The opt-in speed modes; ``None`` is read as the defaults."""
+
+    def check(self) -> None:
+        """Every setting's type, range and choice (SamplingError naming the value and the fix)."""
+        _check_fields(self)
+        if self.options is not None and not isinstance(self.options, SamplingOptions):
+            raise SamplingError(f"options must be a SamplingOptions, got {type(self.options).__name__}")
+
+
+def _check_fields(instance: Any) -> None:
+    for f in dataclasses.fields(instance):
+        spec = f.metadata.get("setting")
+        if spec is not None:
+            SETTINGS[spec.key or f.name].check(getattr(instance, f.name))
+
+
+def _table() -> dict[str, Setting]:
+    table = {}
+    for section, cls in (("request", GenerationSettings), ("options", SamplingOptions)):
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get("setting")
+            if spec is None:
+                continue
+            key = spec.key or f.name
+            flag = spec.flag or "--" + key.replace("_", "-")
+            table[key] = dataclasses.replace(spec, key=key, flag=flag, label=spec.label or key, name=f.name,
+                                             section=section)
+    return table
+
+
+SETTINGS: dict[str, Setting] = _table()
+"""Every user-facing setting by its jobs key (also the command line's dest), in help order."""
+
+
+def settings_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """GenerationSettings keyword arguments (with ``options``) from ``{jobs key: value}``; absent keys keep
+    their defaults, unknown keys are an error."""
+    unknown = set(values) - set(SETTINGS)
+    if unknown:
+        raise SamplingError(f"unknown setting(s) {', '.join(sorted(unknown))}; the settings are {', '.join(SETTINGS)}")
+    request, options = {}, {}
+    for key, value in values.items():
+        spec = SETTINGS[key]
+        if spec.kind == "pair" and value is not None:
+            value = tuple(value)
+        (options if spec.section == "options" else request)[spec.name] = value
+    return {**request, "options": SamplingOptions(**options)}
+
+
+def widget(key: str, **extra: Any) -> dict[str, Any]:
+    """ComfyUI widget options (default, min, max, step for multiples) of a numeric setting, plus ``extra``."""
+    spec = SETTINGS[key]
+    options: dict[str, Any] = {"default": spec.default}
+    low = spec.minimum if spec.minimum is not None else spec.above
+    if low is not None:
+        options["min"] = low
+    if spec.maximum is not None:
+        options["max"] = spec.maximum
+    if spec.multiple_of:
+        options["step"] = spec.multiple_of
+    return {**options, **extra}
+
+
+# -- devices -----------------------------------------------------------------------------------------
+def available_devices() -> list[str]:
+    """The devices this machine has, as ``--device`` takes them (``cpu``, ``cuda``, ``cuda:0``..., ``mps``)."""
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: Any) -> Any:
+    """``torch.device(device)`` if this machine has it; DeviceError naming the devices that exist otherwise."""
+    import torch
+
+    here = ", ".join(available_devices())
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}; this machine has: {here}") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {device!r}: no CUDA GPU is available here (this machine has: {here}); "
+                                "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"device {device!r}: this machine has {count} CUDA GPU(s) ({here})")
+        return parsed
+    if parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError(f"device {device!r}: Apple's MPS is not available here (this machine has: {here})")
+        return parsed
+    raise DeviceError(f"device {device!r} is not supported; this machine has: {here}")
+
+
+# -- the one validation --------------------------------------------------------------------------------
+def load_prompt_tokenizer(models_dir: str | Path) -> Any:
+    """The CLIP tokenizer of a models folder (cheap: two text files), to check prompts before any model loads."""
+    from .conditioning.tokenizer import load_clip_tokenizer
+    from .loading.models_dir import find_tokenizer_dir
+
+    return load_clip_tokenizer(find_tokenizer_dir(Path(models_dir)))
+
+
+def check_request(request: Any, tokenizer: Any = None, device: Any = None) -> list[str]:
+    """Validate one generation before any model is loaded; return the warnings (not logged here).
+
+    ``request`` is a :class:`GenerationSettings` with ``prompt``, ``subject_word``, ``image``, ``mask`` and
+    ``bbox`` (the pipeline's GenerationRequest). With ``tokenizer`` the prompts are checked against CLIP's
+    77 tokens after the subject splice; with ``device`` the device must exist on this machine.
+
+    Raises:
+        VideoBoothError: SamplingError, ImagePromptError or PromptError naming the value and the fix.
+    """
+    from .conditioning.image_prompt import prepare_image_prompt
+    from .conditioning.text import prompt_fit_warnings, substitute_subject
+
+    if device is not None:
+        check_device(device)
+    request.check()
+    has_image, has_word = request.image is not None, request.subject_word is not None
+    if has_image != has_word:
+        raise ImagePromptError(
+            "an image prompt needs both the image and the subject word (the prompt's word naming the subject); "
+            f"got {'an image without a subject word' if has_image else f'the subject word {request.subject_word!r} without an image'}; "
+            "give both (--image and --word), or neither for text-to-video")
+    if not has_image and (request.mask is not None or request.bbox is not None):
+        given = " and ".join(n for n, v in (("a mask", request.mask), ("a bbox", request.bbox)) if v is not None)
+        raise ImagePromptError(f"{given} without an image: the mask and the bbox select the subject in its photo; "
+                               "give the photo too (--image and --word), or drop them for text-to-video")
+    if not isinstance(request.prompt, str):
+        raise VideoBoothError(f"the prompt must be a string, got {type(request.prompt).__name__}")
+    if has_image:
+        prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        substitute_subject(request.prompt, request.subject_word, request.subject_match)
+    warnings = []
+    if tokenizer is not None:
+        warnings += prompt_fit_warnings(tokenizer, request.prompt, request.subject_word if has_image else None,
+                                        request.subject_match)
+        warnings += prompt_fit_warnings(tokenizer, request.negative_prompt, what="negative prompt")
+    if request.frames > TRAINED_FRAMES:
+        warnings.append(f"{request.frames} frames: the model was trained on {TRAINED_FRAMES}, so longer videos are an "
+                        "extrapolation (they tend to repeat or lose the subject)")
+    if (request.width, request.height) != (TRAINED_SIZE, TRAINED_SIZE):
+        warnings.append(f"{request.width}x{request.height}: the model was trained at {TRAINED_SIZE}x{TRAINED_SIZE}, "
+                        "so other sizes are an extrapolation (expect less coherent frames)")
+    return warnings
+
+
+@functools.lru_cache(maxsize=1024)
+def log_once(message: str, name: str = __name__) -> None:
+    """Log a warning once per process: the command line validates before loading the models and the pipeline
+    validates again before sampling, and the user needs to read each warning once."""
+    logging.getLogger(name).warning(message)
