@@ -249,7 +249,27 @@ def test_every_generate_flag_works_in_jobs_or_is_refused_there() -> None:
     batch = {"help", "models", "jobs", "out_dir", "overwrite"}
     for action in generate._actions:
         dest = action.dest
-        assert dest in batch or dest in jobs.SETTINGS or dest in jobs.CLI_ONLY_FLAGS or dest in jobs.PER_RUN_KEYS, dest
+        assert dest in batch or dest in jobs.SETTINGS or dest in jobs.CLI_ONLY_FLAGS or dest in jobs.PER_RUN_KEYS \
+            or dest in jobs.BEST_OF_KEYS or dest in jobs.REFUSED_FLAGS, dest
+
+
+def test_flags_refused_in_jobs_are_refused_before_anything_runs(tiny_models, tmp_path, capsys) -> None:
+    from videobooth_core.app.cli import main
+    from videobooth_core.app.jobs import REFUSED_FLAGS
+
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text(json.dumps({"prompt": "a cat"}) + "\n")
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    flags = {"base_checkpoint": ["--base-checkpoint", str(lora)], "lora": ["--lora", str(lora)],
+             "lora_kv": ["--lora", str(lora), "--lora-kv", "ignore"]}
+    assert set(flags) == set(REFUSED_FLAGS)
+    for dest, extra in flags.items():
+        code = main(["generate", "--models", str(tiny_models), "--jobs", str(jobs_file), "--out-dir",
+                     str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error: ") and "--jobs" in err[-1], (dest, err)
+        assert not (tmp_path / "out").exists()
 
 
 def _v1_fingerprint(job, dtype: str) -> str:

@@ -9,9 +9,11 @@ Keys: ``prompt`` (required), ``word``, ``image``, ``mask``, ``bbox`` ([x1, y1, x
 every setting of :data:`videobooth_core.settings.SETTINGS` under its flag's name: ``negative``, ``frames``,
 ``width``, ``height``, ``steps``, ``sampler``, ``spacing``, ``eta``, ``cfg``, ``guidance``, ``seed``, ``padding``,
 ``subject_match``, ``fps``, ``single_frame_image_prompt`` (true/false), ``image_prompt_steps`` ([start, end]),
-``watermark_branch`` (false = ``--no-watermark-branch``) and ``image_prompt_strength``. Settings a line leaves out
-come from the command line (``--steps 50`` sets every job's default); ``--dtype``, ``--device`` and
-``--stream-weights`` hold for the whole run. ``id``
+``watermark_branch`` (false = ``--no-watermark-branch``) and ``image_prompt_strength``; and best of N,
+``best_of`` (N seeds: seed, seed + 1, ...; the best is written) and ``rank_by`` (``dino``, ``clip-i``,
+``clip-t``). Settings a line leaves out come from the command line (``--steps 50`` sets every job's default);
+``--dtype``, ``--device``, ``--stream-weights`` and the metric models ``--clip`` and ``--dino`` hold for the
+whole run (the metric models load once per rank, and only if some job of the rank ranks by them). ``id``
 defaults to the line number, zero-padded (``00001``); ``out`` defaults to ``<id>.gif`` and is relative to
 ``--out-dir`` (``.mp4``, ``.gif``, ``.webp``, or no suffix for a folder of PNG frames). Relative image and
 mask paths are resolved against the jobs file's folder. Blank lines are ignored.
@@ -34,7 +36,9 @@ is written atomically by :func:`video_io.write_frames`, then the done-record ``O
 (written atomically: temporary file, ``os.replace``). An item is skipped when its output and its done-record
 both exist and the record's settings match the job's, so a killed run restarted with the same command redoes
 only unfinished items; a job whose line changed is redone (replacing its own earlier output).
-``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank)
+``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank; for
+best of N, ``seed`` is the winner's, which alone reproduces the output, and ``best_of`` lists every candidate's
+seed and scores, best first)
 and every failed one (id, line, output, error); it is rebuilt from the records - under an exclusive file lock
 (``filelock``), after every item and at the end, and by rank 0 once more after all ranks have finished - so
 concurrent ranks never lose each other's entries. Temporary files left by a killed run (``.videobooth-*.partial``
@@ -99,7 +103,13 @@ FINGERPRINT_V1_KEYS = ("negative", "frames", "width", "height", "steps", "sample
 default, so the done-records of earlier runs stay valid (a resume does not redo finished items)."""
 SUBJECT_KEYS = ("prompt", "word", "image", "mask", "bbox")
 CLI_ONLY_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "mask": "--mask", "bbox": "--bbox", "out": "--out"}
-PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "best_of", "rank_by", "clip", "dino")
+PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "clip", "dino")
+BEST_OF_KEYS = ("best_of", "rank_by")
+"""Best of N, per line or from ``--best-of`` / ``--rank-by``; in the fingerprint only when N > 1 (so the
+done-records of earlier runs stay valid)."""
+REFUSED_FLAGS = ("base_checkpoint", "lora", "lora_kv")
+"""Flags of ``generate`` that batch jobs refuse (the command line says why): a done-record does not hold the
+style files, so a resumed batch could mix styles."""
 
 
 @dataclass(frozen=True)
@@ -121,11 +131,15 @@ class Job:
     bbox: tuple[float, float, float, float] | None
     settings: dict[str, Any]
     """Every key of :data:`SETTINGS` (the line's value, else the command line's, else the default)."""
+    best_of: int = 1
+    """Candidates generated (seeds seed, seed + 1, ...); the best by ``rank_by`` is written. 1: plain."""
+    rank_by: str = "dino"
 
     def describe(self) -> dict[str, Any]:
-        """The job's full settings, as recorded in done-records and the manifest."""
+        """The job's full settings, as recorded in done-records and the manifest (best of N only when N > 1)."""
+        best_of = {"best_of": self.best_of, "rank_by": self.rank_by} if self.best_of > 1 else {}
         return {"prompt": self.prompt, "word": self.word, "image": self.image, "mask": self.mask,
-                "bbox": list(self.bbox) if self.bbox else None, **self.settings}
+                "bbox": list(self.bbox) if self.bbox else None, **self.settings, **best_of}
 
     def fingerprint(self, dtype: str) -> str:
         """Hash of everything that determines the output (so a changed line is redone, not skipped)."""
@@ -188,7 +202,7 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     where = f"line {line}"
     if not isinstance(obj, dict):
         raise JobsError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
-    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS)
+    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS, *BEST_OF_KEYS)
     for key in obj:
         if key in PER_RUN_KEYS:
             raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
@@ -222,8 +236,19 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
         bbox = tuple(float(v) for v in bbox)
     settings = {key: _check_value(key, obj[key], where) if key in obj else defaults[key] for key in SETTINGS}
     out = _check_out(obj.get("out", f"{job_id}{DEFAULT_SUFFIX}"), where)
+    best_of, rank_by = _check_best_of(obj.get("best_of", defaults["best_of"]), obj.get("rank_by", defaults["rank_by"]),
+                                      image is not None, where)
     return Job(index=index, line=line, id=job_id, out=out, prompt=prompt, word=word, image=image, mask=mask,
-               bbox=bbox, settings=settings)
+               bbox=bbox, settings=settings, best_of=best_of, rank_by=rank_by)
+
+
+def _check_best_of(best_of: Any, rank_by: Any, has_image: bool, where: str) -> tuple[int, str]:
+    from ..evaluation.best_of import check_best_of
+
+    try:
+        return check_best_of(best_of, rank_by, has_image)
+    except VideoBoothError as error:
+        raise JobsError(f"{where}: {error} ('best_of', 'rank_by' or --best-of, --rank-by)") from None
 
 
 def build_request(job: Job):
@@ -260,6 +285,14 @@ def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
             merged[key] = spec.check(tuple(value) if spec.kind == "pair" else value)
         except VideoBoothError as error:
             raise JobsError(f"{spec.flag} (the default of every job): {error}") from None
+    merged["best_of"] = (defaults or {}).get("best_of", 1)
+    merged["rank_by"] = (defaults or {}).get("rank_by", "dino")
+    from ..evaluation.best_of import check_best_of
+
+    try:  # the lines' image is checked with each line
+        check_best_of(merged["best_of"], merged["rank_by"], has_image=True)
+    except VideoBoothError as error:
+        raise JobsError(f"--best-of / --rank-by (the default of every job): {error}") from None
     return merged
 
 
@@ -508,9 +541,9 @@ def _process_group(world: int) -> Iterator[Any]:
 
 
 def _peak_memory(device: str) -> dict[str, float]:
-    import resource
+    from .common import peak_memory_mb
 
-    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    peak = {"peak_rss_mb": round(peak_memory_mb(), 1)}
     if device.startswith("cuda"):
         import torch
 
@@ -522,7 +555,7 @@ def _peak_memory(device: str) -> dict[str, float]:
 # -- the run ----------------------------------------------------------------------------------------------
 def _defaults_from(args: argparse.Namespace) -> dict[str, Any]:
     """Every line's defaults: the command line's setting flags (each setting's dest is its jobs key)."""
-    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    return {key: getattr(args, key) for key in (*SETTINGS, *BEST_OF_KEYS) if getattr(args, key, None) is not None}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -562,6 +595,7 @@ def run_jobs(args: argparse.Namespace) -> int:
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
         pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False)) if todo else None
+        scorer = _load_scorer(args, todo, device, tag)
 
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -574,7 +608,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         done = failed = 0
         if todo:
             done, failed = _generate_all(pipe, args.models, todo, len(mine), out_dir, jobs, jobs_file, dtype, device,
-                                         rank, world, tag, replace)
+                                         rank, world, tag, replace, scorer)
         rebuild_manifest(out_dir, jobs, jobs_file, args.models, dtype)
         if dist is not None:
             dist.barrier()  # every rank's done-records are written
@@ -602,9 +636,25 @@ def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weight
     return pipe
 
 
+def _load_scorer(args: argparse.Namespace, todo: list[Job], device: str, tag: str):
+    """The metric models the best-of jobs of this rank rank by, loaded once (None when no job needs one)."""
+    from ..evaluation.metrics import RANK_CHOICES
+
+    need = tuple(sorted({"clip" if RANK_CHOICES[job.rank_by] != "dino" else "dino" for job in todo
+                         if job.best_of > 1}))
+    if not need:
+        return None
+    from ..evaluation.cli import load_scorer
+
+    scorer = load_scorer(args, need, device=device, strict=True)
+    print(f"{tag}metric models loaded for best of N: " + ", ".join(
+        m.source for m in (scorer.clip, scorer.dino) if m is not None), file=sys.stderr, flush=True)
+    return scorer
+
+
 def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path, jobs: list[Job], jobs_file: Path,
                   dtype: str, device: str, rank: int, world: int, tag: str,
-                  replace: set[str] | None = None) -> tuple[int, int]:
+                  replace: set[str] | None = None, scorer: Any = None) -> tuple[int, int]:
     """Generate and write ``todo`` in order; a job that fails at run time is recorded and the rest go on.
     Returns (done, failed)."""
     done = failed = 0
@@ -612,8 +662,8 @@ def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path
         item_start = time.perf_counter()
         memory = False
         try:
-            result = _generate_one(pipe, job, out_dir, f"{tag}{job.id} ({number}/{len(todo)})",
-                                   overwrite=job.id in (replace or ()))
+            result, seed, best_of = _generate_one(pipe, job, out_dir, f"{tag}{job.id} ({number}/{len(todo)})",
+                                                  overwrite=job.id in (replace or ()), scorer=scorer)
         except Exception as error:  # noqa: BLE001 - classified below; anything unknown is re-raised
             reason = _failure_reason(error)
             if reason is None:
@@ -633,7 +683,7 @@ def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path
             continue
         seconds = time.perf_counter() - item_start
         record = {
-            "id": job.id, "line": job.line, "output": job.out, "seed": job.settings["seed"],
+            "id": job.id, "line": job.line, "output": job.out, "seed": seed, **best_of,
             "settings": job.describe(), "dtype": dtype, "prompt_used": result.prompt_used,
             "seconds": round(seconds, 2), "rank": rank, "world_size": world, "device": device,
             "finished_at": _now(), "fingerprint": job.fingerprint(dtype),
@@ -648,23 +698,51 @@ def _generate_all(pipe, models: str, todo: list[Job], n_mine: int, out_dir: Path
             "output": str(out_dir / job.out), "seconds": round(seconds, 2), **_peak_memory(device),
             "frames": job.settings["frames"], "size": [job.settings["width"], job.settings["height"]],
             "steps": job.settings["steps"], "sampler": job.settings["sampler"], "cfg": job.settings["cfg"],
-            "seed": job.settings["seed"], "prompt_used": result.prompt_used,
+            "seed": seed, **best_of, "prompt_used": result.prompt_used,
         }), flush=True)
     return done, failed
 
 
-def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool):
+def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
+                  scorer: Any = None) -> tuple[Any, int, dict[str, Any]]:
     """Generate ``job`` and write its output (claimed first, so that a rerun after a kill between the output
-    and its done-record knows the output is this job's)."""
-    from .cli import _progress_callback
+    and its done-record knows the output is this job's). Returns the result, the seed that alone reproduces it,
+    and for best of N ``{"best_of": {"n", "rank_by", "candidates": [{"seed", scores...}, best first]}}``."""
+    from .common import progress_callback
     from .video_io import write_frames
 
-    result = pipe.generate(build_request(job), callback=_progress_callback(label))
+    request = build_request(job)
+    if job.best_of > 1:
+        from ..evaluation.best_of import generate_best_of
+
+        ranked = generate_best_of(pipe, request, job.best_of, job.rank_by, scorer,
+                                  callback=_candidates_progress(label, job.best_of))
+        result, seed = ranked[0].result, ranked[0].seed
+        best_of = {"best_of": {"n": job.best_of, "rank_by": job.rank_by,
+                               "candidates": [{"seed": c.seed, **c.scores} for c in ranked]}}
+    else:
+        result = pipe.generate(request, callback=progress_callback(label))
+        seed, best_of = job.settings["seed"], {}
     output = out_dir / job.out
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / CLAIMS_DIR / f"{job.id}.json", {"id": job.id, "output": job.out, "claimed_at": _now()})
     write_frames(result.frames, output, job.settings["fps"], overwrite=overwrite)
-    return result
+    return result, seed, best_of
+
+
+def _candidates_progress(label: str, n: int):
+    """A progress bar per candidate of best of N (each sampling run counts its steps from 0)."""
+    from .common import progress_callback
+
+    state: dict[str, Any] = {"count": 0, "bar": None}
+
+    def callback(step: int, total: int, output: Any) -> None:
+        if step == 0 or state["bar"] is None:
+            state["count"] += 1
+            state["bar"] = progress_callback(f"{label} candidate {state['count']}/{n}")
+        state["bar"](step, total, output)
+
+    return callback
 
 
 def _failure_reason(error: Exception) -> str | None:
