@@ -128,7 +128,9 @@ class VideoBoothBestOfN:
             "frames": ("IMAGE", {"tooltip": "The decoded batch of the sampler (all frames of video 0 first)."}),
             **_COMMON,
             "frames_per_video": ("INT", {**widget("frames"), "tooltip": "The sampler's frames (splits the batch)."}),
-            "seed": ("INT", {**widget("seed"), "tooltip": (
+            # no control_after_generate (the frontend adds one to any "seed"): randomising it would part it from
+            # the sampler's seed
+            "seed": ("INT", {**widget("seed"), "control_after_generate": False, "tooltip": (
                 "The sampler's seed: video i of its batch used seed + i (reported, not used to sample).")}),
             "rank_by": (list(RANK_CHOICES), {"default": "dino", "tooltip": (
                 "dino / clip-i: likeness to the image prompt; clip-t: agreement with the prompt.")}),

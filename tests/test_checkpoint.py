@@ -228,6 +228,68 @@ def test_a_bad_embedded_unet_config_is_a_checkpoint_error(tmp_path: Path, tiny_m
             loader(path)
 
 
+def test_a_bad_embedded_unet_config_is_one_error_line_from_the_command_line(tmp_path: Path, tiny_models: Path,
+                                                                           capsys) -> None:
+    from videobooth_core.app.cli import main
+
+    models = tmp_path / "models"
+    (models / "videobooth").mkdir(parents=True)
+    for sub in ("vae", "clip_vision", "text_encoders"):
+        (models / sub).symlink_to(tiny_models / sub, target_is_directory=True)
+    (models / MAPPER_FILE).symlink_to(tiny_models / MAPPER_FILE)
+    state = torch.load(tiny_models / UNET_FILE, weights_only=True)["ema_unet"]
+    bad = '{"block_out_channels": [32, 48], "norm_num_groups": 32}'  # watermark widths that cannot fit
+    save_safetensors(state, models / "videobooth" / "videobooth_unet.safetensors", {CONFIG_METADATA_KEY: bad})
+    out = tmp_path / "clip.gif"
+    code = main(["generate", "--models", str(models), "--prompt", "a cat", "--frames", "2", "--width", "64",
+                 "--height", "64", "--steps", "1", "--out", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "videobooth_unet.safetensors" in lines[0], lines[0]
+    assert "watermark_block_out_channels" in lines[0] and "convert" in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_a_full_clip_fills_the_text_and_the_vision_role(tmp_path: Path, tiny_models: Path) -> None:
+    """The openai/clip-vit-large-patch14 folder (both towers) serves as text encoder and vision encoder, from
+    text_encoders/ alone, and as the evaluation's CLIP; a folder's own single-tower file still wins."""
+    import shutil
+
+    import transformers
+
+    from videobooth_core.app.tiny import CLIP_TEXT_FILE, TOKENIZER_DIR, tiny_clip_text_config, tiny_clip_vision_config
+    from videobooth_core.conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+    from videobooth_core.evaluation.models import find_clip, is_full_clip
+    from videobooth_core.loading.models_dir import ModelFiles, kind_of
+
+    models = tmp_path / "models"
+    for sub in ("videobooth", "vae"):
+        (models / sub).parent.mkdir(parents=True, exist_ok=True)
+        (models / sub).symlink_to(tiny_models / sub, target_is_directory=True)
+    full = models / "text_encoders" / "clip-vit-large-patch14"
+    config = transformers.CLIPConfig(text_config=tiny_clip_text_config().to_dict(),
+                                     vision_config=tiny_clip_vision_config().to_dict(), projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(full)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_models / TOKENIZER_DIR / name, full / name)
+    assert kind_of(full) == "clip_full" and is_full_clip(full)
+
+    files = ModelFiles.from_models_dir(models)
+    assert files.clip_text == files.clip_vision == files.tokenizer == full
+    assert load_clip_text_encoder(files.clip_text).config.hidden_size == 32
+    assert load_clip_vision_encoder(files.clip_vision).config.num_hidden_layers == 18
+    assert find_clip(models) == full
+
+    (models / "clip_vision").mkdir()
+    moved = full.rename(models / "clip_vision" / full.name)
+    files = ModelFiles.from_models_dir(models)  # the vision folder's full CLIP serves the text role too
+    assert files.clip_text == files.clip_vision == files.tokenizer == moved
+    shutil.copy(tiny_models / CLIP_TEXT_FILE, models / CLIP_TEXT_FILE)  # ... unless text_encoders/ has its own
+    files = ModelFiles.from_models_dir(models)
+    assert files.clip_vision == moved and files.clip_text == models / CLIP_TEXT_FILE
+
+
 def test_convert_writes_loadable_fp16_safetensors(tmp_path: Path, tiny_models: Path) -> None:
     out = tmp_path / "converted"
     unet_path, mapper_path = convert_released_weights(tiny_models / UNET_FILE, tiny_models / MAPPER_FILE, out, "fp16")

@@ -145,3 +145,84 @@ def test_score_and_best_of_nodes(tiny_models, monkeypatch) -> None:
     batch = torch.cat([torch.stack([picture(12, 48), picture(13, 48)]).float() / 255, photo.repeat(2, 1, 1, 1)])
     frames, best_seed, ranking = nodes["VideoBoothBestOfN"]().pick(batch, models, photo, "a dog", 2, 7, "dino", "best")
     assert best_seed == 8 and torch.equal(frames, photo.repeat(2, 1, 1, 1)) and ranking.startswith("1. seed 8")
+
+
+def test_batch_jobs_best_of_records_every_candidate_and_loads_the_metric_models_once(tiny_models, tmp_path, scorer,
+                                                                                     monkeypatch) -> None:
+    from PIL import Image
+
+    from videobooth_core.app.cli import main
+    from videobooth_core.app.jobs import load_jobs
+    from videobooth_core.evaluation import models
+    from videobooth_core.pipeline import VideoBoothPipeline
+
+    loads, loaded_before_sampling = {"clip": 0, "dino": 0}, []
+    for which, name in (("clip", "load_clip_for_metrics"), ("dino", "load_dino_for_metrics")):
+        def counting(*args, _load=getattr(models, name), _which=which, **kwargs):
+            loads[_which] += 1
+            return _load(*args, **kwargs)
+        monkeypatch.setattr(models, name, counting)
+    generate = VideoBoothPipeline.generate
+
+    def watched(self, *args, **kwargs):
+        loaded_before_sampling.append(dict(loads))
+        return generate(self, *args, **kwargs)
+    monkeypatch.setattr(VideoBoothPipeline, "generate", watched)
+    Image.fromarray(picture(14, 64).numpy()).save(tmp_path / "dog.png")
+    lines = [{"id": "a", "prompt": "a dog on the beach", "word": "dog", "image": "dog.png", "seed": 5, "out": "a"},
+             {"id": "b", "prompt": "a cat in the park", "rank_by": "clip-t", "seed": 9}]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    command = ["generate", "--models", str(tiny_models), "--jobs", str(jobs_file), "--out-dir", str(tmp_path / "out"),
+               "--frames", "2", "--width", "32", "--height", "32", "--steps", "2", "--sampler", "dpmpp_2m",
+               "--best-of", "2"]
+    assert main(command) == 0
+    # both metric models loaded once, up front for the whole rank: not per job, not per candidate
+    assert loaded_before_sampling == [{"clip": 1, "dino": 1}] * 4 and loads == {"clip": 1, "dino": 1}
+    items = {item["id"]: item for item in json.loads((tmp_path / "out" / "manifest.json").read_text())["items"]}
+    for job, seeds, key in (("a", [5, 6], "dino"), ("b", [9, 10], "clip_t")):
+        best_of = items[job]["best_of"]
+        candidates = best_of["candidates"]
+        assert best_of["n"] == 2 and sorted(c["seed"] for c in candidates) == seeds, job
+        assert candidates[0][key] == max(c[key] for c in candidates) and candidates[0][key] != candidates[1][key]
+        assert items[job]["seed"] == candidates[0]["seed"]  # the winner's seed, which alone reproduces the output
+        assert items[job]["settings"]["best_of"] == 2 and items[job]["settings"]["seed"] == seeds[0]
+        done = json.loads((tmp_path / "out" / ".videobooth" / "done" / f"{job}.json").read_text())
+        assert done["best_of"] == best_of and done["seed"] == items[job]["seed"]
+    assert items["a"]["best_of"]["rank_by"] == "dino" and items["b"]["best_of"]["rank_by"] == "clip-t"
+    # the written video (lossless PNG frames) is the winner: it scores what the winner scored, not the other
+    pngs = sorted((tmp_path / "out" / "a").glob("*.png"))
+    frames = torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in pngs])
+    winner, loser = items["a"]["best_of"]["candidates"]
+    assert scorer.score(frames, None, None)["consistency"] == pytest.approx(winner["consistency"], abs=1e-6)
+    assert abs(winner["consistency"] - loser["consistency"]) > 1e-4
+
+    assert main(command) == 0 and loads == {"clip": 1, "dino": 1}  # a resume redoes nothing, loads nothing
+    # best_of and rank_by are part of the fingerprint; a plain job keeps the fingerprint of earlier runs
+    (a, _), (a3, _), (a_clip, _) = (load_jobs(jobs_file, {"best_of": n, "rank_by": r}, check_files=False)
+                                    for n, r in ((2, "dino"), (3, "dino"), (2, "clip-i")))
+    plain = load_jobs(jobs_file, check_files=False)[0]
+    assert "best_of" not in plain.describe() and plain.best_of == 1
+    assert len({plain.fingerprint("fp32"), a.fingerprint("fp32"), a3.fingerprint("fp32"),
+                a_clip.fingerprint("fp32")}) == 4
+
+
+@pytest.mark.parametrize("line, flags, words", [
+    ({"prompt": "a cat", "best_of": 2}, [], ["line 1", "dino", "image prompt", "clip-t"]),
+    ({"prompt": "a cat", "best_of": 0}, [], ["line 1", "at least 1", "0"]),
+    ({"prompt": "a cat", "rank_by": "lpips"}, [], ["line 1", "'lpips'", "dino, clip-i, clip-t"]),
+    ({"prompt": "a cat", "clip": "x"}, [], ["line 1", "--clip"]),
+    ({"prompt": "a cat"}, ["--best-of", "2"], ["line 1", "dino", "clip-t"]),
+    ({"prompt": "a cat"}, ["--best-of", "0"], ["--best-of", "at least 1"]),
+])
+def test_bad_best_of_in_jobs_is_refused_before_any_model_loads(line, flags, words, tiny_models, tmp_path,
+                                                              capsys) -> None:
+    from videobooth_core.app.cli import main
+
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["generate", "--models", str(tiny_models), "--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                 str(tmp_path / "out"), *flags]) == 2
+    error = capsys.readouterr().err
+    for word in words:
+        assert word in error, error
+    assert not (tmp_path / "out").exists()

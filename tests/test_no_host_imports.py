@@ -37,6 +37,37 @@ def test_detector_catches_a_host_import(tmp_path) -> None:
     assert _imported_roots(sample) >= {"comfy", "folder_paths"}
 
 
+def _from_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(absolute module, imported names)`` of every ``from ... import`` in ``path`` (relative ones resolved)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found.append((module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_only_the_application_imports_the_application_and_nobody_imports_privates() -> None:
+    """videobooth_core.app (command line, demo, jobs) sits on top of the library: the library and the nodes never
+    import it (the entry point ``__main__`` excepted); and no module imports another module's private names."""
+    files = sorted((REPO / "videobooth_core").rglob("*.py")) + sorted((REPO / "nodes").glob("*.py"))
+    app_users, private = [], []
+    for path in files:
+        relative = path.relative_to(REPO)
+        for module, names in _from_imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names]
+            if relative.parts[:2] != ("videobooth_core", "app") and relative != Path("videobooth_core/__main__.py") \
+                    and any(t == "videobooth_core.app" or t.startswith("videobooth_core.app.") for t in targets):
+                app_users.append(f"{relative}: {module} {names}")
+            folder = REPO.joinpath(*module.split("."))
+            private += [f"{relative}: {module}.{n}" for n in names
+                        if n.startswith("_") and not (folder / f"{n}.py").exists() and n != "__version__"]
+    assert not app_users, app_users
+    assert not private, private
+
+
 def test_importing_the_core_and_the_pack_is_cheap() -> None:
     """One fresh interpreter (the point: nothing imported before) loads the core's entry points and the pack the
     way ComfyUI does (its folder as a package); neither may pull in transformers or diffusers."""

@@ -31,8 +31,10 @@ MAPPINGS = pack.NODE_CLASS_MAPPINGS
 # -- schemas of the nodes from elsewhere: {type: (inputs [(name, type or combo list, options)], outputs)} ---------
 # ComfyUI core, copied from ComfyUI's source (/work/comfyui): nodes.py (LoadImage, SaveImage, PreviewImage,
 # ImageBatch), comfy_extras/nodes_images.py (SaveAnimatedWEBP), comfy_extras/nodes_upscale_model.py
-# (UpscaleModelLoader, ImageUpscaleWithModel). FILES marks a combo of file names (not checked).
+# (UpscaleModelLoader, ImageUpscaleWithModel), comfy_extras/nodes_preview_any.py (PreviewAny: its input takes any
+# type, IO.ANY = "*"; the frontend's text widget is not serialised). FILES marks a combo of file names (not checked).
 FILES = "FILES"
+ANY = "*"
 CORE_NODES: dict[str, tuple[list, tuple]] = {
     "LoadImage": ([("image", FILES, {})], ("IMAGE", "MASK")),
     "SaveImage": ([("images", "IMAGE", {}), ("filename_prefix", "STRING", {})], ()),
@@ -44,6 +46,7 @@ CORE_NODES: dict[str, tuple[list, tuple]] = {
                           ("method", ["default", "fastest", "slowest"], {})], ()),
     "UpscaleModelLoader": ([("model_name", FILES, {})], ("UPSCALE_MODEL",)),
     "ImageUpscaleWithModel": ([("upscale_model", "UPSCALE_MODEL", {}), ("image", "IMAGE", {})], ("IMAGE",)),
+    "PreviewAny": ([("source", ANY, {})], ()),
 }
 # Widgets the frontend adds beyond the schema's inputs (LoadImage's "upload" button value).
 EXTRA_WIDGETS = {"LoadImage": 1}
@@ -79,7 +82,7 @@ VHS_FORMAT_WIDGETS = {"video/h264-mp4": [("pix_fmt", ["yuv420p", "yuv420p10le"],
                                          ("save_metadata", "BOOLEAN", {}), ("trim_to_audio", "BOOLEAN", {})],
                       "image/webp": [("lossless", "BOOLEAN", {})], "image/gif": []}
 # This pack's combos of file names (filled from the models folder at run time).
-PACK_FILE_INPUTS = {"unet_name", "mapper_name", "vae_name", "clip_name"}
+PACK_FILE_INPUTS = {"unet_name", "mapper_name", "vae_name", "clip_name", "dino_name"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
@@ -103,6 +106,21 @@ def schema(node_type: str) -> tuple[list, tuple]:
 
 def is_widget(kind) -> bool:
     return kind == FILES or isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def has_control(name: str, kind, options: dict) -> bool:
+    """The frontend adds a control_after_generate widget value after an INT that asks for one, and by default
+    after an INT named seed or noise_seed (frontend 1.27, useIntWidget: the legacy convention)."""
+    return kind == "INT" and bool(options.get("control_after_generate", name in ("seed", "noise_seed")))
+
+
+def widget_names(node_type: str) -> list[str]:
+    """The names of a node's widgets_values, in order (with the control value after a seed)."""
+    names = []
+    for name, kind, options in schema(node_type)[0]:
+        if is_widget(kind):
+            names += [name, "control_after_generate"] if has_control(name, kind, options) else [name]
+    return names
 
 
 def check_value(where, name, kind, options, value) -> None:
@@ -137,7 +155,7 @@ API_WORKFLOWS = sorted(p.name for p in API_DIR.glob("*.json"))
 
 def test_the_expected_workflows_ship() -> None:
     expected = {"videobooth_basic.json", "videobooth_postprocess.json", "videobooth_text_to_video.json",
-                "videobooth_compare.json"}
+                "videobooth_compare.json", "videobooth_best_of_n.json"}
     assert expected <= set(UI_WORKFLOWS)
     assert expected <= set(API_WORKFLOWS)
 
@@ -184,7 +202,7 @@ def test_ui_workflow_is_valid(name) -> None:
                 continue
             assert values, (where, input_name, "missing widget value")
             check_value(where, input_name, kind, options, values.pop(0))
-            if options.get("control_after_generate"):
+            if has_control(input_name, kind, options):
                 assert values.pop(0) in ("fixed", "randomize", "increment", "decrement"), where
         assert len(values) == EXTRA_WIDGETS.get(node["type"], 0), (where, "extra widget values", values)
 
@@ -195,7 +213,7 @@ def test_ui_workflow_is_valid(name) -> None:
         assert link_id in out["links"] and slot["link"] == link_id, (name, link_id)
         assert schema(source_node["type"])[1][source_slot] == kind == out["type"], (name, link_id)
         declared = {i[0]: i[1] for i in schema(target_node["type"])[0]}[slot["name"]]
-        assert declared == kind, (name, link_id, slot["name"], declared, kind)
+        assert declared in (kind, ANY), (name, link_id, slot["name"], declared, kind)
     # every node output goes somewhere or is an optional extra (a MASK or preview nobody uses is fine)
     for node in nodes.values():
         if node["type"].startswith("VideoBooth") and node["type"] != "VideoBoothImagePrompt":
@@ -288,7 +306,7 @@ def test_every_workflow_uses_the_shipped_subject_photo() -> None:
               if n["type"] == "LoadImage"]
     images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
                if n["class_type"] == "LoadImage"]
-    assert len(images) == 6 and set(images) == {SUBJECT_PHOTO}, images
+    assert len(images) == 8 and set(images) == {SUBJECT_PHOTO}, images
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
@@ -321,7 +339,7 @@ def subject_image() -> tuple[torch.Tensor, torch.Tensor]:
     return image, subject
 
 
-def run_api_graph(graph: dict) -> dict[str, torch.Tensor]:
+def run_api_graph(graph: dict) -> dict[str, torch.Tensor | str | int]:
     """Execute an API graph with the pack's classes; LoadImage gives a cut-out picture (MASK = 1 where
     transparent, as ComfyUI's), ImageBatch concatenates, the save/preview nodes record what they get."""
     image, subject = subject_image()
@@ -339,6 +357,9 @@ def run_api_graph(graph: dict) -> dict[str, torch.Tensor]:
                 result = (torch.cat([inputs["image1"], inputs["image2"]]),)
             elif kind in ("SaveAnimatedWEBP", "SaveImage", "PreviewImage"):
                 saved[node_id] = inputs["images"]
+                result = ()
+            elif kind == "PreviewAny":
+                saved[node_id] = inputs["source"]
                 result = ()
             else:
                 cls = MAPPINGS[kind]
@@ -368,7 +389,7 @@ def test_api_twin_matches_the_schemas_and_runs(models_dir, name) -> None:
             _, input_kind, options = declared[input_name]
             if isinstance(value, list):
                 source = graph[value[0]]["class_type"]
-                assert schema(source)[1][value[1]] == input_kind, (name, node_id, input_name)
+                assert input_kind in (schema(source)[1][value[1]], ANY), (name, node_id, input_name)
             elif input_kind == FILES and kind in MAPPINGS:  # the make-tiny file names
                 assert value in MAPPINGS[kind].INPUT_TYPES()["required"][input_name][0], (name, input_name, value)
             else:
@@ -377,11 +398,31 @@ def test_api_twin_matches_the_schemas_and_runs(models_dir, name) -> None:
             assert spec["inputs"]["frames"] <= 4 and spec["inputs"]["steps"] <= 3
             assert spec["inputs"]["width"] <= 64 and spec["inputs"]["height"] <= 64
     saved = run_api_graph(graph)
-    videos = [v for v in saved.values() if v.shape[0] > 1]
+    videos = [v for v in saved.values() if isinstance(v, torch.Tensor) and v.shape[0] > 1]
     assert videos
     for frames in videos:
         assert frames.shape[1:] == (64, 64, 3) and frames.shape[0] % 4 == 0
         assert torch.isfinite(frames).all() and 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
+    if name == "videobooth_best_of_n.json":  # the best video of the sampler's batch, its seed, every seed ranked
+        sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "VideoBoothSampler")
+        ranking, best_seed = (saved[i] for i, n in graph.items() if n["class_type"] == "PreviewAny")
+        assert best_seed in range(sampler["seed"], sampler["seed"] + sampler["batch"]) and sampler["batch"] > 1
+        assert ranking.startswith(f"1. seed {best_seed}: ") and len(ranking.splitlines()) == sampler["batch"]
+        assert [v.shape[0] for v in videos] == [sampler["frames"]]
+
+
+def test_best_of_n_reads_its_sampler_and_prompt() -> None:
+    """Best of N is told the sampler's seed and frames and the prompt by hand: they must agree, or it splits the
+    batch wrongly and reports wrong seeds."""
+    ui = json.loads((UI_DIR / "videobooth_best_of_n.json").read_text())
+    names = {t: widget_names(t) for t in ("VideoBoothSampler", "VideoBoothBestOfN", "VideoBoothTextEncode")}
+    by_type = {n["type"]: dict(zip(names[n["type"]], n["widgets_values"])) for n in ui["nodes"] if n["type"] in names}
+    api = json.loads((API_DIR / "videobooth_best_of_n.json").read_text())
+    api_by_type = {n["class_type"]: n["inputs"] for n in api.values() if n["class_type"] in names}
+    for graph in (by_type, api_by_type):
+        sampler, best_of, text = graph["VideoBoothSampler"], graph["VideoBoothBestOfN"], graph["VideoBoothTextEncode"]
+        assert (best_of["seed"], best_of["frames_per_video"]) == (sampler["seed"], sampler["frames"])
+        assert best_of["prompt"] == text["prompt"] and sampler["batch"] > 1
 
 
 def test_compare_twin_uses_one_seed_with_and_without_the_image_prompt(models_dir) -> None:

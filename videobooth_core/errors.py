@@ -32,6 +32,11 @@ class ModelMismatchError(CheckpointError):
     """The UNet and the mapper do not belong together (different releases, sizes or precisions)."""
 
 
+class ModelConfigError(VideoBoothError):
+    """A model configuration (passed in code, an official config, or one stored in a weight file) describes no
+    model that can be built."""
+
+
 class ImagePromptError(VideoBoothError):
     """The image prompt (image, mask or bounding box) cannot be used."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +274,35 @@ class VideoBoothPipeline:
         **overrides,
     ) -> "VideoBoothPipeline":
         return cls.from_files(ModelFiles.from_models_dir(models_dir, **overrides), dtype, device, stream_weights)
+
+    def use_sd_models(self, base_checkpoint: str | Path | None = None, loras: Sequence[Any] = (),
+                      kv: str | None = None) -> list[str]:
+        """Personalise the spatial layers: an SD 1.x checkpoint's (:mod:`loading.sd_checkpoint`), then LoRAs merged
+        (:mod:`loading.lora`; ``loras`` are ``LoraSpec`` or ``(path, strength)``; text-encoder parts go to the
+        CLIP text encoder). ``kv``: ``"mapper"`` or ``"ignore"``, the K/V layers' fate (default: each loader's).
+        :meth:`restore_weights` undoes all of it exactly. Returns one line per change, for logs and summaries."""
+        from .loading.lora import DEFAULT_KV_MODE, LoraSpec, apply_loras
+        from .loading.sd_checkpoint import load_sd_checkpoint
+
+        lines = []
+        if base_checkpoint is not None:
+            self.weight_patch, report = load_sd_checkpoint(self.unet, base_checkpoint, kv=kv or "ignore",
+                                                           patch=self.weight_patch)
+            lines.append(f"{Path(base_checkpoint).name}: {report.describe()}")
+        specs = [spec if isinstance(spec, LoraSpec) else LoraSpec(*spec) for spec in loras]
+        if specs:
+            self.weight_patch, report = apply_loras(self.unet, specs, text_encoder=self.text_encoder,
+                                                    kv=kv or DEFAULT_KV_MODE, patch=self.weight_patch)
+            lines.append(report.describe())
+        return lines
+
+    def restore_weights(self) -> None:
+        """Undo :meth:`use_sd_models` exactly (the original tensors are put back)."""
+        if self.weight_patch is not None:
+            self.weight_patch.undo()
+            self.weight_patch = None
+
+    weight_patch: Any = None
 
     # -- stages ---------------------------------------------------------------------------------
     def encode_image_prompt(self, prepared: PreparedImagePrompt) -> torch.Tensor:

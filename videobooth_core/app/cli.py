@@ -6,10 +6,8 @@ Bad input ends with exit code 2 and one line naming the problem; nothing partial
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import resource
 import sys
 import time
 import traceback
@@ -18,20 +16,11 @@ from pathlib import Path
 
 from ..errors import OutputError, VideoBoothError, out_of_memory
 from ..settings import SETTINGS
+from .common import cache_dir, progress_callback, run_summary
 
 logger = logging.getLogger("videobooth_core")
 
 DEFAULT_MODELS_ENV = "VIDEOBOOTH_MODELS"
-
-
-def _peak_memory_mb() -> float:
-    """Peak resident memory of this process (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "videobooth"
 
 
 # -- argument parsing --------------------------------------------------------------------------------
@@ -89,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--models", required=True, help="models folder laid out like make-tiny's output (see README); "
                                                        "required")
     _add_generation_args(gen)
+    sd = gen.add_argument_group("SD 1.x checkpoints and LoRAs on the spatial layers (README: SD 1.x checkpoints and LoRAs)")
+    sd.add_argument("--base-checkpoint", metavar="PATH",
+                    help="an SD 1.x checkpoint (single file, e.g. from ComfyUI/models/checkpoints, or a diffusers UNet "
+                         "folder) whose spatial layers replace VideoBooth's (default: none)")
+    sd.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                    help="an SD 1.x LoRA (kohya, diffusers or PEFT), strength 1 by default; repeat to stack "
+                         "(default: none)")
+    sd.add_argument("--lora-kv", choices=("mapper", "ignore"), default=None,
+                    help="LoRA key/value layers: onto the mapper's projections, which VideoBooth attends with, or left "
+                         "out (default: mapper for LoRAs, ignore for --base-checkpoint)")
     gen.add_argument("--out", help="output .mp4/.gif/.webp, or a folder for PNG frames (required without --jobs)")
     gen.add_argument("--jobs", help="a .jsonl file with one generation per line: batch mode, needs --out-dir (default: none, one video)")
     gen.add_argument("--out-dir", help="batch mode: folder for the outputs and the manifest (required with --jobs)")
@@ -124,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_best_of_args(gen)
     add_evaluate_parser(sub)
+    from ..training.cli import add_train_parser  # the trainer lives in its own package
+
+    add_train_parser(sub)
     return parser
 
 
@@ -164,22 +166,6 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------------------
-def _progress_callback(total_label: str):
-    from tqdm import tqdm
-
-    bar = None
-
-    def callback(step: int, total: int, _output) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=total_label, unit="step", file=sys.stderr, leave=True)
-        bar.update(1)
-        if step + 1 == total:
-            bar.close()
-
-    return callback
-
-
 def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
     """The validated GenerationRequest of a ``generate`` command line, before any model loads: images and
     masks read, every setting checked, the prompt measured against CLIP's 77 tokens with the models folder's
@@ -208,60 +194,55 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
     return request
 
 
-def _speed_modes(options) -> list[str]:
-    """The opt-in speed modes in use (empty: the exact, official computation)."""
-    if options is None:
-        return []
-    modes = ["single-frame-image-prompt"] if options.single_frame_image_prompt else []
-    if tuple(options.image_prompt_steps) != (0.0, 1.0):
-        modes.append(f"image-prompt-steps {options.image_prompt_steps[0]:g}-{options.image_prompt_steps[1]:g}")
-    if not options.watermark_branch:
-        modes.append("no-watermark-branch")
-    return modes
+def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``--base-checkpoint`` / ``--lora`` checked before any model loads: the files exist, and not with --jobs."""
+    from ..loading.lora import parse_lora_argument
 
-
-def _summary(result, request, seconds: float, out: Path, args) -> str:
-    return json.dumps({
-        "output": str(out), "seconds": round(seconds, 2), "peak_rss_mb": round(_peak_memory_mb(), 1),
-        "frames": request.frames, "size": [request.width, request.height], "steps": request.steps,
-        "sampler": getattr(args, "sampler", "ddpm"), "cfg": request.cfg_scale, "guidance": request.guidance,
-        "seed": request.seed, "dtype": getattr(args, "dtype", "fp32"), "prompt_used": result.prompt_used,
-        "stream_weights": getattr(args, "stream_weights", False), "speed_modes": _speed_modes(request.options),
-        **result.info,
-    })
+    loras = [parse_lora_argument(value) for value in getattr(args, "lora", None) or []]
+    base = getattr(args, "base_checkpoint", None)
+    if args.jobs and (base or loras):
+        raise VideoBoothError("--base-checkpoint and --lora do not go with --jobs yet (a finished item's done-record "
+                              "does not hold them, so a resumed batch could mix styles): run the batch without them, "
+                              "or generate the videos one by one")
+    for flag, path in [("--base-checkpoint", base)] * bool(base) + [("--lora", p) for p, _ in loras]:
+        if not Path(path).exists():
+            raise VideoBoothError(f"{flag} {path!r} does not exist; give the path of the file (or diffusers folder)")
+    return loras
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VideoBoothPipeline
     from .video_io import check_output_path, write_frames
 
+    loras = _sd_model_args(args)
     if args.jobs:
         from .jobs import run_jobs
 
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
-        if args.best_of > 1:
-            raise VideoBoothError(f"--best-of {args.best_of} does not go with --jobs yet; generate the lines with "
-                                  "different seeds and rank them with `evaluate --manifest`, or run one line with "
-                                  "generate --best-of")
         return run_jobs(args)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
     # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours
     out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
     request = _request_from(args)
+    from ..evaluation.best_of import check_best_of
+
+    check_best_of(args.best_of, args.rank_by, request.image is not None)  # before any model loads
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
+    for line in pipe.use_sd_models(args.base_checkpoint, loras, args.lora_kv):
+        print(line, file=sys.stderr)
     if args.best_of > 1:  # N seeds scored by a metric model; the best is written, every seed is reported
         from ..evaluation.cli import run_best_of
 
         best = run_best_of(args, pipe, request)[0]
         result, request.seed = best.result, best.seed  # the summary's seed alone reproduces the written video
     else:
-        result = pipe.generate(request, callback=_progress_callback("sampling"))
+        result = pipe.generate(request, callback=progress_callback("sampling"))
     write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
-    print("done: " + _summary(result, request, time.perf_counter() - start, out, args))
+    print("done: " + run_summary(result, request, time.perf_counter() - start, out, args))
     return 0
 
 
@@ -311,8 +292,15 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..training.cli import cmd_train as run
+
+    return run(args)
+
+
 COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, "make-tiny": cmd_make_tiny,
-            "dataset": cmd_dataset, "evaluate": cmd_evaluate}
+            "dataset": cmd_dataset, "evaluate": cmd_evaluate,
+            "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,7 +346,7 @@ def _write_error_log(error: BaseException, argv: list[str] | None) -> Path | Non
             + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
     import tempfile
 
-    for folder in (_cache_dir() / "logs", Path(tempfile.gettempdir())):
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"videobooth-error-{stamp}-{os.getpid()}.log"

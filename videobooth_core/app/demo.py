@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .common import cache_dir, progress_callback, run_summary
 
 DEMO_PROMPT = "a ball rolling on the grass"
 DEMO_WORD = "ball"
@@ -38,7 +39,6 @@ def synthetic_subject(width: int = 320, height: int = 240, seed: int = 0) -> tup
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli import _progress_callback, _summary
     from ..loading.models_dir import ModelFiles
     from ..pipeline import GenerationRequest, VideoBoothPipeline
     from .tiny import MARKER_FILE, make_tiny
@@ -52,9 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
         files = ModelFiles.from_models_dir(models)
         tiny = (models / MARKER_FILE).exists()
     except CheckpointError as error:
-        from .cli import _cache_dir
-
-        cache = _cache_dir() / "tiny_models"
+        cache = cache_dir() / "tiny_models"
         print(f"No VideoBooth weights in {models.resolve()} ({str(error).split(';')[0]}).", file=sys.stderr)
         print(f"Running the whole pipeline on TINY RANDOM weights written to {cache}: the video will be noise.\n"
               f"For real videos put the released weights in {models.resolve()} as the README describes "
@@ -72,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                 width=256, height=256, steps=steps, seed=10)
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_files(files, dtype="fp32", device=args.device)
-    result = pipe.generate(request, callback=_progress_callback("sampling"))
+    result = pipe.generate(request, callback=progress_callback("sampling"))
     write_frames(result.frames, out, fps=8.0, overwrite=overwrite)
-    print("done: " + _summary(result, request, time.perf_counter() - start, out, args))
+    print("done: " + run_summary(result, request, time.perf_counter() - start, out, args))
     return 0

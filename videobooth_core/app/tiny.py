@@ -362,9 +362,10 @@ def write_tiny_metric_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, 
         folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(clip_dir, folder=True) as tmp:
         clip.save_pretrained(tmp)
-        write_tiny_tokenizer(tmp / "tokenizer")
-        for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-            (tmp / name).write_bytes((tmp / "tokenizer" / name).read_bytes())
+        write_tiny_tokenizer(tmp / "tokenizer")  # written beside the model files, then moved up: one folder
+        for file in list((tmp / "tokenizer").iterdir()):
+            file.replace(tmp / file.name)
+        (tmp / "tokenizer").rmdir()
         transformers.CLIPImageProcessor(size={"shortest_edge": size},
                                         crop_size={"height": size, "width": size}).save_pretrained(tmp)
     with atomic_path(dino_dir, folder=True) as tmp:

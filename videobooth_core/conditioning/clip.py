@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, VideoBoothError, explain
 from ..loading.kinds import select_component
 from ..loading.strict import assign_weights, build_on_meta
 from ..loading.weight_files import (
@@ -44,6 +44,7 @@ from ..loading.weight_files import (
     save_safetensors,
     unwrap_state_dict,
 )
+from ..models.config import CLIP_FEATURE_LAYERS
 
 if TYPE_CHECKING:
     import transformers
@@ -333,3 +334,23 @@ def save_clip_vision_single_file(model: transformers.CLIPVisionModel, path: Path
     config = {k: getattr(model.config, k) for k in _VISION_CONFIG_FIELDS}
     save_safetensors(_single_file_tensors(model, "vision_model"), path,
                      {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
+
+
+def clip_vision_features(vision_model: torch.nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Run a transformers ``CLIPVisionModel`` and collect the mapper's 5 inputs.
+
+    Args:
+        vision_model: a ``transformers.CLIPVisionModel`` with at least 16 layers.
+        pixel_values: (b, 3, 224, 224) CLIP-normalised image prompt.
+
+    Returns:
+        [last_hidden_state (no post-layernorm), hidden_states[4], [8], [12], [16]], each (b, 257, width),
+        where hidden_states[k] is the output of encoder layer k (index 0 = embeddings after pre-LN).
+    """
+    param = next(vision_model.parameters())
+    out = vision_model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+    hidden = out.hidden_states
+    if len(hidden) <= max(CLIP_FEATURE_LAYERS):
+        raise CheckpointError(explain("the CLIP vision tower has too few layers for VideoBooth", len(hidden) - 1,
+                                      f"use CLIP ViT-L/14 (24 layers; layer {max(CLIP_FEATURE_LAYERS)} is read)"))
+    return [out.last_hidden_state, *(hidden[layer] for layer in CLIP_FEATURE_LAYERS)]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import ImagePromptError, PromptError
-from ..models.mapper import Mapper, clip_vision_features
+from ..models.mapper import Mapper
+from .clip import clip_vision_features
 from .image_prompt import PreparedImagePrompt
 from .text import WHOLE_WORD, encode_text, prepare_subject_prompt, tokenize
 from .vae import vae_encode

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PromptError
+from ..errors import PromptError, explain
 from ..models.config import NUM_MAPPER_LEVELS
 
 PLACEHOLDER_WORD = "sdksd"
@@ -217,7 +217,8 @@ def encode_text(
     tokens = transformer.embeddings.token_embedding(input_ids)
     if injected is not None:
         if placeholder_ids is None:
-            raise ValueError("placeholder_ids are required to splice injected embeddings")
+            raise PromptError(explain("placeholder_ids are required with injected word vectors", placeholder_ids,
+                                      "pass the placeholder_ids of prepare_subject_prompt(...)"))
         tokens = splice_subject_embeddings(tokens, input_ids, placeholder_ids, injected.to(param.device))
     length = input_ids.shape[1]
     positions = torch.arange(length, device=param.device)[None]

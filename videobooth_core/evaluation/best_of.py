@@ -15,7 +15,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..settings import MAX_SEED
-from .metrics import Scorer, rank_key
+from .metrics import RANK_CHOICES, Scorer, rank_key
 
 
 @dataclass
@@ -34,6 +34,19 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
 
 
+def check_best_of(n: Any, rank_by: Any, has_image: bool) -> tuple[int, str]:
+    """``(n, rank_by)`` checked before any model loads: ``n`` a whole number >= 1, ``rank_by`` one of
+    :data:`RANK_CHOICES`, and with ``n > 1`` an image prompt for the metrics that compare with it."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EvaluationError(f"best-of needs a whole number of candidates of at least 1, got {n!r}; e.g. 4")
+    if not isinstance(rank_by, str) or rank_by not in RANK_CHOICES:
+        raise EvaluationError(f"unknown ranking metric {rank_by!r}; choose one of {', '.join(RANK_CHOICES)}")
+    if n > 1 and RANK_CHOICES[rank_by] != "clip_t" and not has_image:
+        raise EvaluationError(f"ranking by {rank_by} compares the video with the image prompt, and there is none; "
+                              "give an image and its word, or rank by clip-t")
+    return n, rank_by
+
+
 def rank(scores: list[dict[str, float | None]], rank_by: str) -> list[int]:
     """Indices of ``scores`` from best to worst by ``rank_by`` (ties keep the earlier seed first)."""
     key = rank_key(rank_by)
@@ -47,10 +60,7 @@ def generate_best_of(pipe: Any, request: Any, n: int, rank_by: str, scorer: Scor
                      callback: Any = None) -> list[Candidate]:
     """Generate ``request`` with N seeds and return the candidates ranked best first by ``rank_by``
     (``dino``, ``clip-i`` or ``clip-t``), each with its seed, scores and :class:`GenerationResult`."""
-    key = rank_key(rank_by)
-    if key != "clip_t" and request.image is None:
-        raise EvaluationError(f"ranking by {rank_by} compares the video with the image prompt; give an image "
-                              "(--image and --word) or rank by clip-t")
+    check_best_of(n, rank_by, request.image is not None)
     reference = None
     if request.image is not None:
         from ..conditioning.image_prompt import prepare_image_prompt

@@ -49,7 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_best_of_args(p: argparse.ArgumentParser) -> None:
     """``--best-of`` and ``--rank-by`` on ``generate``."""
-    group = p.add_argument_group("best of N (scores N seeds with a metric model, keeps the best)")
+    group = p.add_argument_group("best of N (scores N seeds with a metric model, keeps the best; with --jobs "
+                                 "--best-of and --rank-by are every line's default, keys best_of and rank_by)")
     group.add_argument("--best-of", type=int, default=1,
                        help="generate N videos with seeds seed..seed+N-1 and keep the best (default: 1, off)")
     group.add_argument("--rank-by", choices=tuple(RANK_CHOICES), default="dino",
@@ -59,9 +60,11 @@ def add_best_of_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--dino", help="DINO ViT-S/16 for dino (default: found in --models' dino/)")
 
 
-def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino"), device: str = "cpu"):
+def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino"), device: str = "cpu",
+                strict: bool = False):
     """A Scorer with the requested models: explicit paths win, else found in ``args.models``. For the
-    ``evaluate`` command a model that is not found is skipped (its metrics stay empty) unless none is found."""
+    ``evaluate`` command a model that is not found is skipped (its metrics stay empty) unless none is found;
+    with ``strict`` (or a single model asked for) a model not found is an error."""
     from ..errors import CheckpointError
     from .metrics import Scorer
     from .models import find_clip, find_dino, load_clip_for_metrics, load_dino_for_metrics
@@ -77,7 +80,7 @@ def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino
             problems.append(error)
             continue
         loaded[which] = load(path, device)
-    if not loaded or (len(need) == 1 and problems):
+    if not loaded or ((strict or len(need) == 1) and problems):
         raise problems[0]
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

@@ -26,13 +26,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..loading.weight_files import (
-    CONFIG_METADATA_KEY,
-    SAFETENSORS_SUFFIXES,
-    read_config_metadata,
-    read_safetensors_header,
-    read_state_dict,
-)
+from ..loading.kinds import fills_role
+from ..loading.models_dir import kind_of
+from ..loading.weight_files import CONFIG_METADATA_KEY, SAFETENSORS_SUFFIXES, read_config_metadata, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +41,6 @@ DINO_VITS16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                    patch_size=16, image_size=224, qkv_bias=True)
 """The ViT-S/16 architecture, for a single file without config metadata."""
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_FULL_CLIP_KEYS = ("text_model.embeddings.token_embedding.weight", "vision_model.embeddings.patch_embedding.weight",
-                   "text_projection.weight", "visual_projection.weight")
 
 
 @dataclass
@@ -77,16 +71,13 @@ def _config_type(folder: Path) -> str | None:
 
 
 def is_full_clip(path: Path) -> bool:
-    """True for a full CLIP folder (``model_type: clip``) or a safetensors file holding both towers and heads."""
-    if path.is_dir():
-        return _config_type(path) == "clip"
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        try:
-            keys = set(read_safetensors_header(path).entries)
-        except CheckpointError:
-            return False
-        return all(key in keys for key in _FULL_CLIP_KEYS)
-    return False
+    """True for a full CLIP (both towers and their projections, told from the keys by the one kind detector): a
+    transformers folder (``model_type: clip``, which its loader needs) or a single safetensors file."""
+    if path.is_dir() and _config_type(path) != "clip":
+        return False
+    if path.is_file() and path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return False
+    return fills_role(kind_of(path), "clip_eval")
 
 
 def find_clip(models_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, explain
 from ..models.config import MapperConfig, UNetConfig
 from .kinds import KIND_NAMES, MAPPER_WRAPPER_KEY, UNET_WRAPPER_KEY, describe_checkpoint, detect_kind
 from .strict import assign_weights, build_on_meta, check_keys
@@ -65,15 +65,14 @@ def unet_config_for(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[st
     stored = metadata.get(CONFIG_METADATA_KEY)
     try:
         return UNetConfig.from_json(stored) if stored else UNetConfig.infer_from_state_dict(state_dict)
-    except VideoBoothError:
+    except CheckpointError:
         raise
-    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError and ModelConfigError are ValueErrors
         where = f"the '{CONFIG_METADATA_KEY}' metadata of {path}" if stored else f"the weight shapes of {path}"
-        raise CheckpointError(
-            f"{where} do not give a valid VideoBooth UNet config ({e}). Expected the config written by `python -m "
-            "videobooth_core convert`. Fix: convert the released watermark_remove_module.pt again (or remove that "
-            "metadata entry so the config is read from the shapes)."
-        ) from e
+        raise CheckpointError(explain(
+            f"{where} do not give a valid VideoBooth UNet config", " ".join(str(e).split()) or type(e).__name__,
+            "convert the released watermark_remove_module.pt again with `python -m videobooth_core convert` (or "
+            "remove that metadata entry so the config is read from the shapes)")) from e
 
 
 def _metadata(path: PathLike) -> dict[str, str]:

@@ -2,7 +2,9 @@
 one component (a CLIP tower, a VAE) inside a file that holds several (a full Stable Diffusion checkpoint).
 
 Kinds this pack loads: ``videobooth_unet``, ``videobooth_mapper`` (and ``wrapped_*``: the released pickles before
-unwrapping), ``vae``, ``clip_text``, ``clip_vision``. Kinds it recognises only to explain a wrong file:
+unwrapping), ``vae``, ``clip_text``, ``clip_vision``, ``clip_full`` (a whole ``CLIPModel``: both towers and their
+projections, such as ``openai/clip-vit-large-patch14``; it fills the text and the vision role, see
+:data:`ROLE_KINDS`). Kinds it recognises only to explain a wrong file:
 ``openclip_text``, ``openclip_vision`` (the OpenAI/OpenCLIP layouts, not the transformers one), ``image_unet``
 (an image diffusion UNet such as Stable Diffusion's) and ``unknown``.
 """
@@ -31,12 +33,31 @@ KIND_NAMES: dict[str, str] = {
     "vae": "a VAE",
     "clip_text": "a CLIP text encoder",
     "clip_vision": "a CLIP vision encoder",
+    "clip_full": "a full CLIP model (text and vision towers with their projections)",
     "openclip_text": "a CLIP text encoder in the OpenAI/OpenCLIP layout (not the transformers layout)",
     "openclip_vision": "a CLIP vision tower in the OpenAI/OpenCLIP layout (not the transformers layout)",
     "image_unet": "an image diffusion UNet (e.g. Stable Diffusion's), not the VideoBooth video UNet",
     "unknown": "nothing this pack recognises",
 }
 """What each kind is, in words (for messages: ``f"{path} holds {KIND_NAMES[kind]}"``)."""
+
+ROLE_KINDS: dict[str, tuple[str, ...]] = {
+    "clip_text": ("clip_text", "clip_full"),
+    "clip_vision": ("clip_vision", "clip_full"),
+    "clip_eval": ("clip_full",),
+}
+"""The kinds of file that can fill a role (a role not listed is filled by its own kind only): a full CLIP holds
+both towers, so it serves as the text encoder, the vision encoder and the evaluation's CLIP."""
+
+
+def fills_role(kind: str, role: str) -> bool:
+    """Whether a file of ``kind`` can be loaded for ``role`` (see :data:`ROLE_KINDS`)."""
+    return kind in ROLE_KINDS.get(role, (role,))
+
+
+FULL_CLIP_KEYS = ("text_model.embeddings.token_embedding.weight", "vision_model.embeddings.patch_embedding.weight",
+                  "text_projection.weight", "visual_projection.weight")
+"""Keys every full ``transformers.CLIPModel`` state dict has (as saved: no prefix)."""
 
 
 def _has(keys: Collection[str], fragment: str) -> bool:
@@ -56,6 +77,7 @@ _RULES: tuple[tuple[str, str, Callable[[Collection[str]], bool]], ...] = (
     ("vae", " (AutoencoderKL, diffusers key layout)", lambda k: _has(k, "encoder.down_blocks.")),
     ("openclip_vision", "", lambda k: _ends(k, "visual.conv1.weight")
      or _ends(k, "visual.transformer.resblocks.0.ln_1.weight")),
+    ("clip_full", "", lambda k: all(key in k for key in FULL_CLIP_KEYS)),
     ("clip_vision", "", lambda k: _has(k, "vision_model.") or _has(k, "visual_projection")
      or _ends(k, "embeddings.patch_embedding.weight")),
     ("openclip_text", "", lambda k: _ends(k, "transformer.resblocks.0.ln_1.weight")),

@@ -6,6 +6,10 @@
     <models>/text_encoders/  CLIP ViT-L/14 text encoder: one .safetensors file or a Hugging Face folder,
                              and the CLIP tokenizer (a folder with vocab.json + merges.txt)
 
+A full CLIP (both towers, e.g. the openai/clip-vit-large-patch14 folder) fills the text and the vision role
+(:data:`kinds.ROLE_KINDS`), so one copy of it in ``text_encoders/`` or ``clip_vision/`` serves both: a role with
+no file of its own in its folder takes the full CLIP of the other folder.
+
 Files are recognised by their keys, never by their names; when several files of one kind are present, a
 file whose name contains a preferred stem wins, then the first in name order.
 """
@@ -17,9 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kinds import detect_kind
+from .kinds import detect_kind, fills_role
 from .weight_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header, read_state_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, explain
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ FOLDERS = {
     "clip_vision": "clip_vision",
     "clip_text": "text_encoders",
 }
+FULL_CLIP_FOLDERS = ("text_encoders", "clip_vision")
+"""Where a full CLIP may stand; it serves the text and the vision role from either."""
 EXPECTED_FILES = {
     "videobooth_unet": "watermark_remove_module.pt (8.9 GB, released) or videobooth_unet.safetensors (converted)",
     "videobooth_mapper": "mapper.pt (781 MB, released) or videobooth_mapper.safetensors (converted)",
@@ -86,9 +92,14 @@ def _candidates(folder: Path) -> list[Path]:
 
 
 def find_model_file(models_dir: Path, kind: str) -> Path:
-    """The file (or folder) of ``kind`` in its subfolder of ``models_dir``; CheckpointError if none."""
+    """The file (or folder) for the role ``kind`` in its subfolder of ``models_dir`` (a file of that kind, or one
+    that fills the role: a full CLIP for ``clip_text`` / ``clip_vision``, also from the other CLIP folder);
+    CheckpointError if none."""
     folder = Path(models_dir) / FOLDERS[kind]
-    matches = [p for p in _candidates(folder) if kind_of(p) == kind]
+    matches = [p for p in _candidates(folder) if fills_role(kind_of(p), kind)]
+    if not matches and FOLDERS[kind] in FULL_CLIP_FOLDERS:
+        others = [Path(models_dir) / f for f in FULL_CLIP_FOLDERS if f != FOLDERS[kind]]
+        matches = [p for other in others for p in _candidates(other) if kind_of(p) == "clip_full"]
     if not matches:
         for candidate in _candidates(folder):
             # a file that should be this kind but cannot be read: report the broken file, not "not found"
@@ -149,7 +160,9 @@ class ModelFiles:
         """Find every file in ``models_dir``; keyword overrides (unet=..., vae=...) take precedence."""
         models_dir = Path(models_dir)
         if not models_dir.is_dir():
-            raise CheckpointError(f"models folder not found: {models_dir}")
+            raise CheckpointError(explain("models folder not found", models_dir,
+                                          "pass the folder that holds videobooth/, vae/, clip_vision/ and "
+                                          "text_encoders/ (`python -m videobooth_core make-tiny --out DIR` writes one)"))
         found = {}
         for field, kind in (("unet", "videobooth_unet"), ("mapper", "videobooth_mapper"), ("vae", "vae"),
                             ("clip_vision", "clip_vision"), ("clip_text", "clip_text")):

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models.config import UNetConfig
 from ..errors import CheckpointError
-from .weight_files import read_safetensors_header
+from .weight_files import incomplete_file_error, read_safetensors_header, unreadable_file_error
 
 
 class SafetensorsReader:
@@ -45,7 +45,7 @@ class SafetensorsReader:
         try:
             self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open while streaming
         except OSError as error:
-            raise CheckpointError(f"cannot open {self.path} for weight streaming: {error}") from error
+            raise unreadable_file_error(self.path, error) from error
 
     def meta_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor as a storage-free ``meta`` tensor of its shape and dtype (for key and shape checks)."""
@@ -62,7 +62,7 @@ class SafetensorsReader:
         while done < end - begin:
             got = os.preadv(self._file.fileno(), [buffer[done:]], offset + done)
             if got <= 0:
-                raise CheckpointError(f"{self.path} ended while reading {name}; the file is truncated")
+                raise incomplete_file_error(self.path, f"truncated: it ended while reading {name!r}")
             done += got
         return tensor
 

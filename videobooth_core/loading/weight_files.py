@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, explain
 from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
                                                      ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
        if hasattr(torch, attr)},
 }
+
+
+def unreadable_file_error(path: PathLike, error: OSError) -> CheckpointError:
+    """The error for a weight file the operating system refuses to read (permissions, a vanished file)."""
+    return CheckpointError(explain(f"cannot read {path}", error.strerror or str(error),
+                                   "check that the file exists and is readable"))
 
 
 def incomplete_file_error(path: PathLike, detail: str) -> CheckpointError:
@@ -111,7 +117,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except SafetensorError as e:
         raise incomplete_file_error(path, f"safetensors: {e}") from e
     except OSError as e:
-        raise CheckpointError(f"Cannot read {path}: {e}. Fix: check that the file is readable.") from e
+        raise unreadable_file_error(path, e) from e
 
 
 def _read_torch_file(path: Path) -> dict[str, Any]:
@@ -119,7 +125,7 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise CheckpointError(f"Cannot read {path}: {e}. Fix: check that the file is readable.") from e
+        raise unreadable_file_error(path, e) from e
     is_zip = magic == b"PK\x03\x04"  # torch.save's default format since PyTorch 1.6
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -242,7 +248,7 @@ def read_safetensors_header(path: PathLike) -> SafetensorsHeader:
                 )
             raw = handle.read(header_size)
     except OSError as e:
-        raise CheckpointError(f"Cannot read {p}: {e}. Fix: check that the file is readable.") from e
+        raise unreadable_file_error(p, e) from e
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelConfigError, explain
 
 NUM_MAPPER_LEVELS = 5
 """The mapper turns 5 CLIP feature maps into 5 word vectors."""
@@ -44,22 +44,26 @@ class UNetConfig:
             self, "watermark_block_out_channels", tuple(int(c) for c in self.watermark_block_out_channels)
         )
         if len(self.block_out_channels) < 2:
-            raise ValueError(f"block_out_channels needs at least 2 levels, got {self.block_out_channels}")
+            raise ModelConfigError(explain("block_out_channels needs at least 2 levels", self.block_out_channels,
+                                           "give one width per UNet level, e.g. (320, 640, 1280, 1280)"))
         if len(self.watermark_block_out_channels) != 3:
-            raise ValueError(
-                f"watermark_block_out_channels must have 3 entries, got {self.watermark_block_out_channels}"
-            )
+            raise ModelConfigError(explain("watermark_block_out_channels must have 3 entries",
+                                           self.watermark_block_out_channels,
+                                           "give the watermark branch's 3 widths, e.g. (320, 640, 640)"))
         if self.watermark_block_out_channels[0] != self.block_out_channels[0]:
-            raise ValueError(
-                "watermark_block_out_channels[0] must equal block_out_channels[0] "
-                f"({self.watermark_block_out_channels[0]} != {self.block_out_channels[0]})"
-            )
+            raise ModelConfigError(explain(
+                "watermark_block_out_channels[0] and block_out_channels[0] differ",
+                (self.watermark_block_out_channels[0], self.block_out_channels[0]),
+                "start the watermark branch at the UNet's first width"))
         for width in self.block_out_channels + self.watermark_block_out_channels:
             if width % self.norm_num_groups:
-                raise ValueError(f"channel width {width} is not divisible by norm_num_groups={self.norm_num_groups}")
+                raise ModelConfigError(explain(f"a channel width is not divisible by norm_num_groups={self.norm_num_groups}",
+                                               width, "use widths that are multiples of the group count"))
         for width in self.block_out_channels:
             if width % self.num_attention_heads:
-                raise ValueError(f"channel width {width} is not divisible by num_attention_heads={self.num_attention_heads}")
+                raise ModelConfigError(explain(
+                    f"a channel width is not divisible by num_attention_heads={self.num_attention_heads}", width,
+                    "use widths that are multiples of the head count"))
 
     @property
     def time_embed_dim(self) -> int:
@@ -77,7 +81,8 @@ class UNetConfig:
         heads = official.get("attention_head_dim", 8)
         if isinstance(heads, (list, tuple)):
             if len(set(heads)) != 1:
-                raise ValueError(f"per-block head counts are not supported: {heads}")
+                raise ModelConfigError(explain("per-block head counts are not supported", heads,
+                                               "use one attention_head_dim (head count) for every block"))
             heads = heads[0]
         block_out = tuple(official.get("block_out_channels", cls.block_out_channels))
         if watermark_block_out_channels is None:

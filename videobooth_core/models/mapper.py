@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import SiteProjections
 from .config import MapperConfig, mapper_stem_from_site_prefix
-from ..errors import CheckpointError
+from ..errors import CheckpointError, explain
 
 PROJECTION_SUFFIXES = ("attn1_to_k_exemplar", "attn1_to_v_exemplar", "attn1_to_k_new", "attn1_to_v_new",
                        "attn2_to_k", "attn2_to_v")
@@ -59,7 +59,11 @@ class Mapper(nn.Module):
             patch tokens of the patch MLP's outputs.
         """
         if len(features) != self.config.num_levels:
-            raise ValueError(f"the mapper needs {self.config.num_levels} feature maps, got {len(features)}")
+            raise CheckpointError(explain(
+                f"this mapper has {self.config.num_levels} levels, but the CLIP features hold a different number of "
+                "feature maps", len(features),
+                "use the released mapper.pt (5 levels) with CLIP ViT-L/14 features from "
+                "conditioning.clip.clip_vision_features"))
         words = []
         for level, feature in enumerate(features):
             cls_word = getattr(self, f"mapping_{level}")(feature[:, :1])
@@ -82,24 +86,3 @@ class Mapper(nn.Module):
                 text_value=get("attn2_to_v"),
             )
         return projections
-
-
-def clip_vision_features(vision_model: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """Run a transformers ``CLIPVisionModel`` and collect the mapper's 5 inputs.
-
-    Args:
-        vision_model: a ``transformers.CLIPVisionModel`` with at least 16 layers.
-        pixel_values: (b, 3, 224, 224) CLIP-normalised image prompt.
-
-    Returns:
-        [last_hidden_state (no post-layernorm), hidden_states[4], [8], [12], [16]], each (b, 257, width),
-        where hidden_states[k] is the output of encoder layer k (index 0 = embeddings after pre-LN).
-    """
-    param = next(vision_model.parameters())
-    out = vision_model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)
-    hidden = out.hidden_states
-    if len(hidden) < 17:
-        raise CheckpointError(
-            f"the CLIP vision tower has {len(hidden) - 1} layers; VideoBooth needs CLIP ViT-L/14 (24 layers, at least 16)"
-        )
-    return [out.last_hidden_state, hidden[4], hidden[8], hidden[12], hidden[16]]

@@ -337,11 +337,11 @@ class UNet3DModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block.down(x, temb, text_states, ctx)
+            x, block_skips = self._run(block.down, x, temb, text_states, ctx)
             skips.extend(block_skips)
 
         # 3. middle
-        x = self.mid_block(x, temb, text_states, ctx)
+        x = self._run(self.mid_block, x, temb, text_states, ctx)
 
         # 4. up path; explicit upsample sizes only when the latent is not a multiple of 2**downsamples
         force_size = any(s % (2 ** self.config.num_downsamples) for s in (height, width))
@@ -349,8 +349,23 @@ class UNet3DModel(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if force_size and i < len(self.up_blocks) - 1 else None
-            x = block.up(x, block_skips, temb, text_states, ctx, size)
+            x = self._run(block.up, x, block_skips, temb, text_states, ctx, size)
         return x, temb
+
+    gradient_checkpointing: bool = False
+    """Training only: recompute each down/mid/up block in the backward pass instead of keeping its activations."""
+
+    def _run(self, block, *args):
+        """``block(*args)``, through ``torch.utils.checkpoint`` when gradient checkpointing is on and a gradient is
+        being recorded (the recomputation repeats the block's capture of image-prompt features: same values)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            def fresh_lists(*inputs):  # an up block consumes its skip list; the recomputation needs it whole again
+                return block(*(list(value) if isinstance(value, list) else value for value in inputs))
+
+            return checkpoint(fresh_lists, *args, use_reentrant=False)
+        return block(*args)
 
     def _output_head(self, x: torch.Tensor, temb: torch.Tensor, watermark_branch: bool) -> torch.Tensor:
         """Stages 5-6: the watermark-removal branch and the output convolution, (b, c0, f, h, w) → (b, 4, f, h, w)."""

@@ -1,0 +1,325 @@
+"""The coarse-to-fine trainer (issue 13) on the tiny models and a two-clip synthetic dataset, on the CPU.
+
+Sizes are the smallest the reader allows to keep this fast: 64x64 frames (8x8 latents), 2 frames per clip.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from videobooth_core.training.config import TrainConfig, TrainingError
+
+SMALL = {"size": 64, "frames": 2, "batch_size": 2, "progress": False, "tensorboard": False, "log_every": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny models are far faster on one thread than on oversubscribed ones (shared CI cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    from videobooth_core.dataset.synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("train_data") / "synth"
+    make_synthetic(out, videos=2, seed=0)
+    return out
+
+
+def config(tiny_models: Path, synth: Path, out: Path, stage: int, **kwargs) -> TrainConfig:
+    mapper = str(tiny_models / "videobooth" / "mapper.pt") if stage == 2 else None
+    settings = {**SMALL, "mapper": mapper, **kwargs}
+    return TrainConfig(stage=stage, data=str(synth), models=str(tiny_models), out=str(out), **settings)
+
+
+def state(models: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value.detach().clone() for name in ("unet", "vae", "text", "vision", "mapper")
+            for key, value in models[name].state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_exactly_the_stage_parameters_train(tiny_models, synth, tmp_path, stage):
+    from videobooth_core.training.loop import load_training_models, set_trainable, train
+    from videobooth_core.training.model import BatchMaker, TrainingModule
+
+    cfg = config(tiny_models, synth, tmp_path / "run", stage, steps=2, lr=1e-2)
+    models = load_training_models(cfg, torch.device("cpu"))
+    trainable = set_trainable(models["mapper"], stage)
+    names = {name for name, p in models["mapper"].named_parameters() if any(p is q for q in trainable)}
+    if stage == 1:
+        assert names and all(n.startswith("mapping_") or n.endswith(("attn2_to_k.weight", "attn2_to_v.weight"))
+                             for n in names)
+        assert sum(n.endswith("attn2_to_k.weight") for n in names) == len(models["unet"].attention_sites)
+        assert not any("attn1" in n for n in names)
+    else:
+        assert names == {name for name, _ in models["mapper"].named_parameters()}
+        # the official stage-2 initialisation: attn1 _new/_exemplar are copies of the UNet's attn1 to_k/to_v
+        site = models["unet"].attention_sites[0]
+        stem = site.site.replace(".", "_") + "_transformer_blocks_0_attn1_to_k_exemplar"
+        assert torch.equal(getattr(models["mapper"], stem).weight, site.transformer_blocks[0].attn1.to_k.weight)
+
+    # one backward: gradients reach exactly the stage's parameters
+    from videobooth_core.dataset.reader import OurDataset
+
+    dataset = OurDataset(synth, stage=stage, size=cfg.size, clip_frames=cfg.frames, seed=0)
+    maker = BatchMaker(cfg, models["vae"], models["vision"], models["text"], models["tokenizer"], torch.device("cpu"))
+    loss, _, _ = TrainingModule(models["mapper"], models["unet"], models["text"], cfg.reg_weight)(
+        maker([dataset[0], dataset[1]], [0, 1]))
+    loss.backward()
+    for name, param in models["mapper"].named_parameters():
+        has_grad = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        assert has_grad == (name in names), name
+        param.grad = None
+    for key in ("unet", "vae", "text", "vision"):
+        assert all(p.grad is None for p in models[key].parameters()), key
+
+    before = state(models)
+    train(cfg, models=models)
+    after = state(models)
+    for key, value in before.items():
+        mapper_name = key.removeprefix("mapper.")
+        if key.startswith("mapper.") and mapper_name in names:
+            assert not torch.equal(value, after[key]), f"{key} did not change"
+        else:
+            assert torch.equal(value, after[key]), f"frozen {key} changed"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_is_the_inference_denoisers_error_plus_the_regulariser(tiny_models, synth, tmp_path, stage):
+    from videobooth_core.conditioning.embeddings import encode_image_prompt, encode_prompt
+    from videobooth_core.conditioning.text import NULL_PROMPT
+    from videobooth_core.dataset.reader import OurDataset
+    from videobooth_core.sampling.denoiser import VideoDenoiser
+    from videobooth_core.sampling.schedule import respaced_timesteps
+    from videobooth_core.training.loop import load_training_models
+    from videobooth_core.training.model import BatchMaker, TrainingModule
+
+    cfg = config(tiny_models, synth, tmp_path / "run", stage, cond_dropout=0.0)
+    models = load_training_models(cfg, torch.device("cpu"))
+    sample = OurDataset(synth, stage=stage, size=cfg.size, clip_frames=cfg.frames, seed=3)[1]
+    batch = BatchMaker(cfg, models["vae"], models["vision"], models["text"], models["tokenizer"],
+                       torch.device("cpu"))([sample], [7])
+    loss, mse, reg = TrainingModule(models["mapper"], models["unet"], models["text"], cfg.reg_weight)(batch)
+    timestep = int(batch.timesteps[0])
+    assert timestep in respaced_timesteps(1000, 250)
+    assert (batch.exemplar is not None) == (stage == 2)
+
+    # independently, through the inference path: coarse embedding, subject prompt, the denoiser's conditional pass
+    prompt = types.SimpleNamespace(clip_pixels=sample["image_prompt_clip_augmented"][None])
+    injected = encode_image_prompt(models["vision"], models["mapper"], prompt)
+    cond, _ = encode_prompt(models["text"], models["tokenizer"], sample["caption"], sample["word"], injected)
+    null, _ = encode_prompt(models["text"], models["tokenizer"], NULL_PROMPT)
+    denoiser = VideoDenoiser(models["unet"], cond, null, cfg_scale=1.0, guidance="all", batch_passes=False)
+    with torch.no_grad():
+        _, eps_cond, eps_uncond = denoiser.predict(batch.noisy, timestep, batch.exemplar)
+    assert eps_uncond is None
+    expected = torch.mean((eps_cond - batch.noise) ** 2) + 0.01 * injected.abs().mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(reg, injected.abs().mean(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_stage_overfits_two_clips(tiny_models, synth, tmp_path, stage):
+    from videobooth_core.training.loop import train
+
+    cfg = config(tiny_models, synth, tmp_path / "run", stage, steps=80, lr=3e-3, overfit=True,
+                 checkpoint_every=1000)
+    train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 80
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last <= 0.5 * first, (first, last)
+
+
+def test_killed_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_models, synth, tmp_path):
+    from safetensors.torch import load_file
+
+    from videobooth_core.training.loop import list_checkpoints, load_checkpoint, load_training_models, train
+
+    def run(out: str, **kwargs) -> TrainConfig:
+        return config(tiny_models, synth, tmp_path / out, 2, steps=4, checkpoint_every=2, **kwargs)
+
+    uninterrupted = train(run("a"))
+
+    def kill_at(step_to_kill: int, error: type[BaseException]):
+        def hook(step: int, _loss: float) -> None:
+            if step == step_to_kill:
+                raise error("stop")
+        return hook
+
+    with pytest.raises(RuntimeError):  # a crash (as SIGKILL: nothing written after the step-2 checkpoint)
+        train(run("b"), on_step=kill_at(3, RuntimeError))
+    assert [p.name for p in list_checkpoints(run("b"))] == ["step_00000002.pt"]
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C writes a checkpoint of the step it stopped after
+        train(run("b", resume="latest"), on_step=kill_at(3, KeyboardInterrupt))
+    assert list_checkpoints(run("b"))[-1].name == "step_00000003.pt"
+    resumed = train(run("b", resume="latest"))
+
+    a, b = load_file(uninterrupted), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final_a = torch.load(list_checkpoints(run("a"))[-1], weights_only=True)
+    final_b = torch.load(list_checkpoints(run("b"))[-1], weights_only=True)
+    assert all(torch.equal(final_a["mapper"][k], final_b["mapper"][k]) for k in final_a["mapper"])
+    metrics = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [1, 2, 3, 4]
+
+    # a checkpoint of another stage is refused with a one-line reason
+    models = load_training_models(run("b"), torch.device("cpu"))
+    other = config(tiny_models, synth, tmp_path / "b", 1)
+    with pytest.raises(TrainingError, match="stage 2"):
+        load_checkpoint(list_checkpoints(run("b"))[-1], other, models["mapper"])
+    # and a finished run's folder is not silently restarted
+    with pytest.raises(TrainingError, match="--resume latest"):
+        train(run("b"))
+
+
+def test_exported_mapper_loads_and_changes_generation(tiny_models, synth, tmp_path):
+    from videobooth_core.conditioning.image_prompt import load_mask
+    from videobooth_core.dataset.layout import list_entries
+    from videobooth_core.dataset.video import read_frames
+    from videobooth_core.loading.checkpoint import load_mapper
+    from videobooth_core.loading.models_dir import kind_of
+    from videobooth_core.pipeline import GenerationRequest, VideoBoothPipeline
+    from videobooth_core.training.loop import train
+
+    result = train(config(tiny_models, synth, tmp_path / "run", 2, steps=3, lr=1e-2, validate_every=3,
+                          validation_clips=1, validation_steps=2))
+    assert result.name == "videobooth_mapper.safetensors" and kind_of(result) == "videobooth_mapper"
+    assert [p.name for p in (tmp_path / "run" / "validation").iterdir()] == ["step_00000003_synth_0000.gif"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    released = load_mapper(tiny_models / "videobooth" / "mapper.pt")
+    trained = load_mapper(result)
+    assert trained.state_dict().keys() == released.state_dict().keys()
+
+    entry = list_entries(synth)[0]
+    info = json.loads((entry / "entry.json").read_text())
+    image = read_frames(entry / "video.mp4", [0])[0]
+    request = GenerationRequest(prompt=info["caption"], subject_word=info["word"], image=image,
+                                mask=load_mask(entry / "mask_1.png"), frames=2, width=64, height=64, steps=2, seed=1)
+    outputs = []
+    for mapper in (None, result):
+        pipe = VideoBoothPipeline.from_models_dir(str(tiny_models), **({"mapper": mapper} if mapper else {}))
+        outputs.append(pipe.generate(request, decode=False).latents)
+    assert outputs[0].shape == outputs[1].shape and not torch.allclose(outputs[0], outputs[1])
+
+
+def test_config_file_flags_and_one_line_errors(tiny_models, synth, tmp_path):
+    from videobooth_core.app.cli import build_parser, main
+    from videobooth_core.training.cli import config_from_args
+
+    yaml_file = tmp_path / "stage.yaml"
+    yaml_file.write_text(f"stage: 1\ndata: {synth}\nmodels: {tiny_models}\nout: {tmp_path / 'o'}\nsteps: 7\n"
+                         "ema-decay: 0.99\n")
+    toml_file = tmp_path / "stage.toml"
+    toml_file.write_text(f'stage = 1\ndata = "{synth}"\nmodels = "{tiny_models}"\nout = "{tmp_path / "o"}"\n'
+                         "batch_size = 3\n")
+    for path in (yaml_file, toml_file):
+        cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path), "--lr", "0.5"]))
+        assert cfg.lr == 0.5 and cfg.stage == 1 and cfg.max_grad_norm == 0.1 and cfg.timestep_grid == 250
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(yaml_file)])).ema_decay == 0.99
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(yaml_file), "--steps", "9"])).steps == 9
+    assert config_from_args(build_parser().parse_args(["train", "--config", str(yaml_file)])).dropout == 0.0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: 1\nlearning_rate: 1\n")
+    with pytest.raises(TrainingError, match="learning_rate"):
+        config_from_args(build_parser().parse_args(["train", "--config", str(bad)]))
+    # stage 2 without a mapper, and a dataset entry whose caption lacks its word: one line, exit code 2
+    assert main(["train", "--stage", "2", "--data", str(synth), "--models", str(tiny_models),
+                 "--out", str(tmp_path / "x")]) == 2
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(synth, broken)
+    from videobooth_core.dataset.layout import list_entries
+
+    entry = list_entries(broken)[0]
+    info = json.loads((entry / "entry.json").read_text())
+    info["caption"] = "a shape moving"
+    (entry / "entry.json").write_text(json.dumps(info))
+    cfg = config(tiny_models, broken, tmp_path / "y", 1, steps=1)
+    from videobooth_core.training.loop import train
+
+    with pytest.raises(TrainingError, match=info["id"]):
+        train(cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, synth, tmp_path):
+    from videobooth_core.dataset.reader import OurDataset
+    from videobooth_core.training.loop import load_training_models, set_trainable
+    from videobooth_core.training.model import BatchMaker, TrainingModule
+
+    cfg = config(tiny_models, synth, tmp_path / "run", 2)
+    models = load_training_models(cfg, torch.device("cpu"))
+    params = set_trainable(models["mapper"], 2)
+    dataset = OurDataset(synth, stage=2, size=cfg.size, clip_frames=cfg.frames, seed=0)
+    batch = BatchMaker(cfg, models["vae"], models["vision"], models["text"], models["tokenizer"],
+                       torch.device("cpu"))([dataset[0], dataset[1]], [0, 1])
+    module = TrainingModule(models["mapper"], models["unet"], models["text"], cfg.reg_weight)
+    grads, calls = [], []
+    mid_block, forward = models["unet"].mid_block, models["unet"].mid_block.forward
+
+    def counted(*args):  # counts recomputations too (module hooks do not fire in them)
+        calls.append(1)
+        return forward(*args)
+
+    mid_block.forward = counted
+    for checkpointing in (False, True):
+        models["unet"].gradient_checkpointing = checkpointing
+        for param in params:
+            param.grad = None
+        module(batch)[0].backward()
+        grads.append([param.grad.clone() for param in params])
+    del mid_block.forward
+    assert len(calls) == 2 + 4  # image-prompt pass + prediction, then both again recomputed in the backward pass
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_two_ranks_train_as_one(tiny_models, synth, tmp_path):
+    """torchrun with 2 CPU ranks (gloo), batch b per rank, equals 1 rank with b and 2-step accumulation bit for bit
+    (the same clips, noise and per-clip arithmetic); against 1 rank with batch 2b the per-clip arithmetic differs
+    in float32 rounding (other kernel blocking), which Adam amplifies in near-zero gradients, so there the first
+    loss and the EMA result are compared."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from videobooth_core.training.loop import list_checkpoints, train
+
+    common = {"steps": 5, "lr": 1e-4, "cpu": True}
+    flags = ["--stage", "2", "--data", str(synth), "--models", str(tiny_models), "--mapper",
+             str(tiny_models / "videobooth" / "mapper.pt"), "--size", "64", "--frames", "2", "--steps", "5",
+             "--batch-size", "1", "--cpu", "--no-progress", "--no-tensorboard", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "videobooth_core", "train", *flags, "--out", str(tmp_path / "ranks")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    accumulated = config(tiny_models, synth, tmp_path / "accum", 2, batch_size=1, grad_accum=2, **common)
+    train(accumulated)
+    ranks_state = torch.load(list_checkpoints(config(tiny_models, synth, tmp_path / "ranks", 2))[-1], weights_only=True)
+    accum_state = torch.load(list_checkpoints(accumulated)[-1], weights_only=True)
+    assert ranks_state["world_size"] == 2 and accum_state["world_size"] == 1
+    for key, value in accum_state["mapper"].items():
+        assert torch.equal(ranks_state["mapper"][key], value), key
+
+    doubled = config(tiny_models, synth, tmp_path / "double", 2, batch_size=2, **common)
+    train(doubled)
+    first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+             for run in ("ranks", "double")]
+    assert first[0] == pytest.approx(first[1], rel=1e-6)
+    a, b = load_file(tmp_path / "ranks" / "videobooth_mapper.safetensors"), load_file(
+        tmp_path / "double" / "videobooth_mapper.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

@@ -1,0 +1,11 @@
+"""Coarse-to-fine training (issue 13): ``python -m videobooth_core train --stage 1|2``.
+
+* :mod:`.config` - :class:`TrainConfig`, the official recipe as defaults, YAML/TOML files, checks;
+* :mod:`.model` - which parameters each stage trains, their initialisation, and the loss, computed with the
+  inference model code (``UNet3DModel.capture_image_prompt_features`` / ``forward``, ``encode_text``);
+* :mod:`.loop` - the loop on ``accelerate`` (one CPU, one GPU, DDP under ``torchrun``/``accelerate launch``),
+  EMA, atomic checkpoints and resume, metrics, the exported mapper;
+* :mod:`.cli` - the ``train`` command.
+
+Importing this package does no heavy work (``accelerate`` is imported when training starts).
+"""

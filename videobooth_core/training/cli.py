@@ -1,0 +1,90 @@
+"""``python -m videobooth_core train``: the parser and the command (registered by ``app/cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .config import FIELDS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config, read_config_file
+
+TRAIN_EXAMPLES = """examples:
+  # stage 1 (coarse), then stage 2 (fine) from its result - the official recipe (AdamW 1e-4, clip 0.1, EMA ...)
+  python -m videobooth_core train --stage 1 --data my_dataset --models models --out runs/stage1
+  python -m videobooth_core train --stage 2 --data my_dataset --models models --out runs/stage2 \\
+      --mapper runs/stage1/videobooth_mapper.safetensors
+
+  # settings from a file (YAML or TOML, keys = the flags' names), flags override it; continue a stopped run
+  python -m videobooth_core train --config stage2.yaml --resume latest
+
+  # data-parallel on 8 GPUs (same command; --batch-size is per GPU), bf16 and gradient checkpointing
+  torchrun --nproc_per_node 8 -m videobooth_core train --stage 2 ... --mixed-precision bf16 --gradient-checkpointing
+  accelerate launch -m videobooth_core train --stage 2 ...
+
+  # a tiny run on the CPU with the tiny models and a synthetic dataset
+  python -m videobooth_core make-tiny --out tiny && python -m videobooth_core dataset synthetic --out synth
+  python -m videobooth_core train --stage 1 --data synth --models tiny --out run --steps 20 --size 64 --frames 4
+"""
+
+_BOOLEAN_FLAGS = {
+    "reinit_projections": ("--keep-mapper-projections", False,
+                           "keep the --mapper's projections (fine-tuning) instead of the official copies of the UNet's"),
+    "flip": ("--no-flip", False, "no random horizontal flip of the clips (official: flip)"),
+    "tf32": ("--no-tf32", False, "no TF32 matmuls on NVIDIA GPUs (official: TF32)"),
+    "gradient_checkpointing": ("--gradient-checkpointing", True, "recompute the UNet's blocks in the backward pass "
+                                                                 "(less memory; official: off)"),
+    "overfit": ("--overfit", True, "repeat the first epoch exactly (a memorisation check, not for real training)"),
+    "cpu": ("--cpu", True, "train on the CPU even when a GPU is present"),
+    "progress": ("--no-progress", False, "no progress bar"),
+    "tensorboard": ("--no-tensorboard", False, "no TensorBoard scalars"),
+}
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command to the main parser's sub-parsers. Every flag defaults to None (= the config
+    file's value, else :class:`TrainConfig`'s default, shown in the help)."""
+    defaults = TrainConfig(stage=1, data="", models="", out="")
+    tr = sub.add_parser("train", help="train the mapper: stage 1 (coarse) or stage 2 (fine), official recipe",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
+                        description="Coarse-to-fine training of the VideoBooth mapper on your dataset. The defaults "
+                                    "are the official recipe; every deviation is a flag. Writes OUT/checkpoints/, "
+                                    "OUT/metrics.jsonl, OUT/loss.png and OUT/videobooth_mapper.safetensors (the EMA "
+                                    "weights; copy it into models/videobooth/ for generate and the ComfyUI loader, which prefer that name).")
+    tr.add_argument("--config", help="YAML or TOML file of settings (keys: the flag names); flags override it")
+    tr.add_argument("--stage", type=int, choices=(1, 2), help="1 (coarse) or 2 (fine); required")
+    tr.add_argument("--data", help="dataset folder (dataset build / dataset synthetic); required")
+    tr.add_argument("--models", help="models folder (UNet, VAE, CLIP, tokenizer); required")
+    tr.add_argument("--out", help="output folder; required")
+    tr.add_argument("--mapper", help="start from this mapper (stage 2: the stage-1 result; required there)")
+    tr.add_argument("--resume", help="'latest' or a checkpoint file: continue a run")
+    numbers = (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float), ("weight_decay", float),
+               ("warmup_steps", int), ("max_grad_norm", float), ("reg_weight", float), ("cond_dropout", float),
+               ("ema_decay", float), ("seed", int), ("frames", int), ("size", int), ("window", int),
+               ("checkpoint_every", int), ("keep_checkpoints", int), ("log_every", int), ("num_workers", int),
+               ("validate_every", int), ("validation_clips", int), ("validation_steps", int))
+    for name, kind in numbers:
+        default = getattr(defaults, name)
+        shown = "0 in stage 1, 0.1 in stage 2" if name == "cond_dropout" else default
+        tr.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {shown})")
+    tr.add_argument("--timestep-grid", type=int, choices=TIMESTEP_GRIDS, help="(default: 250, official)")
+    tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="(default: no = fp32, official)")
+    for name, (flag, value, text) in _BOOLEAN_FLAGS.items():
+        tr.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The checked :class:`TrainConfig` of a parsed ``train`` command line."""
+    file_settings: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    overrides = {name: getattr(args, name, None) for name in FIELDS}
+    return make_config(file_settings, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    config = config_from_args(args)
+    result = train(config)
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per data-parallel process
+        print(f"wrote {result} (stage {config.stage}, {config.steps} steps; "
+              f"metrics in {config.out}/metrics.jsonl)")
+    return 0

@@ -1,0 +1,479 @@
+"""The training loop on Hugging Face ``accelerate``: the same code on one CPU, one GPU, or data-parallel under
+``torchrun`` / ``accelerate launch`` (DDP; mixed precision through accelerate).
+
+Data order and all per-clip randomness are functions of (seed, global sample number), where micro-batch ``m`` of
+step ``s`` gives rank ``r`` the numbers ``((s * grad_accum + m) * world + r) * batch + j``: a step sees the same
+clips whatever the number of ranks, and a resumed run continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import explain
+from ..files import atomic_path, is_temporary
+from ..models.config import MapperConfig
+from ..models.mapper import Mapper
+from .config import TrainConfig, TrainingError
+from .model import ORDER_PURPOSE, BatchMaker, TrainingModule, init_projections, sample_seed, trainable_names
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "videobooth-training-checkpoint"
+CHECKPOINT_VERSION = 1
+RESULT_NAME = "videobooth_mapper.safetensors"
+
+
+class NumberedSamples(torch.utils.data.Dataset):
+    """Global sample number -> (number, sample): epoch ``n // len`` visits the clips in a seeded permutation, and
+    the reader's augmentations draw from torch's generator seeded by (seed, number)."""
+
+    def __init__(self, dataset: Any, seed: int, overfit: bool = False) -> None:
+        self.dataset, self.seed, self.overfit = dataset, seed, overfit
+
+    def __len__(self) -> int:  # the numbers are unbounded; the sampler decides which are read
+        return sys.maxsize
+
+    def __getitem__(self, number: int) -> tuple[int, dict[str, Any]]:
+        if self.overfit:  # the first epoch, again and again
+            number = int(number) % len(self.dataset)
+        epoch, position = divmod(int(number), len(self.dataset))
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
+            sample_seed(self.seed, epoch, ORDER_PURPOSE)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, int(number), 0))
+            return int(number), self.dataset[int(order[position])]
+
+
+class RankNumbers(torch.utils.data.Sampler):
+    """This rank's sample numbers from ``start_step`` on, micro-batch by micro-batch (see the module docstring)."""
+
+    def __init__(self, start_step: int, steps: int, accum: int, world: int, rank: int, batch: int) -> None:
+        self.start_step, self.steps, self.accum, self.world, self.rank, self.batch = (
+            start_step, steps, accum, world, rank, batch)
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step, self.steps):
+            for micro in range(self.accum):
+                first = ((step * self.accum + micro) * self.world + self.rank) * self.batch
+                yield from range(first, first + self.batch)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accum * self.batch
+
+
+def _collate(items: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------------
+def load_training_models(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """UNet, VAE, CLIP towers and tokenizer from ``config.models`` (frozen, eval) and the mapper to train (from
+    ``config.mapper``, else freshly initialised from the seed), joined to the UNet."""
+    from ..conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+    from ..conditioning.tokenizer import load_clip_tokenizer
+    from ..conditioning.vae import load_vae
+    from ..loading.checkpoint import load_mapper, load_unet
+    from ..loading.models_dir import ModelFiles
+
+    # the models folder's own mapper is never used: the trained one comes from --mapper or is new
+    files = ModelFiles.from_models_dir(config.models, mapper=config.mapper or config.models)
+    unet = load_unet(files.unet, device=device).eval().requires_grad_(False)
+    vae = load_vae(files.vae, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    text = load_clip_text_encoder(files.clip_text, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    vision = load_clip_vision_encoder(files.clip_vision, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    tokenizer = load_clip_tokenizer(files.tokenizer)
+    if config.mapper is not None:
+        mapper = load_mapper(config.mapper, device=device)
+    else:
+        sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
+        width = vision.config.hidden_size
+        mapper_config = MapperConfig(input_dim=width, hidden_dim=width, output_dim=text.config.hidden_size,
+                                     site_channels=sites)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            mapper = Mapper(mapper_config).to(device)
+    if config.reinit_projections:
+        init_projections(unet, mapper, config.stage)
+    unet.attach_projections(mapper.site_projections(), unet_name=Path(files.unet).name,
+                            mapper_name=Path(config.mapper).name if config.mapper else "the new mapper")
+    if config.gradient_checkpointing:
+        unet.gradient_checkpointing = True
+    return {"unet": unet, "mapper": mapper, "vae": vae, "text": text, "vision": vision, "tokenizer": tokenizer}
+
+
+def set_trainable(mapper: Mapper, stage: int) -> list[torch.nn.Parameter]:
+    """Freeze everything but the stage's parameters (:func:`.model.trainable_names`); returns those, in order."""
+    names = set(trainable_names(mapper, stage))
+    params = []
+    for name, param in mapper.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            params.append(param)
+    return params
+
+
+def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchMaker) -> None:
+    """Fail before training: every entry must pass ``dataset check`` (without decoding) and name its subject
+    word in its caption."""
+    from ..dataset.check import check_dataset
+
+    report = check_dataset(config.data, decode=False)
+    if report.problems:
+        ident, problems = next(iter(report.problems.items()))
+        raise TrainingError(explain(f"dataset entry {ident!r} of {config.data} is unusable", problems[0],
+                                    f"fix or remove it ({len(report.problems)} entries have problems: run "
+                                    f"`python -m videobooth_core dataset check {config.data}`)"))
+    for record in dataset.records:
+        word = record.word
+        if word:
+            batch_maker.subject_ids(record.caption, word, record.id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """Every process-wide RNG state (torch CPU and CUDA, numpy, Python), in a ``weights_only``-loadable form."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": list(random.getstate()[1]) + [random.getstate()[0]] + [random.getstate()[2]]}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    python = states["python"]
+    random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+
+
+def checkpoint_dir(config: TrainConfig) -> Path:
+    return Path(config.out) / "checkpoints"
+
+
+def list_checkpoints(config: TrainConfig) -> list[Path]:
+    """Complete checkpoints in OUT/checkpoints, oldest first."""
+    folder = checkpoint_dir(config)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*.pt") if not is_temporary(p))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, config: TrainConfig, mapper: Mapper) -> dict[str, Any]:
+    """Read and validate a checkpoint against this run (stage, mapper shapes)."""
+    if not path.is_file():
+        raise TrainingError(explain("the checkpoint to resume does not exist", str(path),
+                                    "pass --resume latest or a file in OUT/checkpoints"))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
+        raise TrainingError(explain("cannot read the checkpoint", str(path), f"resume from another one ({error})")) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(explain("not a VideoBooth training checkpoint", str(path),
+                                    "pass a step_*.pt from a training run's checkpoints folder"))
+    if state["stage"] != config.stage:
+        raise TrainingError(explain(f"the checkpoint is from stage {state['stage']}, this run is stage", config.stage,
+                                    "resume with the same --stage; to start stage 2 from a stage-1 run pass "
+                                    "--mapper OUT1/videobooth_mapper.safetensors instead of --resume"))
+    ours = mapper.state_dict()
+    theirs = state["mapper"]
+    for key, value in ours.items():
+        if key not in theirs or tuple(theirs[key].shape) != tuple(value.shape):
+            found = tuple(theirs[key].shape) if key in theirs else "missing"
+            raise TrainingError(explain(f"the checkpoint is for another model size: {key} is", found,
+                                        f"resume with the --models it was trained with (this one needs "
+                                        f"{tuple(value.shape)})"))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# watching
+# ----------------------------------------------------------------------------------------------------------------
+class Metrics:
+    """OUT/metrics.jsonl (one object per logged step), TensorBoard scalars when available, the loss-curve PNG."""
+
+    def __init__(self, config: TrainConfig, start_step: int, enabled: bool) -> None:
+        self.path = Path(config.out) / "metrics.jsonl"
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.is_file():  # a resumed run: keep the records up to its checkpoint
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    if record["step"] <= start_step:
+                        self.records.append(record)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def plot(self, out: Path) -> None:
+        """The loss curve as OUT/loss.png (skipped without matplotlib)."""
+        if not self.enabled or not self.records:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in self.records], [r["loss"] for r in self.records], lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(out / "loss.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_validation_videos(config: TrainConfig, models: dict[str, Any], ema_mapper: Mapper, mapper: Mapper,
+                            dataset: Any, step: int) -> list[Path]:
+    """OUT/validation/step_XXXXXXXX_<entry>.gif: the first ``validation_clips`` entries' captions, words and first
+    frames, generated with the EMA mapper at a fixed seed (the pipeline's own ``generate``)."""
+    from ..app.video_io import write_frames
+    from ..conditioning.image_prompt import load_mask
+    from ..dataset import layout
+    from ..dataset.video import read_frames
+    from ..pipeline import GenerationRequest, VideoBoothPipeline
+
+    unet = models["unet"]
+    folder = Path(config.out) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.attach_projections(ema_mapper.site_projections())
+    written = []
+    try:
+        pipe = VideoBoothPipeline(unet, ema_mapper, models["vae"], models["text"], models["vision"],
+                                  models["tokenizer"], device=next(unet.parameters()).device)
+        for record in dataset.records[:config.validation_clips]:
+            items = layout.subject_items(layout.read_json(record.mask_dir / "mask.json", "mask.json"),
+                                         record.mask_dir / "mask.json")
+            word = record.word or str(items[0].get("label", ""))
+            request = GenerationRequest(prompt=record.caption, subject_word=word,
+                                        image=read_frames(record.video, [0])[0],
+                                        mask=load_mask(record.mask_dir / f"mask_{items[0]['value']}.png"),
+                                        frames=config.frames, width=config.size, height=config.size,
+                                        steps=config.validation_steps, seed=config.seed)
+            result = pipe.generate(request)
+            written.append(write_frames(result.frames, folder / f"step_{step:08d}_{record.id}.gif", overwrite=True))
+    finally:  # back to the mapper being trained
+        unet.attach_projections(mapper.site_projections())
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------
+StepHook = Callable[[int, float], None]
+"""Called on every process after each optimizer step with (steps done, loss); raising stops the run."""
+
+
+def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None) -> Path:
+    """Train one stage; returns OUT/videobooth_mapper.safetensors (the EMA mapper, released key layout).
+
+    ``models``: the result of :func:`load_training_models` (default: loaded here); the mapper in it is trained in
+    place.
+
+    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C (KeyboardInterrupt,
+    re-raised after the checkpoint is written).
+    """
+    from accelerate import Accelerator
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from ..dataset.reader import OurDataset
+    from ..loading.weight_files import KIND_METADATA_KEY, save_safetensors
+
+    config.check()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    out = Path(config.out)
+    if config.resume is None and list_checkpoints(config):
+        raise TrainingError(explain("the output folder already holds a run's checkpoints", str(checkpoint_dir(config)),
+                                    "pass --resume latest to continue it, or another --out"))
+
+    models = models if models is not None else load_training_models(config, device)
+    mapper, unet = models["mapper"], models["unet"]
+    params = set_trainable(mapper, config.stage)
+    dataset = OurDataset(config.data, stage=config.stage, flip=config.flip, seed=None, clip_frames=config.frames,
+                         window=config.window, size=config.size)
+    batch_maker = BatchMaker(config, models["vae"], models["vision"], models["text"], models["tokenizer"], device)
+    check_dataset_entries(config, dataset, batch_maker)
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    ema = AveragedModel(mapper, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
+    ema.requires_grad_(False)
+    ema.update_parameters(mapper)  # the official EMA starts as a copy (update with decay 0)
+
+    start_step = 0
+    if config.resume is not None:
+        path = list_checkpoints(config)[-1] if config.resume == "latest" and list_checkpoints(config) else None
+        if config.resume == "latest" and path is None:
+            logger.warning("--resume latest: no checkpoint in %s yet; starting from step 0", checkpoint_dir(config))
+        else:
+            state = load_checkpoint(path or Path(config.resume), config, mapper)
+            with torch.no_grad():
+                mapper.load_state_dict(state["mapper"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_states(state["rng"])
+            start_step = int(state["step"])
+            layout = (state["world_size"], state["batch_size"], state["grad_accum"])
+            if layout != (accelerator.num_processes, config.batch_size, config.grad_accum):
+                logger.warning("resuming with another (ranks, batch, accumulation) than %s: the data order changes",
+                               layout)
+            logger.info("resumed from %s at step %d", path or config.resume, start_step)
+
+    module = TrainingModule(mapper, unet, models["text"], config.reg_weight)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    numbers = RankNumbers(start_step, config.steps, config.grad_accum, accelerator.num_processes,
+                          accelerator.process_index, config.batch_size)
+    loader = torch.utils.data.DataLoader(NumberedSamples(dataset, config.seed, config.overfit), batch_size=config.batch_size,
+                                         sampler=numbers, collate_fn=_collate, num_workers=config.num_workers)
+    main = accelerator.is_main_process
+    metrics = Metrics(config, start_step, main)
+
+    def checkpoint(step: int) -> None:
+        if main:
+            state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": config.stage, "step": step,
+                     "samples_seen": step * config.grad_accum * accelerator.num_processes * config.batch_size,
+                     "world_size": accelerator.num_processes, "batch_size": config.batch_size,
+                     "grad_accum": config.grad_accum, "config": json.dumps(dataclasses.asdict(config)),
+                     "mapper": {k: v.detach().cpu() for k, v in mapper.state_dict().items()},
+                     "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()}
+            save_checkpoint(checkpoint_dir(config) / f"step_{step:08d}.pt", state)
+            kept = list_checkpoints(config)
+            for old in kept[:-config.keep_checkpoints] if config.keep_checkpoints else []:
+                old.unlink()
+            metrics.plot(out)
+        accelerator.wait_for_everyone()
+
+    bar = None
+    if main and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start_step, desc=f"VideoBooth stage {config.stage}", unit="step",
+                   file=sys.stderr)
+    step = start_step
+    batches = iter(loader)
+    repeated: dict[tuple[int, ...], Any] = {}
+    started = time.perf_counter()
+    try:
+        while step < config.steps:
+            total = torch.zeros((), device=device)
+            parts = torch.zeros(2, device=device)
+            for micro in range(config.grad_accum):
+                items = next(batches)
+                key = tuple(number for number, _ in items)
+                batch = repeated.get(key) or batch_maker([sample for _, sample in items], list(key))
+                if config.overfit:  # the same numbers give the same batch: encode each once
+                    repeated[key] = batch
+                sync = micro == config.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(module):
+                    loss, mse, reg = module(batch)
+                    accelerator.backward(loss / config.grad_accum)
+                total += loss.detach() / config.grad_accum
+                parts += torch.stack([mse, reg]) / config.grad_accum
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update_parameters(mapper)
+            step += 1
+            loss_value = float(accelerator.reduce(total, reduction="mean"))
+            if not math.isfinite(loss_value):
+                raise TrainingError(explain("the loss is not finite at step", step,
+                                            "lower --lr, use --mixed-precision no, or resume from an earlier checkpoint"))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % config.log_every == 0 or step == config.steps:
+                mse_value, reg_value = (float(v) for v in accelerator.reduce(parts, reduction="mean"))
+                elapsed = time.perf_counter() - started
+                metrics.log({"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
+                             "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed})
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoint(step)
+            if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
+                if main:
+                    write_validation_videos(config, models, ema.module, mapper, dataset, step)
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(step, loss_value)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: writing a checkpoint at step %d (resume with --resume latest)", step)
+        if step > start_step:
+            checkpoint(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint(step)
+    result = out / RESULT_NAME
+    if main:
+        save_safetensors(ema.module.state_dict(), result, {KIND_METADATA_KEY: "videobooth_mapper",
+                                                           "videobooth_training_stage": str(config.stage),
+                                                           "videobooth_training_steps": str(step)})
+        metrics.plot(out)
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
