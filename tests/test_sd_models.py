@@ -343,13 +343,40 @@ def test_nodes_return_new_models_and_leave_their_inputs(models, tmp_path, monkey
     assert {"ckpt_name", "kv_weights"} <= set(sd_nodes.VideoBoothApplySDCheckpoint.INPUT_TYPES()["required"])
 
 
-def test_cli_flags_are_checked_before_models_load(tmp_path, capsys):
+def test_cli_flags_are_checked_before_models_load(tiny_models, tmp_path, capsys):
     from videobooth_core.app.cli import main
 
     base = ["generate", "--models", str(tmp_path), "--prompt", "a dog", "--out", str(tmp_path / "o.gif")]
     assert main(base + ["--lora", str(tmp_path / "missing.safetensors:0.5")]) == 2
     assert "--lora" in capsys.readouterr().err
-    (tmp_path / "a.safetensors").write_bytes(b"")
-    assert main(["generate", "--models", str(tmp_path), "--jobs", str(tmp_path / "j.jsonl"), "--out-dir",
-                 str(tmp_path / "out"), "--lora", str(tmp_path / "a.safetensors")]) == 2
-    assert "do not go with --jobs" in capsys.readouterr().err
+    (tmp_path / "j.jsonl").write_text(json.dumps({"prompt": "a dog", "loras": [["missing.safetensors", 0.5]]}))
+    assert main(["generate", "--models", str(tiny_models), "--jobs", str(tmp_path / "j.jsonl"), "--out-dir",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "line 1" in err and "missing.safetensors" in err and not (tmp_path / "out").exists()
+
+
+def test_jobs_apply_each_lines_styles_and_restore_the_weights(tiny_models, models, tmp_path, capsys):
+    """A styled line, then a plain one: the plain one is bit-identical to a batch without styles (nothing
+    leaks), the styled one differs, and the done-record names the LoRA."""
+    from videobooth_core.app.cli import main
+
+    unet, _ = models  # the tiny models' UNet shapes
+    halves = {name: pair for name, pair in lora_halves(unet, rank=2).items() if not name.endswith(("to_k", "to_v"))}
+    write_lora(tmp_path / "style.safetensors", halves, "kohya")
+    plain, styled = {"id": "plain", "prompt": "a dog", "out": "plain"}, {
+        "id": "styled", "prompt": "a dog", "out": "styled", "loras": ["style.safetensors:0.8"]}
+    for name, lines in {"both": [styled, plain], "plain_only": [plain]}.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        assert main(["generate", "--models", str(tiny_models), "--jobs", str(tmp_path / f"{name}.jsonl"), "--out-dir",
+                     str(tmp_path / name), "--frames", "2", "--width", "64", "--height", "64", "--steps", "2"]) == 0
+    capsys.readouterr()
+
+    def frames(folder):
+        return [f.read_bytes() for f in sorted(folder.glob("*.png"))]
+
+    assert frames(tmp_path / "both/plain") == frames(tmp_path / "plain_only/plain") != []
+    assert frames(tmp_path / "both/styled") != frames(tmp_path / "both/plain")
+    record = json.loads((tmp_path / "both/.videobooth/done/styled.json").read_text())
+    assert record["settings"]["loras"] == [[str((tmp_path / "style.safetensors").resolve()), 0.8]]
+    assert "loras" not in json.loads((tmp_path / "both/.videobooth/done/plain.json").read_text())["settings"]

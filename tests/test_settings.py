@@ -250,26 +250,36 @@ def test_every_generate_flag_works_in_jobs_or_is_refused_there() -> None:
     for action in generate._actions:
         dest = action.dest
         assert dest in batch or dest in jobs.SETTINGS or dest in jobs.CLI_ONLY_FLAGS or dest in jobs.PER_RUN_KEYS \
-            or dest in jobs.BEST_OF_KEYS or dest in jobs.REFUSED_FLAGS, dest
+            or dest in jobs.BEST_OF_KEYS or dest in jobs.SD_MODEL_KEYS or dest in jobs.REFUSED_FLAGS, dest
 
 
-def test_flags_refused_in_jobs_are_refused_before_anything_runs(tiny_models, tmp_path, capsys) -> None:
-    from videobooth_core.app.cli import main
-    from videobooth_core.app.jobs import REFUSED_FLAGS
+def test_sd_model_flags_are_every_jobs_default_and_enter_the_fingerprint(tmp_path) -> None:
+    from videobooth_core.app.cli import build_parser
+    from videobooth_core.app.jobs import REFUSED_FLAGS, SD_MODEL_KEYS, _defaults_from, load_jobs
+    from videobooth_core.errors import JobsError
 
-    jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text(json.dumps({"prompt": "a cat"}) + "\n")
-    lora = tmp_path / "style.safetensors"
-    lora.write_bytes(b"")
-    flags = {"base_checkpoint": ["--base-checkpoint", str(lora)], "lora": ["--lora", str(lora)],
-             "lora_kv": ["--lora", str(lora), "--lora-kv", "ignore"]}
-    assert set(flags) == set(REFUSED_FLAGS)
-    for dest, extra in flags.items():
-        code = main(["generate", "--models", str(tiny_models), "--jobs", str(jobs_file), "--out-dir",
-                     str(tmp_path / "out"), *extra])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and err[-1].startswith("error: ") and "--jobs" in err[-1], (dest, err)
-        assert not (tmp_path / "out").exists()
+    assert REFUSED_FLAGS == () and set(SD_MODEL_KEYS) == {"base_checkpoint", "lora", "lora_kv"}
+    (tmp_path / "styles").mkdir()
+    lora, other = tmp_path / "styles/style.safetensors", tmp_path / "styles/other.safetensors"
+    lora.write_bytes(b"x")
+    other.write_bytes(b"y")
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        {"id": "flags", "prompt": "a cat"},
+        {"id": "line", "prompt": "a cat", "loras": [["styles/other.safetensors", 0.5]], "lora_kv": "ignore"},
+        {"id": "plain", "prompt": "a cat", "loras": []}]) + "\n")
+    args = build_parser().parse_args(["generate", "--models", "m", "--jobs", str(path), "--out-dir", "o",
+                                      "--lora", f"{lora}:0.7", "--lora-kv", "mapper"])
+    flags, line, plain = load_jobs(path, _defaults_from(args), check_files=False)
+    assert flags.loras == ((str(lora.resolve()), 0.7),) and flags.lora_kv == "mapper"
+    assert line.loras == ((str(other.resolve()), 0.5),) and line.lora_kv == "ignore"
+    assert not plain.styled and "loras" not in plain.describe()
+    before = flags.fingerprint("fp32")
+    lora.write_bytes(b"xx")  # a replaced style file redoes the job
+    assert flags.fingerprint("fp32") != before
+    path.write_text(json.dumps({"prompt": "a cat", "base_checkpoint": "styles/missing.safetensors"}) + "\n")
+    with pytest.raises(JobsError, match="line 1.*base_checkpoint.*missing.safetensors"):
+        load_jobs(path, check_files=False)
 
 
 def _v1_fingerprint(job, dtype: str) -> str:

@@ -195,15 +195,12 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
 
 
 def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """``--base-checkpoint`` / ``--lora`` checked before any model loads: the files exist, and not with --jobs."""
+    """``--base-checkpoint`` / ``--lora`` checked before any model loads: the files exist (with --jobs they are
+    every line's default, and the jobs module checks them with the lines)."""
     from ..loading.lora import parse_lora_argument
 
     loras = [parse_lora_argument(value) for value in getattr(args, "lora", None) or []]
     base = getattr(args, "base_checkpoint", None)
-    if args.jobs and (base or loras):
-        raise VideoBoothError("--base-checkpoint and --lora do not go with --jobs yet (a finished item's done-record "
-                              "does not hold them, so a resumed batch could mix styles): run the batch without them, "
-                              "or generate the videos one by one")
     for flag, path in [("--base-checkpoint", base)] * bool(base) + [("--lora", p) for p, _ in loras]:
         if not Path(path).exists():
             raise VideoBoothError(f"{flag} {path!r} does not exist; give the path of the file (or diffusers folder)")
@@ -232,8 +229,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
-    for line in pipe.use_sd_models(args.base_checkpoint, loras, args.lora_kv):
-        print(line, file=sys.stderr)
+    if args.base_checkpoint or loras:  # the plain path never touches the weights
+        for line in pipe.use_sd_models(args.base_checkpoint, loras, args.lora_kv):
+            print(line, file=sys.stderr)
     if args.best_of > 1:  # N seeds scored by a metric model; the best is written, every seed is reported
         from ..evaluation.cli import run_best_of
 

@@ -11,16 +11,20 @@ every setting of :data:`videobooth_core.settings.SETTINGS` under its flag's name
 ``subject_match``, ``fps``, ``single_frame_image_prompt`` (true/false), ``image_prompt_steps`` ([start, end]),
 ``watermark_branch`` (false = ``--no-watermark-branch``) and ``image_prompt_strength``; and best of N,
 ``best_of`` (N seeds: seed, seed + 1, ...; the best is written) and ``rank_by`` (``dino``, ``clip-i``,
-``clip-t``). Settings a line leaves out come from the command line (``--steps 50`` sets every job's default);
+``clip-t``); and SD 1.x styles, ``base_checkpoint`` (a file or diffusers UNet folder), ``loras`` (a list of
+``[path, strength]`` or ``"path:strength"``) and ``lora_kv`` (``mapper`` or ``ignore``), applied before the
+line generates and undone exactly after it, so lines never leak styles into each other (the files' sizes and
+modification times enter the resume fingerprint; ``--base-checkpoint``, ``--lora`` and ``--lora-kv`` set every
+line's default). Settings a line leaves out come from the command line (``--steps 50`` sets every job's default);
 ``--dtype``, ``--device``, ``--stream-weights`` and the metric models ``--clip`` and ``--dino`` hold for the
 whole run (the metric models load once per rank, and only if some job of the rank ranks by them). ``id``
 defaults to the line number, zero-padded (``00001``); ``out`` defaults to ``<id>.gif`` and is relative to
 ``--out-dir`` (``.mp4``, ``.gif``, ``.webp``, or no suffix for a folder of PNG frames). Relative image and
-mask paths are resolved against the jobs file's folder. Blank lines are ignored.
+mask, checkpoint and LoRA paths are resolved against the jobs file's folder. Blank lines are ignored.
 
-Every line is validated (JSON, keys, values, images, masks, subject words, the prompt's fit in CLIP's 77 tokens
-with the models folder's tokenizer) and the device checked before anything is written or any model loads: the
-first problem ends the run with exit code 2 and one line naming the line number.
+Every line is validated (JSON, keys, values, images, masks, style files' existence, subject words, the
+prompt's fit in CLIP's 77 tokens with the models folder's tokenizer) and the device checked before anything is
+written or any model loads: the first problem ends the run with exit code 2 and one line naming the line number.
 
 Under ``torchrun`` the jobs are sharded across the ranks (job ``i`` goes to rank ``i % WORLD_SIZE``), one
 device per rank (``--device cuda`` becomes ``cuda:LOCAL_RANK``; CPU ranks work too). Each rank loads the
@@ -107,9 +111,11 @@ PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "clip", "dino")
 BEST_OF_KEYS = ("best_of", "rank_by")
 """Best of N, per line or from ``--best-of`` / ``--rank-by``; in the fingerprint only when N > 1 (so the
 done-records of earlier runs stay valid)."""
-REFUSED_FLAGS = ("base_checkpoint", "lora", "lora_kv")
-"""Flags of ``generate`` that batch jobs refuse (the command line says why): a done-record does not hold the
-style files, so a resumed batch could mix styles."""
+SD_MODEL_KEYS = {"base_checkpoint": "base_checkpoint", "lora": "loras", "lora_kv": "lora_kv"}
+"""``generate``'s SD 1.x flags (dest) and their jobs keys: every line's default, or set per line."""
+LORA_KV_MODES = ("mapper", "ignore")
+REFUSED_FLAGS: tuple[str, ...] = ()
+"""Flags of ``generate`` that batch jobs refuse (none at present)."""
 
 
 @dataclass(frozen=True)
@@ -134,19 +140,48 @@ class Job:
     best_of: int = 1
     """Candidates generated (seeds seed, seed + 1, ...); the best by ``rank_by`` is written. 1: plain."""
     rank_by: str = "dino"
+    base_checkpoint: str | None = None
+    """Absolute path of an SD 1.x checkpoint (file or diffusers UNet folder) for the spatial layers."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """(absolute path, strength) of each LoRA, applied in order."""
+    lora_kv: str | None = None
+    """``mapper``, ``ignore`` or None (each loader's default, see ``--lora-kv``)."""
+
+    @property
+    def styled(self) -> bool:
+        return self.base_checkpoint is not None or bool(self.loras)
 
     def describe(self) -> dict[str, Any]:
-        """The job's full settings, as recorded in done-records and the manifest (best of N only when N > 1)."""
+        """The job's full settings, as recorded in done-records and the manifest (best of N only when N > 1,
+        the SD 1.x style files only when some are set)."""
         best_of = {"best_of": self.best_of, "rank_by": self.rank_by} if self.best_of > 1 else {}
+        styles = {"base_checkpoint": self.base_checkpoint, "loras": [list(lora) for lora in self.loras],
+                  "lora_kv": self.lora_kv} if self.styled else {}
         return {"prompt": self.prompt, "word": self.word, "image": self.image, "mask": self.mask,
-                "bbox": list(self.bbox) if self.bbox else None, **self.settings, **best_of}
+                "bbox": list(self.bbox) if self.bbox else None, **self.settings, **best_of, **styles}
 
     def fingerprint(self, dtype: str) -> str:
-        """Hash of everything that determines the output (so a changed line is redone, not skipped)."""
+        """Hash of everything that determines the output (so a changed line is redone, not skipped); a style
+        file counts by its size and modification time (cheap, and a replaced file is noticed)."""
         spec = {key: value for key, value in self.describe().items()
                 if key not in SETTINGS or key in FINGERPRINT_V1_KEYS or value != SETTINGS[key].default}
         spec.update(out=self.out, dtype=dtype)
+        if self.styled:
+            files = [self.base_checkpoint] * bool(self.base_checkpoint) + [path for path, _ in self.loras]
+            spec["style_files"] = [_file_signature(path) for path in files]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_signature(path: str) -> list[Any]:
+    """[[name in the folder or "", size, mtime_ns]] of a file or of every file of a (diffusers) folder; [] when it
+    is gone (the job is then redone)."""
+    p = Path(path)
+    try:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        return [[f.relative_to(p).as_posix() if p.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns]
+                for f in files]
+    except OSError:
+        return []
 
 
 # -- reading and validating the jobs file -------------------------------------------------------------
@@ -202,7 +237,7 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     where = f"line {line}"
     if not isinstance(obj, dict):
         raise JobsError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
-    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS, *BEST_OF_KEYS)
+    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS, *BEST_OF_KEYS, *SD_MODEL_KEYS.values())
     for key in obj:
         if key in PER_RUN_KEYS:
             raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
@@ -238,8 +273,49 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     out = _check_out(obj.get("out", f"{job_id}{DEFAULT_SUFFIX}"), where)
     best_of, rank_by = _check_best_of(obj.get("best_of", defaults["best_of"]), obj.get("rank_by", defaults["rank_by"]),
                                       image is not None, where)
+    base_checkpoint, loras, lora_kv = _check_sd_models(obj, base, defaults, where)
     return Job(index=index, line=line, id=job_id, out=out, prompt=prompt, word=word, image=image, mask=mask,
-               bbox=bbox, settings=settings, best_of=best_of, rank_by=rank_by)
+               bbox=bbox, settings=settings, best_of=best_of, rank_by=rank_by, base_checkpoint=base_checkpoint,
+               loras=loras, lora_kv=lora_kv)
+
+
+def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
+                     where: str) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
+    """A line's ``base_checkpoint``, ``loras`` and ``lora_kv`` (else the command line's), the files resolved
+    against the jobs file's folder and checked to exist, so a typo fails before any model loads."""
+    from ..loading.lora import parse_lora_argument
+
+    base_checkpoint = defaults.get("base_checkpoint")
+    if "base_checkpoint" in obj and obj["base_checkpoint"] is not None:
+        base_checkpoint = _resolve(obj["base_checkpoint"], "base_checkpoint", base, where)
+    loras = defaults.get("loras", ())
+    if "loras" in obj:
+        value = obj["loras"]
+        if not isinstance(value, list):
+            raise JobsError(f"{where}: 'loras' must be a list of [path, strength] or \"path:strength\", got "
+                            f"{json.dumps(value)}")
+        parsed = []
+        for item in value:
+            if isinstance(item, str) and item:
+                path, strength = parse_lora_argument(item)
+            elif (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                  and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+                path, strength = item[0], float(item[1])
+            else:
+                raise JobsError(f"{where}: each of 'loras' must be [path, strength] or \"path:strength\", e.g. "
+                                f"[\"style.safetensors\", 0.8], got {json.dumps(item)}")
+            if not math.isfinite(strength):
+                raise JobsError(f"{where}: the strength of LoRA {path!r} must be a finite number, got {strength}")
+            parsed.append((_resolve(path, "loras", base, where), strength))
+        loras = tuple(parsed)
+    lora_kv = obj.get("lora_kv", defaults.get("lora_kv"))
+    if lora_kv is not None and lora_kv not in LORA_KV_MODES:
+        raise JobsError(f"{where}: 'lora_kv' must be one of {', '.join(LORA_KV_MODES)}, got {json.dumps(lora_kv)}")
+    for key, path in [("base_checkpoint", base_checkpoint)] * bool(base_checkpoint) + [("loras", p) for p, _ in loras]:
+        if not Path(path).exists():
+            raise JobsError(explain(f"{where}: {key!r} names a path that does not exist", path,
+                                    "give the file's path (relative paths start at the jobs file's folder)"))
+    return base_checkpoint, loras, lora_kv
 
 
 def _check_best_of(best_of: Any, rank_by: Any, has_image: bool, where: str) -> tuple[int, str]:
@@ -285,6 +361,8 @@ def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
             merged[key] = spec.check(tuple(value) if spec.kind == "pair" else value)
         except VideoBoothError as error:
             raise JobsError(f"{spec.flag} (the default of every job): {error}") from None
+    merged.update({key: (defaults or {})[key] for key in ("base_checkpoint", "loras", "lora_kv")
+                   if (defaults or {}).get(key) is not None})
     merged["best_of"] = (defaults or {}).get("best_of", 1)
     merged["rank_by"] = (defaults or {}).get("rank_by", "dino")
     from ..evaluation.best_of import check_best_of
@@ -554,8 +632,19 @@ def _peak_memory(device: str) -> dict[str, float]:
 
 # -- the run ----------------------------------------------------------------------------------------------
 def _defaults_from(args: argparse.Namespace) -> dict[str, Any]:
-    """Every line's defaults: the command line's setting flags (each setting's dest is its jobs key)."""
-    return {key: getattr(args, key) for key in (*SETTINGS, *BEST_OF_KEYS) if getattr(args, key, None) is not None}
+    """Every line's defaults: the command line's setting flags (each setting's dest is its jobs key) and its
+    SD 1.x style files (relative to the current folder, as every path on the command line)."""
+    from ..loading.lora import parse_lora_argument
+
+    defaults = {key: getattr(args, key) for key in (*SETTINGS, *BEST_OF_KEYS) if getattr(args, key, None) is not None}
+    if getattr(args, "base_checkpoint", None):
+        defaults["base_checkpoint"] = str(Path(args.base_checkpoint).expanduser().resolve())
+    if getattr(args, "lora", None):
+        defaults["loras"] = tuple((str(Path(path).expanduser().resolve()), strength)
+                                  for path, strength in map(parse_lora_argument, args.lora))
+    if getattr(args, "lora_kv", None):
+        defaults["lora_kv"] = args.lora_kv
+    return defaults
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -708,10 +797,22 @@ def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
     """Generate ``job`` and write its output (claimed first, so that a rerun after a kill between the output
     and its done-record knows the output is this job's). Returns the result, the seed that alone reproduces it,
     and for best of N ``{"best_of": {"n", "rank_by", "candidates": [{"seed", scores...}, best first]}}``."""
+    request = build_request(job)
+    try:  # the styles are undone in the finally, even after a failure, so the next line starts from plain weights
+        if job.styled:
+            for line in pipe.use_sd_models(job.base_checkpoint, job.loras, job.lora_kv):
+                print(f"{label}: {line}", file=sys.stderr, flush=True)
+        return _sample_and_write(pipe, job, request, out_dir, label, overwrite, scorer)
+    finally:
+        if job.styled:  # a plain line never touches the weights
+            pipe.restore_weights()
+
+
+def _sample_and_write(pipe, job: Job, request: Any, out_dir: Path, label: str, overwrite: bool,
+                      scorer: Any) -> tuple[Any, int, dict[str, Any]]:
     from .common import progress_callback
     from .video_io import write_frames
 
-    request = build_request(job)
     if job.best_of > 1:
         from ..evaluation.best_of import generate_best_of
 
