@@ -3,11 +3,17 @@
     python benchmarks/bench_train.py                    # 16 frames at 256x256, SD-1.4-sized random UNet
     python benchmarks/bench_train.py --device cuda      # on a GPU
     python benchmarks/bench_train.py --tiny --steps 2   # a smoke run with the tiny sizes
+    python benchmarks/bench_train.py --steps 1 --batches 1 --budget-s 900   # what fits in 15 minutes
 
 The step is the trainer's own (``training.model.TrainingModule``: mapper -> CLIP text splice -> UNet image-prompt
 pass -> UNet prediction -> loss, backward, AdamW step) on random inputs of the real shapes; the frozen VAE and
-CLIP vision encoder, which run without gradients, are left out. Each configuration runs in a fresh process (a
-clean peak-memory figure); every line is ``RESULT {json}``, the last one the whole table.
+CLIP vision encoder, which run without gradients, are left out (the trainer holds them too: +0.33 GB VAE, +1.2 GB
+CLIP ViT-L vision in fp32, and with ``--cache`` the VAE leaves the step). Each configuration runs in a fresh
+process (a clean peak-memory figure) and first reports the trainer's own memory estimate
+(``training.memory.estimate_training_memory``, the check run before training); a configuration whose estimate
+exceeds the free memory is skipped rather than run into the out-of-memory killer. Configurations run in the
+order official fp32 first, then checkpointing, then bf16, batch 1 before 2, until ``--budget-s`` is spent. Every
+line is ``RESULT {json}``, the last one the whole table.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ def one(args: argparse.Namespace) -> dict:
     from videobooth_core.models.config import MapperConfig, UNetConfig
     from videobooth_core.models.mapper import Mapper
     from videobooth_core.models.unet_3d import UNet3DModel
+    from videobooth_core.sampling.memory import available_memory_bytes
+    from videobooth_core.training.config import TrainConfig
     from videobooth_core.training.loop import set_trainable
+    from videobooth_core.training.memory import added_bytes, estimate_training_memory
     from videobooth_core.training.model import TrainBatch, TrainingModule, init_projections
 
     device = torch.device(args.device)
@@ -64,6 +73,20 @@ def one(args: argparse.Namespace) -> dict:
                        null_states=torch.randn(b, 77, text_width, device=device),
                        noisy=torch.randn(latent, device=device), timesteps=torch.full((b,), 500, device=device),
                        noise=torch.randn(latent, device=device), exemplar=torch.randn(latent, device=device))
+    config = TrainConfig(stage=2, data="", models="", out="", batch_size=b, frames=f, size=args.size,
+                         gradient_checkpointing=args.checkpointing,
+                         mixed_precision="bf16" if args.precision == "bf16" else "no")
+    started = time.perf_counter()
+    estimate = estimate_training_memory(config, {"unet": unet, "vae": torch.nn.Identity(), "text": text,
+                                                 "vision": torch.nn.Identity(), "mapper": mapper}, params, device)
+    row = {"batch": b, "checkpointing": args.checkpointing, "precision": args.precision, "device": args.device,
+           "frames": f, "size": args.size, "estimated_peak_gib": round(estimate.total_bytes / 2**30, 2),
+           "estimated_activations_gib": round(estimate.activations_bytes / 2**30, 2),
+           "estimate_seconds": round(time.perf_counter() - started, 1)}
+    free, needed = available_memory_bytes(device), added_bytes(estimate, params)
+    if free is not None and needed > free:  # the trainer's own check: the step would add more than is free
+        row.update(skipped=f"the step adds an estimated {needed / 2**30:.2f} GiB, free {free / 2**30:.2f} GiB")
+        return row
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = []
     for _ in range(args.steps):
@@ -81,9 +104,9 @@ def one(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"batch": b, "checkpointing": args.checkpointing, "precision": args.precision, "device": args.device,
-            "frames": f, "size": args.size, "seconds_per_step": min(times[1:] or times),
-            "peak_gib": round(peak, 2), "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS"}
+    row.update(seconds_per_step=round(min(times[1:] or times), 2), peak_gib=round(peak, 2),
+               peak_kind="cuda allocated" if device.type == "cuda" else "process RSS")
+    return row
 
 
 def main() -> None:
@@ -94,6 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration (the fastest after the first)")
     parser.add_argument("--tiny", action="store_true", help="tiny model sizes (a smoke run)")
     parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--budget-s", type=float, default=0, help="stop starting configurations after this many "
+                                                                  "seconds (0: no limit); a running one is cut there")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -103,12 +128,22 @@ def main() -> None:
         print("RESULT " + json.dumps(one(args)), flush=True)
         return
     rows = []
-    for batch, checkpointing, precision in itertools.product(
-            [int(b) for b in args.batches.split(",")], (False, True), ("fp32", "bf16")):
+    started = time.perf_counter()
+    for batch, precision, checkpointing in itertools.product(
+            [int(b) for b in args.batches.split(",")], ("fp32", "bf16"), (False, True)):
+        left = args.budget_s - (time.perf_counter() - started) if args.budget_s else None
+        if left is not None and left < 30:
+            rows.append({"batch": batch, "checkpointing": checkpointing, "precision": precision,
+                         "skipped": "out of --budget-s"})
+            print("RESULT " + json.dumps(rows[-1]), flush=True)
+            continue
         command = [sys.executable, __file__, "--one", "--device", args.device, "--frames", str(args.frames),
                    "--size", str(args.size), "--steps", str(args.steps), "--batch", str(batch),
                    "--precision", precision] + ["--tiny"] * args.tiny + ["--checkpointing"] * checkpointing
-        done = subprocess.run(command, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(command, -9, "", f"timed out after {left:.0f} s (--budget-s)")
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else {
             "batch": batch, "checkpointing": checkpointing, "precision": precision,

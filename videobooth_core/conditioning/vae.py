@@ -315,7 +315,8 @@ def load_vae(
     return model
 
 
-def _vae_scaling_factor(vae: diffusers.AutoencoderKL, scaling_factor: float | None) -> float:
+def vae_scaling_factor(vae: diffusers.AutoencoderKL, scaling_factor: float | None) -> float:
+    """``scaling_factor`` if given, else the VAE config's, else SD 1.x's 0.18215."""
     if scaling_factor is not None:
         return float(scaling_factor)
     return float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALING_FACTOR)
@@ -360,7 +361,7 @@ def vae_encode(
             noise_device = generator.device if generator is not None else torch.device("cpu")
             noise = torch.randn(dist.mean.shape, generator=generator, device=noise_device, dtype=dist.mean.dtype)
             latents = dist.mean + dist.std * noise.to(dist.mean.device)
-    return latents * _vae_scaling_factor(vae, scaling_factor)
+    return latents * vae_scaling_factor(vae, scaling_factor)
 
 
 def vae_decode(
@@ -388,7 +389,7 @@ def vae_decode(
     if chunk_size < 1:
         raise VideoBoothError(f"vae_decode chunk_size must be >= 1, got {chunk_size}.")
     param = next(vae.parameters())
-    scaled = latents.to(device=param.device, dtype=param.dtype) / _vae_scaling_factor(vae, scaling_factor)
+    scaled = latents.to(device=param.device, dtype=param.dtype) / vae_scaling_factor(vae, scaling_factor)
     out = None
     with torch.no_grad():
         for start in range(0, scaled.shape[0], chunk_size):

@@ -6,7 +6,9 @@ A sample (a dict) holds:
   the official reader's frames: a 64-frame window at a random start, 16 indices evenly spaced (``sample_window``),
   random horizontal flip (p 0.5, ``flip=False`` turns it off), center crop on the short side, bilinear resize
   (align_corners False, no antialias), (x - 0.5) / 0.5;
-* ``frame_indices``: (16,) int64; ``box``: (4,) float32 detector box (x1, y1, x2, y2) of the chosen subject;
+* ``frame_indices``: (16,) int64; ``flip``: bool, whether the clip was flipped; ``box``: (4,) float32 detector box
+  (x1, y1, x2, y2) of the chosen subject; with ``read_clip=False`` the same draws are made but only frame 0 is
+  decoded and ``video`` is None (the trainer's ``--cache`` holds the clip's VAE posteriors);
 * ``image_prompt_clip``: (3, 224, 224) float32, CLIP-normalised, and ``image_prompt_vae``: (3, 256, 256) float32 in
   [-1, 1]: ``prepare_image_prompt`` (the inference preprocessing itself) on frame 0 of the WHOLE video, its mask
   and its box; ``image_prompt_clip_augmented``: the official training augmentation of the CLIP input (h-flip 0.5,
@@ -114,13 +116,17 @@ class VideoBoothDataset(torch.utils.data.Dataset):
     """Training samples (see the module docstring) from a list of ``Record`` s. ``stage`` 1 or 2."""
 
     def __init__(self, records: Sequence[Record], stage: int = 1, flip: bool = True, seed: Optional[int] = None,
-                 clip_frames: int = CLIP_FRAMES, window: int = WINDOW, size: int = SIZE) -> None:
+                 clip_frames: int = CLIP_FRAMES, window: int = WINDOW, size: int = SIZE,
+                 read_clip: bool = True) -> None:
         if stage not in (1, 2):
             raise DatasetError(f"stage must be 1 (coarse) or 2 (fine); got {stage!r}")
         if not records:
             raise DatasetError("the dataset has no usable video; check its folder with `dataset check`")
         self.records, self.stage, self.flip, self.seed = list(records), stage, flip, seed
         self.clip_frames, self.window, self.size = clip_frames, window, size
+        # False: the same sample (same random draws) without decoding the clip: ``video`` is None and the trainer
+        # takes the frames' VAE posteriors from its cache by ``frame_indices`` and ``flip``
+        self.read_clip = read_clip
 
     def __len__(self) -> int:
         return len(self.records)
@@ -142,14 +148,16 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         mask = load_mask(record.mask_dir / f"mask_{item['value']}.png")
         total = record.frames if record.frames is not None else video_info(record.video).frames
         indices = sample_window(total, rng, self.clip_frames, self.window)
-        frames = read_frames(record.video, [0] + indices)  # the image prompt comes from frame 0 of the whole video
+        # the image prompt comes from frame 0 of the whole video
+        frames = read_frames(record.video, [0] + indices if self.read_clip else [0])
         first, clip = frames[0], frames[1:]
         box = [float(v) for v in item["box"]]
         prompt = prepare_image_prompt(first, mask, box)
         flip = self.flip and rng.random() < 0.5
         sample: dict[str, Any] = {
             "id": record.id,
-            "video": video_transform(clip, flip, self.size),
+            "video": video_transform(clip, flip, self.size) if self.read_clip else None,
+            "flip": flip,
             "frame_indices": torch.tensor(indices, dtype=torch.long),
             "box": torch.tensor(box, dtype=torch.float32),
             "image_prompt_clip": prompt.clip_pixels[0],

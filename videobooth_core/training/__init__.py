@@ -5,6 +5,8 @@
   inference model code (``UNet3DModel.capture_image_prompt_features`` / ``forward``, ``encode_text``);
 * :mod:`.loop` - the loop on ``accelerate`` (one CPU, one GPU, DDP under ``torchrun``/``accelerate launch``),
   EMA, atomic checkpoints and resume, metrics, the exported mapper;
+* :mod:`.cache` - ``--cache``: the clips' VAE posterior parameters, encoded once, sampled per step (exact);
+* :mod:`.memory` - the memory check before training (a dry run of the step on storage-free twins);
 * :mod:`.cli` - the ``train`` command.
 
 Importing this package does no heavy work (``accelerate`` is imported when training starts).

@@ -6,13 +6,16 @@ import argparse
 import os
 from typing import Any
 
-from .config import FIELDS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config, read_config_file
+from .config import DTYPES, FIELDS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config, read_config_file
 
 TRAIN_EXAMPLES = """examples:
   # stage 1 (coarse), then stage 2 (fine) from its result - the official recipe (AdamW 1e-4, clip 0.1, EMA ...)
   python -m videobooth_core train --stage 1 --data my_dataset --models models --out runs/stage1
   python -m videobooth_core train --stage 2 --data my_dataset --models models --out runs/stage2 \\
       --mapper runs/stage1/videobooth_mapper.safetensors
+
+  # encode the clips' frames once (VAE posteriors, shared by both stages): later steps skip the VAE on the clips
+  python -m videobooth_core train --stage 1 --data my_dataset --models models --out runs/stage1 --cache runs/cache
 
   # settings from a file (YAML or TOML, keys = the flags' names), flags override it; continue a stopped run
   python -m videobooth_core train --config stage2.yaml --resume latest
@@ -36,6 +39,7 @@ _BOOLEAN_FLAGS = {
     "overfit": ("--overfit", True, "repeat the first epoch exactly (a memorisation check, not for real training)"),
     "cpu": ("--cpu", True, "train on the CPU even when a GPU is present"),
     "progress": ("--no-progress", False, "no progress bar"),
+    "memory_check": ("--no-memory-check", False, "skip the memory estimate before training"),
     "tensorboard": ("--no-tensorboard", False, "no TensorBoard scalars"),
 }
 
@@ -68,6 +72,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         tr.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {shown})")
     tr.add_argument("--timestep-grid", type=int, choices=TIMESTEP_GRIDS, help="(default: 250, official)")
     tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="(default: no = fp32, official)")
+    tr.add_argument("--dtype", choices=DTYPES, help="(default: float32, official; float64 = a checking precision "
+                                                    "for exactness tests, not for training)")
+    tr.add_argument("--cache", help="folder of cached encoder outputs (VAE posteriors of every frame, token ids), "
+                                    "built on first use and shared by runs: later steps skip the VAE on the clips; "
+                                    "the loss is unchanged (the image prompt's random augmentations stay live)")
     for name, (flag, value, text) in _BOOLEAN_FLAGS.items():
         tr.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
 

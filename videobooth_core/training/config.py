@@ -21,6 +21,7 @@ class TrainingError(VideoBoothError):
 
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+DTYPES = ("float32", "float64")
 TIMESTEP_GRIDS = (250, 1000)
 
 
@@ -80,6 +81,19 @@ class TrainConfig:
     """*official* TF32 matmuls on NVIDIA GPUs."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's blocks in the backward pass (less memory, ~30 % slower; *official* off)."""
+    dtype: str = "float32"
+    """Weights and arithmetic: ``float32`` (*official*) or ``float64``, a *checking* precision (about 2x slower on
+    the CPU, unsupported on most GPUs' fast paths) in which kernel rounding no longer hides behind the tiny test
+    models' ill-conditioned backward pass; for exactness tests, never for real training."""
+    cache: str | None = None
+    """A folder of cached encoder outputs (built on first use, shared by runs and stages): the VAE posterior
+    parameters of every frame of every clip (both flips) and of the mid-grey exemplar, and the token ids, so later
+    steps decode only frame 0 and skip the VAE on the clip. The image prompt's augmentations are random per step
+    (official), so its CLIP features and VAE latent stay live. The loss equals the uncached one (the posterior is
+    still sampled per step from the same generator)."""
+    memory_check: bool = True
+    """Estimate the training peak (weights, optimizer state, EMA, a dry run of the step on storage-free twins)
+    before training and stop when the device has less free memory."""
     checkpoint_every: int = 1000
     """*official* checkpoint interval in steps."""
     keep_checkpoints: int = 3
@@ -143,6 +157,12 @@ class TrainConfig:
         if self.timestep_grid not in TIMESTEP_GRIDS:
             raise TrainingError(explain("timestep_grid must be 250 (official) or 1000", self.timestep_grid,
                                         "use --timestep-grid 250"))
+        if self.dtype not in DTYPES:
+            raise TrainingError(explain("unknown training dtype", self.dtype,
+                                        "use float32 (official); float64 only to check exactness"))
+        if self.dtype == "float64" and self.mixed_precision != "no":
+            raise TrainingError(explain("float64 is a checking precision; it cannot be mixed with",
+                                        self.mixed_precision, "use --mixed-precision no with --dtype float64"))
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise TrainingError(explain("unknown mixed precision", self.mixed_precision,
                                         f"choose one of {', '.join(MIXED_PRECISIONS)}"))
@@ -162,7 +182,7 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 OFFICIAL = ("reinit_projections", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
             "reg_weight", "cond_dropout", "timestep_grid", "ema_decay", "seed", "frames", "size", "window", "flip",
-            "mixed_precision", "tf32", "gradient_checkpointing", "checkpoint_every")
+            "mixed_precision", "dtype", "tf32", "gradient_checkpointing", "checkpoint_every")
 """Fields whose defaults are the official recipe's values (the README's table)."""
 
 

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,13 +30,16 @@ from ..files import atomic_path, is_temporary
 from ..models.config import MapperConfig
 from ..models.mapper import Mapper
 from .config import TrainConfig, TrainingError
-from .model import ORDER_PURPOSE, BatchMaker, TrainingModule, init_projections, sample_seed, trainable_names
+from .model import (ORDER_PURPOSE, BatchMaker, TrainingModule, compute_dtype, init_projections, sample_seed,
+                    trainable_names)
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "videobooth-training-checkpoint"
 CHECKPOINT_VERSION = 1
 RESULT_NAME = "videobooth_mapper.safetensors"
+KILL_AFTER_CHECKPOINT_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGKILL_AFTER_CHECKPOINT"
+"""Tests only: a step number; right after that step's checkpoint is written the process SIGKILLs itself."""
 
 
 class NumberedSamples(torch.utils.data.Dataset):
@@ -93,13 +98,14 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
 
     # the models folder's own mapper is never used: the trained one comes from --mapper or is new
     files = ModelFiles.from_models_dir(config.models, mapper=config.mapper or config.models)
-    unet = load_unet(files.unet, device=device).eval().requires_grad_(False)
-    vae = load_vae(files.vae, dtype=torch.float32, device=device).eval().requires_grad_(False)
-    text = load_clip_text_encoder(files.clip_text, dtype=torch.float32, device=device).eval().requires_grad_(False)
-    vision = load_clip_vision_encoder(files.clip_vision, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    dtype = compute_dtype(config)
+    unet = load_unet(files.unet, device=device).to(dtype).eval().requires_grad_(False)
+    vae = load_vae(files.vae, dtype=dtype, device=device).eval().requires_grad_(False)
+    text = load_clip_text_encoder(files.clip_text, dtype=dtype, device=device).eval().requires_grad_(False)
+    vision = load_clip_vision_encoder(files.clip_vision, dtype=dtype, device=device).eval().requires_grad_(False)
     tokenizer = load_clip_tokenizer(files.tokenizer)
     if config.mapper is not None:
-        mapper = load_mapper(config.mapper, device=device)
+        mapper = load_mapper(config.mapper, device=device).to(dtype)
     else:
         sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
         width = vision.config.hidden_size
@@ -107,14 +113,15 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
                                      site_channels=sites)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            mapper = Mapper(mapper_config).to(device)
+            mapper = Mapper(mapper_config).to(device, dtype)
     if config.reinit_projections:
         init_projections(unet, mapper, config.stage)
     unet.attach_projections(mapper.site_projections(), unet_name=Path(files.unet).name,
                             mapper_name=Path(config.mapper).name if config.mapper else "the new mapper")
     if config.gradient_checkpointing:
         unet.gradient_checkpointing = True
-    return {"unet": unet, "mapper": mapper, "vae": vae, "text": text, "vision": vision, "tokenizer": tokenizer}
+    return {"unet": unet, "mapper": mapper, "vae": vae, "text": text, "vision": vision, "tokenizer": tokenizer,
+            "vae_file": files.vae}
 
 
 def set_trainable(mapper: Mapper, stage: int) -> list[torch.nn.Parameter]:
@@ -348,10 +355,28 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     models = models if models is not None else load_training_models(config, device)
     mapper, unet = models["mapper"], models["unet"]
     params = set_trainable(mapper, config.stage)
+    # with a cache the reader makes the same draws but decodes only frame 0 (the clip's VAE posteriors are cached)
     dataset = OurDataset(config.data, stage=config.stage, flip=config.flip, seed=None, clip_frames=config.frames,
-                         window=config.window, size=config.size)
-    batch_maker = BatchMaker(config, models["vae"], models["vision"], models["text"], models["tokenizer"], device)
+                         window=config.window, size=config.size, read_clip=config.cache is None)
+    cache = None
+    if config.cache is not None:
+        from .cache import EncoderCache
+
+        cache = EncoderCache(config.cache, config.size, config.frames, models.get("vae_file", "unknown"))
+        cache.check_index()
+    batch_maker = BatchMaker(config, models["vae"], models["vision"], models["text"], models["tokenizer"], device,
+                             cache=cache)
     check_dataset_entries(config, dataset, batch_maker)
+    if config.memory_check:
+        from .memory import check_training_memory
+
+        check_training_memory(config, models, params, device)
+    if cache is not None:
+        if accelerator.is_main_process:
+            built = cache.build(dataset.records, models["vae"], config.flip)
+            if built:
+                logger.info("encoded %d clips into the cache %s", built, config.cache)
+        accelerator.wait_for_everyone()
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
@@ -384,8 +409,9 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     module, optimizer = accelerator.prepare(module, optimizer)
     numbers = RankNumbers(start_step, config.steps, config.grad_accum, accelerator.num_processes,
                           accelerator.process_index, config.batch_size)
-    loader = torch.utils.data.DataLoader(NumberedSamples(dataset, config.seed, config.overfit), batch_size=config.batch_size,
-                                         sampler=numbers, collate_fn=_collate, num_workers=config.num_workers)
+    samples = NumberedSamples(dataset, config.seed, config.overfit)
+    loader = torch.utils.data.DataLoader(samples, batch_size=config.batch_size, sampler=numbers, collate_fn=_collate,
+                                         num_workers=config.num_workers)
     main = accelerator.is_main_process
     metrics = Metrics(config, start_step, main)
 
@@ -412,19 +438,27 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         bar = tqdm(total=config.steps, initial=start_step, desc=f"VideoBooth stage {config.stage}", unit="step",
                    file=sys.stderr)
     step = start_step
-    batches = iter(loader)
+    # overfit: no loader iterator (its workers would read ahead what the repeated batches never need)
+    batches, numbers_left = (None if config.overfit else iter(loader)), iter(numbers)
     repeated: dict[tuple[int, ...], Any] = {}
+
+    def next_batch() -> Any:
+        if config.overfit:  # the first epoch again and again: each batch read and encoded once
+            key = tuple(next(numbers_left) % len(dataset) for _ in range(config.batch_size))
+            if key not in repeated:
+                repeated[key] = batch_maker([samples[n][1] for n in key], list(key))
+            return repeated[key]
+        items = next(batches)
+        return batch_maker([sample for _, sample in items], [number for number, _ in items])
+
+    kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
     started = time.perf_counter()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
             parts = torch.zeros(2, device=device)
             for micro in range(config.grad_accum):
-                items = next(batches)
-                key = tuple(number for number, _ in items)
-                batch = repeated.get(key) or batch_maker([sample for _, sample in items], list(key))
-                if config.overfit:  # the same numbers give the same batch: encode each once
-                    repeated[key] = batch
+                batch = next_batch()
                 sync = micro == config.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(module):
                     loss, mse, reg = module(batch)
@@ -452,6 +486,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                              "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed})
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
+                if step == kill_after:  # tests: die as a SIGKILL does, nothing flushed or cleaned up
+                    os.kill(os.getpid(), signal.SIGKILL)
             if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
                 if main:
                     write_validation_videos(config, models, ema.module, mapper, dataset, step)

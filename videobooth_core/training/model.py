@@ -30,7 +30,7 @@ from torch import nn
 
 from ..conditioning.clip import clip_vision_features
 from ..conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
-from ..conditioning.vae import vae_encode
+from ..conditioning.vae import vae_scaling_factor, vae_encode
 from ..errors import PromptError, explain
 from ..models.config import mapper_stem_from_site_prefix
 from ..models.mapper import Mapper
@@ -123,8 +123,9 @@ class TrainingModule(nn.Module):
             features = unet.capture_image_prompt_features(batch.exemplar.to(dtype), batch.timesteps,
                                                           batch.null_states.to(dtype))
         prediction = unet(batch.noisy.to(dtype), batch.timesteps, states.to(dtype), image_prompt_features=features)
-        mse = F.mse_loss(prediction.float(), batch.noise.float())
-        reg = injected.float().abs().mean()
+        loss_dtype = torch.promote_types(dtype, torch.float32)  # float32 under bf16 weights, float64 when checking
+        mse = F.mse_loss(prediction.to(loss_dtype), batch.noise.to(loss_dtype))
+        reg = injected.to(loss_dtype).abs().mean()
         return mse + self.reg_weight * reg, mse.detach(), reg.detach()
 
 
@@ -136,55 +137,95 @@ def sample_seed(seed: int, sample_number: int, purpose: int) -> int:
 NOISE_PURPOSE, DATA_PURPOSE, ORDER_PURPOSE = 1, 2, 3
 
 
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The weights' and inputs' dtype of a run (``--dtype``)."""
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
 class BatchMaker:
-    """Runs the frozen encoders and draws the noise for a list of dataset samples (see :class:`TrainBatch`)."""
+    """Runs the frozen encoders and draws the noise for a list of dataset samples (see :class:`TrainBatch`).
+
+    ``cache`` (an :class:`.cache.EncoderCache`): samples read without their clip (``video`` None) take the
+    frames' VAE posterior parameters from it and sample them with the same generator draws as ``vae_encode``.
+    """
 
     def __init__(self, config: TrainConfig, vae: Any, vision_encoder: Any, text_encoder: Any, tokenizer: Any,
-                 device: torch.device) -> None:
+                 device: torch.device, cache: Any = None) -> None:
         self.config, self.vae, self.vision, self.tokenizer, self.device = config, vae, vision_encoder, tokenizer, device
+        self.cache, self.dtype = cache, compute_dtype(config)
         self.schedule = RespacedDDPM(config.timestep_grid)
+        self._ids: dict[tuple[str, str], tuple[torch.Tensor, tuple[int, ...]]] = {}
+        self._grey: tuple[torch.Tensor, torch.Tensor] | None = None
         with torch.no_grad():
-            self.null_states = encode_text(text_encoder, tokenize(tokenizer, NULL_PROMPT)).last_hidden_state.float()
+            null = encode_text(text_encoder, tokenize(tokenizer, NULL_PROMPT)).last_hidden_state
+        self.null_states = null.to(self.dtype)
 
     def subject_ids(self, caption: str, word: str, ident: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """Token ids of ``caption`` with ``word`` replaced by the placeholder (the inference splice)."""
-        try:
-            subject = prepare_subject_prompt(self.tokenizer, caption, word)
-        except PromptError as error:
-            raise TrainingError(f"dataset entry {ident!r}: {error}; fix its caption or word in entry.json (or "
-                                "rebuild it with `dataset build`)") from None
-        return subject.input_ids, subject.placeholder_ids
+        """Token ids of ``caption`` with ``word`` replaced by the placeholder (the inference splice), once per
+        (caption, word)."""
+        key = (caption, word)
+        if key not in self._ids:
+            try:
+                subject = prepare_subject_prompt(self.tokenizer, caption, word)
+            except PromptError as error:
+                raise TrainingError(f"dataset entry {ident!r}: {error}; fix its caption or word in entry.json (or "
+                                    "rebuild it with `dataset build`)") from None
+            self._ids[key] = (subject.input_ids, subject.placeholder_ids)
+        return self._ids[key]
+
+    def _sample_posterior(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``vae_encode``'s sampling of posterior parameters: the same draws, the same arithmetic."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        mean, std = mean.to(self.device), std.to(self.device)
+        return (mean + std * noise.to(self.device)) * vae_scaling_factor(self.vae, None)
+
+    def _grey_posterior(self, frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters of ``frames`` mid-grey images (the dropped exemplar), encoded once per run."""
+        if self._grey is None or self._grey[0].shape[0] != frames:
+            param = next(self.vae.parameters())
+            grey = torch.zeros((frames, 3, height, width), device=param.device, dtype=param.dtype)
+            dist = self.vae.encode(grey).latent_dist
+            self._grey = (dist.mean, dist.std)
+        return self._grey
 
     @torch.no_grad()
     def __call__(self, samples: Sequence[dict[str, Any]], sample_numbers: Sequence[int]) -> TrainBatch:
-        cfg, device = self.config, self.device
+        cfg, device, dtype = self.config, self.device, self.dtype
         ids, placeholder = zip(*(self.subject_ids(s["caption"], s["word"], s["id"]) for s in samples))
         clip_pixels = torch.stack([s["image_prompt_clip_augmented"] for s in samples]).to(device)
-        features = [f.float() for f in clip_vision_features(self.vision, clip_pixels)]
+        features = [f.to(dtype) for f in clip_vision_features(self.vision, clip_pixels)]
         keep, noisy, timesteps, noise, exemplars = [], [], [], [], []
         for sample, number in zip(samples, sample_numbers):
             generator = torch.Generator().manual_seed(sample_seed(cfg.seed, number, NOISE_PURPOSE))
             index = int(torch.randint(0, self.schedule.num_steps, (1,), generator=generator))
             dropped = bool(torch.rand((1,), generator=generator) < cfg.dropout)
             alpha_cumprod = float(self.schedule.alphas_cumprod[index])
-            video = sample["video"].to(device)  # (3, f, H, W)
-            latent = vae_encode(self.vae, video.permute(1, 0, 2, 3), generator=generator).float()  # (f, 4, h, w)
-            latent = latent.permute(1, 0, 2, 3)  # (4, f, h, w)
-            eps = torch.randn(latent.shape, generator=generator).to(device)
+            if sample["video"] is None:  # cached: the frames' posterior parameters, sampled here
+                if self.cache is None:
+                    raise TrainingError("a sample without its clip needs the encoder cache (--cache)")
+                mean, std = self.cache.posterior(sample["id"], sample["frame_indices"], bool(sample["flip"]))
+                latent = self._sample_posterior(mean.to(dtype), std.to(dtype), generator)  # (f, 4, h, w)
+                height = width = cfg.size
+            else:
+                video = sample["video"].to(device)  # (3, f, H, W)
+                latent = vae_encode(self.vae, video.permute(1, 0, 2, 3), generator=generator)  # (f, 4, h, w)
+                height, width = video.shape[-2], video.shape[-1]
+            latent = latent.to(dtype).permute(1, 0, 2, 3)  # (4, f, h, w)
+            eps = torch.randn(latent.shape, generator=generator).to(device, dtype)
             noisy.append(q_sample(latent, eps, alpha_cumprod))
             noise.append(eps)
             timesteps.append(self.schedule.timestep_map[index])
             keep.append(not dropped)
             if cfg.stage == 2:
-                frames, height, width = latent.shape[1], video.shape[-2], video.shape[-1]
+                frames = latent.shape[1]
                 if dropped:  # the official "unconditional" exemplar: a mid-grey image, each frame its own sample
-                    grey = torch.zeros((frames, 3, height, width), device=device)
-                    clean = vae_encode(self.vae, grey, generator=generator).float().permute(1, 0, 2, 3)
+                    clean = self._sample_posterior(*self._grey_posterior(frames, height, width), generator)
+                    clean = clean.to(dtype).permute(1, 0, 2, 3)
                 else:
                     prompt = sample["image_prompt_vae_augmented"][None].to(device)
-                    one = vae_encode(self.vae, prompt, generator=generator).float()[:, :, None]  # (1, 4, 1, h', w')
+                    one = vae_encode(self.vae, prompt, generator=generator).to(dtype)[:, :, None]  # (1, 4, 1, h', w')
                     clean = fit_exemplar(one, height, width)[0].expand(-1, frames, -1, -1)
-                exemplar_noise = torch.randn(clean.shape, generator=generator).to(device)
+                exemplar_noise = torch.randn(clean.shape, generator=generator).to(device, dtype)
                 exemplars.append(q_sample(clean, exemplar_noise, alpha_cumprod))
         batch = len(samples)
         return TrainBatch(
@@ -200,5 +241,5 @@ class BatchMaker:
         )
 
 
-__all__ = ["BatchMaker", "TrainBatch", "TrainingModule", "init_projections",
+__all__ = ["BatchMaker", "TrainBatch", "TrainingModule", "compute_dtype", "init_projections",
            "sample_seed", "trainable_names"]
