@@ -2,6 +2,21 @@
 
     python benchmarks/bench_step.py --frames 16 --latent 32 --dtype fp32 --threads 2 --mode exact
 
+Back to back (what a speed claim needs on a shared machine): a reference and a candidate measured in one run,
+alternating over several rounds (ABBA order), each measurement in a fresh child process (peak memory is the
+process's ``ru_maxrss``, so it can only be measured once per process):
+
+    python benchmarks/bench_step.py --reference official-order --candidate exact --rounds 3
+    python benchmarks/bench_step.py --reference official-order --candidate exact --candidate exact:bf16 --rounds 2
+    python benchmarks/bench_step.py --reference exact --candidate exact:dedup --rounds 3
+
+A SPEC is a mode followed by ``:``-separated options in any order: a dtype (fp32 | fp16 | bf16), an attention
+backend (sdpa | math | dedup; default: math for official-order, else sdpa) and ``stream`` (--stream-weights),
+e.g. ``exact:bf16:stream``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at
+--threads, best of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median
+time and peak-memory ratios (candidate / reference, per round) with their range over the rounds and the load average
+before every measurement. Ends with one line: RESULT {json}.
+
 Modes:
     exact           the default path: uncond + image-prompt passes batched, SDPA attention
     official-order  the official call order: image-prompt, conditional and unconditional passes as three
@@ -24,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -37,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from videobooth_core.loading.checkpoint import parse_dtype  # noqa: E402
+from videobooth_core.models.attention import ATTENTION_BACKENDS  # noqa: E402
 from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.models.mapper import Mapper  # noqa: E402
 from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
@@ -45,6 +62,7 @@ from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
 
 MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 DEFAULT_WEIGHTS_FILE = Path(tempfile.gettempdir()) / "videobooth_bench_unet_fp32.safetensors"
@@ -97,8 +115,173 @@ def count_step_flops(denoiser: VideoDenoiser, shape: tuple[int, ...], image_prom
     twin = meta_denoiser(denoiser)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        twin.predict(torch.empty(shape, device=meta), 500, torch.empty(shape, device=meta) if image_prompt else None)
+        streams = (shape[0] * denoiser.image_prompt_streams, *shape[1:])  # one image-prompt stream per subject
+        twin.predict(torch.empty(shape, device=meta), 500, torch.empty(streams, device=meta) if image_prompt else None)
     return float(counter.get_total_flops())
+
+
+ATTENTION_KERNELS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+                     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+                     "aten::_flash_attention_forward", "aten::_efficient_attention_forward")
+
+
+def profile_step(step) -> dict:
+    """One step under torch.profiler: each operator family's share of the operators' total self time.
+
+    Attention is the fused SDPA kernels; with the ``math`` backend its score matmuls and softmax are counted
+    under ``aten::bmm``/``aten::_softmax`` with the other matmuls (compare the ``softmax`` share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or getattr(e, "self_device_time_total", 0) > 0]
+    use_device = torch.cuda.is_available()
+
+    def self_time(event) -> float:
+        return float(event.self_device_time_total if use_device else event.self_cpu_time_total)
+
+    total = sum(self_time(e) for e in events)
+    families = {
+        "attention": lambda name: name in ATTENTION_KERNELS,
+        "softmax": lambda name: "softmax" in name,
+        "convolution": lambda name: "convolution" in name or "conv2d" in name or "mkldnn_conv" in name,
+        "linear/matmul": lambda name: name in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
+                                               "aten::matmul", "aten::linear"),
+        "norm": lambda name: "norm" in name,
+        "copy": lambda name: name in ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::index"),
+    }
+    shares = {family: round(sum(self_time(e) for e in events if match(e.key)) / total, 4)
+              for family, match in families.items()}
+    for event in sorted(events, key=self_time, reverse=True)[:12]:
+        print(f"profile: {event.key:60s} {self_time(event) / 1e6:8.2f} s  {self_time(event) / total:6.1%}",
+              file=sys.stderr)
+    return {"profiled_seconds": round(total / 1e6, 3), "share": shares}
+
+
+def parse_spec(spec: str) -> dict:
+    """``"exact:bf16:stream"`` → {"mode": "exact", "dtype": "bf16", "attention": None, "stream": True}."""
+    mode, *options = spec.split(":")
+    if mode not in MODES:
+        raise SystemExit(f"bench_step: unknown mode {mode!r} in {spec!r}; choose one of {MODES}")
+    parsed = {"spec": spec, "mode": mode, "dtype": "fp32", "attention": None, "stream": False}
+    for option in options:
+        if option in DTYPE_NAMES:
+            parsed["dtype"] = option
+        elif option in ATTENTION_BACKENDS:
+            parsed["attention"] = option
+        elif option == "stream":
+            parsed["stream"] = True
+        else:
+            raise SystemExit(f"bench_step: unknown option {option!r} in {spec!r}; use a dtype {DTYPE_NAMES}, "
+                             f"an attention backend {ATTENTION_BACKENDS} or 'stream'")
+    return parsed
+
+
+def gemm_peak_tflops(dtype: torch.dtype, device: str, threads: int, size: int = 2048) -> float:
+    """Best of 3 of one square matmul: this machine's achievable GEMM rate now (TFLOP/s)."""
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        size = 8192
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for _ in range(4):  # the first is a warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times[1:]) / 1e12
+
+
+def measure_in_child(spec: dict, args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its own peak RSS); returns the child's RESULT."""
+    command = [sys.executable, __file__, "--mode", spec["mode"], "--dtype", spec["dtype"],
+               "--frames", str(args.frames), "--latent", str(args.latent), "--threads", str(args.threads),
+               "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--weights-file", str(args.weights_file)]
+    if spec["attention"]:
+        command += ["--attention", spec["attention"]]
+    if spec["stream"]:
+        command.append("--stream-weights")
+    if args.default_allocator:
+        command.append("--default-allocator")
+    loadavg = os.getloadavg()
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise SystemExit(f"bench_step: no RESULT from {' '.join(command)}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["loadavg_before"] = [round(x, 2) for x in loadavg]
+    return result
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "all": [round(v, 3) for v in values]}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Reference and candidates back to back: each round measures all of them, in alternating order (ABBA)."""
+    reference = parse_spec(args.reference)
+    candidates = [parse_spec(spec) for spec in args.candidate]
+    specs = [reference, *candidates]
+    loadavg_start = os.getloadavg()
+    peaks = {}
+    for name in ("fp32", "bf16", *(spec["dtype"] for spec in specs)):
+        if name not in peaks:
+            peaks[name] = gemm_peak_tflops(parse_dtype(name), args.device, args.threads)
+    print(f"GEMM peak at {args.threads} threads: " + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in peaks.items()),
+          file=sys.stderr, flush=True)
+    if any(spec["stream"] for spec in specs) and not args.weights_file.is_file():
+        subprocess.run([sys.executable, __file__, "--write-weights", str(args.weights_file)], check=True)
+    memory_key = "peak_gpu_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+    rounds: list[list[dict]] = []
+    for index in range(args.rounds):
+        order = list(range(len(specs))) if index % 2 == 0 else list(reversed(range(len(specs))))
+        measured: list[dict] = [{} for _ in specs]
+        for position in order:
+            spec = specs[position]
+            result = measure_in_child(spec, args)
+            result["fraction_of_gemm_peak"] = round(result["achieved_tflops"] / peaks[spec["dtype"]], 3)
+            measured[position] = result
+            print(f"round {index + 1} {spec['spec']}: {result['median_seconds']} s/step, {result[memory_key]} MB, "
+                  f"load {result['loadavg_before']}", file=sys.stderr, flush=True)
+        rounds.append(measured)
+
+    def column(position: int, key: str) -> list[float]:
+        return [measured[position][key] for measured in rounds]
+
+    paths = {}
+    for position, spec in enumerate(specs):
+        paths[spec["spec"]] = {
+            "seconds": _spread(column(position, "median_seconds")),
+            "memory_mb": _spread(column(position, memory_key)),
+            "fraction_of_gemm_peak": _spread(column(position, "fraction_of_gemm_peak")),
+            "achieved_tflops": _spread(column(position, "achieved_tflops")),
+            "tflop_per_step": rounds[0][position]["tflop_per_step"],
+        }
+        if position:
+            times = [m[position]["median_seconds"] / m[0]["median_seconds"] for m in rounds]
+            memory = [m[position][memory_key] / m[0][memory_key] for m in rounds]
+            paths[spec["spec"]].update(time_ratio=_spread(times), memory_ratio=_spread(memory))
+            t, mem = _spread(times), _spread(memory)
+            print(f"{spec['spec']} / {args.reference}: time x{t['median']} (range {t['min']}-{t['max']}), "
+                  f"peak memory x{mem['median']} (range {mem['min']}-{mem['max']}) over {args.rounds} rounds",
+                  file=sys.stderr)
+    summary = {
+        "reference": args.reference, "candidates": args.candidate, "rounds": args.rounds, "paths": paths,
+        "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()},
+        "loadavg_start": [round(x, 2) for x in loadavg_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "frames": args.frames, "latent": args.latent, "threads": args.threads, "device": args.device,
+        "repeats": args.repeats, "warmup": args.warmup, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "measurements": rounds,
+    }
+    print(f"load {summary['loadavg_start']} -> {summary['loadavg_end']}", file=sys.stderr)
+    print("RESULT " + json.dumps(summary))
 
 
 def main() -> None:
@@ -109,9 +292,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", default="exact", choices=MODES)
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS,
+                        help="attention backend (default: math for official-order, else sdpa)")
+    parser.add_argument("--reference", metavar="SPEC", help="back to back: the reference path, e.g. official-order")
+    parser.add_argument("--candidate", metavar="SPEC", action="append",
+                        help="back to back: a candidate path, e.g. exact:bf16 (repeat for several)")
+    parser.add_argument("--rounds", type=int, default=3, help="back to back: alternating rounds")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step (torch.profiler): attention's share of the step in RESULT, "
+                             "the top operators on stderr (its peak memory then includes the profiler's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--stream-weights", action="store_true", help="stream the UNet's weights from a file")
+    parser.add_argument("--subjects", type=int, default=1,
+                        help="image-prompt streams (several subjects, issue 17; 1 = the single image prompt)")
     parser.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS_FILE,
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
@@ -122,6 +316,11 @@ def main() -> None:
         tune_allocator()
     if args.write_weights:
         write_weights(args.write_weights)
+        return
+    if args.reference or args.candidate:
+        if not (args.reference and args.candidate):
+            parser.error("--reference and --candidate go together")
+        compare(args)
         return
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
@@ -134,11 +333,12 @@ def main() -> None:
     unet = build_models(dtype, args.device, args.weights_file if args.stream_weights else None)
     rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights_mb = resident_weight_bytes([unet, unet._mapper]) / 2**20  # streamed weights are not resident
-    unet.set_attention_backend("math" if args.mode == "official-order" else "sdpa")
+    attention = args.attention or ("math" if args.mode == "official-order" else "sdpa")
+    unet.set_attention_backend(attention)
     generator = torch.Generator().manual_seed(0)
     shape = (1, 4, args.frames, args.latent, args.latent)
     x_t = torch.randn(shape, generator=generator).to(args.device)
-    exemplar_clean = torch.randn((1, 4, 1, args.latent, args.latent), generator=generator).to(args.device)
+    exemplar_clean = torch.randn((args.subjects, 4, 1, args.latent, args.latent), generator=generator).to(args.device)
     text = torch.randn((2, 77, 768), generator=generator).to(args.device)
     schedule = RespacedDDPM(250)
     denoiser = VideoDenoiser(
@@ -146,6 +346,7 @@ def main() -> None:
         batch_passes=args.mode != "official-order",
         single_frame_image_prompt=args.mode == "single-frame",
         watermark_branch=args.mode != "no-watermark",
+        subject_strengths=(1.0,) * args.subjects if args.subjects > 1 else None,
     )
     index = 125
     estimate = estimate_step_memory(denoiser, shape, args.mode != "late-steps", args.device, [unet._mapper])
@@ -154,7 +355,8 @@ def main() -> None:
     def step() -> None:
         exemplar = None
         if args.mode != "late-steps":
-            noise = torch.randn((1, 4, args.frames, args.latent, args.latent), generator=generator).to(args.device)
+            noise = torch.randn((args.subjects, 4, args.frames, args.latent, args.latent),
+                                generator=generator).to(args.device)
             exemplar = schedule.add_noise(exemplar_clean.expand(-1, -1, args.frames, -1, -1), noise, index)
         eps, _, _ = denoiser.predict(x_t, schedule.timestep_map[index], exemplar)
         schedule.step(eps, x_t, index, torch.randn(shape, generator=generator).to(args.device))
@@ -171,17 +373,20 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        profile = profile_step(step) if args.profile else None
     result = {
-        "mode": args.mode, "dtype": args.dtype, "device": args.device, "threads": args.threads,
-        "frames": args.frames, "latent": [args.latent, args.latent], "video": [8 * args.latent, 8 * args.latent],
+        "mode": args.mode, "dtype": args.dtype, "attention": attention, "device": args.device, "threads": args.threads,
+        "subjects": args.subjects, "frames": args.frames, "latent": [args.latent, args.latent], "video": [8 * args.latent, 8 * args.latent],
         "median_seconds": round(statistics.median(times), 3), "all_seconds": [round(t, 3) for t in times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_after_building_models_mb": round(rss_after_build, 1), "weights_mb": round(weights_mb, 1),
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / 1e12 / statistics.median(times), 4),
         "stream_weights": args.stream_weights, "tuned_allocator": not args.default_allocator, **estimate.as_dict(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
+    if profile is not None:
+        result["profile"] = profile
     if args.stream_weights:
         result["weights_read_per_step_mb"] = round(unet.weight_streamer.bytes_read / (args.warmup + args.repeats) / 2**20, 1)
     if args.device.startswith("cuda"):

@@ -1,4 +1,5 @@
-"""Measuring videos in ComfyUI: the metric models, VideoBooth Score, and best of N (rank a sampler batch).
+"""Measuring videos in ComfyUI: the metric models, VideoBooth Score, VideoBooth Drift (likeness per frame), and
+best of N (rank a sampler batch).
 
 The metric models live in ComfyUI's ``models/clip_eval`` (a full CLIP folder) and ``models/dino`` (DINO ViT-S/16),
 registered here; a file picked in a sub-folder loads that whole transformers folder. Needs only transformers.
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from ..videobooth_core.evaluation.best_of import rank, split_videos
+from ..videobooth_core.evaluation.drift import METRIC_CHOICES, drift_with_plot
 from ..videobooth_core.evaluation.metrics import METRICS, RANK_CHOICES, Scorer
 from ..videobooth_core.evaluation.models import load_clip_for_metrics, load_dino_for_metrics
 from ..videobooth_core.settings import widget
@@ -150,10 +152,40 @@ class VideoBoothBestOfN:
         return (chosen, seeds[order[0]], ranking)
 
 
+class VideoBoothDrift:
+    DESCRIPTION = ("Drift: how like the image prompt each frame of a video is, frame by frame (DINO when loaded, else "
+                   "CLIP-I), as a plot and in figures (first, last, lowest frame, trend per 16 frames). Shows whether "
+                   "a long video loses its subject over time. The plot needs matplotlib.")
+    CATEGORY = "VideoBooth/evaluation"
+    FUNCTION = "drift"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("plot", "text")
+    OUTPUT_TOOLTIPS = ("The likeness curve (frame on x; the dot marks the lowest frame), for Preview Image.",
+                       "The figures in one line, then every frame's value.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "frames": ("IMAGE", {"tooltip": "The video's frames (one video, e.g. a long one from the sampler)."}),
+            "metric_models": _COMMON["metric_models"],
+            "image_prompt": _COMMON["image_prompt"],
+            "metric": (list(METRIC_CHOICES), {"default": "auto", "tooltip": (
+                "auto: DINO when loaded (subject fidelity, as the paper), else CLIP-I; or ask for one (its model must "
+                "be loaded in VideoBooth Metric Models).")}),
+        }, "optional": dict(_MASK)}
+
+    def drift(self, frames: torch.Tensor, metric_models: Scorer, image_prompt: torch.Tensor, metric: str,
+              mask: torch.Tensor | None = None) -> tuple:
+        drift, plot = drift_with_plot(metric_models, frames, _reference(image_prompt, mask), metric)
+        values = ", ".join(f"{v:.4f}" for v in drift.per_frame)
+        return (bridge.image_to_comfy(plot[None].float() / 255), f"{drift.summary()}\nper frame: {values}")
+
+
 NODE_CLASS_MAPPINGS = {"VideoBoothMetricModels": VideoBoothMetricModels, "VideoBoothScore": VideoBoothScore,
-                       "VideoBoothBestOfN": VideoBoothBestOfN}
+                       "VideoBoothBestOfN": VideoBoothBestOfN, "VideoBoothDrift": VideoBoothDrift}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VideoBoothMetricModels": "VideoBooth Metric Models (CLIP, DINO)",
     "VideoBoothScore": "VideoBooth Score",
     "VideoBoothBestOfN": "VideoBooth Best of N (rank a batch)",
+    "VideoBoothDrift": "VideoBooth Drift (likeness per frame)",
 }

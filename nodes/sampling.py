@@ -16,6 +16,8 @@ from ..videobooth_core.sampling.denoiser import GUIDANCE_RULES
 from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
+from .subjects import SUBJECTS, sampler_subjects
+from .long_video import CONTEXT, ContextOptions
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,16 @@ class VideoBoothSampler:
                     "few steps) or leading. The ddpm sampler always uses the official respacing.")}),
                 "eta": ("FLOAT", {**widget("eta"), "step": 0.05, "tooltip": (
                     "DDIM only: 0 is deterministic DDIM, 1 adds DDPM-like fresh noise at every step.")}),
+                "subjects": (SUBJECTS, {"tooltip": (
+                    "More subjects from VideoBooth Subjects: each one's exemplar is injected with its own strength "
+                    "and region (with the exemplar above, when connected, as the first).")}),
+                "context": (CONTEXT, {"tooltip": (
+                    "Long videos: from VideoBooth Context Options. More frames than its window are denoised by "
+                    "overlapping windows that all attend to frame 0 and the image prompt (memory of one window).")}),
+                "start_latent": ("LATENT", {"tooltip": (
+                    "Image-to-video or extension: latents of the frames the video starts with (VideoBooth Start "
+                    "Frames, VAE Encode, or a previous video's last latents); held at every step and exactly the "
+                    "first frames of the result, counted in frames.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -90,9 +102,14 @@ class VideoBoothSampler:
     def sample(self, model: VideoBoothModel, conditioning: Conditioning, seed: int, steps: int, cfg: float,
                sampler: str, guidance: str, frames: int, width: int, height: int, batch: int,
                exemplar: Exemplar | None = None, spacing: str = "trailing", eta: float = 0.0,
-               unique_id: str | None = None) -> tuple[dict[str, torch.Tensor]]:
+               unique_id: str | None = None, subjects: tuple | None = None, context: ContextOptions | None = None,
+               start_latent: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor]]:
         GenerationRequest(prompt="", frames=frames, width=width, height=height, steps=steps, cfg_scale=cfg,
                           guidance=guidance, seed=seed, sampler=sampler, spacing=spacing, eta=eta).validate()
+        start = None if start_latent is None else bridge.comfy_latent_to_video(
+            bridge.comfy_latent_samples(start_latent, "VideoBooth Sampler (start_latent)"))
+        if start is not None:  # the start frames leave frames to generate, at the video's latent size
+            GenerationRequest(prompt="", frames=frames, width=width, height=height, start_latents=start).validate()
         if not 0.0 <= eta <= 1.0:
             raise SamplingError(f"eta must be between 0 and 1, got {eta}.")
         if batch < 1:
@@ -107,13 +124,18 @@ class VideoBoothSampler:
         strength, window = (1.0, (0.0, 1.0)) if exemplar is None else (exemplar.strength,
                                                                         (exemplar.start, exemplar.end))
         device = model.managed.load_device
+        fine, vaes = {}, [exemplar.vae.managed] if "vae" in source else []
+        if subjects:  # several subjects: every exemplar planned (strength 0 runs no stream), one source each
+            planned = sampler_subjects(exemplar, subjects)
+            source, strength, window, vaes = planned.source, planned.plan.strength, planned.window, planned.vaes
+            fine = {"subject_strengths": planned.plan.subject_strengths,
+                    "subject_regions": planned.plan.subject_regions}
         denoiser, estimate = prepare_denoiser(model.unet, conditioning.cond, conditioning.null, shape, device,
-                                              image_prompt=exemplar is not None, cfg_scale=cfg, guidance=guidance,
-                                              image_prompt_strength=strength)
+                                              image_prompt=bool(source), cfg_scale=cfg, guidance=guidance,
+                                              image_prompt_strength=strength, context=context, **fine)
         logger.info("VideoBooth Sampler: %s", estimate.describe())
         # ComfyUI frees the step's working memory (beyond the weights) before loading the models
-        bridge.activate([model.managed] + ([exemplar.vae.managed] if "vae" in source else []),
-                        memory_required=estimate.activations_bytes)
+        bridge.activate([model.managed] + vaes, memory_required=estimate.activations_bytes)
         progress = bridge.Progress(batch * steps, unique_id)
         videos = []
         for index in range(batch):
@@ -121,7 +143,7 @@ class VideoBoothSampler:
             report = bridge.step_reporter(progress, index * steps)
             latents = sample_seeded(denoiser, (seed + index) % (MAX_SEED + 1), shape, device, sampler=sampler,
                                     steps=steps, spacing=spacing, eta=eta, image_prompt_steps=window, callback=report,
-                                    **source)
+                                    context=context, start_latents=start, **source)
             videos.append(latents.cpu())
         return (bridge.video_latents_to_comfy(torch.cat(videos)),)
 

@@ -6,7 +6,9 @@ import logging
 
 from ..videobooth_core.conditioning.embeddings import encode_prompt
 from ..videobooth_core.conditioning.text import NULL_PROMPT
+from ..videobooth_core.conditioning.subjects import encode_subjects_prompt
 from . import _bridge as bridge
+from .subjects import SUBJECTS, subject_words
 from ._types import CLIP, CONDITIONING, IMAGE_EMBEDS, Conditioning, ImageEmbeds, VideoBoothCLIP
 
 logger = logging.getLogger(__name__)
@@ -40,11 +42,20 @@ class VideoBoothTextEncode:
                 "image_embeds": (IMAGE_EMBEDS, {"tooltip": (
                     "The subject's word vectors from VideoBooth Image Prompt Encode; leave unconnected for "
                     "text-to-video.")}),
+                "subjects": (SUBJECTS, {"tooltip": (
+                    "More subjects from VideoBooth Subjects, each word replaced by its own photo's embeddings (after "
+                    "the subject word above when image embeddings are connected).")}),
             },
         }
 
     def encode(self, clip: VideoBoothCLIP, prompt: str, subject_word: str, negative_prompt: str,
-               image_embeds: ImageEmbeds | None = None) -> tuple[Conditioning]:
+               image_embeds: ImageEmbeds | None = None, subjects: tuple | None = None) -> tuple[Conditioning]:
+        if subjects:  # several subjects, each word spliced with its own photo's vectors
+            words, vectors = subject_words(subject_word, image_embeds, subjects)
+            bridge.activate([clip.managed])
+            null, _ = encode_prompt(clip.text_encoder, clip.tokenizer, negative_prompt)
+            cond, used = encode_subjects_prompt(clip.text_encoder, clip.tokenizer, prompt, words, vectors)
+            return (Conditioning(cond.cpu(), null.cpu(), used, True),)
         words = None if image_embeds is None else image_embeds.words
         if words is None and subject_word.strip():
             logger.info("VideoBooth Text Encode: no image embeddings, so the subject word %r is not used", subject_word)

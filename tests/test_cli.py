@@ -169,8 +169,20 @@ def test_speed_modes_and_the_memory_estimate_reach_the_summary(generated, tiny_m
     assert "estimated peak memory on cpu" in result.stderr  # said before sampling starts
     assert result.stderr.index("estimated peak memory") < result.stderr.index("sampling")
     exact = read_frames(_ok(generated[1]) and generated[0])  # same seed, exact path
+    assert _summary(generated[1])["attention"] == "sdpa"
     assert _summary(generated[1])["speed_modes"] == []
     assert any(not np.array_equal(a, b) for a, b in zip(read_frames(out), exact))
+
+
+def test_the_dedup_attention_kernel_is_selected_and_stays_close(generated, tiny_models, subject, tmp_path) -> None:
+    out = tmp_path / "dedup"
+    result = _ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
+                          "--prompt", PROMPT, "--word", "ball", *SMALL, "--seed", "7", "--out", out,
+                          "--attention", "dedup"], tmp_path / "home"))
+    assert _summary(result)["attention"] == "dedup"
+    exact = read_frames(generated[0])  # same seed, default kernel: equal up to float rounding (8-bit frames)
+    for a, b in zip(read_frames(out), exact):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
 # -- bad input ------------------------------------------------------------------------------------------------

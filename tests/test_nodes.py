@@ -97,6 +97,8 @@ EXPECTED_IDS = {
     "VideoBoothLatentInjection", "VideoBoothSampler", "VideoBoothDecode",
     "VideoBoothMetricModels", "VideoBoothScore", "VideoBoothBestOfN",
     "VideoBoothApplySDCheckpoint", "VideoBoothLoRA",
+    "VideoBoothSubjects", "VideoBoothDrift",
+    "VideoBoothContextOptions", "VideoBoothStartFrames",
 }
 
 

@@ -155,7 +155,8 @@ API_WORKFLOWS = sorted(p.name for p in API_DIR.glob("*.json"))
 
 def test_the_expected_workflows_ship() -> None:
     expected = {"videobooth_basic.json", "videobooth_postprocess.json", "videobooth_text_to_video.json",
-                "videobooth_compare.json", "videobooth_best_of_n.json", "videobooth_lora.json"}
+                "videobooth_compare.json", "videobooth_best_of_n.json", "videobooth_lora.json",
+                "videobooth_two_subjects.json", "videobooth_long_video.json", "videobooth_image_to_video.json"}
     assert expected <= set(UI_WORKFLOWS)
     assert expected <= set(API_WORKFLOWS)
 
@@ -306,7 +307,7 @@ def test_every_workflow_uses_the_shipped_subject_photo() -> None:
               if n["type"] == "LoadImage"]
     images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
                if n["class_type"] == "LoadImage"]
-    assert len(images) == 10 and set(images) == {SUBJECT_PHOTO}, images
+    assert len(images) == 18 and set(images) == {SUBJECT_PHOTO}, images  # two_subjects loads it twice
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)

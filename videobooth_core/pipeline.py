@@ -31,7 +31,9 @@ from .models.unet_3d import UNet3DModel
 from .sampling.denoiser import StepCallback, VideoDenoiser
 from .sampling.memory import MemoryEstimate, available_memory_bytes
 from .sampling.run import prepare_denoiser, run_sampler
+from .sampling.known_frames import encode_start_frames
 from .sampling.schedulers import OFFICIAL_SAMPLER
+from .sampling.windows import ContextOptions, context_options, long_video_info, reuse_noise
 from .settings import GenerationSettings, SamplingOptions, check_request, log_once
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,17 @@ class GenerationRequest(GenerationSettings):
     mask: torch.Tensor | None = None
     """(H, W) subject mask (nonzero = subject), or None."""
     bbox: tuple[float, float, float, float] | None = None
+    subjects: list[Any] = field(default_factory=list)
+    """More subjects, each a :class:`videobooth_core.conditioning.subjects.Subject` (word, photo, mask, bbox,
+    strength, region) bound to its own word of the prompt; they follow ``image``/``subject_word`` when both are given.
+    One subject in all is exactly the single-subject path."""
+    start_frames: torch.Tensor | None = None
+    """(n, H, W, 3) uint8 or [0, 1] float frames the video starts with, or one (H, W, 3) image: a start image
+    (image-to-video) or a previous video's last frames (extension); fitted to the video's size (cover, centre
+    crop), VAE-encoded, held at every step and exact at the end. They count among ``frames``."""
+    start_latents: torch.Tensor | None = None
+    """Instead of ``start_frames``: (1, 4, n, height/8, width/8) clean latents, e.g. a previous result's
+    ``latents[:, :, -4:]`` (extension without a VAE round trip)."""
 
     def validate(self, tokenizer: Any = None, device: Any = None) -> list[str]:
         """The one validation (:func:`videobooth_core.settings.check_request`): raises a VideoBoothError naming
@@ -131,8 +144,10 @@ def sample_seeded(
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
     callback: StepCallback | None = None,
     vae: Any = None,
-    image_prompt: PreparedImagePrompt | None = None,
+    image_prompt: PreparedImagePrompt | Sequence[Any] | None = None,
     exemplar_latent: torch.Tensor | None = None,
+    context: ContextOptions | None = None,
+    start_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One video latent from ``seed``, with the official order of random draws, written once so that the
     pipeline and the ComfyUI sampler give the same video for a seed: one CPU generator draws the initial noise
@@ -141,23 +156,37 @@ def sample_seeded(
 
     Args:
         shape: (1, 4, frames, h, w) of the video latent.
+        image_prompt: several subjects: a list of image-prompt sources, each a PreparedImagePrompt (encoded with
+            ``vae``), a (vae, PreparedImagePrompt) pair or a ready clean latent; VAE draws in list order.
         exemplar_latent: instead of ``vae`` and ``image_prompt``, a clean (1, 4, 1, h', w') image-prompt latent
             (x 0.18215, e.g. from ComfyUI's VAE Encode). Either is resized to the video's latent size.
+        context: the long-video windows the denoiser was prepared with; with ``noise_reuse`` the initial noise of
+            later windows becomes shuffled copies of earlier frames' (a separate generator seeded with ``seed``
+            draws the permutations, so the main stream is unchanged).
+        start_latents: (1, 4, k, h, w) clean latents of the first k frames (start image, extension anchors).
 
     Returns:
         (1, 4, frames, h, w) float32 latent on ``device``.
     """
-    if image_prompt is not None and (vae is None or exemplar_latent is not None):
+    if isinstance(image_prompt, PreparedImagePrompt) and (vae is None or exemplar_latent is not None):
         raise SamplingError("the image prompt's latent comes from either the image prompt and the VAE, or a "
                             "ready latent; give the image prompt with the VAE, or exemplar_latent alone")
     generator = torch.Generator("cpu").manual_seed(int(seed))
     initial_noise = torch.randn(shape, generator=generator)
-    exemplar = encode_exemplar(vae, image_prompt, generator) if image_prompt is not None else exemplar_latent
+    if context is not None and context.noise_reuse and context.applies(shape[2]):
+        initial_noise = reuse_noise(initial_noise, context, torch.Generator("cpu").manual_seed(int(seed)))
+    if isinstance(image_prompt, (list, tuple)):  # several subjects: one VAE draw each, in subject order
+        sources = [item if isinstance(item, (tuple, torch.Tensor)) else (vae, item) for item in image_prompt]
+        latents = [item if isinstance(item, torch.Tensor) else encode_exemplar(*item, generator) for item in sources]
+        exemplar = torch.cat([fit_exemplar(latent, shape[3] * VAE_SCALE, shape[4] * VAE_SCALE) for latent in latents])
+    else:
+        exemplar = encode_exemplar(vae, image_prompt, generator) if image_prompt is not None else exemplar_latent
     if exemplar is not None:
         exemplar = fit_exemplar(exemplar, shape[3] * VAE_SCALE, shape[4] * VAE_SCALE)
     return run_sampler(denoiser, sampler, steps, shape, generator, device, initial_noise=initial_noise,
                        exemplar_clean=exemplar, callback=callback, spacing=spacing, eta=eta,
-                       image_prompt_steps=image_prompt_steps)
+                       image_prompt_steps=image_prompt_steps,
+                       known_latents=None if start_latents is None else start_latents.to(device))
 
 
 @torch.no_grad()
@@ -320,6 +349,15 @@ class VideoBoothPipeline:
         """Fine embedding source: the image prompt's VAE posterior sample x 0.18215, (1, 4, 1, 32, 32)."""
         return encode_exemplar(self.vae, prepared, generator)
 
+    def encode_start(self, request: GenerationRequest) -> torch.Tensor | None:
+        """The clean (1, 4, k, h, w) latents of the request's first frames (``start_latents``, or ``start_frames``
+        VAE-encoded at the video's size), or None."""
+        if request.start_latents is not None:
+            return request.start_latents.float()
+        if request.start_frames is not None:
+            return encode_start_frames(self.vae, request.start_frames, request.height, request.width)
+        return None
+
     def decode(self, latents: torch.Tensor, chunk_size: int = 4) -> torch.Tensor:
         """(b, 4, f, h, w) latents → (b*f, 8h, 8w, 3) uint8 frames, decoded ``chunk_size`` frames at a time."""
         return frames_to_uint8(decode_video(self.vae, latents, chunk_size))
@@ -355,14 +393,15 @@ class VideoBoothPipeline:
 
     def prepare_denoiser(self, cond_text: torch.Tensor, null_text: torch.Tensor, shape: tuple[int, int, int, int, int],
                          image_prompt: bool, cfg_scale: float, guidance: str,
-                         options: SamplingOptions) -> VideoDenoiser:
-        """The guided denoiser (:func:`sampling.run.prepare_denoiser`), its memory checked before the first step."""
+                         options: SamplingOptions, context: ContextOptions | None = None) -> VideoDenoiser:
+        """The guided denoiser (:func:`sampling.run.prepare_denoiser`), its memory checked before the first step;
+        with ``context`` a long video is denoised by windows (:mod:`sampling.windows`)."""
         denoiser, estimate = prepare_denoiser(
             self.unet, cond_text, null_text, shape, self.device, image_prompt=image_prompt, cfg_scale=cfg_scale,
             guidance=guidance, image_prompt_strength=options.image_prompt_strength,
             single_frame_image_prompt=options.single_frame_image_prompt, watermark_branch=options.watermark_branch,
             batch_passes=options.batch_passes,
-            resident_models=[self.mapper, self.vae, self.text_encoder, self.vision_encoder],
+            resident_models=[self.mapper, self.vae, self.text_encoder, self.vision_encoder], context=context,
         )
         self.check_memory(estimate)
         return denoiser
@@ -391,6 +430,10 @@ class VideoBoothPipeline:
         (initial noise first, then the VAE posterior sample, then per step exemplar and step noise; see
         :func:`sample_seeded`). ``progress=True`` draws a progress bar of the steps on stderr; ``callback`` is
         called after every step either way."""
+        if request.subjects:  # several subjects, each photo bound to its own word (:mod:`.subjects_generation`)
+            from .subjects_generation import generate_subjects
+
+            return generate_subjects(self, request, callback, decode, progress)
         request.validate(tokenizer=self.tokenizer)
         options = request.options or SamplingOptions()
         shape = latent_shape(request.frames, request.height, request.width)
@@ -400,14 +443,17 @@ class VideoBoothPipeline:
         null_text, _ = self.encode_prompt(request.negative_prompt)
         injected = None if prepared is None else self.encode_image_prompt(prepared)
         cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected, request.subject_match)
+        context = context_options(request)
         denoiser = self.prepare_denoiser(cond_text, null_text, shape, prepared is not None, request.cfg_scale,
-                                         request.guidance, options)
+                                         request.guidance, options, context)
+        start_latents = self.encode_start(request)
         with progress_bar(progress, callback) as report:
             latents = sample_seeded(
                 denoiser, request.seed, shape, self.device, sampler=request.sampler, steps=request.steps,
                 spacing=request.spacing, eta=request.eta, image_prompt_steps=options.image_prompt_steps,
-                callback=report, vae=self.vae, image_prompt=prepared,
+                callback=report, vae=self.vae, image_prompt=prepared, context=context, start_latents=start_latents,
             )
         frames = self.decode(latents) if decode else torch.empty(0)
         info = self.last_memory_estimate.as_dict() if self.last_memory_estimate else {}
+        info.update(long_video_info(request.frames, context, start_latents))
         return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared, info=info)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from .conditioning.text import NULL_PROMPT, SUBJECT_MATCHES, WHOLE_WORD
 from .errors import DeviceError, ImagePromptError, SamplingError, VideoBoothError
 from .sampling.denoiser import GUIDANCE_RULES
+from .sampling.known_frames import check_long_video
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,18 @@ class GenerationSettings:
         "str", WHOLE_WORD, "how the subject word is found in the prompt: whole-word (so 'dog' leaves 'hotdog' "
         "alone) or official-substring (the official code's plain replacement)", choices=SUBJECT_MATCHES)
     fps: float = _setting("float", 8.0, "frames per second of the written video", above=0.0)
+    context_window: int = _setting(
+        "int", 16, "long videos: frames per UNet call; more frames are denoised by overlapping windows that all "
+        "attend to frame 0 and the image prompt (memory of one window, time linear in the frames)", minimum=2,
+        maximum=256)
+    context_overlap: int = _setting("int", 4, "long videos: frames shared by neighbouring windows (at most the "
+                                    "window minus 2)", minimum=0, maximum=254)
+    context_fuse: str = _setting("str", "pyramid", "long videos: weights of overlapping windows' predictions "
+                                 "(pyramid: highest at a window's middle; flat: equal)", choices=("pyramid", "flat"))
+    noise_reuse: bool = _setting("bool", False, "long videos: later windows start from shuffled copies of the "
+                                 "first window's noise (FreeNoise; keeps the content closer)")
+    extend_frames: int = _setting("int", 4, "with --extend: how many of the video's last frames anchor the "
+                                  "continuation (they are the new video's first frames)", minimum=1, maximum=255)
     options: SamplingOptions = field(default_factory=SamplingOptions)
     """The opt-in speed modes; ``None`` is read as the defaults."""
 
@@ -328,6 +341,7 @@ def check_request(request: Any, tokenizer: Any = None, device: Any = None) -> li
     if device is not None:
         check_device(device)
     request.check()
+    check_long_video(request)
     has_image, has_word = request.image is not None, request.subject_word is not None
     if has_image != has_word:
         raise ImagePromptError(
@@ -344,13 +358,23 @@ def check_request(request: Any, tokenizer: Any = None, device: Any = None) -> li
         prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
         substitute_subject(request.prompt, request.subject_word, request.subject_match)
     warnings = []
-    if tokenizer is not None:
+    if getattr(request, "subjects", None):  # several subjects: each checked, the prompt measured after every splice
+        from .conditioning.subjects import check_subjects
+
+        warnings += check_subjects(request, tokenizer, SETTINGS["image_prompt_strength"].check)
+    elif tokenizer is not None:
         warnings += prompt_fit_warnings(tokenizer, request.prompt, request.subject_word if has_image else None,
                                         request.subject_match)
+    if tokenizer is not None:
         warnings += prompt_fit_warnings(tokenizer, request.negative_prompt, what="negative prompt")
-    if request.frames > TRAINED_FRAMES:
+    if request.frames > max(TRAINED_FRAMES, request.context_window):
+        warnings.append(f"{request.frames} frames: the model was trained on {TRAINED_FRAMES}, so the video is denoised "
+                        f"in overlapping windows of {request.context_window} frames that all attend to frame 0 and the "
+                        "image prompt (motion may drift or repeat from window to window; see --context-overlap)")
+    elif request.frames > TRAINED_FRAMES:
         warnings.append(f"{request.frames} frames: the model was trained on {TRAINED_FRAMES}, so longer videos are an "
-                        "extrapolation (they tend to repeat or lose the subject)")
+                        "extrapolation (they tend to repeat or lose the subject); --context-window "
+                        f"{TRAINED_FRAMES} denoises them in windows of the trained length")
     if (request.width, request.height) != (TRAINED_SIZE, TRAINED_SIZE):
         warnings.append(f"{request.width}x{request.height}: the model was trained at {TRAINED_SIZE}x{TRAINED_SIZE}, "
                         "so other sizes are an extrapolation (expect less coherent frames)")

@@ -140,6 +140,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                                   "one, else --bbox or the whole photo)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
                    help="subject box in pixels (default: the mask's box, or the whole photo)")
+    p.add_argument("--subject", action="append", nargs="+", metavar="SPEC",
+                   help="another subject, each photo bound to its own word of the prompt; repeat it for several: "
+                        "WORD IMAGE [MASK] [strength=S] [region=X1,Y1,X2,Y2] [bbox=X1,Y1,X2,Y2]; strength: its "
+                        "image-prompt strength (default --image-prompt-strength); region: where in the video its "
+                        "features act, fractions of the frame (default everywhere); bbox: its box in the photo in "
+                        "pixels. With --image/--word that subject comes first (default: none)")
+    p.add_argument("--start-image", metavar="IMG",
+                   help="image-to-video: the video's first frame is this image (resized to cover the video, "
+                        "centre-cropped); it can also be the subject's --image (default: none)")
+    p.add_argument("--extend", metavar="VIDEO",
+                   help="continue a video (.mp4, .gif, .webp or a folder of frames): its last --extend-frames frames "
+                        "are the new video's first frames, counted in --frames (default: none)")
     speed = p.add_argument_group("opt-in modes (each changes the video: speed modes and the image prompt's strength; "
                                  "measured deviations in the README)")
     for spec in SETTINGS.values():
@@ -163,6 +175,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-weights", action="store_true",
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "dedup", "math"),
+                   help="attention kernel: sdpa (fused, the tested default), dedup (frames 0 and 1 attend to one copy "
+                        "of frame 0: fewer FLOPs, not bit-identical, measured deviation in the README), math (the "
+                        "official order of operations, slow; for checking) (default: sdpa)")
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -189,6 +205,15 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
     values = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
     request = GenerationRequest(prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
                                 bbox=tuple(args.bbox) if args.bbox else None, **settings_kwargs(values))
+    if getattr(args, "subject", None):  # --subject WORD IMAGE [MASK] [key=value...], repeatable
+        from .subjects import load_subjects, parse_subject_argument
+
+        request.subjects = load_subjects([parse_subject_argument(tokens) for tokens in args.subject], resolve)
+    if getattr(args, "start_image", None) or getattr(args, "extend", None):  # the video's first frames, read now
+        from .long_video import start_frames_from
+
+        request.start_frames = start_frames_from(args.start_image and resolve(args.start_image),
+                                                 args.extend and resolve(args.extend), request.extend_frames)
     tokenizer = load_prompt_tokenizer(args.models) if getattr(args, "models", None) else None
     request.validate(tokenizer, getattr(args, "device", None))
     return request
@@ -229,6 +254,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
+    if args.attention != "sdpa":
+        pipe.unet.set_attention_backend(args.attention)
+    args.attention = pipe.unet.attention_backend  # the summary reports the kernel in use
     if args.base_checkpoint or loras:  # the plain path never touches the weights
         for line in pipe.use_sd_models(args.base_checkpoint, loras, args.lora_kv):
             print(line, file=sys.stderr)

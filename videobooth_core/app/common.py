@@ -60,6 +60,7 @@ def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any)
         "frames": request.frames, "size": [request.width, request.height], "steps": request.steps,
         "sampler": getattr(args, "sampler", "ddpm"), "cfg": request.cfg_scale, "guidance": request.guidance,
         "seed": request.seed, "dtype": getattr(args, "dtype", "fp32"), "prompt_used": result.prompt_used,
-        "stream_weights": getattr(args, "stream_weights", False), "speed_modes": speed_modes(request.options),
+        "stream_weights": getattr(args, "stream_weights", False), "attention": getattr(args, "attention", "sdpa"),
+        "speed_modes": speed_modes(request.options),
         **result.info,
     })

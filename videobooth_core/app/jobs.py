@@ -5,7 +5,8 @@ The jobs file holds one JSON object per line, with keys named like the command l
     {"id": "dog", "prompt": "a dog running on the beach", "word": "dog", "image": "dog.jpg", "mask": "dog_mask.png"}
     {"prompt": "a cat sleeping on a sofa", "frames": 16, "steps": 50, "seed": 3, "out": "cat.mp4"}
 
-Keys: ``prompt`` (required), ``word``, ``image``, ``mask``, ``bbox`` ([x1, y1, x2, y2]), ``out``, ``id``, and
+Keys: ``prompt`` (required), ``word``, ``image``, ``mask``, ``bbox`` ([x1, y1, x2, y2]), ``subjects`` (several
+subjects: ``[{"word", "image", "mask"?, "strength"?, "region"?, "bbox"?}, ...]``, see :mod:`.subjects`), ``out``, ``id``, and
 every setting of :data:`videobooth_core.settings.SETTINGS` under its flag's name: ``negative``, ``frames``,
 ``width``, ``height``, ``steps``, ``sampler``, ``spacing``, ``eta``, ``cfg``, ``guidance``, ``seed``, ``padding``,
 ``subject_match``, ``fps``, ``single_frame_image_prompt`` (true/false), ``image_prompt_steps`` ([start, end]),
@@ -21,6 +22,9 @@ whole run (the metric models load once per rank, and only if some job of the ran
 defaults to the line number, zero-padded (``00001``); ``out`` defaults to ``<id>.gif`` and is relative to
 ``--out-dir`` (``.mp4``, ``.gif``, ``.webp``, or no suffix for a folder of PNG frames). Relative image and
 mask, checkpoint and LoRA paths are resolved against the jobs file's folder. Blank lines are ignored.
+Long videos: ``context_window``, ``context_overlap``, ``context_fuse``, ``noise_reuse`` (settings), and the
+first frames, ``start_image`` (an image) or ``extend`` (a video continued from its last ``extend_frames``
+frames), paths like ``image``.
 
 Every line is validated (JSON, keys, values, images, masks, style files' existence, subject words, the
 prompt's fit in CLIP's 77 tokens with the models folder's tokenizer) and the device checked before anything is
@@ -105,9 +109,13 @@ FINGERPRINT_V1_KEYS = ("negative", "frames", "width", "height", "steps", "sample
                        "spacing", "eta")
 """Settings of the first jobs format. Later settings enter a job's fingerprint only when they differ from their
 default, so the done-records of earlier runs stay valid (a resume does not redo finished items)."""
-SUBJECT_KEYS = ("prompt", "word", "image", "mask", "bbox")
-CLI_ONLY_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "mask": "--mask", "bbox": "--bbox", "out": "--out"}
-PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "clip", "dino")
+SUBJECT_KEYS = ("prompt", "word", "image", "mask", "bbox", "subjects")
+CLI_ONLY_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "mask": "--mask", "bbox": "--bbox",
+                  "out": "--out", "subject": "--subject"}
+START_KEYS = {"start_image": "--start-image", "extend": "--extend"}
+"""The video's first frames (image-to-video, extension): file paths on the lines, like ``image``."""
+CLI_ONLY_FLAGS.update(START_KEYS)
+PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "attention", "clip", "dino")
 BEST_OF_KEYS = ("best_of", "rank_by")
 """Best of N, per line or from ``--best-of`` / ``--rank-by``; in the fingerprint only when N > 1 (so the
 done-records of earlier runs stay valid)."""
@@ -146,6 +154,12 @@ class Job:
     """(absolute path, strength) of each LoRA, applied in order."""
     lora_kv: str | None = None
     """``mapper``, ``ignore`` or None (each loader's default, see ``--lora-kv``)."""
+    subjects: tuple[dict[str, Any], ...] = ()
+    """More subjects (:mod:`.subjects` entries: word, absolute image/mask paths, strength, region, bbox)."""
+    start_image: str | None = None
+    """Absolute path of the image the video starts with (image-to-video)."""
+    extend: str | None = None
+    """Absolute path of the video continued from its last ``extend_frames`` frames."""
 
     @property
     def styled(self) -> bool:
@@ -157,8 +171,11 @@ class Job:
         best_of = {"best_of": self.best_of, "rank_by": self.rank_by} if self.best_of > 1 else {}
         styles = {"base_checkpoint": self.base_checkpoint, "loras": [list(lora) for lora in self.loras],
                   "lora_kv": self.lora_kv} if self.styled else {}
+        subjects = {"subjects": [{key: list(v) if isinstance(v, tuple) else v for key, v in entry.items()}
+                                 for entry in self.subjects]} if self.subjects else {}  # old records stay valid
+        start = {key: getattr(self, key) for key in START_KEYS if getattr(self, key)}  # old records stay valid
         return {"prompt": self.prompt, "word": self.word, "image": self.image, "mask": self.mask,
-                "bbox": list(self.bbox) if self.bbox else None, **self.settings, **best_of, **styles}
+                "bbox": list(self.bbox) if self.bbox else None, **subjects, **start, **self.settings, **best_of, **styles}
 
     def fingerprint(self, dtype: str) -> str:
         """Hash of everything that determines the output (so a changed line is redone, not skipped); a style
@@ -237,7 +254,7 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     where = f"line {line}"
     if not isinstance(obj, dict):
         raise JobsError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
-    allowed = ("id", "out", *SUBJECT_KEYS, *SETTINGS, *BEST_OF_KEYS, *SD_MODEL_KEYS.values())
+    allowed = ("id", "out", *SUBJECT_KEYS, *START_KEYS, *SETTINGS, *BEST_OF_KEYS, *SD_MODEL_KEYS.values())
     for key in obj:
         if key in PER_RUN_KEYS:
             raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
@@ -274,9 +291,31 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     best_of, rank_by = _check_best_of(obj.get("best_of", defaults["best_of"]), obj.get("rank_by", defaults["rank_by"]),
                                       image is not None, where)
     base_checkpoint, loras, lora_kv = _check_sd_models(obj, base, defaults, where)
+    subjects = _check_subjects(obj.get("subjects"), base, where)
     return Job(index=index, line=line, id=job_id, out=out, prompt=prompt, word=word, image=image, mask=mask,
                bbox=bbox, settings=settings, best_of=best_of, rank_by=rank_by, base_checkpoint=base_checkpoint,
-               loras=loras, lora_kv=lora_kv)
+               loras=loras, lora_kv=lora_kv, subjects=subjects,
+               **{key: _resolve(obj[key], key, base, where) for key in START_KEYS if obj.get(key) is not None})
+
+
+def _check_subjects(value: Any, base: Path, where: str) -> tuple[dict[str, Any], ...]:
+    """A line's ``subjects``: a list of ``{word, image, mask?, strength?, region?, bbox?}`` (:mod:`.subjects`),
+    paths resolved against the jobs file's folder."""
+    from .subjects import check_subject_entry
+
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise JobsError(f"{where}: 'subjects' must be a list of objects like {{\"word\": \"dog\", \"image\": "
+                        f"\"dog.png\"}}, got {json.dumps(value)}")
+    try:
+        return tuple(check_subject_entry(entry, f"{where}: subjects[{i}]",
+                                         lambda path: _resolve(path, "subjects", base, where))
+                     for i, entry in enumerate(value))
+    except JobsError:
+        raise
+    except VideoBoothError as error:
+        raise JobsError(str(error)) from None
 
 
 def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
@@ -333,8 +372,17 @@ def build_request(job: Job):
     from ..pipeline import GenerationRequest
 
     image, mask = load_subject(job.image, job.mask) if job.image else (None, None)
-    return GenerationRequest(prompt=job.prompt, subject_word=job.word, image=image, mask=mask, bbox=job.bbox,
-                             **settings_kwargs(job.settings))
+    request = GenerationRequest(prompt=job.prompt, subject_word=job.word, image=image, mask=mask, bbox=job.bbox,
+                                **settings_kwargs(job.settings))
+    if job.subjects:
+        from .subjects import load_subjects
+
+        request.subjects = load_subjects(job.subjects)
+    if job.start_image or job.extend:
+        from .long_video import start_frames_from
+
+        request.start_frames = start_frames_from(job.start_image, job.extend, request.extend_frames)
+    return request
 
 
 def check_job(job: Job, tokenizer: Any = None) -> None:
@@ -684,6 +732,8 @@ def run_jobs(args: argparse.Namespace) -> int:
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
         pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False)) if todo else None
+        if pipe is not None and getattr(args, "attention", "sdpa") != "sdpa":
+            pipe.unet.set_attention_backend(args.attention)
         scorer = _load_scorer(args, todo, device, tag)
 
         if rank == 0:

@@ -9,6 +9,7 @@ The trained weights expect exactly this sequence, including the positions of eve
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,7 @@ def encode_text(
     input_ids: torch.Tensor,
     injected: torch.Tensor | None = None,
     placeholder_ids: tuple[int, ...] | None = None,
+    splice: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TextEncoding:
     """Encode token ids with a transformers ``CLIPTextModel``, splicing ``injected`` over the placeholder.
 
@@ -207,6 +209,8 @@ def encode_text(
         input_ids: (b, 77) int64.
         injected: (b, k, d) mapper word vectors, or None for a plain encoding.
         placeholder_ids: the placeholder's token ids (required with ``injected``).
+        splice: instead of ``injected``, ``(token_embeds, input_ids) -> token_embeds``: several subjects' vectors
+            (:func:`..conditioning.subjects.splice_subjects`).
 
     Returns:
         :class:`TextEncoding`; a causal mask and no padding mask, final layer norm, no clip-skip.
@@ -215,7 +219,9 @@ def encode_text(
     param = transformer.embeddings.token_embedding.weight
     input_ids = input_ids.to(param.device)
     tokens = transformer.embeddings.token_embedding(input_ids)
-    if injected is not None:
+    if splice is not None:
+        tokens = splice(tokens, input_ids)
+    elif injected is not None:
         if placeholder_ids is None:
             raise PromptError(explain("placeholder_ids are required with injected word vectors", placeholder_ids,
                                       "pass the placeholder_ids of prepare_subject_prompt(...)"))

@@ -30,8 +30,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="score videos: CLIP-T, CLIP-I, DINO, consistency (+ an HTML/PNG report)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVALUATE_EXAMPLES,
                         description="Score videos as the paper does (CLIP-T, CLIP-I on the x100 scale, DINO ViT-S/16) "
-                                    "plus VBench's subject consistency; writes scores.csv, scores.json, report.html, "
-                                    "sheet.png and a chart per metric into --out.")
+                                    "plus VBench's subject consistency, and each video's drift (likeness to the "
+                                    "image prompt frame by frame: DINO, else CLIP-I); writes scores.csv, scores.json, "
+                                    "report.html, sheet.png, a chart per metric and drift.png into --out.")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest.json of a `generate --jobs` output (or its folder)")
     source.add_argument("--set", dest="eval_set", help="a .jsonl evaluation set (see README: Evaluation)")
@@ -88,9 +89,10 @@ def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .drift import Drift, drift_metric
     from .media import prepared_image_prompt, read_manifest, read_set, read_video
-    from .metrics import mean_scores
-    from .report import thumbnail_strip, write_charts, write_html, write_scores, write_sheet
+    from .metrics import mean_scores, video_scores
+    from .report import thumbnail_strip, write_charts, write_drift_chart, write_html, write_scores, write_sheet
 
     items = read_manifest(args.manifest) if args.manifest else read_set(args.eval_set)
     out = Path(args.out)
@@ -98,22 +100,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise EvaluationError(f"--out {out} is a file; give a folder for the scores and the report")
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     scorer = load_scorer(args)
+    likeness = drift_metric(scorer)  # the drift curve: DINO when loaded, else CLIP-I
     rows, strips = [], {}
     for item in items:
         frames = read_video(item.video)
         reference = prepared_image_prompt(item)
-        scores = scorer.score(frames, reference, item.prompt)
+        curves = scorer.per_frame(frames, reference, item.prompt)  # one pass gives the scores and the drift
+        drift = None if curves[likeness] is None else Drift.from_curve(curves[likeness], likeness)
         rows.append({"id": item.id, "video": str(item.video), "seed": item.seed, "prompt": item.prompt,
-                     "frames": int(frames.shape[0]), **scores})
+                     "frames": int(frames.shape[0]), **video_scores(curves),
+                     "drift": None if drift is None else drift.as_dict()})
         strips[item.id] = thumbnail_strip(item.id, frames, reference)
         strips[item.id].save(out / "thumbs" / f"{item.id}.png")
         print(json.dumps({k: rows[-1][k] for k in ("id", "clip_t", "clip_i", "dino", "consistency")}), flush=True)
+        if drift is not None:
+            print(f"  drift: {drift.summary()}", flush=True)
     mean = mean_scores(rows)
     models = {"clip": scorer.clip.source if scorer.clip else None, "dino": scorer.dino.source if scorer.dino else None}
     write_scores(out, rows, mean, models)
     write_sheet(out, rows, strips)
     charts = write_charts(out, rows)
-    write_html(out, rows, mean, charts)
+    drift_chart = write_drift_chart(out, rows)
+    write_html(out, rows, mean, charts + ([drift_chart] if drift_chart else []))
     print("mean: " + json.dumps(mean))
     return 0
 

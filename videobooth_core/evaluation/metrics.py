@@ -9,6 +9,9 @@
   (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2 on DINO features (stability, not likeness).
 
 Frames and images are ``(n, H, W, 3)`` / ``(H, W, 3)`` uint8; each model's own image processor prepares them.
+
+:meth:`Scorer.per_frame` gives each metric frame by frame (the drift readout, drift.py, uses it); a score is
+the mean of its frames.
 """
 
 from __future__ import annotations
@@ -105,6 +108,44 @@ class Scorer:
         return model
 
     # -- the scores ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def per_frame(self, frames: torch.Tensor, image_prompt: torch.Tensor | None = None, prompt: str | None = None,
+                  metrics: Sequence[str] = METRICS) -> dict[str, torch.Tensor | None]:
+        """Each metric frame by frame, from one embedding pass per model; a metric not asked for, or without its
+        input or model, is ``None``.
+
+        Args:
+            frames: (n, H, W, 3) uint8 (or float in [0, 1]) frames of one video.
+            image_prompt: (H, W, 3) the prepared image prompt (``PreparedImagePrompt.square`` as (H, W, 3)).
+            prompt: the prompt with the subject word as written.
+            metrics: which of :data:`METRICS` to compute.
+
+        Returns:
+            float32 CPU tensors: ``clip_t`` and ``clip_i`` (n,) 100 x cos, not clamped; ``dino`` (n,) cos in
+            [-1, 1]; ``consistency`` (n - 1,) VBench's term of frames 1..n-1 (``None`` for a single frame).
+            :meth:`score` is their mean (CLIP ones clamped at 0 after it, as torchmetrics).
+        """
+        frames = _as_uint8_frames(frames, "the video's frames")
+        curves: dict[str, torch.Tensor | None] = dict.fromkeys(METRICS)
+        has_image = image_prompt is not None
+        want_clip_t, want_clip_i = "clip_t" in metrics and bool(prompt), "clip_i" in metrics and has_image
+        want_dino, want_consistency = "dino" in metrics and has_image, "consistency" in metrics
+        if self.clip is not None and (want_clip_t or want_clip_i):
+            frame_clip = self.clip_image_embeddings(frames)
+            if want_clip_t:
+                curves["clip_t"] = 100 * frame_clip @ self.clip_text_embedding(prompt)[0]
+            if want_clip_i:
+                reference = self.clip_image_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
+                curves["clip_i"] = 100 * frame_clip @ reference[0]
+        if self.dino is not None and (want_dino or want_consistency):
+            frame_dino = self.dino_embeddings(frames)
+            if want_dino:
+                reference = self.dino_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
+                curves["dino"] = frame_dino @ reference[0]
+            if want_consistency:
+                curves["consistency"] = consistency_per_frame(frame_dino)
+        return curves
+
     def score(self, frames: torch.Tensor, image_prompt: torch.Tensor | None = None,
               prompt: str | None = None) -> dict[str, float | None]:
         """{clip_t, clip_i, dino, consistency} of one video; a score without its input or model is ``None``.
@@ -114,38 +155,34 @@ class Scorer:
             image_prompt: (H, W, 3) the prepared image prompt (``PreparedImagePrompt.square`` as (H, W, 3)).
             prompt: the prompt with the subject word as written.
         """
-        frames = _as_uint8_frames(frames, "the video's frames")
-        scores: dict[str, float | None] = dict.fromkeys(METRICS)
-        if self.clip is not None:
-            frame_clip = self.clip_image_embeddings(frames)
-            if prompt:
-                scores["clip_t"] = clip_score(frame_clip, self.clip_text_embedding(prompt))
-            if image_prompt is not None:
-                reference = self.clip_image_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
-                scores["clip_i"] = clip_score(frame_clip, reference)
-        if self.dino is not None:
-            frame_dino = self.dino_embeddings(frames)
-            if image_prompt is not None:
-                reference = self.dino_embeddings(_as_uint8_frames(image_prompt, "the image prompt"))
-                scores["dino"] = float((frame_dino @ reference[0]).mean())
-            scores["consistency"] = subject_consistency(frame_dino)
-        return scores
+        return video_scores(self.per_frame(frames, image_prompt, prompt))
 
 
-def clip_score(frames: torch.Tensor, reference: torch.Tensor) -> float:
-    """max(0, mean_i 100 * cos(frames[i], reference[0])) of unit embeddings (n, d) and (1, d): torchmetrics'
-    ``CLIPScore`` over the frames."""
-    return max(float((100 * frames @ reference[0]).mean()), 0.0)
+def video_scores(curves: dict[str, torch.Tensor | None]) -> dict[str, float | None]:
+    """The per-frame scores of :meth:`Scorer.per_frame` -> one score per metric: the mean over frames, CLIP-T and
+    CLIP-I clamped at 0 after it (torchmetrics' ``CLIPScore``)."""
+    scores: dict[str, float | None] = dict.fromkeys(METRICS)
+    for key, curve in curves.items():
+        if curve is not None:
+            scores[key] = max(float(curve.mean()), 0.0) if key in ("clip_t", "clip_i") else float(curve.mean())
+    return scores
+
+
+def consistency_per_frame(features: torch.Tensor) -> torch.Tensor | None:
+    """VBench's ``subject_consistency`` term of each frame i >= 1 of unit DINO features (n, d):
+    (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2 -> (n - 1,); ``None`` for a single frame."""
+    if features.shape[0] < 2:
+        return None
+    previous = (features[1:] * features[:-1]).sum(-1).clamp(min=0)
+    first = (features[1:] @ features[0]).clamp(min=0)
+    return (previous + first) / 2
 
 
 def subject_consistency(features: torch.Tensor) -> float | None:
     """VBench ``subject_consistency`` of unit DINO features (n, d): mean over i >= 1 of
     (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2; ``None`` for a single frame."""
-    if features.shape[0] < 2:
-        return None
-    previous = (features[1:] * features[:-1]).sum(-1).clamp(min=0)
-    first = (features[1:] @ features[0]).clamp(min=0)
-    return float(((previous + first) / 2).mean())
+    terms = consistency_per_frame(features)
+    return None if terms is None else float(terms.mean())
 
 
 def rank_key(rank_by: str) -> str:

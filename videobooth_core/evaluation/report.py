@@ -1,11 +1,13 @@
 """What ``evaluate`` writes into its output folder:
 
     scores.csv     one row per video (id, video, seed, prompt, the four scores), then a ``mean`` row
-    scores.json    {"videos": [...], "mean": {...}, "models": {...}, "paper_scale": {...}}
+    scores.json    {"videos": [...], "mean": {...}, "models": {...}, "paper_scale": {...}}; each video's ``drift``
+                   (with an image prompt): its per-frame likeness and the figures (see drift.py), else null
     thumbs/<id>.png   the image prompt and a few frames of each video, its id written on it
     sheet.png      every video's row of thumbnails with its scores (PIL only)
     report.html    the same rows as a page, with the charts
     chart_<metric>.png   one bar per video (named on its axis and in the PNG's metadata); needs matplotlib
+    drift.png      the per-frame likeness curve of every video with an image prompt; needs matplotlib
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ..files import atomic_path, write_json_atomic
+from .drift import Drift, drift_figure
 from .metrics import METRICS
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,11 @@ LABELS = {"clip_t": "CLIP-T (x100)", "clip_i": "CLIP-I (x100)", "dino": "DINO (c
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+def _drift_text(drift: dict[str, Any]) -> str:
+    """A row's ``drift`` record -> its one-line summary."""
+    return Drift(drift["metric"], tuple(drift["per_frame"])).summary()
 
 
 def thumbnail_strip(video_id: str, frames: torch.Tensor, image_prompt: torch.Tensor | None):
@@ -118,13 +126,36 @@ def write_charts(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
+def write_drift_chart(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """drift.png: the per-frame likeness curve of every row with a ``drift`` (videos named in the legend and in the
+    PNG's metadata); None when no row has one or without matplotlib."""
+    drifts = {row["id"]: Drift(row["drift"]["metric"], tuple(row["drift"]["per_frame"])) for row in rows
+              if row.get("drift")}
+    if not drifts:
+        return None
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("the drift chart skipped: it needs matplotlib (`pip install videobooth[eval]`)")
+        return None
+    figure = drift_figure(drifts)
+    path = out / "drift.png"
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", metadata={"Title": "drift: likeness to the image prompt per frame",
+                                                     "Description": "videos: " + ", ".join(drifts)})
+    plt.close(figure)
+    return path
+
+
 def write_html(out: Path, rows: list[dict[str, Any]], mean: dict[str, float | None], charts: list[Path]) -> Path:
     """report.html: a table of the videos (thumbnails and scores), the means, the charts."""
-    head = "".join(f"<th>{html.escape(LABELS[m])}</th>" for m in METRICS)
+    head = "".join(f"<th>{html.escape(LABELS[m])}</th>" for m in METRICS) + "<th>drift</th>"
     body = []
     for row in rows:
         name = html.escape(row["id"])
         cells = "".join(f"<td>{_fmt(row.get(m)) or '-'}</td>" for m in METRICS)
+        drift = row.get("drift")
+        cells += f"<td><small>{html.escape(_drift_text(drift)) if drift else '-'}</small></td>"
         body.append(f"<tr><td>{name}<br><small>{html.escape(str(row.get('prompt') or ''))}</small></td>"
                     f"<td><img src=\"thumbs/{name}.png\" alt=\"{name}\" title=\"{name}\"></td>{cells}</tr>")
     means = "".join(f"<td><b>{_fmt(mean[m]) or '-'}</b></td>" for m in METRICS)
@@ -132,7 +163,7 @@ def write_html(out: Path, rows: list[dict[str, Any]], mean: dict[str, float | No
     page = (f"<!doctype html><meta charset=\"utf-8\"><title>VideoBooth evaluation</title>"
             "<style>body{font-family:sans-serif}td,th{padding:4px 8px;border-bottom:1px solid #ddd}</style>"
             f"<h1>VideoBooth evaluation ({len(rows)} videos)</h1><table><tr><th>video</th><th>image prompt | frames"
-            f"</th>{head}</tr>{''.join(body)}<tr><td><b>mean</b></td><td></td>{means}</tr></table>{images}")
+            f"</th>{head}</tr>{''.join(body)}<tr><td><b>mean</b></td><td></td>{means}<td></td></tr></table>{images}")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out / "report.html"

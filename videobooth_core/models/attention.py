@@ -10,13 +10,17 @@ until :meth:`UNet3DModel.attach_projections` resolves, once, the mapper's for ``
 released model uses the mapper checkpoint's, see :class:`SiteProjections`). They are held by reference, not
 registered, so the UNet's state dict never lists the mapper's weights.
 
-Two numerically equivalent backends: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``,
-flash / memory-efficient kernels on GPU) and ``"math"`` (explicit score matrix and softmax in the input
-dtype, the order of operations of the official diffusers-0.11 code, kept for checking).
+Three numerically equivalent backends: ``"sdpa"`` (the default: ``torch.nn.functional.scaled_dot_product_attention``,
+flash kernels on the CPU and GPU), ``"math"`` (explicit score matrix and softmax in the input dtype, the order of
+operations of the official diffusers-0.11 code, kept for checking) and ``"dedup"`` (opt-in: SDPA, and in
+cross-frame attention frames 0 and 1, which attend to [frame 0 ; frame 0], attend to one copy of frame 0 in one
+call: the same softmax for 1/16 fewer attention FLOPs at 16 frames, not bit-identical to ``"sdpa"``; see
+:func:`sparse_causal_attention` and ``benchmarks/bench_attention.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,9 +30,10 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import SamplingError
+from .subjects import combine_subject_updates
 
-AttentionBackend = Literal["sdpa", "math"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "math")
+AttentionBackend = Literal["sdpa", "math", "dedup"]
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "math", "dedup")
 
 
 def multi_head_attention(
@@ -45,13 +50,16 @@ def multi_head_attention(
         key: (batch, key_tokens, channels).
         value: (batch, key_tokens, channels).
         num_heads: channels are split as (heads, channels // heads), head-major.
-        backend: ``"sdpa"`` or ``"math"``.
+        backend: ``"sdpa"``, ``"math"`` or ``"dedup"`` (SDPA here; it differs only in
+            :func:`sparse_causal_attention`).
 
     Returns:
         (batch, query_tokens, channels), heads merged back, no output projection.
     """
+    # (b, h, n, d): four dimensions, the layout the CPU flash kernel requires (three-dimensional inputs
+    # fall back to the materialised math kernel, about 4x slower on the CPU at the 32x32 level)
     query, key, value = (rearrange(t, "b n (h d) -> b h n d", h=num_heads) for t in (query, key, value))
-    if backend == "sdpa":
+    if backend in ("sdpa", "dedup"):
         out = F.scaled_dot_product_attention(query, key, value)
     elif backend == "math":
         scale = query.shape[-1] ** -0.5
@@ -123,8 +131,9 @@ def cross_frame_attention(
     attn: Attention,
     hidden_states: torch.Tensor,
     num_frames: int,
-    image_prompt_states: torch.Tensor | None = None,
-    image_prompt_strength: float = 1.0,
+    image_prompt_states: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    image_prompt_strength: float | Sequence[float] = 1.0,
+    image_prompt_regions: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Sparse-causal attention: frame f attends to [frame 0 ; frame max(f-1, 0)] (2N keys).
 
@@ -140,6 +149,9 @@ def cross_frame_attention(
             ``attn.image_prompt_key_value`` (the UNet checks once per call that the mapper's are attached).
         image_prompt_strength: 1 = the official update of frame 0's values; s blends
             ``v0 + s * (updated - v0)`` (0 = no image prompt).
+            Several subjects: a sequence of (batch, tokens, channels) states, one strength per subject and
+            optionally ``image_prompt_regions``, per subject (1, tokens, 1) token weights or None; each subject's
+            update is computed separately and added (:func:`.subjects.combine_subject_updates`).
 
     Returns:
         (batch * frames, tokens, channels), after ``to_out``.
@@ -148,7 +160,12 @@ def cross_frame_attention(
     key = rearrange(attn.key_value.key(hidden_states), "(b f) n c -> b f n c", f=num_frames)
     value = rearrange(attn.key_value.value(hidden_states), "(b f) n c -> b f n c", f=num_frames)
 
-    if image_prompt_states is not None:
+    if image_prompt_states is not None and not isinstance(image_prompt_states, torch.Tensor):  # several subjects
+        first_query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)[:, 0]
+        updated_first_value = combine_subject_updates(attn, first_query, key[:, 0], value[:, 0], image_prompt_states,
+                                                      image_prompt_strength, image_prompt_regions)
+        value = torch.cat([updated_first_value[:, None], value[:, 1:]], dim=1)
+    elif image_prompt_states is not None:
         first_query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)[:, 0]
         prompt_key = attn.image_prompt_key_value.key(image_prompt_states)
         prompt_value = attn.image_prompt_key_value.value(image_prompt_states)
@@ -161,11 +178,61 @@ def cross_frame_attention(
             updated_first_value = value[:, 0] + image_prompt_strength * (updated_first_value - value[:, 0])
         value = torch.cat([updated_first_value[:, None], value[:, 1:]], dim=1)
 
-    previous = [max(f - 1, 0) for f in range(num_frames)]
-    first = [0] * num_frames
-    key = rearrange(torch.cat([key[:, first], key[:, previous]], dim=2), "b f n c -> (b f) n c")
-    value = rearrange(torch.cat([value[:, first], value[:, previous]], dim=2), "b f n c -> (b f) n c")
-    return attn.to_out[0](attn.attend(query, key, value))
+    return attn.to_out[0](sparse_causal_attention(query, key, value, attn.num_heads, attn.backend))
+
+
+def sparse_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    backend: AttentionBackend = "sdpa",
+) -> torch.Tensor:
+    """Frame f's queries attend to [frame 0 ; frame max(f-1, 0)] of the projected keys and values.
+
+    ``"sdpa"`` and ``"math"`` gather the 2N keys of every frame (the official computation, frames 0 and 1
+    see frame 0 twice). ``"dedup"`` uses that [k0 ; k0] gives the same softmax as k0 alone (each weight and
+    the normaliser double): frames 0 and 1 stack their queries against one copy of frame 0 (one call with
+    2N queries), the other frames gather [frame 0 ; previous]; exact up to rounding, not bit-identical.
+
+    Args:
+        query: (batch * frames, tokens, channels), frame-minor.
+        key: (batch, frames, tokens, channels).
+        value: (batch, frames, tokens, channels).
+        num_heads: heads split from the channels.
+        backend: see :func:`multi_head_attention`.
+
+    Returns:
+        (batch * frames, tokens, channels), heads merged, no output projection.
+    """
+    num_frames = key.shape[1]
+    if backend != "dedup":
+        previous = [max(f - 1, 0) for f in range(num_frames)]
+        first = [0] * num_frames
+        key = rearrange(torch.cat([key[:, first], key[:, previous]], dim=2), "b f n c -> (b f) n c")
+        value = rearrange(torch.cat([value[:, first], value[:, previous]], dim=2), "b f n c -> (b f) n c")
+        return multi_head_attention(query, key, value, num_heads, backend)
+
+    query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)
+    head = min(num_frames, 2)
+    out_head = multi_head_attention(
+        rearrange(query[:, :head], "b f n c -> b (f n) c"), key[:, 0], value[:, 0], num_heads, backend
+    )
+    out_head = rearrange(out_head, "b (f n) c -> b f n c", f=head)
+    if num_frames == head:
+        return rearrange(out_head, "b f n c -> (b f) n c")
+    rest = num_frames - head  # frames 2.. attend to [frame 0 ; frame f-1]
+    key = torch.cat([key[:, :1].expand(-1, rest, -1, -1), key[:, 1:-1]], dim=2)
+    value = torch.cat([value[:, :1].expand(-1, rest, -1, -1), value[:, 1:-1]], dim=2)
+    out_rest = multi_head_attention(
+        rearrange(query[:, head:], "b f n c -> (b f) n c"),
+        rearrange(key, "b f n c -> (b f) n c"),
+        rearrange(value, "b f n c -> (b f) n c"),
+        num_heads,
+        backend,
+    )
+    out_rest = rearrange(out_rest, "(b f) n c -> b f n c", f=rest)
+    return rearrange(torch.cat([out_head, out_rest], dim=1), "b f n c -> (b f) n c")
 
 
 def text_cross_attention(attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:

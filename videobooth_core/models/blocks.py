@@ -8,6 +8,8 @@ state dict loads without renaming.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +17,18 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .attention import Attention, cross_frame_attention, text_cross_attention
+from .subjects import region_token_weights
 
 ImagePromptFeatures = dict[str, torch.Tensor]
 """Per attention site (module path prefix): image-prompt tokens (batch, tokens, channels) at that site."""
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are computed in float32 whatever the weights' dtype (fp16/bf16 safe)."""
+    """GroupNorm whose statistics are computed in at least float32 whatever the weights' dtype (fp16/bf16 safe;
+    float64, the trainer's checking precision, stays float64)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):
             return super().forward(x)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
@@ -152,7 +156,8 @@ class BasicTransformerBlock(nn.Module):
         num_frames: int,
         image_prompt_states: torch.Tensor | None = None,
         captured: list[torch.Tensor] | None = None,
-        image_prompt_strength: float = 1.0,
+        image_prompt_strength: float | Sequence[float] = 1.0,
+        image_prompt_regions: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """hidden_states: (b*f, n, c); text_states: (b*f, 77, d); image_prompt_states: (b, n, c) or None.
 
@@ -163,7 +168,7 @@ class BasicTransformerBlock(nn.Module):
         if captured is not None:
             captured.append(rearrange(normed, "(b f) n c -> b f n c", f=num_frames)[:, 0])
         hidden_states = hidden_states + cross_frame_attention(
-            self.attn1, normed, num_frames, image_prompt_states, image_prompt_strength
+            self.attn1, normed, num_frames, image_prompt_states, image_prompt_strength, image_prompt_regions
         )
         hidden_states = hidden_states + text_cross_attention(self.attn2, self.norm2(hidden_states), text_states)
         hidden_states = hidden_states + self._chunked_feed_forward(self.norm3(hidden_states))
@@ -203,10 +208,14 @@ class Transformer3DModel(nn.Module):
         h = rearrange(h, "bf c h w -> bf (h w) c")
         text = repeat(text_states, "b n d -> (b f) n d", f=frames)
         image_prompt = ctx.image_prompt_features[self.site] if ctx.image_prompt_features is not None else None
+        regions = None
+        if ctx.subject_features is not None:  # several subjects: per-subject tokens, regions on this site's grid
+            image_prompt = [features[self.site] for features in ctx.subject_features]
+            regions = [region_token_weights(region, height, width, x.device, x.dtype) for region in ctx.subject_regions]
         captured: list[torch.Tensor] | None = [] if ctx.captured is not None else None
         for block in self.transformer_blocks:
             h = block(h, text, frames, image_prompt_states=image_prompt, captured=captured,
-                      image_prompt_strength=ctx.image_prompt_strength)
+                      image_prompt_strength=ctx.image_prompt_strength, image_prompt_regions=regions)
         if captured:
             ctx.captured[self.site] = captured[0]
         h = rearrange(h, "bf (h w) c -> bf c h w", h=height, w=width)
@@ -224,6 +233,10 @@ class SiteContext:
     ) -> None:
         self.image_prompt_features = image_prompt_features
         self.image_prompt_strength = image_prompt_strength
+        self.subject_features: list[ImagePromptFeatures] | None = None
+        """Several subjects (set by :meth:`UNet3DModel.forward`): per subject its features; then
+        ``image_prompt_strength`` holds one strength per subject and ``subject_regions`` one region (or None) each."""
+        self.subject_regions: list[Any] = []
         self.captured: ImagePromptFeatures | None = {} if capture else None
 
 

@@ -15,6 +15,8 @@ The interface, explicitly:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelMismatchError, SamplingError, explain
 from .attention import ATTENTION_BACKENDS, Attention, AttentionBackend, KeyValueProjections, SiteProjections
 from .config import UNetConfig
+from .subjects import Region
 from .blocks import (
     GroupNorm32,
     ImagePromptFeatures,
@@ -132,12 +135,20 @@ class UNet3DModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, Transformer3DModel)]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
-        """Select ``"sdpa"`` (default, fused kernels) or ``"math"`` (explicit scores) for every attention."""
+        """Select ``"sdpa"`` (default, fused kernels), ``"dedup"`` (opt-in: SDPA with frames 0 and 1 attending to one
+        copy of frame 0, not bit-identical) or ``"math"`` (explicit scores, the official order) for every attention;
+        the command line's ``--attention``."""
         if backend not in ATTENTION_BACKENDS:
             raise SamplingError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = backend
+
+    @property
+    def attention_backend(self) -> str:
+        """The backend every attention uses (``"mixed"`` if they differ)."""
+        backends = {m.backend for m in self.modules() if isinstance(m, Attention)}
+        return backends.pop() if len(backends) == 1 else "mixed"
 
     attached_projections: dict[str, SiteProjections] | None = None
     """The mapper's per-site projections in use (see :meth:`attach_projections`), or None: the UNet's own."""
@@ -229,9 +240,10 @@ class UNet3DModel(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | int,
         text_states: torch.Tensor,
-        image_prompt_features: ImagePromptFeatures | None = None,
-        image_prompt_strength: float = 1.0,
+        image_prompt_features: ImagePromptFeatures | Sequence[ImagePromptFeatures] | None = None,
+        image_prompt_strength: float | Sequence[float] = 1.0,
         watermark_branch: bool = True,
+        image_prompt_regions: Sequence[Region | None] | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a video latent.
 
@@ -243,14 +255,20 @@ class UNet3DModel(nn.Module):
                 :meth:`capture_image_prompt_features` on the noised exemplar, injected into frame 0's
                 cross-frame attention; or None (no image prompt).
             image_prompt_strength: scales the image prompt's update of frame 0's values (1 = official).
+            Several subjects: ``image_prompt_features`` a list (one capture per subject), ``image_prompt_strength``
+                one strength per subject (0 = skipped) and ``image_prompt_regions`` one (x1, y1, x2, y2) box in frame
+                fractions, or None, per subject (see :mod:`.subjects`).
             watermark_branch: False skips the watermark-removal branch (an opt-in speed mode that changes
                 the output; the released model always runs it).
 
         Returns:
             (b, 4, f, h, w) noise prediction, in the weights' dtype.
         """
-        self._check_image_prompt_features(image_prompt_features)
-        ctx = SiteContext(image_prompt_features=image_prompt_features, image_prompt_strength=image_prompt_strength)
+        if image_prompt_features is not None and not isinstance(image_prompt_features, dict):  # several subjects
+            ctx = self._subjects_context(image_prompt_features, image_prompt_strength, image_prompt_regions)
+        else:
+            self._check_image_prompt_features(image_prompt_features)
+            ctx = SiteContext(image_prompt_features=image_prompt_features, image_prompt_strength=image_prompt_strength)
         hidden, temb = self._down_mid_up(sample, self._timesteps(timestep, sample), text_states, ctx)
         return self._output_head(hidden, temb, watermark_branch)
 
@@ -306,6 +324,23 @@ class UNet3DModel(nn.Module):
         """(b,) timesteps for ``sample``'s batch: one per element, so differently noised inputs can share a batch."""
         timesteps = torch.as_tensor(timestep, device=sample.device)
         return timesteps.reshape(-1).expand(sample.shape[0]) if timesteps.numel() == 1 else timesteps
+
+    def _subjects_context(self, features: Sequence[ImagePromptFeatures], strengths: float | Sequence[float],
+                          regions: Sequence[Region | None] | None) -> SiteContext:
+        """The site context of several subjects, each one's features checked and counted against its settings."""
+        features = list(features)
+        strengths = [float(strengths)] * len(features) if isinstance(strengths, (int, float)) else list(strengths)
+        regions = [None] * len(features) if regions is None else list(regions)
+        if not len(features) == len(strengths) == len(regions):
+            raise SamplingError(explain(
+                "several subjects need one strength and one region (or None) per subject's features; got "
+                "(features, strengths, regions)", (len(features), len(strengths), len(regions)),
+                "give image_prompt_strength and image_prompt_regions as lists as long as image_prompt_features"))
+        for one in features:
+            self._check_image_prompt_features(one)
+        ctx = SiteContext(image_prompt_strength=strengths)
+        ctx.subject_features, ctx.subject_regions = features, regions
+        return ctx
 
     def _check_image_prompt_features(self, features: ImagePromptFeatures | None) -> None:
         if features is None:

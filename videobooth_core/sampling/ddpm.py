@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .denoiser import StepCallback, StepOutput, VideoDenoiser
+from .known_frames import KnownFrames
 from .noise import ImagePromptNoising, NoiseSource
 from .schedule import RespacedDDPM
 
@@ -23,6 +24,7 @@ def sample_ddpm(
     callback: StepCallback | None = None,
     device: torch.device | str = "cpu",
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
+    known_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The official sampling loop (ancestral respaced DDPM), from pure noise to a clean latent.
 
@@ -32,6 +34,9 @@ def sample_ddpm(
         callback: called after every step (progress, previews, cancellation by raising).
         image_prompt_steps: (start, end) fractions of the schedule (0 = first step) where the image prompt
             is injected; (0, 1) is the official behaviour, (0, 0.5) an opt-in speed mode.
+        known_latents: (b, 4, k, h, w) clean latents of frames 0..k-1 (a start image, a video's last frames):
+            those frames follow their noised latents at every step and are exactly these at the end
+            (:class:`.known_frames.KnownFrames`); None: every frame from noise.
 
     Returns:
         (b, 4, frames, h, w) float32 latent (unscaled, i.e. still x 0.18215 VAE space).
@@ -39,12 +44,17 @@ def sample_ddpm(
     x = noise.initial(shape).to(device)
     image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
     total = schedule.num_steps
+    known = None if known_latents is None else KnownFrames(known_latents, x)
+    if known is not None:
+        x = known.at_level(x, float(schedule.alphas_cumprod[total - 1]))
     for step, index in enumerate(reversed(range(total))):
         timestep = schedule.timestep_map[index]
         exemplar_t = image_prompt.at(step, total, float(schedule.alphas_cumprod[index]))
         eps, eps_cond, eps_uncond = denoiser.predict(x, timestep, exemplar_t)
         step_noise = noise.step(step, shape).to(device)
         x_prev, pred_x0 = schedule.step(eps, x, index, step_noise)
+        if known is not None:  # the known frames at the level x_prev has reached; clean after the last step
+            x_prev = known.at_level(x_prev, float(schedule.alphas_cumprod[index - 1]) if index > 0 else None)
         if callback is not None:
             callback(step, total, StepOutput(x_prev, pred_x0, eps, eps_cond, eps_uncond, exemplar_t))
         x = x_prev

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -68,6 +68,8 @@ class VideoDenoiser:
         single_frame_image_prompt: bool = False,
         watermark_branch: bool = True,
         image_prompt_strength: float = 1.0,
+        subject_strengths: tuple[float, ...] | None = None,
+        subject_regions: tuple[tuple[float, float, float, float] | None, ...] | None = None,
     ) -> None:
         """Args:
             cond_text / null_text: (1, 77, d) text states.
@@ -77,6 +79,11 @@ class VideoDenoiser:
                 of all (an approximation: the official stream mixes its independently noised frames).
             watermark_branch: False skips the watermark-removal branch (opt-in speed mode, changes output).
             image_prompt_strength: scales the image prompt's injection (1 = official).
+            subject_strengths: several subjects (None: one image prompt, the official path): one strength per
+                subject; the exemplar given to :meth:`predict` then holds the subjects' streams stacked subject-major
+                on the batch axis (s * b elements), all captured in one batched pass.
+            subject_regions: per subject an (x1, y1, x2, y2) box in frame fractions limiting where its features
+                act, or None (everywhere); None for no regions.
         """
         if guidance not in GUIDANCE_RULES:
             raise SamplingError(f"unknown guidance rule {guidance!r}; choose one of {GUIDANCE_RULES}")
@@ -89,14 +96,23 @@ class VideoDenoiser:
         self.single_frame_image_prompt = single_frame_image_prompt
         self.watermark_branch = watermark_branch
         self.image_prompt_strength = float(image_prompt_strength)
+        self.subject_strengths = None if subject_strengths is None else tuple(float(s) for s in subject_strengths)
+        self.subject_regions = subject_regions
+
+    @property
+    def image_prompt_streams(self) -> int:
+        """Image-prompt streams per video (one per subject; 1 for the single image prompt)."""
+        return 1 if self.subject_strengths is None else len(self.subject_strengths)
 
     def predict(
-        self, x_t: torch.Tensor, timestep: int, exemplar_t: torch.Tensor | None, exemplar_timestep: int | None = None
+        self, x_t: torch.Tensor, timestep: int, exemplar_t: torch.Tensor | None, exemplar_timestep: int | None = None,
+        image_prompt_features: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (guided eps, eps_cond, eps_uncond) for x_t (b, 4, f, h, w) at an original timestep.
 
         ``exemplar_t`` is the noised exemplar (b, 4, f, h, w) or None (text only);
-        ``exemplar_timestep`` defaults to ``timestep``.
+        ``exemplar_timestep`` defaults to ``timestep``. ``image_prompt_features``: this step's features from
+        :meth:`capture`, shared by several calls (the windows of a long video); the exemplar is then not rerun.
         """
         unet = self.unet
         dtype = next(unet.parameters()).dtype
@@ -106,10 +122,15 @@ class VideoDenoiser:
         cond = self.cond_text.to(dtype).expand(batch, -1, -1)
         t = torch.full((batch,), timestep, dtype=torch.long, device=x_t.device)
         need_uncond = self.cfg_scale != 1.0 or self.guidance == "official"
-        features = None
+        features = image_prompt_features
         eps_uncond = None
+        if features is not None:
+            exemplar_t = None
         if exemplar_t is not None and self.single_frame_image_prompt:
             exemplar_t = exemplar_t[:, :, :1]
+        if self.subject_strengths is not None and (exemplar_t is not None or features is not None):  # subjects
+            return self._predict_subjects(x_in, t, cond, null, exemplar_t, exemplar_timestep, timestep, need_uncond,
+                                          features)
         if exemplar_t is not None:
             te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
                             dtype=torch.long, device=x_t.device)
@@ -122,6 +143,53 @@ class VideoDenoiser:
                 features = unet.capture_image_prompt_features(exemplar_t.to(dtype), te, null)
         eps_cond = unet(x_in, t, cond, image_prompt_features=features,
                         image_prompt_strength=self.image_prompt_strength, watermark_branch=self.watermark_branch)
+        if need_uncond and eps_uncond is None:
+            eps_uncond = unet(x_in, t, null, watermark_branch=self.watermark_branch)
+        eps_cond = eps_cond.float()
+        if eps_uncond is None:
+            return eps_cond, eps_cond, None
+        eps_uncond = eps_uncond.float()
+        return guide(eps_cond, eps_uncond, self.cfg_scale, self.guidance), eps_cond, eps_uncond
+
+    def capture(self, exemplar_t: torch.Tensor, timestep: int, exemplar_timestep: int | None = None,
+                batch: int = 1) -> Any:
+        """Step 1 alone: the image-prompt features of the noised exemplar (b, 4, f, h, w), for ``predict``'s
+        ``image_prompt_features`` (captured once per step and shared by the windows of a long video)."""
+        dtype = next(self.unet.parameters()).dtype
+        if self.single_frame_image_prompt:
+            exemplar_t = exemplar_t[:, :, :1]
+        null = self.null_text.to(dtype).expand(batch, -1, -1)
+        te = torch.full((batch,), exemplar_timestep if exemplar_timestep is not None else timestep,
+                        dtype=torch.long, device=exemplar_t.device)
+        return self.unet.capture_image_prompt_features(exemplar_t.to(dtype), te, null)
+
+    def _predict_subjects(self, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
+                          exemplar_t: torch.Tensor | None, exemplar_timestep: int | None, timestep: int,
+                          need_uncond: bool,
+                          features: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict` with several subjects: ``exemplar_t`` (s * b, 4, f', h, w) subject-major (or ready
+        ``features`` with s * b rows per site); the subjects' streams are captured together (batched with the
+        unconditional pass when it can share it), and each subject's features are injected with its strength and
+        region (:mod:`..models.subjects`)."""
+        unet, batch, streams = self.unet, x_in.shape[0], self.image_prompt_streams
+        eps_uncond = None
+        if features is None:
+            rows = exemplar_t.shape[0]
+            if rows != streams * batch:
+                raise SamplingError(f"{streams} subjects need {streams} image-prompt streams per video "
+                                    f"({streams * batch} in all), got {rows}; stack one noised exemplar per subject")
+            exemplar_t = exemplar_t.to(x_in.dtype)
+            te = torch.full((rows,), exemplar_timestep if exemplar_timestep is not None else timestep,
+                            dtype=torch.long, device=x_in.device)
+            null_streams = null[:1].expand(rows, -1, -1)
+            if self.batch_passes and need_uncond and exemplar_t.shape[2] == x_in.shape[2]:
+                eps_uncond, features = unet.predict_and_capture(x_in, t, null, exemplar_t, te, null_streams,
+                                                                watermark_branch=self.watermark_branch)
+            else:
+                features = unet.capture_image_prompt_features(exemplar_t, te, null_streams)
+        per_subject = [{site: f[i * batch:(i + 1) * batch] for site, f in features.items()} for i in range(streams)]
+        eps_cond = unet(x_in, t, cond, image_prompt_features=per_subject, image_prompt_strength=self.subject_strengths,
+                        image_prompt_regions=self.subject_regions, watermark_branch=self.watermark_branch)
         if need_uncond and eps_uncond is None:
             eps_uncond = unet(x_in, t, null, watermark_branch=self.watermark_branch)
         eps_cond = eps_cond.float()

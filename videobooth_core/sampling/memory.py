@@ -12,6 +12,7 @@ allocator's slack (see :func:`tune_allocator`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import weakref
@@ -166,7 +167,8 @@ def meta_denoiser(denoiser: Any) -> Any:
         meta_twin(denoiser.unet), denoiser.cond_text.to(meta), denoiser.null_text.to(meta), denoiser.cfg_scale,
         denoiser.guidance, batch_passes=denoiser.batch_passes,
         single_frame_image_prompt=denoiser.single_frame_image_prompt, watermark_branch=denoiser.watermark_branch,
-        image_prompt_strength=denoiser.image_prompt_strength,
+        image_prompt_strength=denoiser.image_prompt_strength, subject_strengths=denoiser.subject_strengths,
+        subject_regions=denoiser.subject_regions,
     )
 
 
@@ -194,7 +196,8 @@ def estimate_step_memory(
     dry = meta_denoiser(denoiser)
     meta = torch.device("meta")
     x_t = torch.empty(shape, device=meta)
-    exemplar = torch.empty(shape, device=meta) if image_prompt else None
+    streams = getattr(denoiser, "image_prompt_streams", 1)  # several subjects: one image-prompt stream each
+    exemplar = torch.empty((shape[0] * streams, *shape[1:]), device=meta) if image_prompt else None
     activations = peak_activation_bytes(lambda: dry.predict(x_t, 500, exemplar))
     weights = resident_weight_bytes([denoiser.unet, *_projection_modules(denoiser.unet), *(extra_modules or [])])
     streamer = getattr(denoiser.unet, "weight_streamer", None)
@@ -203,12 +206,32 @@ def estimate_step_memory(
     device = torch.device(device)
     runtime = 0
     if device.type == "cpu":  # what this process holds besides the weights (libraries, encoders' buffers)
-        resident = _current_rss_bytes()
+        resident = current_rss_bytes()
         runtime = max(CPU_RUNTIME_BYTES, resident - weights if resident is not None else 0)
     return MemoryEstimate(weights, activations, runtime, str(device))
 
 
-def _current_rss_bytes() -> int | None:
+def estimate_windowed_memory(
+    denoiser: Any,
+    shape: tuple[int, int, int, int, int],
+    context: Any,
+    image_prompt: bool,
+    device: torch.device | str,
+    extra_modules: list[nn.Module] | None = None,
+) -> MemoryEstimate:
+    """The peak of one step of a long video denoised by context windows (:mod:`.windows`): one window's guided
+    step (``context.window`` frames; the image-prompt stream, captured once per step, is no larger than the
+    window's batched pass) plus what the step holds for the whole video, in float32: the sample, the noised image
+    prompt, the three fused predictions and the known frames with their noise (start image, extension anchors).
+    Bounded by the window: the per-video part is about 1 MB per 16 frames at 256 x 256."""
+    window_shape = (shape[0], shape[1], min(shape[2], context.window), shape[3], shape[4])
+    estimate = estimate_step_memory(denoiser, window_shape, image_prompt, device, extra_modules)
+    video_bytes = shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * 4
+    held = video_bytes * (4 + int(image_prompt) + 2)
+    return dataclasses.replace(estimate, activations_bytes=estimate.activations_bytes + held)
+
+
+def current_rss_bytes() -> int | None:
     """Resident memory of this process now (Linux), or None."""
     try:
         with open("/proc/self/statm") as statm:

@@ -74,7 +74,8 @@ class ImagePromptNoising:
     ) -> None:
         """Args:
             clean: (b, 4, 1, h, w) clean image-prompt latent (VAE sample x 0.18215), or None (no image prompt:
-                nothing is drawn).
+                nothing is drawn). Several subjects: one row per subject, noised by one draw per step (subject-major),
+                so one subject draws exactly as the single image prompt.
             frames: frames of the video latent.
             image_prompt_steps: (start, end) fractions of the schedule (0 = first step) where the image prompt is
                 injected; (0, 1) is the official behaviour.

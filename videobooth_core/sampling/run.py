@@ -15,10 +15,11 @@ from torch import nn
 from ..errors import PromptError
 from .ddpm import sample_ddpm
 from .denoiser import GuidanceRule, StepCallback, VideoDenoiser
-from .memory import MemoryEstimate, estimate_step_memory
+from .memory import MemoryEstimate, estimate_step_memory, estimate_windowed_memory
 from .noise import GeneratorNoise
 from .schedule import RespacedDDPM
 from .schedulers import OFFICIAL_SAMPLER, sample_with_scheduler
+from .windows import ContextOptions, windowed
 
 
 def prepare_denoiser(
@@ -36,6 +37,9 @@ def prepare_denoiser(
     watermark_branch: bool = True,
     batch_passes: bool = True,
     resident_models: Sequence[nn.Module] = (),
+    context: ContextOptions | None = None,
+    subject_strengths: tuple[float, ...] | None = None,
+    subject_regions: tuple[tuple[float, float, float, float] | None, ...] | None = None,
 ) -> tuple[VideoDenoiser, MemoryEstimate]:
     """The guided denoiser of one generation and the estimate of a step's peak memory, before any step runs
     (so a host can free that much first, or warn).
@@ -45,6 +49,10 @@ def prepare_denoiser(
         shape: (b, 4, frames, h, w) of the video latent.
         image_prompt: whether the steps run the image-prompt stream (an exemplar is given).
         resident_models: other models that stay loaded while sampling (counted in the estimate's weights).
+        subject_strengths / subject_regions: several subjects' image-prompt streams (see
+            :class:`.denoiser.VideoDenoiser`; :func:`..conditioning.subjects.plan_fine_injection` makes them).
+        context: sliding context windows for videos longer than one window (:mod:`.windows`): the denoiser
+            returned is then a :class:`.windows.WindowedDenoiser` and the estimate that of one window's step.
     """
     expected = unet.config.cross_attention_dim
     if cond_text.shape[-1] != expected or null_text.shape[-1] != expected:
@@ -56,8 +64,12 @@ def prepare_denoiser(
     denoiser = VideoDenoiser(
         unet, cond_text.to(device), null_text.to(device), cfg_scale, guidance, batch_passes=batch_passes,
         single_frame_image_prompt=single_frame_image_prompt, watermark_branch=watermark_branch,
-        image_prompt_strength=image_prompt_strength,
+        image_prompt_strength=image_prompt_strength, subject_strengths=subject_strengths,
+        subject_regions=subject_regions,
     )
+    if context is not None and context.applies(shape[2]):
+        return windowed(denoiser, context, shape[2]), estimate_windowed_memory(
+            denoiser, tuple(shape), context, image_prompt, device, list(resident_models))
     estimate = estimate_step_memory(denoiser, tuple(shape), image_prompt, device, list(resident_models))
     return denoiser, estimate
 
@@ -76,6 +88,7 @@ def run_sampler(
     spacing: str = "trailing",
     eta: float = 0.0,
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
+    known_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise from noise to a clean video latent with ``sampler``: ``ddpm`` is the official respaced
     ancestral DDPM (:func:`.ddpm.sample_ddpm`), the others diffusers samplers on the same training schedule
@@ -88,6 +101,8 @@ def run_sampler(
             or None to draw it from ``generator`` first.
         exemplar_clean: (b, 4, 1, h, w) clean image-prompt latent at the video's latent size, or None.
         callback: called after every step with (step, total, StepOutput); raising from it cancels.
+        known_latents: (b, 4, k, h, w) clean latents of frames 0..k-1 (a start image, a video's last frames),
+            held at every step and exact at the end (:mod:`.known_frames`); None: plain sampling.
 
     Returns:
         (b, 4, frames, h, w) float32 latent on ``device`` (VAE latents x 0.18215).
@@ -96,6 +111,6 @@ def run_sampler(
     with torch.no_grad():
         if sampler == OFFICIAL_SAMPLER:
             return sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, callback, device,
-                               image_prompt_steps=image_prompt_steps)
+                               image_prompt_steps=image_prompt_steps, known_latents=known_latents)
         return sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean, callback,
-                                     device, spacing, eta, image_prompt_steps)
+                                     device, spacing, eta, image_prompt_steps, known_latents=known_latents)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import SamplingError
 from .denoiser import StepCallback, StepOutput, VideoDenoiser
+from .known_frames import KnownFrames
 from .noise import ImagePromptNoising, NoiseSource
 from .schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS, base_betas
 
@@ -62,12 +63,15 @@ def sample_with_scheduler(
     spacing: str = "trailing",
     eta: float = 0.0,
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
+    known_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample with a diffusers scheduler; same contract as :func:`.ddpm.sample_ddpm`.
 
     Args:
         generator: the noise of ancestral schedulers (Euler ancestral, DDIM with eta > 0), on the CPU.
         eta: DDIM's stochasticity (0 = deterministic DDIM).
+        known_latents: (b, 4, k, h, w) clean latents of frames 0..k-1, noised with the scheduler's own
+            ``add_noise`` to every step's level and exact at the end (see :func:`.ddpm.sample_ddpm`).
 
     Returns:
         (b, 4, frames, h, w) float32 latent.
@@ -77,11 +81,15 @@ def sample_with_scheduler(
     scheduler = make_scheduler(name, spacing)
     scheduler.set_timesteps(steps, device=device)
     alphas_cumprod = np.cumprod(1.0 - base_betas())  # float64, the training schedule's
-    x = noise.initial(shape).to(device) * scheduler.init_noise_sigma
+    initial = noise.initial(shape).to(device)
+    x = initial * scheduler.init_noise_sigma
     image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
     timesteps = scheduler.timesteps
     total = len(timesteps)
     step_kwargs: dict[str, Any] = {"eta": eta} if name == "ddim" else {}
+    known = None if known_latents is None else KnownFrames(known_latents, initial)
+    if known is not None:
+        x = known.at_timestep(x, scheduler, timesteps[0])
     for step, t in enumerate(timesteps):
         timestep = int(round(float(t)))
         exemplar_t = image_prompt.at(step, total, float(alphas_cumprod[timestep]))
@@ -90,6 +98,8 @@ def sample_with_scheduler(
         out = scheduler.step(eps, t, x, **step_kwargs, **_generator_kwargs(scheduler, generator))
         pred_x0 = getattr(out, "pred_original_sample", None)
         x_prev = out.prev_sample.float()
+        if known is not None:  # the known frames at the next timestep's level; clean after the last step
+            x_prev = known.at_timestep(x_prev, scheduler, timesteps[step + 1] if step + 1 < total else None)
         if callback is not None:
             callback(step, total, StepOutput(x_prev, pred_x0 if pred_x0 is not None else x_prev, eps, eps_cond,
                                              eps_uncond, exemplar_t))

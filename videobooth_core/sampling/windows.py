@@ -1,0 +1,221 @@
+"""Long videos by sliding context windows: the frames are split into overlapping windows the model's size, every
+step runs the guided denoiser on each window and fuses their predictions, so memory stays that of one window and
+time grows linearly with the frames.
+
+Why every window starts with the *global* frame 0. VideoBooth's cross-frame attention makes every frame attend to
+[frame 0 ; previous frame], and the image prompt enters through frame 0's values. A window that is
+``[frame 0] + (window - 1) consecutive frames`` therefore attends, at every frame, to the same frame 0 and the
+same image prompt as the first window: the subject is held across the whole video. Frame 0's prediction is taken
+from the first window alone (the later windows only attend to it).
+
+    windows = context_windows(frames=40, window=16, overlap=4)   # [[0..15], [0, 12..26], [0, 24..38], [0, 25..39]]
+    weights = fuse_weights(windows, 40, "pyramid")              # per window, per frame; they sum to 1 at each frame
+    denoiser = WindowedDenoiser(inner, ContextOptions(window=16, overlap=4))
+
+The image-prompt stream runs on the window's frame count, once per step: its features (frame 0's per-site
+``attn1`` inputs) are the same for every window, so they are captured once and shared. With frames <= window the
+windowed denoiser is the inner one, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SamplingError, explain
+
+FUSE_MODES: tuple[str, ...] = ("pyramid", "flat")
+DEFAULT_WINDOW = 16
+"""The released model's trained frame count."""
+DEFAULT_OVERLAP = 4
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """How a long video is split: ``window`` frames per UNet call (frame 0 included), ``overlap`` frames shared
+    by neighbouring windows (besides frame 0), ``fuse`` the weights of overlapping predictions (``pyramid``:
+    highest at a window's middle, so seams fade; ``flat``: equal), ``noise_reuse``: FreeNoise-style initial
+    noise (later windows start from shuffled copies of earlier windows' noise, which keeps the content closer)."""
+
+    window: int = DEFAULT_WINDOW
+    overlap: int = DEFAULT_OVERLAP
+    fuse: str = "pyramid"
+    noise_reuse: bool = False
+
+    def __post_init__(self) -> None:
+        check_context(self.window, self.overlap, self.fuse)
+
+    def applies(self, frames: int) -> bool:
+        """True when a video of ``frames`` frames is denoised by windows (more frames than one window)."""
+        return frames > self.window
+
+
+def check_context(window: int, overlap: int, fuse: str = "pyramid") -> None:
+    """SamplingError naming the value and the fix unless the window, overlap and fuse mode work together."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise SamplingError(explain("the context window must be a whole number of at least 2 frames", window,
+                                    f"use --context-window {DEFAULT_WINDOW} (the trained length)"))
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= window - 2:
+        raise SamplingError(explain(
+            f"the context overlap must be between 0 and {window - 2} for a window of {window} (frame 0 is in every "
+            "window, so at least one frame per window must be new)", overlap,
+            f"lower --context-overlap (e.g. {min(DEFAULT_OVERLAP, window - 2)}) or raise --context-window"))
+    if fuse not in FUSE_MODES:
+        raise SamplingError(explain("unknown context fuse mode", fuse, f"choose one of {', '.join(FUSE_MODES)}"))
+
+
+def context_windows(frames: int, window: int, overlap: int) -> list[list[int]]:
+    """The frame indices of every window: the first is ``[0, window)``; each later one is frame 0 followed by
+    ``window - 1`` consecutive frames, starting ``window - 1 - overlap`` after the previous one, the last aligned
+    to the video's end. With ``frames <= window`` one window of all the frames.
+
+    Returns:
+        a list of windows, each a list of ascending frame indices (length ``min(frames, window)``).
+    """
+    check_context(window, overlap)
+    if frames < 1:
+        raise SamplingError(explain("a video needs at least one frame", frames, "use --frames 1 or more"))
+    if frames <= window:
+        return [list(range(frames))]
+    span = window - 1  # the consecutive frames of a window, after frame 0
+    stride = span - overlap
+    starts = list(range(1, frames - span + 1, stride))
+    if starts[-1] != frames - span:  # the last window ends at the last frame (it overlaps its neighbour more)
+        starts.append(frames - span)
+    return [[0, *range(start, start + span)] for start in starts]
+
+
+def fuse_weights(windows: list[list[int]], frames: int, fuse: str = "pyramid") -> list[torch.Tensor]:
+    """Per window, the float32 weight of its prediction at each of its frames; at every frame the weights of the
+    windows covering it sum to 1 (normalised in float64). Frame 0 weighs 1 in the first window and 0 elsewhere.
+
+    ``pyramid``: a frame's raw weight is its distance to the nearer end of its window's consecutive part (plus
+    one), so predictions made near a window's edge (where the neighbour's context is missing) count less.
+    """
+    if fuse not in FUSE_MODES:
+        raise SamplingError(explain("unknown context fuse mode", fuse, f"choose one of {', '.join(FUSE_MODES)}"))
+    raw = []
+    for number, window in enumerate(windows):
+        span = len(window) - 1
+        if fuse == "flat" or span < 1:
+            weights = [1.0] * len(window)
+        else:
+            weights = [1.0] + [float(min(i + 1, span - i)) for i in range(span)]
+        if number > 0:
+            weights[0] = 0.0  # frame 0 is predicted by the first window; later windows only attend to it
+        raw.append(torch.tensor(weights, dtype=torch.float64))
+    total = torch.zeros(frames, dtype=torch.float64)
+    for window, weights in zip(windows, raw):
+        total[window] += weights
+    if bool((total <= 0).any()):
+        missing = int(torch.nonzero(total <= 0)[0])
+        raise SamplingError(explain("the context windows leave a frame uncovered", missing,
+                                    "this is a bug in the window schedule; please report it"))
+    return [(weights / total[window]).float() for window, weights in zip(windows, raw)]
+
+
+def reuse_noise(noise: torch.Tensor, options: ContextOptions, generator: torch.Generator) -> torch.Tensor:
+    """FreeNoise-style initial noise: each chunk of ``window - 1 - overlap`` frames after the first window is a
+    shuffled copy of the frames ``window - 1`` before it, so every window starts from (nearly) the same frames of
+    noise in another order. Frame 0 and the first window are unchanged.
+
+    Args:
+        noise: (b, c, frames, h, w) initial noise.
+        generator: draws the permutations (CPU).
+
+    Returns:
+        a new (b, c, frames, h, w) tensor.
+    """
+    frames = noise.shape[2]
+    out = noise.clone()
+    span = options.window - 1
+    stride = span - options.overlap
+    for start in range(options.window, frames, stride):
+        length = min(stride, frames - start)
+        order = torch.randperm(stride, generator=generator)
+        source = torch.arange(start - span, start - span + stride)[order][:length]
+        out[:, :, start:start + length] = out[:, :, source.to(noise.device)]
+    return out
+
+
+class WindowedDenoiser:
+    """The inner :class:`~.denoiser.VideoDenoiser` run window by window, its predictions fused; the same
+    ``predict`` interface. With frames <= ``options.window`` it is the inner denoiser (bit for bit)."""
+
+    def __init__(self, inner: Any, options: ContextOptions) -> None:
+        self.inner = inner
+        self.options = options
+        self._plan: tuple[int, list[list[int]], list[torch.Tensor]] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # unet, cfg_scale, guidance...: the inner denoiser's settings
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def plan(self, frames: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """The windows and fuse weights for ``frames`` frames (computed once per frame count)."""
+        if self._plan is None or self._plan[0] != frames:
+            windows = context_windows(frames, self.options.window, self.options.overlap)
+            self._plan = (frames, windows, fuse_weights(windows, frames, self.options.fuse))
+        return self._plan[1], self._plan[2]
+
+    def predict(
+        self, x_t: torch.Tensor, timestep: int, exemplar_t: torch.Tensor | None, exemplar_timestep: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (guided eps, eps_cond, eps_uncond) for x_t (b, 4, frames, h, w), each fused over the windows.
+
+        ``exemplar_t``: the noised image prompt (b, 4, frames or more, h, w) or None; its first ``window`` frames
+        are the image-prompt stream of every window (the stream the model was trained with has the window's
+        frame count).
+        """
+        frames = x_t.shape[2]
+        if not self.options.applies(frames):
+            return self.inner.predict(x_t, timestep, exemplar_t, exemplar_timestep)
+        windows, weights = self.plan(frames)
+        features = None
+        if exemplar_t is not None:  # the same for every window: captured once per step
+            exemplar_t = exemplar_t[:, :, :self.options.window]
+            features = self.inner.capture(exemplar_t, timestep, exemplar_timestep, batch=x_t.shape[0])
+        fused: list[torch.Tensor | None] = [None, None, None]
+        for window, weight in zip(windows, weights):
+            index = torch.tensor(window, device=x_t.device)
+            outputs = self.inner.predict(x_t[:, :, index], timestep, exemplar_t, exemplar_timestep,
+                                         image_prompt_features=features)
+            scale = weight.to(x_t.device).view(1, 1, -1, 1, 1)
+            for slot, output in enumerate(outputs):
+                if output is None:
+                    continue
+                if fused[slot] is None:
+                    fused[slot] = output.new_zeros((*output.shape[:2], frames, *output.shape[3:]))
+                fused[slot].index_add_(2, index, output * scale)
+        return fused[0], fused[1], fused[2]
+
+
+def windowed(denoiser: Any, options: ContextOptions | None, frames: int) -> Any:
+    """``denoiser`` wrapped in a :class:`WindowedDenoiser` when ``options`` split ``frames`` into windows, else
+    ``denoiser`` itself (the plain path, untouched)."""
+    if options is None or not options.applies(frames):
+        return denoiser
+    return WindowedDenoiser(denoiser, options)
+
+
+def context_options(settings: Any) -> ContextOptions:
+    """The :class:`ContextOptions` of a request's settings (``context_window``, ``context_overlap``,
+    ``context_fuse``, ``noise_reuse``)."""
+    return ContextOptions(settings.context_window, settings.context_overlap, settings.context_fuse,
+                          settings.noise_reuse)
+
+
+def long_video_info(frames: int, options: ContextOptions | None, start_latents: torch.Tensor | None) -> dict[str, Any]:
+    """Summary entries of a generation's long-video features (empty for a plain one, so plain summaries are
+    unchanged): the windows per step and the known start frames."""
+    info: dict[str, Any] = {}
+    if options is not None and options.applies(frames):
+        info["context_windows"] = len(context_windows(frames, options.window, options.overlap))
+        info["context"] = {"window": options.window, "overlap": options.overlap, "fuse": options.fuse,
+                           "noise_reuse": options.noise_reuse}
+    if start_latents is not None:
+        info["start_frames"] = int(start_latents.shape[2])
+    return info
