@@ -270,9 +270,47 @@ def test_the_overlap_check_sees_a_title_bar() -> None:
     assert overlapping(node_rects(below)) == []
 
 
+# Minimum node widths the frontend (1.27.10) enforced on load, read off the live page (they follow the widest
+# label + value); a stored width below it is drawn wider and may cover a neighbour.
+FRONTEND_MIN_WIDTH = {
+    "VideoBoothModelLoader": 210, "VideoBoothVAELoader": 210, "VideoBoothCLIPLoader": 280,
+    "VideoBoothCLIPVisionLoader": 236, "VideoBoothConvertWeights": 219, "VideoBoothApplySDCheckpoint": 267,
+    "VideoBoothLoRA": 210, "VideoBoothImagePrompt": 210, "VideoBoothImagePromptEncode": 310,
+    "VideoBoothTextEncode": 321, "VideoBoothLatentInjection": 247, "VideoBoothSampler": 255, "VideoBoothDecode": 210,
+    "VideoBoothMetricModels": 288, "VideoBoothScore": 210, "VideoBoothBestOfN": 264, "VideoBoothDrift": 269,
+    "VideoBoothSubjects": 210, "VideoBoothContextOptions": 300, "VideoBoothStartFrames": 370,
+}
+
+
+def frontend_min_height(node_type: str) -> int:
+    """The height the frontend (1.27.10) gives a pack node at least, whatever the file stores: 20 px per slot row
+    (the more of socket inputs and outputs), 24 per widget (54 for a multiline text, +24 for a seed's control)
+    plus 8 below the widgets, and 6 of margin. Checked against the live page for Sampler 422, Text Encode 206,
+    Subjects 194, Context Options 130, Start Frames 126, Drift 118, Decode 78, Image Prompt Encode 66."""
+    inputs, outputs = schema(node_type)
+    sockets = sum(1 for _, kind, _ in inputs if not is_widget(kind))
+    widgets = 0
+    for name, kind, options in inputs:
+        if is_widget(kind):
+            widgets += 54 if kind == "STRING" and options.get("multiline") else 24
+            widgets += 24 if has_control(name, kind, options) else 0
+    return 20 * max(sockets, len(outputs), 1) + (widgets + 8 if widgets else 0) + 6
+
+
+def test_the_minimum_height_rule_matches_the_frontend() -> None:
+    measured = {"VideoBoothSampler": 422, "VideoBoothTextEncode": 206, "VideoBoothSubjects": 194,
+                "VideoBoothContextOptions": 130, "VideoBoothStartFrames": 126, "VideoBoothDrift": 118,
+                "VideoBoothDecode": 78, "VideoBoothImagePromptEncode": 66}
+    assert {name: frontend_min_height(name) for name in measured} == measured
+
+
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_ui_workflow_layout_is_readable(name) -> None:
     graph = json.loads((UI_DIR / name).read_text())
+    for node in graph["nodes"]:  # stored at least as large as drawn, so the overlap check below sees the real boxes
+        if node["type"] in MAPPINGS:
+            assert node["size"][1] >= frontend_min_height(node["type"]), (name, node["type"], node["size"])
+            assert node["size"][0] >= FRONTEND_MIN_WIDTH[node["type"]], (name, node["type"], node["size"])
     assert overlapping(node_rects(graph)) == [], name
     assert fit_view_zoom(graph) >= TEXT_DROPPED_BELOW + 0.05, (name, fit_view_zoom(graph))
     if name == "videobooth_basic.json":
