@@ -254,9 +254,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
-    if args.attention != "sdpa":
+    if args.attention != "sdpa":  # the default path never touches the model
         pipe.unet.set_attention_backend(args.attention)
-    args.attention = pipe.unet.attention_backend  # the summary reports the kernel in use
+        args.attention = pipe.unet.attention_backend  # the summary reports the kernel in use
     if args.base_checkpoint or loras:  # the plain path never touches the weights
         for line in pipe.use_sd_models(args.base_checkpoint, loras, args.lora_kv):
             print(line, file=sys.stderr)
