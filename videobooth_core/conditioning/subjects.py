@@ -24,8 +24,8 @@ from ..errors import ImagePromptError, PromptError, explain
 from ..models.config import NUM_MAPPER_LEVELS
 from ..models.subjects import FULL_FRAME, Region
 from .text import (
-    MAX_TOKENS, OFFICIAL_SUBSTRING, PLACEHOLDER_WORD, SUBJECT_MATCHES, WHOLE_WORD, encode_text, placeholder_token_ids,
-    prompt_fit_warnings, substitute_subject, tokenize,
+    MAX_TOKENS, OFFICIAL_SUBSTRING, PLACEHOLDER_WORD, SUBJECT_MATCHES, WHOLE_WORD, dropped_words, encode_text,
+    placeholder_token_ids, prompt_fit_warnings, substitute_subject, tokenize,
 )
 
 DROPPED_WORDS_SHOWN = 20
@@ -194,16 +194,7 @@ def subjects_prompt_fit(tokenizer: Any, text: str, placeholder_ids: tuple[int, .
             lost.add(position)
     if not lost:
         return []
-    tokens = tokenizer.convert_ids_to_tokens(full[1:-1])
-    dropped, word, word_lost = [], [], False
-    for position, token in enumerate(tokens, start=1):  # a word ends with the token marked "</w>"
-        word.append(full[position])
-        word_lost |= position in lost
-        if token.endswith("</w>") or position == len(tokens):
-            if word_lost:
-                dropped.append(tokenizer.decode(word).strip())
-            word, word_lost = [], False
-    return dropped
+    return dropped_words(tokenizer, full, lost)
 
 
 def subjects_fit_warnings(tokenizer: Any, prompt: str, words: Sequence[str], match: str = WHOLE_WORD,

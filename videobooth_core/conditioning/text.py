@@ -9,7 +9,7 @@ The trained weights expect exactly this sequence, including the positions of eve
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,15 @@ def prompt_fit(tokenizer: Any, text: str, placeholder_ids: tuple[int, ...] = (),
     lost = {i for i in range(1, len(full) - 1) if i not in kept and i not in replaced}
     if not lost:
         return []
-    tokens = tokenizer.convert_ids_to_tokens(full[1:-1])
+    return dropped_words(tokenizer, full, lost)
+
+
+def dropped_words(tokenizer: Any, full: Sequence[int], lost: set[int]) -> list[str]:
+    """The words of the token ids ``full`` (start and end tokens included) that have a token at a position in
+    ``lost`` (a word ends with the token marked ``</w>``)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(full[1:-1]))
     dropped, word, word_lost = [], [], False
-    for position, token in enumerate(tokens, start=1):  # a word ends with the token marked "</w>"
+    for position, token in enumerate(tokens, start=1):
         word.append(full[position])
         word_lost |= position in lost
         if token.endswith("</w>") or position == len(tokens):

@@ -143,8 +143,14 @@ class VideoDenoiser:
                 features = unet.capture_image_prompt_features(exemplar_t.to(dtype), te, null)
         eps_cond = unet(x_in, t, cond, image_prompt_features=features,
                         image_prompt_strength=self.image_prompt_strength, watermark_branch=self.watermark_branch)
+        return self._guided(x_in, t, null, eps_cond, eps_uncond, need_uncond)
+
+    def _guided(self, x_in: torch.Tensor, t: torch.Tensor, null: torch.Tensor, eps_cond: torch.Tensor,
+                eps_uncond: torch.Tensor | None,
+                need_uncond: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The unconditional pass if it is needed and was not batched with the capture, then the guidance, in fp32."""
         if need_uncond and eps_uncond is None:
-            eps_uncond = unet(x_in, t, null, watermark_branch=self.watermark_branch)
+            eps_uncond = self.unet(x_in, t, null, watermark_branch=self.watermark_branch)
         eps_cond = eps_cond.float()
         if eps_uncond is None:
             return eps_cond, eps_cond, None
@@ -190,10 +196,4 @@ class VideoDenoiser:
         per_subject = [{site: f[i * batch:(i + 1) * batch] for site, f in features.items()} for i in range(streams)]
         eps_cond = unet(x_in, t, cond, image_prompt_features=per_subject, image_prompt_strength=self.subject_strengths,
                         image_prompt_regions=self.subject_regions, watermark_branch=self.watermark_branch)
-        if need_uncond and eps_uncond is None:
-            eps_uncond = unet(x_in, t, null, watermark_branch=self.watermark_branch)
-        eps_cond = eps_cond.float()
-        if eps_uncond is None:
-            return eps_cond, eps_cond, None
-        eps_uncond = eps_uncond.float()
-        return guide(eps_cond, eps_uncond, self.cfg_scale, self.guidance), eps_cond, eps_uncond
+        return self._guided(x_in, t, null, eps_cond, eps_uncond, need_uncond)
