@@ -29,6 +29,16 @@ Options:
                       (videobooth_core.loading.streaming; exact). The random weights are written to --weights-file by a
                       child process first, so that building them does not count in this process's peak.
 
+An external reference (another implementation, e.g. the official code in its own environment, which this
+project does not ship: it has no license) joins the comparison under a name of its own:
+
+    python benchmarks/bench_step.py --external official-code="/path/to/venv/bin/python /path/to/official_step.py" \
+        --reference official-code --candidate official-order --candidate exact --candidate exact:bf16 --rounds 2
+
+The command gets ``--frames --latent --threads --repeats --warmup`` appended, runs in its own process like every
+other measurement, and must print one stdout line ``RESULT {json}`` with at least ``median_seconds`` and
+``peak_rss_mb`` (``tflop_per_step`` and ``achieved_tflops`` when it counts its FLOPs).
+
 Besides the timing, RESULT holds the step's FLOP count (matmuls and convolutions, counted by
 torch.utils.flop_counter on a storage-free twin of the model) and the achieved TFLOP/s, and the pre-sampling
 peak-memory estimate (videobooth_core.sampling.memory) next to the measured peak.
@@ -41,6 +51,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -159,11 +170,29 @@ def profile_step(step) -> dict:
     return {"profiled_seconds": round(total / 1e6, 3), "share": shares}
 
 
-def parse_spec(spec: str) -> dict:
-    """``"exact:bf16:stream"`` → {"mode": "exact", "dtype": "bf16", "attention": None, "stream": True}."""
+def parse_external(definitions: list[str] | None) -> dict[str, list[str]]:
+    """``["name=command args"]`` → {"name": ["command", "args"]} (see --external)."""
+    externals = {}
+    for definition in definitions or []:
+        name, separator, command = definition.partition("=")
+        if not separator or not name or not command.strip():
+            raise SystemExit(f"bench_step: --external takes NAME=COMMAND, got {definition!r}")
+        if name.split(":")[0] in MODES:
+            raise SystemExit(f"bench_step: --external name {name!r} is one of the built-in modes {MODES}; pick another")
+        externals[name] = shlex.split(command)
+    return externals
+
+
+def parse_spec(spec: str, externals: dict[str, list[str]] | None = None) -> dict:
+    """``"exact:bf16:stream"`` → {"mode": "exact", "dtype": "bf16", "attention": None, "stream": True}; a name
+    given with --external → {"mode": "external", "command": [...], "dtype": "fp32"}."""
+    if externals and spec in externals:
+        return {"spec": spec, "mode": "external", "command": externals[spec], "dtype": "fp32", "attention": None,
+                "stream": False}
     mode, *options = spec.split(":")
     if mode not in MODES:
-        raise SystemExit(f"bench_step: unknown mode {mode!r} in {spec!r}; choose one of {MODES}")
+        raise SystemExit(f"bench_step: unknown mode {mode!r} in {spec!r}; choose one of {MODES} or a name defined "
+                         f"with --external NAME=COMMAND ({', '.join(externals or {}) or 'none defined'})")
     parsed = {"spec": spec, "mode": mode, "dtype": "fp32", "attention": None, "stream": False}
     for option in options:
         if option in DTYPE_NAMES:
@@ -199,10 +228,13 @@ def gemm_peak_tflops(dtype: torch.dtype, device: str, threads: int, size: int = 
 
 def measure_in_child(spec: dict, args: argparse.Namespace) -> dict:
     """One measurement in a fresh process (its own peak RSS); returns the child's RESULT."""
-    command = [sys.executable, __file__, "--mode", spec["mode"], "--dtype", spec["dtype"],
-               "--frames", str(args.frames), "--latent", str(args.latent), "--threads", str(args.threads),
-               "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-               "--weights-file", str(args.weights_file)]
+    shared = ["--frames", str(args.frames), "--latent", str(args.latent), "--threads", str(args.threads),
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if spec["mode"] == "external":
+        command = [*spec["command"], *shared]
+    else:
+        command = [sys.executable, __file__, "--mode", spec["mode"], "--dtype", spec["dtype"], *shared,
+                   "--device", args.device, "--weights-file", str(args.weights_file)]
     if spec["attention"]:
         command += ["--attention", spec["attention"]]
     if spec["stream"]:
@@ -215,19 +247,27 @@ def measure_in_child(spec: dict, args: argparse.Namespace) -> dict:
     if not lines:
         raise SystemExit(f"bench_step: no RESULT from {' '.join(command)}")
     result = json.loads(lines[-1][len("RESULT "):])
+    missing = [key for key in ("median_seconds", "peak_rss_mb") if not isinstance(result.get(key), (int, float))]
+    if missing:
+        raise SystemExit(f"bench_step: the RESULT of {' '.join(command)} lacks {missing}")
+    result.setdefault("tflop_per_step", None)
+    result.setdefault("achieved_tflops", None)
     result["loadavg_before"] = [round(x, 2) for x in loadavg]
     return result
 
 
-def _spread(values: list[float]) -> dict:
+def _spread(values: list[float]) -> dict | None:
+    if not values:
+        return None
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
             "max": round(max(values), 3), "all": [round(v, 3) for v in values]}
 
 
 def compare(args: argparse.Namespace) -> None:
     """Reference and candidates back to back: each round measures all of them, in alternating order (ABBA)."""
-    reference = parse_spec(args.reference)
-    candidates = [parse_spec(spec) for spec in args.candidate]
+    externals = parse_external(args.external)
+    reference = parse_spec(args.reference, externals)
+    candidates = [parse_spec(spec, externals) for spec in args.candidate]
     specs = [reference, *candidates]
     loadavg_start = os.getloadavg()
     peaks = {}
@@ -246,14 +286,15 @@ def compare(args: argparse.Namespace) -> None:
         for position in order:
             spec = specs[position]
             result = measure_in_child(spec, args)
-            result["fraction_of_gemm_peak"] = round(result["achieved_tflops"] / peaks[spec["dtype"]], 3)
+            achieved = result["achieved_tflops"]
+            result["fraction_of_gemm_peak"] = round(achieved / peaks[spec["dtype"]], 3) if achieved else None
             measured[position] = result
             print(f"round {index + 1} {spec['spec']}: {result['median_seconds']} s/step, {result[memory_key]} MB, "
                   f"load {result['loadavg_before']}", file=sys.stderr, flush=True)
         rounds.append(measured)
 
     def column(position: int, key: str) -> list[float]:
-        return [measured[position][key] for measured in rounds]
+        return [measured[position][key] for measured in rounds if measured[position][key] is not None]
 
     paths = {}
     for position, spec in enumerate(specs):
@@ -298,6 +339,9 @@ def main() -> None:
     parser.add_argument("--candidate", metavar="SPEC", action="append",
                         help="back to back: a candidate path, e.g. exact:bf16 (repeat for several)")
     parser.add_argument("--rounds", type=int, default=3, help="back to back: alternating rounds")
+    parser.add_argument("--external", metavar="NAME=COMMAND", action="append",
+                        help="back to back: an external implementation measured by COMMAND (see above), usable as "
+                             "--reference/--candidate NAME")
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step (torch.profiler): attention's share of the step in RESULT, "
                              "the top operators on stderr (its peak memory then includes the profiler's)")

@@ -207,10 +207,8 @@ def sparse_causal_attention(
     """
     num_frames = key.shape[1]
     if backend != "dedup":
-        previous = [max(f - 1, 0) for f in range(num_frames)]
-        first = [0] * num_frames
-        key = rearrange(torch.cat([key[:, first], key[:, previous]], dim=2), "b f n c -> (b f) n c")
-        value = rearrange(torch.cat([value[:, first], value[:, previous]], dim=2), "b f n c -> (b f) n c")
+        key = rearrange(_first_and_previous(key), "b f n c -> (b f) n c")
+        value = rearrange(_first_and_previous(value), "b f n c -> (b f) n c")
         return multi_head_attention(query, key, value, num_heads, backend)
 
     query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)
@@ -235,7 +233,26 @@ def sparse_causal_attention(
     return rearrange(torch.cat([out_head, out_rest], dim=1), "b f n c -> (b f) n c")
 
 
-def text_cross_attention(attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
-    """Cross-attention to text: (b, n, c) queries, (b, 77, d) text states → (b, n, c)."""
-    out = attn.attend(attn.to_q(hidden_states), attn.key_value.key(text_states), attn.key_value.value(text_states))
-    return attn.to_out[0](out)
+def _first_and_previous(states: torch.Tensor) -> torch.Tensor:
+    """(b, f, n, c) → (b, f, 2n, c): frame f's [frame 0 ; frame max(f-1, 0)], written in one pass (gathering
+    both halves and concatenating them would copy every frame twice)."""
+    batch, frames, tokens, channels = states.shape
+    out = states.new_empty(batch, frames, 2 * tokens, channels)
+    out[:, :, :tokens] = states[:, :1]
+    out[:, 0, tokens:] = states[:, 0]
+    out[:, 1:, tokens:] = states[:, :-1]
+    return out
+
+
+def text_cross_attention(
+    attn: Attention, hidden_states: torch.Tensor, text_states: torch.Tensor, num_frames: int = 1
+) -> torch.Tensor:
+    """Cross-attention to text: (b * f, n, c) queries, (b, 77, d) text states → (b * f, n, c).
+
+    Every frame of a video attends to the same text, so the text is projected once per video and the keys and
+    values are repeated per frame (bit-identical to projecting a per-frame copy of the text: each row of a
+    projection is computed alike; one call with all frames' queries would change the attention kernel's
+    blocking, and so its bits)."""
+    key = attn.key_value.key(text_states).repeat_interleave(num_frames, 0)
+    value = attn.key_value.value(text_states).repeat_interleave(num_frames, 0)
+    return attn.to_out[0](attn.attend(attn.to_q(hidden_states), key, value))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from .attention import Attention, cross_frame_attention, text_cross_attention
@@ -32,6 +32,11 @@ class GroupNorm32(nn.GroupNorm):
             return super().forward(x)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        if x.device.type == "cpu":
+            # the CPU kernel takes half-precision input with float32 weights and computes in float32 itself:
+            # the same statistics without two full-size casts (about 15x faster at the 32x32 level in bf16;
+            # differs from the cast path only in the summation order, 1 bf16 ulp in ~2 of 10^6 outputs)
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
@@ -104,8 +109,8 @@ class Upsample3D(nn.Module):
     def forward(self, x: torch.Tensor, output_size: tuple[int, ...] | None = None) -> torch.Tensor:
         """Nearest 2x spatial upsampling (or to an explicit (f, h, w)), then a 3x3 conv per frame."""
         dtype = x.dtype
-        if dtype == torch.bfloat16:  # nearest interpolation has no bf16 kernel on some backends
-            x = x.float()
+        if dtype == torch.bfloat16 and x.device.type not in ("cpu", "cuda"):  # no bf16 nearest kernel on some
+            x = x.float()  # backends; on the CPU and CUDA the bf16 kernel copies the same values
         if output_size is None:
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         else:
@@ -159,7 +164,7 @@ class BasicTransformerBlock(nn.Module):
         image_prompt_strength: float | Sequence[float] = 1.0,
         image_prompt_regions: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """hidden_states: (b*f, n, c); text_states: (b*f, 77, d); image_prompt_states: (b, n, c) or None.
+        """hidden_states: (b*f, n, c); text_states: (b, 77, d); image_prompt_states: (b, n, c) or None.
 
         When ``captured`` is a list, frame 0 of this block's ``attn1`` input (b, n, c) is appended to it:
         that is exactly what the image prompt contributes when this UNet runs on the noised exemplar.
@@ -170,7 +175,8 @@ class BasicTransformerBlock(nn.Module):
         hidden_states = hidden_states + cross_frame_attention(
             self.attn1, normed, num_frames, image_prompt_states, image_prompt_strength, image_prompt_regions
         )
-        hidden_states = hidden_states + text_cross_attention(self.attn2, self.norm2(hidden_states), text_states)
+        hidden_states = hidden_states + text_cross_attention(self.attn2, self.norm2(hidden_states), text_states,
+                                                             num_frames)
         hidden_states = hidden_states + self._chunked_feed_forward(self.norm3(hidden_states))
 
         tokens = hidden_states.shape[1]
@@ -206,7 +212,6 @@ class Transformer3DModel(nn.Module):
         frames_first = rearrange(x, "b c f h w -> (b f) c h w")
         h = self.proj_in(self.norm(frames_first))
         h = rearrange(h, "bf c h w -> bf (h w) c")
-        text = repeat(text_states, "b n d -> (b f) n d", f=frames)
         image_prompt = ctx.image_prompt_features[self.site] if ctx.image_prompt_features is not None else None
         regions = None
         if ctx.subject_features is not None:  # several subjects: per-subject tokens, regions on this site's grid
@@ -214,7 +219,7 @@ class Transformer3DModel(nn.Module):
             regions = [region_token_weights(region, height, width, x.device, x.dtype) for region in ctx.subject_regions]
         captured: list[torch.Tensor] | None = [] if ctx.captured is not None else None
         for block in self.transformer_blocks:
-            h = block(h, text, frames, image_prompt_states=image_prompt, captured=captured,
+            h = block(h, text_states, frames, image_prompt_states=image_prompt, captured=captured,
                       image_prompt_strength=ctx.image_prompt_strength, image_prompt_regions=regions)
         if captured:
             ctx.captured[self.site] = captured[0]
