@@ -8,7 +8,9 @@ frame 0 for frames 0 and 1), ``math`` (official order, materialised scores); and
 that are not shipped because they measured no better here: ``sdpa-3d`` (SDPA on three-dimensional
 (batch * heads, tokens, width) inputs, which the CPU serves with the materialised math kernel) and
 ``lse-merge`` (all frames' queries against one copy of frame 0 in one call, the previous frame in another,
-merged with their log-sum-exps; the CPU flash kernel's private ``_scaled_dot_product_flash_attention_for_cpu``).
+merged with their log-sum-exps; the CPU flash kernel's private ``_scaled_dot_product_flash_attention_for_cpu``)
+and ``chunked`` (materialised attention 256 queries at a time, so one block's scores stay in cache; softmax in
+float32, matmuls in the input dtype: the "math at GEMM speed" candidate for bf16).
 Backends alternate within each round, so drift from other load hits all of them alike.
 
 Levels are the latent side at each attention site of a 32x32 latent (256x256 video): 32 (1024 tokens,
@@ -74,6 +76,23 @@ def lse_merge(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_h
     return rearrange(out, "b f n h d -> (b f) n (h d)")
 
 
+def query_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int,
+                  chunk: int = 256) -> torch.Tensor:
+    """Materialised attention a block of queries at a time (scores of one block sized to stay in cache: 256
+    queries x 2N keys per head-frame), softmax in float32, matmuls in the input dtype (not shipped)."""
+    frames = key.shape[1]
+    previous = [max(f - 1, 0) for f in range(frames)]
+    key = rearrange(torch.cat([key[:, [0] * frames], key[:, previous]], dim=2), "b f n (h d) -> (b f) h d n", h=num_heads)
+    value = rearrange(torch.cat([value[:, [0] * frames], value[:, previous]], dim=2), "b f n (h d) -> (b f) h n d", h=num_heads)
+    query = rearrange(query, "bf n (h d) -> bf h n d", h=num_heads)
+    query = query * query.shape[-1] ** -0.5
+    out = torch.empty_like(query)
+    for start in range(0, query.shape[2], chunk):
+        scores = torch.matmul(query[:, :, start:start + chunk], key)
+        out[:, :, start:start + chunk] = torch.matmul(scores.float().softmax(dim=-1).to(value.dtype), value)
+    return rearrange(out, "bf h n d -> bf n (h d)")
+
+
 def kernels() -> dict:
     return {
         "sdpa": lambda q, k, v: sparse_causal_attention(q, k, v, HEADS, "sdpa"),
@@ -81,6 +100,7 @@ def kernels() -> dict:
         "math": lambda q, k, v: sparse_causal_attention(q, k, v, HEADS, "math"),
         "sdpa-3d": lambda q, k, v: sdpa_3d(q, k, v, HEADS),
         "lse-merge": lambda q, k, v: lse_merge(q, k, v, HEADS),
+        "chunked": lambda q, k, v: query_chunked(q, k, v, HEADS),
     }
 
 

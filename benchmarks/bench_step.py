@@ -11,8 +11,9 @@ process's ``ru_maxrss``, so it can only be measured once per process):
     python benchmarks/bench_step.py --reference exact --candidate exact:dedup --rounds 3
 
 A SPEC is a mode followed by ``:``-separated options in any order: a dtype (fp32 | fp16 | bf16), an attention
-backend (sdpa | math | dedup; default: math for official-order, else sdpa) and ``stream`` (--stream-weights),
-e.g. ``exact:bf16:stream``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at
+backend (sdpa | math | dedup; default: math for official-order, else sdpa), ``stream`` (--stream-weights) and an
+allocator (``fast``: glibc's default; ``lean``: ``memory.tune_allocator``; default as the command line: lean with
+stream, else fast), e.g. ``exact:bf16:stream`` or ``exact:bf16:lean``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at
 --threads, best of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median
 time and peak-memory ratios (candidate / reference, per round) with their range over the rounds and the load average
 before every measurement. Ends with one line: RESULT {json}.
@@ -74,6 +75,7 @@ from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
 
 MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+ALLOCATORS = ("fast", "lean")
 
 
 DEFAULT_WEIGHTS_FILE = Path(tempfile.gettempdir()) / "videobooth_bench_unet_fp32.safetensors"
@@ -188,12 +190,12 @@ def parse_spec(spec: str, externals: dict[str, list[str]] | None = None) -> dict
     given with --external → {"mode": "external", "command": [...], "dtype": "fp32"}."""
     if externals and spec in externals:
         return {"spec": spec, "mode": "external", "command": externals[spec], "dtype": "fp32", "attention": None,
-                "stream": False}
+                "stream": False, "allocator": None}
     mode, *options = spec.split(":")
     if mode not in MODES:
         raise SystemExit(f"bench_step: unknown mode {mode!r} in {spec!r}; choose one of {MODES} or a name defined "
                          f"with --external NAME=COMMAND ({', '.join(externals or {}) or 'none defined'})")
-    parsed = {"spec": spec, "mode": mode, "dtype": "fp32", "attention": None, "stream": False}
+    parsed = {"spec": spec, "mode": mode, "dtype": "fp32", "attention": None, "stream": False, "allocator": None}
     for option in options:
         if option in DTYPE_NAMES:
             parsed["dtype"] = option
@@ -201,9 +203,11 @@ def parse_spec(spec: str, externals: dict[str, list[str]] | None = None) -> dict
             parsed["attention"] = option
         elif option == "stream":
             parsed["stream"] = True
+        elif option in ALLOCATORS:
+            parsed["allocator"] = option
         else:
             raise SystemExit(f"bench_step: unknown option {option!r} in {spec!r}; use a dtype {DTYPE_NAMES}, "
-                             f"an attention backend {ATTENTION_BACKENDS} or 'stream'")
+                             f"an attention backend {ATTENTION_BACKENDS}, 'stream' or an allocator {ALLOCATORS}")
     return parsed
 
 
@@ -239,10 +243,14 @@ def measure_in_child(spec: dict, args: argparse.Namespace) -> dict:
         command += ["--attention", spec["attention"]]
     if spec["stream"]:
         command.append("--stream-weights")
-    if args.default_allocator:
-        command.append("--default-allocator")
+    allocator = spec["allocator"] or args.allocator
+    if allocator and spec["mode"] != "external":  # an external command allocates as it does
+        command += ["--allocator", allocator]
     loadavg = os.getloadavg()
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_step: {' '.join(command)} failed with exit status {done.returncode} (its error is "
+                         "above); fix it and rerun")
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise SystemExit(f"bench_step: no RESULT from {' '.join(command)}")
@@ -353,10 +361,11 @@ def main() -> None:
     parser.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS_FILE,
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="leave glibc's allocator as it is (the command line tunes it, see memory.tune_allocator)")
+    parser.add_argument("--allocator", choices=ALLOCATORS,
+                        help="fast: glibc's default; lean: memory.tune_allocator (lower peak, slower steps); default: as "
+                             "the command line (lean with --stream-weights, else fast); a SPEC may name its own")
     args = parser.parse_args()
-    if not args.default_allocator:
+    if (args.allocator or ("lean" if args.stream_weights else "fast")) == "lean" and not (args.reference or args.candidate):
         tune_allocator()
     if args.write_weights:
         write_weights(args.write_weights)
@@ -426,7 +435,8 @@ def main() -> None:
         "peak_rss_after_building_models_mb": round(rss_after_build, 1), "weights_mb": round(weights_mb, 1),
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / 1e12 / statistics.median(times), 4),
-        "stream_weights": args.stream_weights, "tuned_allocator": not args.default_allocator, **estimate.as_dict(),
+        "stream_weights": args.stream_weights,
+        "allocator": args.allocator or ("lean" if args.stream_weights else "fast"), **estimate.as_dict(),
         "torch": torch.__version__, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     if profile is not None:

@@ -35,7 +35,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_external_reference_is_measured_back_to_back(tmp_path: Path) -> None:
     fake = f"{sys.executable} {tmp_path / 'fake_step.py'}"
     done = _run(tmp_path, "--external", f"slow={fake} 4.0 1000", "--external", f"fast={fake} 1.0 250",
-                "--reference", "slow", "--candidate", "fast", "--rounds", "2")
+                "--reference", "slow", "--candidate", "fast", "--rounds", "2", "--allocator", "lean")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1][len("RESULT "):])
     fast = result["paths"]["fast"]
@@ -55,3 +55,7 @@ def test_bad_external_definitions_are_refused_with_the_fix(tmp_path: Path) -> No
     done = _run(tmp_path, "--external", f"silent={quiet}", "--reference", "silent", "--candidate", "silent",
                 "--rounds", "1")
     assert done.returncode != 0 and "no RESULT" in done.stderr
+    failing = f"{sys.executable} -c 'raise SystemExit(3)'"
+    done = _run(tmp_path, "--external", f"broken={failing}", "--reference", "broken", "--candidate", "broken",
+                "--rounds", "1")
+    assert done.returncode != 0 and "exit status 3" in done.stderr and "Traceback" not in done.stderr

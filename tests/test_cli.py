@@ -358,3 +358,22 @@ def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
     assert not torch.equal(first.frames, second.frames)
     assert torch.equal(first.frames, again.frames)  # nothing of one generation leaks into the next
     assert not torch.equal(first.frames, pipe.generate(dataclasses.replace(with_image, seed=6)).frames)
+
+
+@pytest.mark.parametrize(("argv", "lean"), [
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif"], False),  # fast by default: measured faster
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights"], True),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights", "--allocator", "fast"], False),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "lean"], True),
+    (["demo"], False),
+    (["make-tiny", "--out", "x"], True),
+])
+def test_the_allocator_follows_the_run(argv, lean, monkeypatch) -> None:
+    from videobooth_core.app import cli
+    from videobooth_core.sampling import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "tune_allocator", lambda: calls.append(True) or True)
+    monkeypatch.setitem(cli.COMMANDS, argv[0], lambda args: 0)
+    assert cli.main(argv) == 0
+    assert bool(calls) == lean
