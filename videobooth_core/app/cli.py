@@ -176,8 +176,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
     p.add_argument("--allocator", default=None, choices=("fast", "lean"),
-                   help="how this process allocates memory: fast (glibc's default: faster steps, measured 0.80x the "
-                        "time in bf16, but up to 0.5 GB more peak from heap fragmentation) or lean (large blocks mapped "
+                   help="how this process allocates memory: fast (glibc's default: faster steps, measured 0.79-0.87x the "
+                        "time of a bf16 step, but up to 0.5 GB more peak from heap fragmentation) or lean (large blocks mapped "
                         "and returned to the system one by one: the lowest peak) (default: lean with --stream-weights, "
                         "else fast)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "dedup", "math"),

@@ -273,9 +273,11 @@ def tune_allocator() -> bool:
 
     By default glibc raises its mmap threshold (up to 32 MB) as large blocks are freed, so activations of many
     sizes end up in the heap, fragment it, and the process grows: on the released model that adds about 0.4 GB
-    to a step's peak (5.77 GB instead of 5.38 GB measured with a fixed 256 KiB threshold, at the same speed).
-    Process-wide, so only the command line and the benchmarks call it, never the ComfyUI nodes (the host owns
-    its process). Returns True when applied (Linux with glibc), False elsewhere.
+    to a step's peak (5.77 GB instead of 5.38 GB measured with a fixed 256 KiB threshold). The price is speed:
+    every large activation is then mapped fresh and page-faulted in, measured 1.15-1.26x the time of a bf16
+    step (README: Speed and memory). So the command line applies it only when asked (``--allocator lean``) or
+    with ``--stream-weights``, whose point is memory. Process-wide, so never called by the ComfyUI nodes (the
+    host owns its process). Returns True when applied (Linux with glibc), False elsewhere.
     """
     if not sys.platform.startswith("linux"):
         return False
