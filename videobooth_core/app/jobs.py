@@ -115,7 +115,7 @@ CLI_ONLY_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "m
 START_KEYS = {"start_image": "--start-image", "extend": "--extend"}
 """The video's first frames (image-to-video, extension): file paths on the lines, like ``image``."""
 CLI_ONLY_FLAGS.update(START_KEYS)
-PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "attention", "clip", "dino")
+PER_RUN_KEYS = ("dtype", "device", "models", "stream_weights", "allocator", "attention", "clip", "dino")
 BEST_OF_KEYS = ("best_of", "rank_by")
 """Best of N, per line or from ``--best-of`` / ``--rank-by``; in the fingerprint only when N > 1 (so the
 done-records of earlier runs stay valid)."""
