@@ -35,7 +35,7 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from videobooth_core.models.attention import sparse_causal_attention  # noqa: E402
+from videobooth_core.models.attention import first_and_previous_frames, sparse_causal_attention  # noqa: E402
 
 LEVELS = {32: (1024, 320), 16: (256, 640), 8: (64, 1280)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,10 +44,8 @@ HEADS = 8
 
 def sdpa_3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> torch.Tensor:
     """SDPA on (batch * heads, tokens, width): what a 3-D layout gets (not shipped)."""
-    frames = key.shape[1]
-    previous = [max(f - 1, 0) for f in range(frames)]
-    key = rearrange(torch.cat([key[:, [0] * frames], key[:, previous]], dim=2), "b f n (h d) -> (b f h) n d", h=num_heads)
-    value = rearrange(torch.cat([value[:, [0] * frames], value[:, previous]], dim=2), "b f n (h d) -> (b f h) n d", h=num_heads)
+    key = rearrange(first_and_previous_frames(key), "b f n (h d) -> (b f h) n d", h=num_heads)
+    value = rearrange(first_and_previous_frames(value), "b f n (h d) -> (b f h) n d", h=num_heads)
     query = rearrange(query, "bf n (h d) -> (bf h) n d", h=num_heads)
     out = F.scaled_dot_product_attention(query, key, value)
     return rearrange(out, "(bf h) n d -> bf n (h d)", h=num_heads)
@@ -80,10 +78,8 @@ def query_chunked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n
                   chunk: int = 256) -> torch.Tensor:
     """Materialised attention a block of queries at a time (scores of one block sized to stay in cache: 256
     queries x 2N keys per head-frame), softmax in float32, matmuls in the input dtype (not shipped)."""
-    frames = key.shape[1]
-    previous = [max(f - 1, 0) for f in range(frames)]
-    key = rearrange(torch.cat([key[:, [0] * frames], key[:, previous]], dim=2), "b f n (h d) -> (b f) h d n", h=num_heads)
-    value = rearrange(torch.cat([value[:, [0] * frames], value[:, previous]], dim=2), "b f n (h d) -> (b f) h n d", h=num_heads)
+    key = rearrange(first_and_previous_frames(key), "b f n (h d) -> (b f) h d n", h=num_heads)
+    value = rearrange(first_and_previous_frames(value), "b f n (h d) -> (b f) h n d", h=num_heads)
     query = rearrange(query, "bf n (h d) -> bf h n d", h=num_heads)
     query = query * query.shape[-1] ** -0.5
     out = torch.empty_like(query)

@@ -68,14 +68,15 @@ from videobooth_core.loading.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.models.attention import ATTENTION_BACKENDS  # noqa: E402
 from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.models.mapper import Mapper  # noqa: E402
-from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator  # noqa: E402
+from videobooth_core.sampling.memory import (  # noqa: E402
+    ALLOCATORS, chosen_allocator, estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator,
+)
 from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
 
 MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-ALLOCATORS = ("fast", "lean")
 
 
 DEFAULT_WEIGHTS_FILE = Path(tempfile.gettempdir()) / "videobooth_bench_unet_fp32.safetensors"
@@ -365,7 +366,8 @@ def main() -> None:
                         help="fast: glibc's default; lean: memory.tune_allocator (lower peak, slower steps); default: as "
                              "the command line (lean with --stream-weights, else fast); a SPEC may name its own")
     args = parser.parse_args()
-    if (args.allocator or ("lean" if args.stream_weights else "fast")) == "lean" and not (args.reference or args.candidate):
+    allocator = chosen_allocator(args.allocator, args.stream_weights)
+    if allocator == "lean" and not (args.reference or args.candidate):  # a comparison's children choose their own
         tune_allocator()
     if args.write_weights:
         write_weights(args.write_weights)
@@ -436,7 +438,7 @@ def main() -> None:
         "tflop_per_step": round(flops / 1e12, 3),
         "achieved_tflops": round(flops / 1e12 / statistics.median(times), 4),
         "stream_weights": args.stream_weights,
-        "allocator": args.allocator or ("lean" if args.stream_weights else "fast"), **estimate.as_dict(),
+        "allocator": allocator, **estimate.as_dict(),
         "torch": torch.__version__, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     if profile is not None:

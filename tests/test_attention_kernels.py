@@ -15,6 +15,7 @@ from videobooth_core.models.attention import (
     ATTENTION_BACKENDS,
     Attention,
     cross_frame_attention,
+    first_and_previous_frames,
     multi_head_attention,
     sparse_causal_attention,
 )
@@ -130,3 +131,30 @@ def test_dedup_needs_no_more_memory_than_the_default() -> None:
     denoiser.unet.set_attention_backend("dedup")
     dedup = estimate_step_memory(denoiser, SHAPE, True, "cpu")
     assert 0 < dedup.activations_bytes <= default.activations_bytes
+
+
+def test_first_and_previous_frames_is_the_gather_of_frame_zero_and_the_previous_frame() -> None:
+    states = torch.randn(2, 5, 3, 4)
+    previous = [max(f - 1, 0) for f in range(5)]
+    expected = torch.cat([states[:, [0] * 5], states[:, previous]], dim=2)
+    assert torch.equal(first_and_previous_frames(states), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_group_norm_keeps_float32_statistics(dtype: torch.dtype) -> None:
+    """The CPU's mixed-precision kernel (half input, float32 weights) against casting to float32 and back:
+    the same statistics, so at most one rounding step apart, in a few outputs."""
+    from videobooth_core.models.blocks import GroupNorm32
+
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 32, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 32, 4, 8, 8) * 3 + 1).to(dtype)
+    half = norm.to(dtype)
+    actual = half(x)
+    cast = torch.nn.functional.group_norm(x.float(), 4, half.weight.float(), half.bias.float(), 1e-5).to(dtype)
+    assert actual.dtype == dtype
+    ulp = torch.finfo(dtype).eps * cast.float().abs().clamp_min(1.0)
+    assert bool(((actual.float() - cast.float()).abs() <= ulp).all())
+    assert (actual != cast).float().mean() < 1e-3

@@ -29,7 +29,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     fake.write_text(FAKE)
     return subprocess.run([sys.executable, str(BENCH), "--threads", "1", "--frames", "3", *args],
                           capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "FAKE": str(fake)}, cwd=tmp_path)
+                          env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
 
 
 def test_external_reference_is_measured_back_to_back(tmp_path: Path) -> None:

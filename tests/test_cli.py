@@ -370,10 +370,9 @@ def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
 ])
 def test_the_allocator_follows_the_run(argv, lean, monkeypatch) -> None:
     from videobooth_core.app import cli
-    from videobooth_core.sampling import memory
 
     calls = []
-    monkeypatch.setattr(memory, "tune_allocator", lambda: calls.append(True) or True)
+    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(True) or True)
     monkeypatch.setitem(cli.COMMANDS, argv[0], lambda args: 0)
     assert cli.main(argv) == 0
     assert bool(calls) == lean

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import OutputError, VideoBoothError, out_of_memory
+from ..sampling.memory import ALLOCATORS, chosen_allocator, tune_allocator
 from ..settings import SETTINGS
 from .common import cache_dir, progress_callback, run_summary
 
@@ -175,7 +176,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-weights", action="store_true",
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
-    p.add_argument("--allocator", default=None, choices=("fast", "lean"),
+    p.add_argument("--allocator", default=None, choices=ALLOCATORS,
                    help="how this process allocates memory: fast (glibc's default: faster steps, measured 0.79-0.87x the "
                         "time of a bf16 step, but up to 0.5 GB more peak from heap fragmentation) or lean (large blocks mapped "
                         "and returned to the system one by one: the lowest peak) (default: lean with --stream-weights, "
@@ -338,12 +339,9 @@ def lean_allocator(args: argparse.Namespace) -> bool:
     """Whether this run trades speed for a lower memory peak (``memory.tune_allocator``): ``--allocator`` when
     given; otherwise with ``--stream-weights`` (whose point is memory) and for the commands without the flag
     (training's memory check counts on it); generation runs are faster without it (measured: README)."""
-    choice = getattr(args, "allocator", None)
-    if choice is not None:
-        return choice == "lean"
-    if args.command in ("generate", "demo"):
-        return bool(getattr(args, "stream_weights", False))
-    return True
+    if args.command not in ("generate", "demo"):
+        return True
+    return chosen_allocator(getattr(args, "allocator", None), bool(getattr(args, "stream_weights", False))) == "lean"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,8 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("videobooth_core.pipeline").setLevel(logging.INFO)  # the memory estimate before sampling
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every file is local
     if lean_allocator(args):
-        from ..sampling.memory import tune_allocator
-
         tune_allocator()  # this process is ours: keep glibc's heap from fragmenting (lower peak, slower steps)
     try:
         return COMMANDS[args.command](args)

@@ -207,8 +207,8 @@ def sparse_causal_attention(
     """
     num_frames = key.shape[1]
     if backend != "dedup":
-        key = rearrange(_first_and_previous(key), "b f n c -> (b f) n c")
-        value = rearrange(_first_and_previous(value), "b f n c -> (b f) n c")
+        key = rearrange(first_and_previous_frames(key), "b f n c -> (b f) n c")
+        value = rearrange(first_and_previous_frames(value), "b f n c -> (b f) n c")
         return multi_head_attention(query, key, value, num_heads, backend)
 
     query = rearrange(query, "(b f) n c -> b f n c", f=num_frames)
@@ -233,7 +233,7 @@ def sparse_causal_attention(
     return rearrange(torch.cat([out_head, out_rest], dim=1), "b f n c -> (b f) n c")
 
 
-def _first_and_previous(states: torch.Tensor) -> torch.Tensor:
+def first_and_previous_frames(states: torch.Tensor) -> torch.Tensor:
     """(b, f, n, c) → (b, f, 2n, c): frame f's [frame 0 ; frame max(f-1, 0)], written in one pass (gathering
     both halves and concatenating them would copy every frame twice)."""
     batch, frames, tokens, channels = states.shape

@@ -268,6 +268,16 @@ MMAP_THRESHOLD_BYTES = 256 * 1024
 """Allocations from this size up are mapped and unmapped directly by glibc (see :func:`tune_allocator`)."""
 
 
+ALLOCATORS: tuple[str, ...] = ("fast", "lean")
+"""fast: glibc's default; lean: :func:`tune_allocator` (lower peak, slower steps)."""
+
+
+def chosen_allocator(choice: str | None, stream_weights: bool) -> str:
+    """The allocator a generation run uses: ``choice`` when given, else lean with weight streaming (whose point is
+    memory) and fast otherwise (measured: README, Speed and memory)."""
+    return choice or ("lean" if stream_weights else "fast")
+
+
 def tune_allocator() -> bool:
     """Make glibc map large allocations directly instead of carving them from its heap.
 
