@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from videobooth_core.sampling.memory import tune_allocator  # noqa: E402
+from videobooth_core.sampling.memory import apply_allocator  # noqa: E402
 from videobooth_core.sampling.run import prepare_denoiser  # noqa: E402
 from videobooth_core.sampling.windows import ContextOptions, context_windows  # noqa: E402
 
@@ -55,7 +55,7 @@ def rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> dict:
     """One step at ``args.frames[0]`` frames in this process."""
-    tune_allocator()
+    apply_allocator("lean")
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     frames = args.frames[0]

@@ -12,11 +12,11 @@ process's ``ru_maxrss``, so it can only be measured once per process):
 
 A SPEC is a mode followed by ``:``-separated options in any order: a dtype (fp32 | fp16 | bf16), an attention
 backend (sdpa | math | dedup; default: math for official-order, else sdpa), ``stream`` (--stream-weights) and an
-allocator (``fast``: glibc's default; ``lean``: ``memory.tune_allocator``; default as the command line: lean with
-stream, else fast), e.g. ``exact:bf16:stream`` or ``exact:bf16:lean``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at
---threads, best of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median
-time and peak-memory ratios (candidate / reference, per round) with their range over the rounds and the load average
-before every measurement. Ends with one line: RESULT {json}.
+allocator (``memory.ALLOCATORS``: ``fast`` keeps freed memory in the heap, ``glibc`` is glibc's default, ``lean`` has
+the lowest peak; default as the command line: lean with stream, else fast), e.g. ``exact:bf16:stream`` or
+``exact:glibc``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at --threads, best
+of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median time and peak-memory ratios
+(candidate / reference, per round) with their range over the rounds and the load average before every measurement. Ends with one line: RESULT {json}.
 
 Modes:
     exact           the default path: uncond + image-prompt passes batched, SDPA attention
@@ -69,7 +69,7 @@ from videobooth_core.models.attention import ATTENTION_BACKENDS  # noqa: E402
 from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.models.mapper import Mapper  # noqa: E402
 from videobooth_core.sampling.memory import (  # noqa: E402
-    ALLOCATORS, chosen_allocator, estimate_step_memory, meta_denoiser, resident_weight_bytes, tune_allocator,
+    ALLOCATORS, apply_allocator, chosen_allocator, estimate_step_memory, meta_denoiser, resident_weight_bytes,
 )
 from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
@@ -363,12 +363,12 @@ def main() -> None:
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=ALLOCATORS,
-                        help="fast: glibc's default; lean: memory.tune_allocator (lower peak, slower steps); default: as "
+                        help="memory.ALLOCATORS: fast (heap kept for reuse), glibc (glibc's default), lean (lowest peak); default: as "
                              "the command line (lean with --stream-weights, else fast); a SPEC may name its own")
     args = parser.parse_args()
     allocator = chosen_allocator(args.allocator, args.stream_weights)
-    if allocator == "lean" and not (args.reference or args.candidate):  # a comparison's children choose their own
-        tune_allocator()
+    if not (args.reference or args.candidate):  # a comparison's children choose their own
+        apply_allocator(allocator)
     if args.write_weights:
         write_weights(args.write_weights)
         return

@@ -360,19 +360,20 @@ def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
     assert not torch.equal(first.frames, pipe.generate(dataclasses.replace(with_image, seed=6)).frames)
 
 
-@pytest.mark.parametrize(("argv", "lean"), [
-    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif"], False),  # fast by default: measured faster
-    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights"], True),
-    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights", "--allocator", "fast"], False),
-    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "lean"], True),
-    (["demo"], False),
-    (["make-tiny", "--out", "x"], True),
+@pytest.mark.parametrize(("argv", "allocator"), [
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif"], "fast"),  # fast by default: measured faster
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights"], "lean"),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights", "--allocator", "fast"], "fast"),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "lean"], "lean"),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "glibc"], "glibc"),
+    (["demo"], "fast"),
+    (["make-tiny", "--out", "x"], "lean"),
 ])
-def test_the_allocator_follows_the_run(argv, lean, monkeypatch) -> None:
+def test_the_allocator_follows_the_run(argv, allocator, monkeypatch) -> None:
     from videobooth_core.app import cli
 
     calls = []
-    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(True) or True)
+    monkeypatch.setattr(cli, "apply_allocator", lambda name: calls.append(name) or True)
     monkeypatch.setitem(cli.COMMANDS, argv[0], lambda args: 0)
     assert cli.main(argv) == 0
-    assert bool(calls) == lean
+    assert calls == [allocator]

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import OutputError, VideoBoothError, out_of_memory
-from ..sampling.memory import ALLOCATORS, chosen_allocator, tune_allocator
+from ..sampling.memory import ALLOCATORS, apply_allocator, chosen_allocator
 from ..settings import SETTINGS
 from .common import cache_dir, progress_callback, run_summary
 
@@ -177,10 +177,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
     p.add_argument("--allocator", default=None, choices=ALLOCATORS,
-                   help="how this process allocates memory: fast (glibc's default: faster steps, measured 0.79-0.87x the "
-                        "time of a bf16 step, but up to 0.5 GB more peak from heap fragmentation) or lean (large blocks mapped "
-                        "and returned to the system one by one: the lowest peak) (default: lean with --stream-weights, "
-                        "else fast)")
+                   help="how this process allocates memory: fast (freed memory stays in the heap for reuse: the fastest "
+                        "steps, measured 0.86x the time of an fp32 step against glibc, but about 0.75 GB more peak), glibc "
+                        "(glibc's adaptive default) or lean (large blocks mapped and returned one by one: the lowest peak, "
+                        "the slowest steps) (default: lean with --stream-weights, else fast)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "dedup", "math"),
                    help="attention kernel: sdpa (fused, the tested default), dedup (frames 0 and 1 attend to one copy "
                         "of frame 0: fewer FLOPs, not bit-identical, measured deviation in the README), math (the "
@@ -335,13 +335,13 @@ COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, 
             "train": cmd_train}
 
 
-def lean_allocator(args: argparse.Namespace) -> bool:
-    """Whether this run trades speed for a lower memory peak (``memory.tune_allocator``): ``--allocator`` when
-    given; otherwise with ``--stream-weights`` (whose point is memory) and for the commands without the flag
-    (training's memory check counts on it); generation runs are faster without it (measured: README)."""
+def run_allocator(args: argparse.Namespace) -> str:
+    """The allocator this run uses (``memory.apply_allocator``): ``--allocator`` when given; otherwise lean with
+    ``--stream-weights`` (whose point is memory) and for the commands without the flag (training's memory check
+    counts on it), fast for generation runs (measured: README)."""
     if args.command not in ("generate", "demo"):
-        return True
-    return chosen_allocator(getattr(args, "allocator", None), bool(getattr(args, "stream_weights", False))) == "lean"
+        return "lean"
+    return chosen_allocator(getattr(args, "allocator", None), bool(getattr(args, "stream_weights", False)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("videobooth_core.pipeline").setLevel(logging.INFO)  # the memory estimate before sampling
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every file is local
-    if lean_allocator(args):
-        tune_allocator()  # this process is ours: keep glibc's heap from fragmenting (lower peak, slower steps)
+    apply_allocator(run_allocator(args))  # this process is ours: its speed/memory trade, see memory.ALLOCATORS
     try:
         return COMMANDS[args.command](args)
     except VideoBoothError as error:
