@@ -16,7 +16,8 @@ allocator (``memory.ALLOCATORS``: ``fast`` keeps freed memory in the heap, ``gli
 the lowest peak; default as the command line: lean with stream, else fast), e.g. ``exact:bf16:stream`` or
 ``exact:glibc``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at --threads, best
 of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median time and peak-memory ratios
-(candidate / reference, per round) with their range over the rounds and the load average before every measurement. Ends with one line: RESULT {json}.
+(candidate / reference, per round) with their range over the rounds and the load average before every
+measurement.
 
 Modes:
     exact           the default path: uncond + image-prompt passes batched, SDPA attention
@@ -363,8 +364,9 @@ def main() -> None:
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=ALLOCATORS,
-                        help="memory.ALLOCATORS: fast (heap kept for reuse), glibc (glibc's default), lean (lowest peak); default: as "
-                             "the command line (lean with --stream-weights, else fast); a SPEC may name its own")
+                        help="memory.ALLOCATORS: fast (heap kept for reuse), glibc (glibc's default), lean (lowest "
+                             "peak); default: as the command line (lean with --stream-weights, else fast); a SPEC may "
+                             "name its own")
     args = parser.parse_args()
     allocator = chosen_allocator(args.allocator, args.stream_weights)
     if not (args.reference or args.candidate):  # a comparison's children choose their own

@@ -363,7 +363,8 @@ def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
 @pytest.mark.parametrize(("argv", "allocator"), [
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif"], "fast"),  # fast by default: measured faster
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights"], "lean"),
-    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights", "--allocator", "fast"], "fast"),
+    (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights", "--allocator", "fast"],
+     "fast"),
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "lean"], "lean"),
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--allocator", "glibc"], "glibc"),
     (["demo"], "fast"),

@@ -177,10 +177,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
     p.add_argument("--allocator", default=None, choices=ALLOCATORS,
-                   help="how this process allocates memory: fast (freed memory stays in the heap for reuse: the fastest "
-                        "steps, measured 0.86x the time of an fp32 step against glibc, but about 0.75 GB more peak), glibc "
-                        "(glibc's adaptive default) or lean (large blocks mapped and returned one by one: the lowest peak, "
-                        "the slowest steps) (default: lean with --stream-weights, else fast)")
+                   help="how this process allocates memory: fast (freed memory stays in the heap for reuse: the "
+                        "fastest steps, measured 0.86x the time of an fp32 step against glibc, but about 0.75 GB more "
+                        "peak), glibc (glibc's adaptive default) or lean (large blocks mapped and returned one by one: "
+                        "the lowest peak, the slowest steps) (default: lean with --stream-weights, else fast)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "dedup", "math"),
                    help="attention kernel: sdpa (fused, the tested default), dedup (frames 0 and 1 attend to one copy "
                         "of frame 0: fewer FLOPs, not bit-identical, measured deviation in the README), math (the "
