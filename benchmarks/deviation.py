@@ -1,6 +1,6 @@
 """How far each precision and each opt-in speed mode moves the result, on the official tiny fixture.
 
-    python benchmarks/deviation.py [--fixture ../shared/fixtures/official_tiny]
+    python benchmarks/deviation.py [--fixture tests/fixtures/official_tiny]
 
 Runs the fixture's whole sampling loop (recorded z and noise replayed) with the exact fp32 path, then with
 fp16 / bf16 weights and compute, and with each speed mode, and reports for ``final_sample`` and the first
@@ -69,7 +69,7 @@ def run(folder: Path, dtype: torch.dtype, **options) -> tuple[torch.Tensor, torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fixture", default=str(REPO.parent / "shared" / "fixtures" / "official_tiny"))
+    parser.add_argument("--fixture", default=str(REPO / "tests" / "fixtures" / "official_tiny"))
     args = parser.parse_args()
     folder = Path(args.fixture)
     outputs = load_file(str(folder / "outputs.safetensors"))

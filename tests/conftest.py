@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+# every fixture the suite needs lives in the repository (tests/fixtures/README.md says what each is and how it
+# was made), so a fresh clone passes on its own; the environment variables point a run at another recording
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def fixture_dir(env_var: str, default: Path) -> Path:
@@ -25,12 +27,12 @@ def fixture_dir(env_var: str, default: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def parity_fixture() -> Path:
-    return fixture_dir("VIDEOBOOTH_PARITY_FIXTURE", SHARED_FIXTURES / "official_tiny")
+    return fixture_dir("VIDEOBOOTH_PARITY_FIXTURE", FIXTURES / "official_tiny")
 
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir() -> Path:
-    return fixture_dir("VIDEOBOOTH_CLIP_TOKENIZER", SHARED_FIXTURES / "clip_tokenizer")
+    return fixture_dir("VIDEOBOOTH_CLIP_TOKENIZER", FIXTURES / "clip_tokenizer")
 
 
 @pytest.fixture(scope="session")

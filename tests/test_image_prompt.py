@@ -1,7 +1,9 @@
 """Parity of the image-prompt preprocessing with the official VideoBooth outputs (panda fixture), and errors.
 
-The fixture folder comes from $VIDEOBOOTH_PANDA_FIXTURE, else <repo>/../shared/fixtures/panda. A missing
-fixture is a failure, not a skip. Tolerance (fixture README): the uint8 rounding after the float32 bilinear
+The fixture folder comes from $VIDEOBOOTH_PANDA_FIXTURE, else tests/fixtures/panda. A missing fixture is a
+failure, not a skip. The fixture holds the official function's recorded inputs and outputs (the decoded photo and
+mask as tensors), not the official repository's image files; the file-reading road is tested by writing those
+tensors to lossless files. Tolerance (fixture README): the uint8 rounding after the float32 bilinear
 resize may flip by one level on at most 0.05% of the values (thread-count sensitive); all else exact.
 """
 
@@ -32,7 +34,7 @@ from videobooth_core.conditioning.image_prompt import (
 FIXTURE = Path(
     os.environ.get(
         "VIDEOBOOTH_PANDA_FIXTURE",
-        Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "panda",
+        Path(__file__).resolve().parent / "fixtures" / "panda",
     )
 )
 MAX_FLIP_FRACTION = 0.0005  # 0.05% of the elements may differ by one uint8 level
@@ -40,7 +42,7 @@ MAX_FLIP_FRACTION = 0.0005  # 0.05% of the elements may differ by one uint8 leve
 
 @pytest.fixture(scope="module")
 def fx() -> dict:
-    files = [FIXTURE / n for n in ("preprocess.safetensors", "preprocess.json", "panda.jpg", "mask_1.png")]
+    files = [FIXTURE / n for n in ("preprocess.safetensors", "preprocess.json")]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         pytest.fail(f"panda fixture missing: {missing}; set VIDEOBOOTH_PANDA_FIXTURE to the fixture folder")
@@ -84,17 +86,29 @@ def test_parity_from_fixture_tensors(fx):
     _assert_parity(p, fx)
 
 
-def test_decoding_matches_fixture(fx):
-    image = load_image(FIXTURE / "panda.jpg")
-    mask = load_mask(FIXTURE / "mask_1.png")
+@pytest.fixture(scope="module")
+def panda_files(fx, tmp_path_factory) -> tuple[Path, Path]:
+    """The recorded photo as a lossless RGB PNG and the recorded mask as a palette PNG (index 1 = panda), the
+    format of the official segmentation masks."""
+    folder = tmp_path_factory.mktemp("panda")
+    Image.fromarray(fx["image_rgb"].numpy(), mode="RGB").save(folder / "panda.png")
+    mask = Image.fromarray(fx["mask"].numpy(), mode="P")
+    mask.putpalette([0, 0, 0, 255, 255, 255] + [0] * (256 * 3 - 6))
+    mask.save(folder / "mask_1.png")
+    return folder / "panda.png", folder / "mask_1.png"
+
+
+def test_decoding_matches_fixture(fx, panda_files):
+    image = load_image(panda_files[0])
+    mask = load_mask(panda_files[1])
     assert image.dtype == torch.uint8 and image.shape == (163, 310, 3)
     assert mask.dtype == torch.bool and torch.equal(mask, fx["mask"] != 0)
     diff = (image.int() - fx["image_rgb"].int()).abs()
-    assert int(diff.max()) == 0, f"Pillow decode differs from image_rgb: max {int(diff.max())}, {int((diff > 0).sum())} values"
+    assert int(diff.max()) == 0, f"decode differs from image_rgb: max {int(diff.max())}, {int((diff > 0).sum())} values"
 
 
-def test_parity_from_files(fx):
-    p = prepare_image_prompt(load_image(FIXTURE / "panda.jpg"), load_mask(FIXTURE / "mask_1.png"), fx["cfg"]["bbox_xyxy"])
+def test_parity_from_files(fx, panda_files):
+    p = prepare_image_prompt(load_image(panda_files[0]), load_mask(panda_files[1]), fx["cfg"]["bbox_xyxy"])
     _assert_parity(p, fx)
 
 

@@ -1,6 +1,6 @@
 """Numerical parity with the official VideoBooth code (fixtures recorded by running it on tiny weights).
 
-The fixture folder is ``$VIDEOBOOTH_PARITY_FIXTURE`` (default ``../shared/fixtures/official_tiny``); nothing
+The fixture folder is ``$VIDEOBOOTH_PARITY_FIXTURE`` (default ``tests/fixtures/official_tiny``); nothing
 here assumes this particular fixture's sizes, prompt, step count or guidance scale: all are read from it.
 Order follows the fixture README: CLIP features → mapper → injected embeddings → text states → single UNet
 evaluations → one teacher-forced step → the whole loop from z with replayed noise → final_sample.
