@@ -59,7 +59,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--data", help="dataset folder (dataset build / dataset synthetic); required")
     tr.add_argument("--models", help="models folder (UNet, VAE, CLIP, tokenizer); required")
     tr.add_argument("--out", help="output folder; required")
-    tr.add_argument("--mapper", help="start from this mapper (stage 2: the stage-1 result; required there)")
+    tr.add_argument("--mapper", help="start from this mapper (stage 1: ELITE's global mapper, the official start; "
+                                     "stage 2: the stage-1 result, required there)")
     tr.add_argument("--resume", help="'latest' or a checkpoint file: continue a run")
     numbers = (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float), ("weight_decay", float),
                ("warmup_steps", int), ("max_grad_norm", float), ("reg_weight", float), ("cond_dropout", float),

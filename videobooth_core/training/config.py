@@ -38,8 +38,10 @@ class TrainConfig:
     out: str
     """Output folder: checkpoints/, metrics.jsonl, loss.png, videobooth_mapper.safetensors."""
     mapper: str | None = None
-    """Start from this mapper (stage 2: the stage-1 result; or the released mapper.pt to fine-tune). Stage 1
-    without it starts from freshly initialised MLPs (the official run started from an ELITE global mapper)."""
+    """Start from this mapper (stage 2: the stage-1 result; or the released mapper.pt to fine-tune). Stage 1 starts
+    officially from ELITE's global mapper (its ``train_global.py`` layout: MLPs with attn2 to_k/to_v per site, or
+    the MLPs only; the K/V are re-copied from the UNet unless ``reinit_projections`` is off); without it, from
+    freshly initialised MLPs. The kind is read from the file's keys."""
     reinit_projections: bool = True
     """*official*: stage 1 copies the UNet's attn2 (and attn1) to_k/to_v into the mapper's projections, stage 2
     its attn1 to_k/to_v into the ``_new``/``_exemplar`` ones. False keeps the given mapper's (fine-tuning)."""

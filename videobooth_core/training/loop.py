@@ -89,13 +89,19 @@ def _collate(items: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[st
 # ----------------------------------------------------------------------------------------------------------------
 def load_training_models(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """UNet, VAE, CLIP towers and tokenizer from ``config.models`` (frozen, eval) and the mapper to train (from
-    ``config.mapper``, else freshly initialised from the seed), joined to the UNet."""
+    ``config.mapper``, else freshly initialised from the seed), joined to the UNet.
+
+    ``config.mapper`` may be a VideoBooth mapper or ELITE's global mapper layout (the official stage-1 start, see
+    :func:`start_from_elite`); its kind is read from its keys before any model is loaded."""
     from ..conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
     from ..conditioning.tokenizer import load_clip_tokenizer
     from ..conditioning.vae import load_vae
-    from ..loading.checkpoint import load_mapper, load_unet
+    from ..loading.checkpoint import load_mapper, load_unet, read_starting_mapper
     from ..loading.models_dir import ModelFiles
 
+    start_kind, start_weights = read_starting_mapper(config.mapper) if config.mapper is not None else (None, None)
+    if start_kind == "elite_mapper":
+        check_elite_start(config, start_weights)
     # the models folder's own mapper is never used: the trained one comes from --mapper or is new
     files = ModelFiles.from_models_dir(config.models, mapper=config.mapper or config.models)
     dtype = compute_dtype(config)
@@ -104,10 +110,12 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
     text = load_clip_text_encoder(files.clip_text, dtype=dtype, device=device).eval().requires_grad_(False)
     vision = load_clip_vision_encoder(files.clip_vision, dtype=dtype, device=device).eval().requires_grad_(False)
     tokenizer = load_clip_tokenizer(files.tokenizer)
-    if config.mapper is not None:
+    sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
+    if start_kind == "videobooth_mapper":
         mapper = load_mapper(config.mapper, device=device).to(dtype)
+    elif start_kind == "elite_mapper":
+        mapper = start_from_elite(config, start_weights, unet, vision, text, sites, device, dtype)
     else:
-        sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
         width = vision.config.hidden_size
         mapper_config = MapperConfig(input_dim=width, hidden_dim=width, output_dim=text.config.hidden_size,
                                      site_channels=sites)
@@ -122,6 +130,49 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
         unet.gradient_checkpointing = True
     return {"unet": unet, "mapper": mapper, "vae": vae, "text": text, "vision": vision, "tokenizer": tokenizer,
             "vae_file": files.vae}
+
+
+def check_elite_start(config: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse, before any model is loaded, an ELITE-layout start that cannot give the run what it asks for."""
+    from ..loading.checkpoint import has_elite_projections
+
+    if has_elite_projections(weights):
+        return
+    if config.stage == 2:
+        raise TrainingError(explain("stage 2 continues the attn2 to_k/to_v of a stage-1 mapper, and this ELITE "
+                                    "global mapper holds the MLPs only", config.mapper,
+                                    "train stage 1 from it first (--stage 1 --mapper FILE), then pass its "
+                                    "videobooth_mapper.safetensors to stage 2"))
+    if not config.reinit_projections:
+        raise TrainingError(explain("--keep-mapper-projections keeps the starting mapper's attn2 to_k/to_v, and this "
+                                    "ELITE global mapper holds the MLPs only", config.mapper,
+                                    "leave out --keep-mapper-projections (the official start copies the UNet's)"))
+
+
+def start_from_elite(config: TrainConfig, weights: dict[str, torch.Tensor], unet: Any, vision: Any, text: Any,
+                     sites: tuple[tuple[str, int], ...], device: torch.device, dtype: torch.dtype) -> Mapper:
+    """The mapper a run starts with from ELITE's global mapper layout (official ``--global-mapper-path``).
+
+    Every projection is first a copy of the UNet's (attn1 ``_new``/``_exemplar`` are in no ELITE file), then the
+    file's MLPs and, when it has them, its attn2 ``to_k``/``to_v`` are copied in, strictly. The official stage 1
+    then overwrites those K/V with the UNet's own again (``reinit_projections``, the default); stage 2 (from an
+    official stage-1 checkpoint, the same layout under ``ema``) keeps them and copies only attn1 from the UNet.
+    """
+    from ..loading.checkpoint import assign_elite_mapper, elite_mapper_config
+
+    mapper_config = elite_mapper_config(weights, sites)
+    widths = (vision.config.hidden_size, text.config.hidden_size)
+    if (mapper_config.input_dim, mapper_config.output_dim) != widths:
+        raise TrainingError(explain("the ELITE global mapper's MLPs map (CLIP vision width, text width)",
+                                    (mapper_config.input_dim, mapper_config.output_dim),
+                                    f"these CLIP towers need {widths}: pass the mapper trained for them "
+                                    f"({config.mapper})"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        mapper = Mapper(mapper_config).to(device, dtype)
+    init_projections(unet, mapper, 1)
+    assign_elite_mapper(mapper, weights, config.mapper)
+    return mapper
 
 
 def set_trainable(mapper: Mapper, stage: int) -> list[torch.nn.Parameter]:
