@@ -158,7 +158,8 @@ def has_elite_projections(weights: Mapping[str, torch.Tensor]) -> bool:
     return any(key.removesuffix(".weight").endswith(ELITE_PROJECTIONS) for key in weights)
 
 
-def elite_mapper_config(weights: Mapping[str, torch.Tensor], site_channels: tuple[tuple[str, int], ...]) -> MapperConfig:
+def elite_mapper_config(weights: Mapping[str, torch.Tensor],
+                        site_channels: tuple[tuple[str, int], ...]) -> MapperConfig:
     """The mapper config of an ``elite_mapper`` file: widths and levels from its MLPs, the attention sites (which
     an MLP-only file does not name) from the UNet it will train with: ((site prefix, channels), ...)."""
     dims = MapperConfig.infer_from_state_dict(weights)

@@ -4,9 +4,9 @@ one component (a CLIP tower, a VAE) inside a file that holds several (a full Sta
 Kinds this pack loads: ``videobooth_unet``, ``videobooth_mapper`` (and ``wrapped_*``: the released pickles before
 unwrapping), ``elite_mapper`` (ELITE's global mapper, the official stage-1 start: the mapper MLPs with, per attention
 site, the attn2 ``to_k``/``to_v``, or the MLPs only; also the layout of the official stage-1 checkpoints; training
-only, see :func:`.checkpoint.read_starting_mapper`), ``vae``, ``clip_text``, ``clip_vision``, ``clip_full`` (a whole ``CLIPModel``: both towers and their
-projections, such as ``openai/clip-vit-large-patch14``; it fills the text and the vision role, see
-:data:`ROLE_KINDS`). Kinds it recognises only to explain a wrong file:
+only, see :func:`.checkpoint.read_starting_mapper`), ``vae``, ``clip_text``, ``clip_vision``, ``clip_full`` (a
+whole ``CLIPModel``: both towers and their projections, such as ``openai/clip-vit-large-patch14``; it fills the text
+and the vision role, see :data:`ROLE_KINDS`). Kinds it recognises only to explain a wrong file:
 ``openclip_text``, ``openclip_vision`` (the OpenAI/OpenCLIP layouts, not the transformers one), ``image_unet``
 (an image diffusion UNet such as Stable Diffusion's) and ``unknown``.
 """

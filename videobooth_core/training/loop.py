@@ -456,8 +456,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                                layout)
             logger.info("resumed from %s at step %d", path or config.resume, start_step)
 
-    module = TrainingModule(mapper, unet, models["text"], config.reg_weight)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    training_module = TrainingModule(mapper, unet, models["text"], config.reg_weight, config.reg_text_weight)
+    module, optimizer = accelerator.prepare(training_module, optimizer)
     numbers = RankNumbers(start_step, config.steps, config.grad_accum, accelerator.num_processes,
                           accelerator.process_index, config.batch_size)
     samples = NumberedSamples(dataset, config.seed, config.overfit)
@@ -497,17 +497,17 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         if config.overfit:  # the first epoch again and again: each batch read and encoded once
             key = tuple(next(numbers_left) % len(dataset) for _ in range(config.batch_size))
             if key not in repeated:
-                repeated[key] = batch_maker([samples[n][1] for n in key], list(key))
+                repeated[key] = batch_maker([samples[n][1] for n in key], list(key), step=step)
             return repeated[key]
         items = next(batches)
-        return batch_maker([sample for _, sample in items], [number for number, _ in items])
+        return batch_maker([sample for _, sample in items], [number for number, _ in items], step=step)
 
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
     started = time.perf_counter()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
-            parts = torch.zeros(2, device=device)
+            parts = torch.zeros(3, device=device)  # mse, reg, reg_text
             for micro in range(config.grad_accum):
                 batch = next_batch()
                 sync = micro == config.grad_accum - 1
@@ -515,7 +515,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                     loss, mse, reg = module(batch)
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.detach() / config.grad_accum
-                parts += torch.stack([mse, reg]) / config.grad_accum
+                reg_text = training_module.last_reg_text if config.reg_text_weight > 0 else torch.zeros_like(reg)
+                parts += torch.stack([mse, reg, reg_text.to(reg)]) / config.grad_accum
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -531,10 +532,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % config.log_every == 0 or step == config.steps:
-                mse_value, reg_value = (float(v) for v in accelerator.reduce(parts, reduction="mean"))
+                reduced = accelerator.reduce(parts, reduction="mean")
+                mse_value, reg_value, reg_text_value = (float(v) for v in reduced)
                 elapsed = time.perf_counter() - started
-                metrics.log({"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
-                             "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed})
+                record = {"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
+                          "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed}
+                if config.reg_text_weight > 0:
+                    record["reg_text"] = reg_text_value
+                metrics.log(record)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
                 if step == kill_after:  # tests: die as a SIGKILL does, nothing flushed or cleaned up
