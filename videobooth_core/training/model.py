@@ -22,8 +22,9 @@ Stage 2's dropped clips share one VAE sample of the mid-grey exemplar per optimi
 (seed, step)), or draw one each with ``grey_exemplar="per-clip"``.
 
 Everything random in a clip's loss (timestep, dropout, posterior samples, noise) comes from a generator seeded
-by (seed, sample number): a clip's loss does not depend on the rank or the batch it lands in, so data-parallel
-runs equal single-process ones and resumed runs equal uninterrupted ones.
+by (seed, sample number), and the shared grey exemplar from one seeded by (seed, step): a clip's loss does not
+depend on the rank or the micro-batch it lands in, so data-parallel runs equal single-process ones and resumed
+runs equal uninterrupted ones.
 """
 
 from __future__ import annotations
