@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from videobooth_core.errors import CheckpointError
 from videobooth_core.training.config import TrainConfig, TrainingError
@@ -71,7 +71,7 @@ def _site_weights(models: dict, attn: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_elite_layouts_are_told_by_their_keys(elite_files, tiny_models):
+def test_elite_layouts_are_told_by_their_keys(elite_files, tiny_models, tmp_path):
     from videobooth_core.loading.checkpoint import load_mapper, read_starting_mapper
     from videobooth_core.loading.kinds import describe_checkpoint, detect_kind
 
@@ -81,8 +81,11 @@ def test_elite_layouts_are_told_by_their_keys(elite_files, tiny_models):
     assert "attn2 to_k/to_v per site" in describe_checkpoint(elite) and "MLPs only" in describe_checkpoint(mlps)
     assert detect_kind(torch.load(tiny_models / "videobooth" / "mapper.pt", weights_only=True)["ema"]) == \
         "videobooth_mapper"
-    # the official stage-1 checkpoint ({'model', 'ema'} of the ELITE layout) unwraps to it as well
     assert read_starting_mapper(elite_files["elite"])[0] == "elite_mapper"
+    # the official stage-1 checkpoint ({'model', 'ema'} of the ELITE layout) unwraps to it as well, from 'ema'
+    torch.save({"model": {k: v * 0 for k, v in elite.items()}, "ema": elite}, tmp_path / "0001000.pt")
+    kind, weights = read_starting_mapper(tmp_path / "0001000.pt")
+    assert kind == "elite_mapper" and all(torch.equal(weights[k], v) for k, v in elite.items())
     assert read_starting_mapper(elite_files["mlps"])[0] == "elite_mapper"
     # inference needs a whole VideoBooth mapper: refused by name
     with pytest.raises(CheckpointError, match="ELITE global mapper"):
@@ -125,6 +128,10 @@ def test_elite_start_through_the_command_and_refusals(tiny_models, synth, elite_
     assert (tmp_path / "a" / "videobooth_mapper.safetensors").is_file()
     record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["reg_text"] > 0 and record["loss"] > record["mse"] + 0.01 * record["reg"]
+    assert main([*base, "--stage", "1", "--mapper", str(elite_files["mlps"]), "--out", str(tmp_path / "m")]) == 0
+    trained = load_file(str(tmp_path / "m" / "videobooth_mapper.safetensors"))
+    start = elite_files["elite_weights"]["mapping_0.0.weight"]
+    assert 0 < float((trained["mapping_0.0.weight"] - start).abs().max()) < 0.01  # trained from the file's MLPs
     capsys.readouterr()
     # a foreign file (a VAE) is refused by name, in one line, before any model is loaded
     vae = next((tiny_models / "vae").iterdir())
