@@ -85,6 +85,49 @@ def init_projections(unet: UNet3DModel, mapper: Mapper, stage: int) -> None:
             getattr(mapper, stem + suffix).weight.copy_(source.weight)
 
 
+def check_elite_start(config: TrainConfig, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse, before any model is loaded, an ELITE-layout start that cannot give the run what it asks for."""
+    from ..loading.checkpoint import has_elite_projections
+
+    if has_elite_projections(weights):
+        return
+    if config.stage == 2:
+        raise TrainingError(explain("stage 2 continues the attn2 to_k/to_v of a stage-1 mapper, and this ELITE "
+                                    "global mapper holds the MLPs only", config.mapper,
+                                    "train stage 1 from it first (--stage 1 --mapper FILE), then pass its "
+                                    "videobooth_mapper.safetensors to stage 2"))
+    if not config.reinit_projections:
+        raise TrainingError(explain("--keep-mapper-projections keeps the starting mapper's attn2 to_k/to_v, and this "
+                                    "ELITE global mapper holds the MLPs only", config.mapper,
+                                    "leave out --keep-mapper-projections (the official start copies the UNet's)"))
+
+
+def start_from_elite(config: TrainConfig, weights: dict[str, torch.Tensor], unet: Any, vision: Any, text: Any,
+                     sites: tuple[tuple[str, int], ...], device: torch.device, dtype: torch.dtype) -> Mapper:
+    """The mapper a run starts with from ELITE's global mapper layout (official ``--global-mapper-path``).
+
+    Every projection is first a copy of the UNet's (attn1 ``_new``/``_exemplar`` are in no ELITE file), then the
+    file's MLPs and, when it has them, its attn2 ``to_k``/``to_v`` are copied in, strictly. The official stage 1
+    then overwrites those K/V with the UNet's own again (``reinit_projections``, the default); stage 2 (from an
+    official stage-1 checkpoint, the same layout under ``ema``) keeps them and copies only attn1 from the UNet.
+    """
+    from ..loading.checkpoint import assign_elite_mapper, elite_mapper_config
+
+    mapper_config = elite_mapper_config(weights, sites)
+    widths = (vision.config.hidden_size, text.config.hidden_size)
+    if (mapper_config.input_dim, mapper_config.output_dim) != widths:
+        raise TrainingError(explain("the ELITE global mapper's MLPs map (CLIP vision width, text width)",
+                                    (mapper_config.input_dim, mapper_config.output_dim),
+                                    f"these CLIP towers need {widths}: pass the mapper trained for them "
+                                    f"({config.mapper})"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        mapper = Mapper(mapper_config).to(device, dtype)
+    init_projections(unet, mapper, 1)
+    assign_elite_mapper(mapper, weights, config.mapper)
+    return mapper
+
+
 @dataclass
 class TrainBatch:
     """A prepared micro-batch (frozen encoders already run; nothing here needs a gradient)."""
@@ -313,5 +356,5 @@ class BatchMaker:
         )
 
 
-__all__ = ["BatchMaker", "TrainBatch", "TrainingModule", "compute_dtype", "init_projections",
-           "sample_seed", "spliced_text", "trainable_names"]
+__all__ = ["BatchMaker", "TrainBatch", "TrainingModule", "check_elite_start", "compute_dtype", "init_projections",
+           "sample_seed", "spliced_text", "start_from_elite", "trainable_names"]
