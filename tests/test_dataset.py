@@ -153,6 +153,77 @@ def test_augmentations():
         assert 10 <= x1 <= 30 and 90 <= x2 <= 110 and 20 <= y1 <= 30 and 60 <= y2 <= 70
 
 
+def test_shrink_moves_exactly_one_side_by_a_uniform_amount():
+    """The official stage-2 rule over 20 000 draws (seed 0): one side every time, each side with probability 0.25,
+    the amount uniform in [1 %, 20 %] of the box. Tolerances: side frequencies within 0.015 of 0.25 (about 5
+    binomial standard deviations, 0.0031), Kolmogorov-Smirnov distance of the amounts to U(0.01, 0.2) under
+    1.95 / sqrt(n) (the 0.1 % critical value) overall and per side. The former per-side rule (each side with
+    p 0.25) left about 32 % of the boxes unshrunk and fails the first assertion."""
+    box, draws = (10.0, 20.0, 110.0, 70.0), 20_000
+    rng = random.Random(0)
+    amounts: dict[int, list[float]] = {0: [], 1: [], 2: [], 3: []}
+    for _ in range(draws):
+        shrunk = shrink_box(box, rng)
+        moved = [i for i in range(4) if shrunk[i] != box[i]]
+        assert len(moved) == 1, (shrunk, moved)
+        side = moved[0]  # x1, y1, x2, y2 = left, top, right, bottom
+        size = box[2] - box[0] if side in (0, 2) else box[3] - box[1]
+        inwards = shrunk[side] - box[side] if side < 2 else box[side] - shrunk[side]
+        amounts[side].append(inwards / size)
+    every = np.sort(np.concatenate([np.asarray(v) for v in amounts.values()]))
+    assert 0.01 - 1e-12 <= every[0] and every[-1] <= 0.2 + 1e-12
+
+    def ks(values: np.ndarray) -> float:
+        values = np.sort(values)
+        cdf = (values - 0.01) / 0.19
+        n = len(values)
+        return float(max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n)))
+
+    assert ks(every) < 1.95 / np.sqrt(draws)
+    for side, values in amounts.items():
+        assert abs(len(values) / draws - 0.25) < 0.015, (side, len(values))
+        assert ks(np.asarray(values)) < 1.95 / np.sqrt(len(values)), side
+    assert abs(float(every.mean()) - 0.105) < 0.002  # U(0.01, 0.2) has mean 0.105, sd 0.055 (sd of mean 0.0004)
+
+
+def test_stage2_prompts_are_both_cut_from_the_shrunk_box(built, monkeypatch):
+    """Official stage 2: the shrunk box cuts the masked first frame before both augmentations, so the CLIP prompt
+    (224) and the VAE prompt (256) are the shrunk crop. With the affine augmentation made the identity, each
+    augmented prompt equals the inference preparation of the shrunk box, exactly, and differs visibly from the
+    unshrunk box's (the textured synthetic subjects: the removed strip changes the crop)."""
+    from videobooth_core.conditioning.image_prompt import CLIP_MEAN, CLIP_STD
+    from videobooth_core.dataset import reader
+
+    monkeypatch.setattr(reader, "random_affine", lambda levels, rng, translate: levels)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def clip_levels(pixels: torch.Tensor) -> torch.Tensor:  # the reader's round trip through 0..255
+        return torch.round((pixels * std + mean) * 255.0).clamp(0, 255)
+
+    dataset = OurDataset(built, stage=2, seed=11)
+    sides = set()
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        folder = built / "entries" / sample["id"]
+        frame = read_frames(folder / "video.mp4", [0])[0]
+        mask = load_mask(folder / "mask_1.png")
+        box, shrunk = sample["box"].tolist(), sample["box_shrunk"].tolist()
+        moved = [i for i in range(4) if shrunk[i] != box[i]]
+        assert len(moved) == 1
+        sides.add(moved[0])
+        cut = prepare_image_prompt(frame, mask, shrunk)
+        whole = prepare_image_prompt(frame, mask, box)
+        clip = sample["image_prompt_clip_augmented"]
+        assert torch.equal(torch.round((clip * std + mean) * 255.0), clip_levels(cut.clip_pixels[0]))
+        assert (clip_levels(whole.clip_pixels[0]) - clip_levels(cut.clip_pixels[0])).abs().mean() > 2.0
+        vae = sample["image_prompt_vae_augmented"]
+        assert torch.equal(vae, torch.round((cut.vae_pixels[0] + 1.0) * 127.5) / 127.5 - 1.0)
+        assert (vae - whole.vae_pixels[0]).abs().mean() > 0.02
+        # the unaugmented prompts stay the inference preparation of the whole box
+        assert torch.equal(sample["image_prompt_clip"], whole.clip_pixels[0])
+    assert len(sides) >= 2
+
+
 def test_interrupted_build_resumes_to_the_same_dataset(sources, built, tmp_path, monkeypatch):
     out = tmp_path / "data"
     real_write = layout.write_entry

@@ -11,12 +11,14 @@ A sample (a dict) holds:
   decoded and ``video`` is None (the trainer's ``--cache`` holds the clip's VAE posteriors);
 * ``image_prompt_clip``: (3, 224, 224) float32, CLIP-normalised, and ``image_prompt_vae``: (3, 256, 256) float32 in
   [-1, 1]: ``prepare_image_prompt`` (the inference preprocessing itself) on frame 0 of the WHOLE video, its mask
-  and its box; ``image_prompt_clip_augmented``: the official training augmentation of the CLIP input (h-flip 0.5,
-  RandomAffine +-30 deg, translate (0, 0.1), scale 0.8-1.2, fill white, nearest);
+  and its box (never shrunk); ``image_prompt_clip_augmented``: the official training augmentation of the CLIP input
+  (h-flip 0.5, RandomAffine +-30 deg, translate (0, 0.1), scale 0.8-1.2, fill white, nearest);
 * ``caption`` (str), ``word`` (str, the subject word = the mask label), ``id`` (str);
-* stage 2 adds ``image_prompt_vae_augmented``: (3, 256, 256) in [-1, 1], cut with the box shrunk (each side with
-  p 0.25 by U(1 %, 20 %) of the box size), then h-flip 0.5 and RandomAffine +-30 deg, translate (0.1, 0.1),
-  scale 0.8-1.2, fill white (frame 0 of the stage-2 video tensor in the official trainer).
+* stage 2, as the official stage-2 dataset: the box is shrunk first (``box_shrunk``, (4,) float32: exactly one
+  side, picked uniformly, moves in by U(1 %, 20 %) of the box, ``shrink_box``) and BOTH augmented prompts are cut
+  with it: ``image_prompt_clip_augmented`` as above and ``image_prompt_vae_augmented``: (3, 256, 256) in [-1, 1],
+  its own h-flip 0.5 and RandomAffine +-30 deg, translate (0.1, 0.1), scale 0.8-1.2, fill white (frame 0 of the
+  stage-2 video tensor in the official trainer).
 
 Randomness: with ``seed=None`` each sample draws from torch's global generator (seeded per DataLoader worker);
 with an integer seed, sample ``i`` is the same every time it is read.
@@ -72,20 +74,24 @@ def video_transform(frames: torch.Tensor, flip: bool, size: int = SIZE) -> torch
     return ((clip - 0.5) / 0.5).permute(1, 0, 2, 3).contiguous()
 
 
-def shrink_box(box: Sequence[float], rng: random.Random, probability: float = 0.25,
-               low: float = 0.01, high: float = 0.2) -> tuple[float, float, float, float]:
-    """Stage-2 bbox augmentation: each side (top, bottom, left, right) moves inwards with ``probability`` by a
-    fraction U(low, high) of the box's height (top/bottom) or width (left/right)."""
+def shrink_box(box: Sequence[float], rng: random.Random, low: float = 0.01,
+               high: float = 0.2) -> tuple[float, float, float, float]:
+    """Stage-2 bbox augmentation, as the official stage-2 dataset: exactly one side moves inwards, every time.
+
+    One uniform draw picks the side (top, bottom, left, right: probability 0.25 each), a second the amount,
+    U(low, high) of the box's height (top/bottom) or width (left/right)."""
     x1, y1, x2, y2 = (float(v) for v in box)
     width, height = x2 - x1, y2 - y1
-    if rng.random() < probability:
-        y1 += height * rng.uniform(low, high)
-    if rng.random() < probability:
-        y2 -= height * rng.uniform(low, high)
-    if rng.random() < probability:
-        x1 += width * rng.uniform(low, high)
-    if rng.random() < probability:
-        x2 -= width * rng.uniform(low, high)
+    side = rng.random()
+    amount = rng.uniform(low, high)
+    if side < 0.25:
+        y1 += height * amount
+    elif side < 0.5:
+        y2 -= height * amount
+    elif side < 0.75:
+        x1 += width * amount
+    else:
+        x2 -= width * amount
     return x1, y1, x2, y2
 
 
@@ -165,14 +171,20 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             "caption": record.caption,
             "word": (record.word or str(item.get("label", ""))).lower(),
         }
-        clip_levels = torch.round((prompt.clip_pixels[0] * _clip_std() + _clip_mean()) * 255.0).clamp(0, 255)
-        augmented = random_affine(clip_levels.to(torch.uint8), rng, translate=(0.0, 0.1))
-        sample["image_prompt_clip_augmented"] = (augmented.float() / 255.0 - _clip_mean()) / _clip_std()
+        augment = prompt
         if self.stage == 2:
+            # the official stage-2 dataset cuts the masked first frame with the shrunk box BEFORE both
+            # augmentations: the CLIP prompt (224) and the VAE prompt (256) come from the same shrunk crop
             shrunk = shrink_box(box, rng)
             if int(shrunk[2]) <= int(shrunk[0]) or int(shrunk[3]) <= int(shrunk[1]):
                 shrunk = tuple(box)  # a box under two pixels cannot shrink
-            vae_levels = torch.round((prepare_image_prompt(first, mask, shrunk).vae_pixels[0] + 1.0) * 127.5)
+            augment = prepare_image_prompt(first, mask, shrunk)
+            sample["box_shrunk"] = torch.tensor(shrunk, dtype=torch.float32)
+        clip_levels = torch.round((augment.clip_pixels[0] * _clip_std() + _clip_mean()) * 255.0).clamp(0, 255)
+        augmented = random_affine(clip_levels.to(torch.uint8), rng, translate=(0.0, 0.1))
+        sample["image_prompt_clip_augmented"] = (augmented.float() / 255.0 - _clip_mean()) / _clip_std()
+        if self.stage == 2:  # its own flip and affine draw
+            vae_levels = torch.round((augment.vae_pixels[0] + 1.0) * 127.5)
             augmented = random_affine(vae_levels.to(torch.uint8), rng, translate=(0.1, 0.1))
             sample["image_prompt_vae_augmented"] = augmented.float() / 127.5 - 1.0
         return sample

@@ -129,6 +129,66 @@ def load_mapper(
     return mapper
 
 
+STARTING_MAPPER_KINDS = ("videobooth_mapper", "elite_mapper")
+"""What a training stage can start from (``train --mapper``): a VideoBooth mapper, or ELITE's global mapper layout."""
+ELITE_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
+
+
+def read_starting_mapper(path: PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """The weights a training stage starts from and their kind, told from the keys (unwrapped from ``ema``):
+    ``videobooth_mapper`` (the released ``mapper.pt``, a conversion or a training result) or ``elite_mapper``
+    (ELITE's ``train_global.py`` state dict: mapper MLPs plus attn2 ``to_k``/``to_v`` per site, or the MLPs only;
+    the official stage-1 checkpoints have this layout under ``ema``). Cheap: no model is built.
+
+    Raises:
+        CheckpointError: unreadable/unsafe file, or any other kind (the message names what the file holds).
+    """
+    flat = unwrap_state_dict(read_state_dict(path), (MAPPER_WRAPPER_KEY,), source=path)
+    kind = detect_kind(flat)
+    if kind not in STARTING_MAPPER_KINDS:
+        raise CheckpointError(explain(
+            f"the starting mapper holds {describe_checkpoint(flat)}, not a mapper a training stage can start from",
+            path, "pass ELITE's global mapper (stage 1, the official start), a stage-1 result "
+                  "(videobooth_mapper.safetensors) or the released mapper.pt"))
+    return kind, flat
+
+
+def has_elite_projections(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an ``elite_mapper`` file carries the attn2 ``to_k``/``to_v`` (else it holds the MLPs only)."""
+    return any(key.removesuffix(".weight").endswith(ELITE_PROJECTIONS) for key in weights)
+
+
+def elite_mapper_config(weights: Mapping[str, torch.Tensor],
+                        site_channels: tuple[tuple[str, int], ...]) -> MapperConfig:
+    """The mapper config of an ``elite_mapper`` file: widths and levels from its MLPs, the attention sites (which
+    an MLP-only file does not name) from the UNet it will train with: ((site prefix, channels), ...)."""
+    dims = MapperConfig.infer_from_state_dict(weights)
+    return MapperConfig(input_dim=dims.input_dim, hidden_dim=dims.hidden_dim, output_dim=dims.output_dim,
+                        num_levels=dims.num_levels, site_channels=tuple(site_channels))
+
+
+def assign_elite_mapper(mapper: "Mapper", weights: Mapping[str, torch.Tensor], path: PathLike) -> bool:
+    """Copy an ``elite_mapper`` file into ``mapper`` (built with :func:`elite_mapper_config`), strictly: the file
+    must hold exactly the mapper's MLP weights and, if any projection, exactly its attn2 ``to_k``/``to_v`` for every
+    site, with the same shapes. The mapper's other projections (attn1 ``_new``/``_exemplar``) are left as they are
+    (the trainer copies them from the UNet). Returns whether the file had the attn2 projections.
+
+    Raises:
+        CheckpointError: a missing, unexpected or mis-shaped key (named, with what the file holds).
+    """
+    with_projections = has_elite_projections(weights)
+    expected = {key: value for key, value in mapper.state_dict().items()
+                if key.startswith("mapping_") or (with_projections and key.removesuffix(".weight").endswith(
+                    ELITE_PROJECTIONS))}
+    layout = "with attn2 to_k/to_v per site" if with_projections else "MLPs only"
+    check_keys(weights, expected, path, f"an ELITE global mapper ({layout}) for this UNet and these CLIP towers")
+    with torch.no_grad():
+        for key, value in mapper.state_dict().items():
+            if key in expected:
+                value.copy_(weights[key])
+    return with_projections
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -2,9 +2,11 @@
 one component (a CLIP tower, a VAE) inside a file that holds several (a full Stable Diffusion checkpoint).
 
 Kinds this pack loads: ``videobooth_unet``, ``videobooth_mapper`` (and ``wrapped_*``: the released pickles before
-unwrapping), ``vae``, ``clip_text``, ``clip_vision``, ``clip_full`` (a whole ``CLIPModel``: both towers and their
-projections, such as ``openai/clip-vit-large-patch14``; it fills the text and the vision role, see
-:data:`ROLE_KINDS`). Kinds it recognises only to explain a wrong file:
+unwrapping), ``elite_mapper`` (ELITE's global mapper, the official stage-1 start: the mapper MLPs with, per attention
+site, the attn2 ``to_k``/``to_v``, or the MLPs only; also the layout of the official stage-1 checkpoints; training
+only, see :func:`.checkpoint.read_starting_mapper`), ``vae``, ``clip_text``, ``clip_vision``, ``clip_full`` (a
+whole ``CLIPModel``: both towers and their projections, such as ``openai/clip-vit-large-patch14``; it fills the text
+and the vision role, see :data:`ROLE_KINDS`). Kinds it recognises only to explain a wrong file:
 ``openclip_text``, ``openclip_vision`` (the OpenAI/OpenCLIP layouts, not the transformers one), ``image_unet``
 (an image diffusion UNet such as Stable Diffusion's) and ``unknown``.
 """
@@ -28,6 +30,7 @@ MAPPER_WRAPPER_KEY = "ema"
 KIND_NAMES: dict[str, str] = {
     "videobooth_unet": "a VideoBooth UNet",
     "videobooth_mapper": "a VideoBooth mapper",
+    "elite_mapper": "an ELITE global mapper (the official stage-1 start; a training start, not a VideoBooth mapper)",
     "wrapped_videobooth_unet": "a VideoBooth UNet (the released pickle, under 'ema_unet')",
     "wrapped_videobooth_mapper": "a VideoBooth mapper (the released pickle, under 'ema')",
     "vae": "a VAE",
@@ -72,6 +75,12 @@ def _ends(keys: Collection[str], marker: str) -> bool:
 _RULES: tuple[tuple[str, str, Callable[[Collection[str]], bool]], ...] = (
     ("videobooth_unet", "", lambda k: "conv_in.weight" in k and _has(k, "watermark_down_blocks.")),
     ("videobooth_mapper", "", lambda k: "mapping_0.0.weight" in k and _has(k, "_attn1_to_k_new")),
+    # ELITE's train_global.py saves its Mapper's state dict: mapping_{i} / mapping_patch_{i} MLPs and, named after
+    # the UNet's attn2 modules, <site>_transformer_blocks_0_attn2_to_k / _to_v; without attn1 entries
+    ("elite_mapper", " (mapper MLPs with attn2 to_k/to_v per site)",
+     lambda k: "mapping_0.0.weight" in k and _has(k, "_attn2_to_k") and not _has(k, "_attn1_to_")),
+    ("elite_mapper", " (mapper MLPs only)",
+     lambda k: "mapping_0.0.weight" in k and all(key.startswith(("mapping_", "mapping_patch_")) for key in k)),
     ("vae", " (AutoencoderKL, original LDM key layout)",
      lambda k: _has(k, "encoder.down.") or _has(k, "first_stage_model.")),
     ("vae", " (AutoencoderKL, diffusers key layout)", lambda k: _has(k, "encoder.down_blocks.")),

@@ -6,7 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from .config import DTYPES, FIELDS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config, read_config_file
+from .config import (DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config,
+                     read_config_file)
 
 TRAIN_EXAMPLES = """examples:
   # stage 1 (coarse), then stage 2 (fine) from its result - the official recipe (AdamW 1e-4, clip 0.1, EMA ...)
@@ -59,11 +60,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--data", help="dataset folder (dataset build / dataset synthetic); required")
     tr.add_argument("--models", help="models folder (UNet, VAE, CLIP, tokenizer); required")
     tr.add_argument("--out", help="output folder; required")
-    tr.add_argument("--mapper", help="start from this mapper (stage 2: the stage-1 result; required there)")
+    tr.add_argument("--mapper", help="start from this mapper (stage 1: ELITE's global mapper, the official start; "
+                                     "stage 2: the stage-1 result, required there)")
     tr.add_argument("--resume", help="'latest' or a checkpoint file: continue a run")
     numbers = (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float), ("weight_decay", float),
                ("warmup_steps", int), ("max_grad_norm", float), ("reg_weight", float), ("cond_dropout", float),
-               ("ema_decay", float), ("seed", int), ("frames", int), ("size", int), ("window", int),
+               ("reg_text_weight", float), ("ema_decay", float), ("seed", int), ("frames", int), ("size", int),
+               ("window", int),
                ("checkpoint_every", int), ("keep_checkpoints", int), ("log_every", int), ("num_workers", int),
                ("validate_every", int), ("validation_clips", int), ("validation_steps", int))
     for name, kind in numbers:
@@ -71,6 +74,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         shown = "0 in stage 1, 0.1 in stage 2" if name == "cond_dropout" else default
         tr.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {shown})")
     tr.add_argument("--timestep-grid", type=int, choices=TIMESTEP_GRIDS, help="(default: 250, official)")
+    tr.add_argument("--grey-exemplar", choices=GREY_EXEMPLARS, help="stage 2's dropped clips: one VAE sample of the "
+                                                                     "grey exemplar per step (default: shared, "
+                                                                     "official) or one each")
     tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="(default: no = fp32, official)")
     tr.add_argument("--dtype", choices=DTYPES, help="(default: float32, official; float64 = a checking precision "
                                                     "for exactness tests, not for training)")

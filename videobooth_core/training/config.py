@@ -22,6 +22,7 @@ class TrainingError(VideoBoothError):
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "float64")
+GREY_EXEMPLARS = ("shared", "per-clip")
 TIMESTEP_GRIDS = (250, 1000)
 
 
@@ -38,8 +39,10 @@ class TrainConfig:
     out: str
     """Output folder: checkpoints/, metrics.jsonl, loss.png, videobooth_mapper.safetensors."""
     mapper: str | None = None
-    """Start from this mapper (stage 2: the stage-1 result; or the released mapper.pt to fine-tune). Stage 1
-    without it starts from freshly initialised MLPs (the official run started from an ELITE global mapper)."""
+    """Start from this mapper (stage 2: the stage-1 result; or the released mapper.pt to fine-tune). Stage 1 starts
+    officially from ELITE's global mapper (its ``train_global.py`` layout: MLPs with attn2 to_k/to_v per site, or
+    the MLPs only; the K/V are re-copied from the UNet unless ``reinit_projections`` is off); without it, from
+    freshly initialised MLPs. The kind is read from the file's keys."""
     reinit_projections: bool = True
     """*official*: stage 1 copies the UNet's attn2 (and attn1) to_k/to_v into the mapper's projections, stage 2
     its attn1 to_k/to_v into the ``_new``/``_exemplar`` ones. False keeps the given mapper's (fine-tuning)."""
@@ -59,6 +62,14 @@ class TrainConfig:
     """*official* gradient clipping (0 turns it off)."""
     reg_weight: float = 0.01
     """*official*: weight of mean|injected word vectors| in the loss."""
+    reg_text_weight: float = 0.0
+    """*official* 0 (the README's commands; the scripts' own default is 0.01): weight of mean|text states - the
+    caption's plain states| in the loss (the official ``--reg-text-weight``: keeps the spliced states near the
+    caption's own)."""
+    grey_exemplar: str = "shared"
+    """Stage 2's dropped clips: ``shared`` (*official*: one VAE sample of the mid-grey exemplar per step, shared by
+    every dropped clip of the step; drawn from (seed, step), so the number of GPUs does not change it) or
+    ``per-clip`` (each dropped clip its own sample, from its own generator)."""
     cond_dropout: float | None = None
     """Condition dropout probability; None = *official* per stage (0 in stage 1, 0.1 in stage 2)."""
     timestep_grid: int = 250
@@ -150,6 +161,12 @@ class TrainConfig:
             raise TrainingError(explain("the condition dropout must be in [0, 1]", self.dropout, "use 0.1 (official)"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainingError(explain("the EMA decay must be in [0, 1)", self.ema_decay, "use 0.9999 (official)"))
+        if self.reg_text_weight < 0:
+            raise TrainingError(explain("reg_text_weight must not be negative", self.reg_text_weight,
+                                        "use 0 (official README) or the scripts' 0.01"))
+        if self.grey_exemplar not in GREY_EXEMPLARS:
+            raise TrainingError(explain("unknown grey_exemplar", self.grey_exemplar,
+                                        f"choose one of {', '.join(GREY_EXEMPLARS)} (official: shared)"))
         if self.lr <= 0 or self.max_grad_norm < 0 or self.reg_weight < 0 or self.weight_decay < 0:
             raise TrainingError(explain("lr must be positive; max_grad_norm, reg_weight and weight_decay not negative",
                                         (self.lr, self.max_grad_norm, self.reg_weight, self.weight_decay),
@@ -181,8 +198,8 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 OFFICIAL = ("reinit_projections", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
-            "reg_weight", "cond_dropout", "timestep_grid", "ema_decay", "seed", "frames", "size", "window", "flip",
-            "mixed_precision", "dtype", "tf32", "gradient_checkpointing", "checkpoint_every")
+            "reg_weight", "reg_text_weight", "grey_exemplar", "cond_dropout", "timestep_grid", "ema_decay", "seed",
+            "frames", "size", "window", "flip", "mixed_precision", "dtype", "tf32", "gradient_checkpointing", "checkpoint_every")
 """Fields whose defaults are the official recipe's values (the README's table)."""
 
 

@@ -30,8 +30,8 @@ from ..files import atomic_path, is_temporary
 from ..models.config import MapperConfig
 from ..models.mapper import Mapper
 from .config import TrainConfig, TrainingError
-from .model import (ORDER_PURPOSE, BatchMaker, TrainingModule, compute_dtype, init_projections, sample_seed,
-                    trainable_names)
+from .model import (ORDER_PURPOSE, BatchMaker, TrainingModule, check_elite_start, compute_dtype, init_projections,
+                    sample_seed, start_from_elite, trainable_names)
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +89,19 @@ def _collate(items: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[st
 # ----------------------------------------------------------------------------------------------------------------
 def load_training_models(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """UNet, VAE, CLIP towers and tokenizer from ``config.models`` (frozen, eval) and the mapper to train (from
-    ``config.mapper``, else freshly initialised from the seed), joined to the UNet."""
+    ``config.mapper``, else freshly initialised from the seed), joined to the UNet.
+
+    ``config.mapper`` may be a VideoBooth mapper or ELITE's global mapper layout (the official stage-1 start, see
+    :func:`start_from_elite`); its kind is read from its keys before any model is loaded."""
     from ..conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
     from ..conditioning.tokenizer import load_clip_tokenizer
     from ..conditioning.vae import load_vae
-    from ..loading.checkpoint import load_mapper, load_unet
+    from ..loading.checkpoint import load_mapper, load_unet, read_starting_mapper
     from ..loading.models_dir import ModelFiles
 
+    start_kind, start_weights = read_starting_mapper(config.mapper) if config.mapper is not None else (None, None)
+    if start_kind == "elite_mapper":
+        check_elite_start(config, start_weights)
     # the models folder's own mapper is never used: the trained one comes from --mapper or is new
     files = ModelFiles.from_models_dir(config.models, mapper=config.mapper or config.models)
     dtype = compute_dtype(config)
@@ -104,10 +110,12 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
     text = load_clip_text_encoder(files.clip_text, dtype=dtype, device=device).eval().requires_grad_(False)
     vision = load_clip_vision_encoder(files.clip_vision, dtype=dtype, device=device).eval().requires_grad_(False)
     tokenizer = load_clip_tokenizer(files.tokenizer)
-    if config.mapper is not None:
+    sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
+    if start_kind == "videobooth_mapper":
         mapper = load_mapper(config.mapper, device=device).to(dtype)
+    elif start_kind == "elite_mapper":
+        mapper = start_from_elite(config, start_weights, unet, vision, text, sites, device, dtype)
     else:
-        sites = tuple(sorted((site.site, site.proj_in.out_channels) for site in unet.attention_sites))
         width = vision.config.hidden_size
         mapper_config = MapperConfig(input_dim=width, hidden_dim=width, output_dim=text.config.hidden_size,
                                      site_channels=sites)
@@ -405,8 +413,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                                layout)
             logger.info("resumed from %s at step %d", path or config.resume, start_step)
 
-    module = TrainingModule(mapper, unet, models["text"], config.reg_weight)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    training_module = TrainingModule(mapper, unet, models["text"], config.reg_weight, config.reg_text_weight)
+    module, optimizer = accelerator.prepare(training_module, optimizer)
     numbers = RankNumbers(start_step, config.steps, config.grad_accum, accelerator.num_processes,
                           accelerator.process_index, config.batch_size)
     samples = NumberedSamples(dataset, config.seed, config.overfit)
@@ -446,17 +454,17 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         if config.overfit:  # the first epoch again and again: each batch read and encoded once
             key = tuple(next(numbers_left) % len(dataset) for _ in range(config.batch_size))
             if key not in repeated:
-                repeated[key] = batch_maker([samples[n][1] for n in key], list(key))
+                repeated[key] = batch_maker([samples[n][1] for n in key], list(key), step=step)
             return repeated[key]
         items = next(batches)
-        return batch_maker([sample for _, sample in items], [number for number, _ in items])
+        return batch_maker([sample for _, sample in items], [number for number, _ in items], step=step)
 
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
     started = time.perf_counter()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
-            parts = torch.zeros(2, device=device)
+            parts = torch.zeros(3, device=device)  # mse, reg, reg_text
             for micro in range(config.grad_accum):
                 batch = next_batch()
                 sync = micro == config.grad_accum - 1
@@ -464,7 +472,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                     loss, mse, reg = module(batch)
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.detach() / config.grad_accum
-                parts += torch.stack([mse, reg]) / config.grad_accum
+                reg_text = training_module.last_reg_text if config.reg_text_weight > 0 else torch.zeros_like(reg)
+                parts += torch.stack([mse, reg, reg_text.to(reg)]) / config.grad_accum
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -480,10 +489,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % config.log_every == 0 or step == config.steps:
-                mse_value, reg_value = (float(v) for v in accelerator.reduce(parts, reduction="mean"))
+                reduced = accelerator.reduce(parts, reduction="mean")
+                mse_value, reg_value, reg_text_value = (float(v) for v in reduced)
                 elapsed = time.perf_counter() - started
-                metrics.log({"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
-                             "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed})
+                record = {"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
+                          "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed}
+                if config.reg_text_weight > 0:
+                    record["reg_text"] = reg_text_value
+                metrics.log(record)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
                 if step == kill_after:  # tests: die as a SIGKILL does, nothing flushed or cleaned up
