@@ -240,7 +240,7 @@ def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VideoBoothPipeline
-    from .video_io import check_output_path, write_frames
+    from ..video_io import check_output_path, write_frames
 
     loras = _sd_model_args(args)
     if args.jobs:

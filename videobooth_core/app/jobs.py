@@ -40,8 +40,8 @@ done-record or its claim, see below, names it) or ``--overwrite`` is given; even
 only when it holds nothing but PNG frames, so other jobs' and the user's files are never replaced.
 
 Resuming. Before writing its output an item records a claim ``OUT/.videobooth/claims/<id>.json``; the output
-is written atomically by :func:`video_io.write_frames`, then the done-record ``OUT/.videobooth/done/<id>.json``
-(written atomically: temporary file, ``os.replace``). An item is skipped when its output and its done-record
+is written atomically by :func:`videobooth_core.video_io.write_frames`, then the done-record
+``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item is skipped when its output and its done-record
 both exist and the record's settings match the job's, so a killed run restarted with the same command redoes
 only unfinished items; a job whose line changed is redone (replacing its own earlier output).
 ``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank; for
@@ -83,6 +83,7 @@ from ..errors import JobsError, OutputError, VideoBoothError, explain, out_of_me
 from ..files import check_target, is_temporary, write_json_atomic
 from ..settings import SETTINGS as GENERATION_SETTINGS
 from ..settings import Setting, check_device, load_prompt_tokenizer, settings_kwargs
+from ..video_io import WRITE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 """2: the manifest gained the ``failed`` list."""
 DEFAULT_SUFFIX = ".gif"
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 DIST_TIMEOUT = timedelta(days=7)
 """Ranks wait for each other at the end; a shard can take hours with real weights (torchrun stops every
@@ -236,7 +236,7 @@ def _check_out(out: Any, where: str) -> str:
     if not path.parts or path.is_absolute() or ".." in path.parts or any(p.startswith(".") for p in path.parts):
         raise JobsError(explain(f"{where}: 'out' must name a new path inside --out-dir (relative, not the folder "
                                 "itself, no '..' or hidden names)", out, 'e.g. "out": "clip.gif"'))
-    if path.suffix and path.suffix.lower() not in VIDEO_SUFFIXES:
+    if path.suffix and path.suffix.lower() not in WRITE_SUFFIXES:
         raise JobsError(f"{where}: unsupported output {out!r}: use .mp4, .gif or .webp, or a name without a "
                         "suffix for a folder of PNG frames")
     return path.as_posix()
@@ -470,11 +470,12 @@ def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, c
         for job in jobs:
             check_job(job, tokenizer)
         if any(job.out.lower().endswith(".mp4") for job in jobs):
+            from ..video_io import check_mp4_writer
+
             try:
-                import imageio_ffmpeg  # noqa: F401
-            except ImportError:
-                raise JobsError("writing .mp4 needs the imageio-ffmpeg package: `pip install imageio-ffmpeg` "
-                                "(or write .gif / .webp)") from None
+                check_mp4_writer()
+            except OutputError as error:
+                raise JobsError(str(error)) from None
     return jobs
 
 
@@ -522,7 +523,7 @@ def check_outputs(out_dir: Path, jobs: list[Job], dtype: str, overwrite: bool = 
     """Refuse, before any model loads, every unfinished job whose output would replace something it did not
     write (a user's file or folder, another job's output) unless ``overwrite``, and any folder holding more than
     PNG frames. Returns the ids of the jobs allowed to replace their existing output."""
-    from .video_io import is_frame_folder
+    from ..video_io import is_frame_folder
 
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(explain("--out-dir is a file, not a folder", out_dir, "name a folder for the outputs"))
@@ -861,7 +862,7 @@ def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
 def _sample_and_write(pipe, job: Job, request: Any, out_dir: Path, label: str, overwrite: bool,
                       scorer: Any) -> tuple[Any, int, dict[str, Any]]:
     from .common import progress_callback
-    from .video_io import write_frames
+    from ..video_io import write_frames
 
     if job.best_of > 1:
         from ..evaluation.best_of import generate_best_of

@@ -289,10 +289,10 @@ def write_validation_videos(config: TrainConfig, models: dict[str, Any], ema_map
                             dataset: Any, step: int) -> list[Path]:
     """OUT/validation/step_XXXXXXXX_<entry>.gif: the first ``validation_clips`` entries' captions, words and first
     frames, generated with the EMA mapper at a fixed seed (the pipeline's own ``generate``)."""
-    from ..app.video_io import write_frames
+    from ..video_io import write_frames
     from ..conditioning.image_prompt import load_mask
     from ..dataset import layout
-    from ..dataset.video import read_frames
+    from ..video_io import read_frames
     from ..pipeline import GenerationRequest, VideoBoothPipeline
 
     unet = models["unet"]
