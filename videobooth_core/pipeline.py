@@ -283,9 +283,9 @@ class VideoBoothPipeline:
         ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at
         every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.loading.streaming`).
         """
-        from .conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+        from .loading.clip import load_clip_text_encoder, load_clip_vision_encoder
         from .conditioning.tokenizer import load_clip_tokenizer
-        from .conditioning.vae import load_vae
+        from .loading.vae import load_vae
 
         torch_dtype = parse_dtype(dtype)
         if torch_dtype == torch.float16 and torch.device(device).type == "cpu":

@@ -90,8 +90,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPVisionModel
 
-    from ..conditioning.clip import save_clip_text_single_file, save_clip_vision_single_file
-    from ..conditioning.vae import save_vae_ldm_single_file
+    from ..loading.clip import save_clip_text_single_file, save_clip_vision_single_file
+    from ..loading.vae import save_vae_ldm_single_file
     from ..loading.weight_files import save_torch_file
 
     out = Path(out_dir)

@@ -90,9 +90,9 @@ def _collate(items: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[st
 def load_training_models(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """UNet, VAE, CLIP towers and tokenizer from ``config.models`` (frozen, eval) and the mapper to train (from
     ``config.mapper``, else freshly initialised from the seed), joined to the UNet."""
-    from ..conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+    from ..loading.clip import load_clip_text_encoder, load_clip_vision_encoder
     from ..conditioning.tokenizer import load_clip_tokenizer
-    from ..conditioning.vae import load_vae
+    from ..loading.vae import load_vae
     from ..loading.checkpoint import load_mapper, load_unet
     from ..loading.models_dir import ModelFiles
 
