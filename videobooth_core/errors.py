@@ -92,3 +92,7 @@ class DatasetError(VideoBoothError):
 
 class EvaluationError(VideoBoothError):
     """An evaluation input (videos, the evaluation set, the metric models, a ranking metric) cannot be used."""
+
+
+class TrainingError(VideoBoothError):
+    """A bad training setting, dataset entry or checkpoint."""

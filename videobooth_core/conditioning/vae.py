@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import VideoBoothError
+from ..errors import VideoBoothError, explain
 from ..loading.vae import SD_VAE_SCALING_FACTOR
 
 if TYPE_CHECKING:
@@ -45,15 +45,11 @@ def vae_encode(
     """
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if pixels.ndim != 4 or pixels.shape[1] != vae.config.in_channels:
-        raise VideoBoothError(
-            f"vae_encode expects pixels of shape (N, {vae.config.in_channels}, H, W), got {tuple(pixels.shape)}. "
-            "Fix: convert images to channels-first batches."
-        )
+        raise VideoBoothError(explain(f"vae_encode expects pixels of shape (N, {vae.config.in_channels}, H, W); got",
+                                      tuple(pixels.shape), "convert images to channels-first batches"))
     if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
-        raise VideoBoothError(
-            f"vae_encode expects H and W divisible by {factor}, got {tuple(pixels.shape[-2:])}. Fix: resize or crop "
-            f"the images to a multiple of {factor}."
-        )
+        raise VideoBoothError(explain(f"vae_encode expects H and W divisible by {factor}; got",
+                                      tuple(pixels.shape[-2:]), f"resize or crop the images to a multiple of {factor}"))
     param = next(vae.parameters())
     with torch.no_grad():
         dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
@@ -83,10 +79,9 @@ def vae_decode(
         Pixels ``(N, 3, 8h, 8w)``, nominally in ``[-1, 1]`` (not clamped), in the VAE's dtype.
     """
     if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
-        raise VideoBoothError(
-            f"vae_decode expects latents of shape (N, {vae.config.latent_channels}, h, w), got "
-            f"{tuple(latents.shape)}. Fix: flatten frames into the batch axis ('b c f h w -> (b f) c h w')."
-        )
+        raise VideoBoothError(explain(
+            f"vae_decode expects latents of shape (N, {vae.config.latent_channels}, h, w); got", tuple(latents.shape),
+            "flatten frames into the batch axis ('b c f h w -> (b f) c h w')"))
     if chunk_size < 1:
         raise VideoBoothError(f"vae_decode chunk_size must be >= 1, got {chunk_size}.")
     param = next(vae.parameters())

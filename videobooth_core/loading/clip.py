@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, VideoBoothError, explain
+from ..files import PathLike
 from .kinds import select_component
 from .strict import assign_weights, build_on_meta
 from .weight_files import (
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 Device = str | torch.device
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -84,10 +83,9 @@ def _count_indices(keys: Sequence[str], pattern: str) -> int:
 
 def _require(component: Mapping[str, torch.Tensor], key: str, *, source: str, prefix: str, what: str) -> torch.Tensor:
     if key not in component:
-        raise CheckpointError(
-            f"{source} lacks '{prefix}{key}', which is needed to infer the {what} config. Expected a complete "
-            f"{what}. Fix: use a complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata."
-        )
+        raise CheckpointError(explain(
+            f"'{prefix}{key}', needed to infer the {what} config, is missing from", source,
+            f"use a complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata"))
     return component[key]
 
 
@@ -144,11 +142,10 @@ def infer_clip_vision_config(
     patch_size = int(patch.shape[-1])
     grid = math.isqrt(int(pos.shape[0]) - 1)
     if grid * grid != int(pos.shape[0]) - 1:
-        raise CheckpointError(
-            f"{source}: '{prefix}embeddings.position_embedding.weight' has {pos.shape[0]} positions, which is not "
-            "1 + a square number of patches. Expected a square-image CLIP vision tower. Fix: use a file with the "
-            f"config in its '{CONFIG_METADATA_KEY}' metadata, or the model's original folder."
-        )
+        raise CheckpointError(explain(
+            f"'{prefix}embeddings.position_embedding.weight' has {pos.shape[0]} positions, not 1 + a square number "
+            "of patches (a square-image CLIP vision tower is expected), in", source,
+            f"use a file with the config in its '{CONFIG_METADATA_KEY}' metadata, or the model's original folder"))
     config: dict[str, Any] = {
         "hidden_size": hidden,
         "intermediate_size": int(fc1.shape[0]),
@@ -243,18 +240,14 @@ def _folder_config(folder: Path, kind: str) -> transformers.CLIPTextConfig | tra
         if model_type == spec["model_type"]:
             return getattr(transformers, spec["config_class"]).from_dict(raw)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"The config of {folder} is invalid ({e}). Expected a transformers CLIP config. Fix: download the "
-            "folder again."
-        ) from e
+        raise CheckpointError(explain(f"the folder's transformers CLIP config is invalid ({e})", folder,
+                                      "download the folder again")) from e
     other = _CLIP_TOWERS["vision" if kind == "text" else "text"]["model_type"]
     what = f"a CLIP {'vision' if kind == 'text' else 'text'} encoder" if model_type == other else \
         f"a model of type {model_type!r}"
-    raise CheckpointError(
-        f"The folder {folder} holds {what} (config.json model_type={model_type!r}), but a CLIP {kind} encoder was "
-        f"expected (model_type '{spec['model_type']}' or a full 'clip' model). Fix: pass the CLIP {kind} encoder "
-        "folder."
-    )
+    raise CheckpointError(explain(
+        f"the folder holds {what} (config.json model_type={model_type!r}), but a CLIP {kind} encoder was expected "
+        f"(model_type '{spec['model_type']}' or a full 'clip' model)", folder, f"pass the CLIP {kind} encoder folder"))
 
 
 def _model_key_prefix(model: torch.nn.Module, wrapper: str) -> str:
@@ -270,11 +263,9 @@ def _load_clip_tower(
 
     spec = _CLIP_TOWERS[kind]
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise VideoBoothError(
-            f"attn_implementation={attn_implementation!r} is not supported. Expected one of "
-            f"{', '.join(ATTN_IMPLEMENTATIONS)} ('eager' matches the official transformers 4.28 math). Fix: pass "
-            "'eager' or 'sdpa'."
-        )
+        raise VideoBoothError(explain(
+            "unsupported attn_implementation", attn_implementation,
+            f"pass one of {', '.join(ATTN_IMPLEMENTATIONS)} ('eager' matches the official transformers 4.28 math)"))
     p = Path(path)
     expected = f"a CLIP {kind} encoder"
     config = None
@@ -301,10 +292,9 @@ def _load_clip_tower(
         try:
             config = getattr(transformers, spec["config_class"]).from_dict(dict(kwargs))
         except (ValueError, TypeError) as e:
-            raise CheckpointError(
-                f"Invalid CLIP {kind} config for {source}: {e}. Expected {spec['config_class']} values. Fix: correct "
-                f"the '{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred."
-            ) from e
+            raise CheckpointError(explain(
+                f"invalid CLIP {kind} config ({e}; {spec['config_class']} values are expected)", source,
+                f"correct the '{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred")) from e
     model_class = getattr(transformers, spec["model_class"])
     model = build_on_meta(lambda: model_class._from_config(config, attn_implementation=attn_implementation),
                           source=source, expected=expected)

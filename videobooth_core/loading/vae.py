@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, VideoBoothError, explain
+from ..files import PathLike
 from .kinds import select_component
 from .strict import assign_weights, build_on_meta, format_keys
 from .weight_files import (
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 Device = str | torch.device
 
 #: Latent scaling factor of the Stable Diffusion 1.x VAE used by VideoBooth.
@@ -95,10 +94,9 @@ def _count_indices(keys: Sequence[str], pattern: str) -> int:
 
 def _require(sd: Mapping[str, torch.Tensor], key: str, *, source: str) -> torch.Tensor:
     if key not in sd:
-        raise CheckpointError(
-            f"{source} lacks '{key}', which is needed to infer the VAE config. Expected a complete VAE. Fix: use a "
-            f"complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata."
-        )
+        raise CheckpointError(explain(
+            f"'{key}', needed to infer the VAE config, is missing from", source,
+            f"use a complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata"))
     return sd[key]
 
 
@@ -168,10 +166,9 @@ def convert_ldm_vae_to_diffusers(
             value = _conv1x1_to_linear(value)
         out[new] = value
     if unknown:
-        raise CheckpointError(
-            f"{source} has {len(unknown)} VAE weight(s) with unknown LDM names: {format_keys(sorted(unknown))}. "
-            "Expected the keys of a Stable Diffusion (LDM) AutoencoderKL. Fix: use an SD 1.x/2.x/XL VAE file."
-        )
+        raise CheckpointError(explain(
+            f"{len(unknown)} VAE weight(s) with unknown LDM names ({format_keys(sorted(unknown))}; the keys of a "
+            "Stable Diffusion (LDM) AutoencoderKL are expected) in", source, "use an SD 1.x/2.x/XL VAE file"))
     return out
 
 
@@ -285,10 +282,9 @@ def load_vae(
         config = read_json(folder / "config.json")
         class_name = config.get("_class_name", "AutoencoderKL")
         if class_name != "AutoencoderKL":
-            raise CheckpointError(
-                f"The folder {folder} holds a {class_name} (config.json _class_name), but {expected} was expected. "
-                "Fix: pass the VAE folder (the 'vae' sub-folder of a pipeline) or a VAE file."
-            )
+            raise CheckpointError(explain(
+                f"the folder holds a {class_name} (config.json _class_name), but {expected} was expected", folder,
+                "pass the VAE folder (the 'vae' sub-folder of a pipeline) or a VAE file"))
         sd = read_folder_weights(folder, "diffusers")
         source = str(folder)
     else:
