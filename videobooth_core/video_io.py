@@ -22,7 +22,6 @@ leaves a half-written file where the result should be.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import OutputError, VideoError, explain
-from .files import atomic_path, check_target
+from .files import PathLike, atomic_path, check_target
 
 if TYPE_CHECKING:  # torch is imported by the functions that return tensors: importing this module stays cheap
     import torch
@@ -62,7 +61,7 @@ class VideoInfo:
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+def iter_frames(path: PathLike) -> Iterator[np.ndarray]:
     """Yield every frame of a video, animation, image or folder of images as (H, W, 3) uint8 RGB, one at a time
     (a long video never has to fit in memory). Missing, unreadable or broken files raise :class:`VideoError`."""
     path = Path(path).expanduser()
@@ -85,17 +84,17 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
                              "give .mp4/.mov/.mkv/.webm..., .gif, .webp, an image or a folder of PNG frames"))
 
 
-def read_video(path: str | os.PathLike) -> torch.Tensor:
+def read_video(path: PathLike) -> torch.Tensor:
     """Every frame (see :func:`iter_frames` for the kinds of file) -> (T, H, W, 3) uint8."""
     return _stacked(list(iter_frames(path)), path)
 
 
-def read_last_frames(path: str | os.PathLike, count: int) -> torch.Tensor:
+def read_last_frames(path: PathLike, count: int) -> torch.Tensor:
     """The last ``count`` frames -> (min(count, T), H, W, 3) uint8; only those are kept while decoding."""
     return _stacked(list(deque(iter_frames(path), maxlen=count)), path)
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> torch.Tensor:
+def read_frames(path: PathLike, indices: Sequence[int]) -> torch.Tensor:
     """The frames at ``indices`` (any order, repeats allowed) -> (len(indices), H, W, 3) uint8.
 
     Decodes sequentially up to the largest index and keeps only the wanted frames (videos are short clips); an
@@ -121,7 +120,7 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> torch.Tensor
     return torch.from_numpy(np.stack([kept[int(i)] for i in indices]))
 
 
-def video_info(path: str | os.PathLike) -> VideoInfo:
+def video_info(path: PathLike) -> VideoInfo:
     """Decode the whole video once to count its frames, and read its size and frame rate."""
     count, shape = 0, None
     for frame in iter_frames(path):
@@ -132,7 +131,7 @@ def video_info(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(frames=count, width=int(shape[1]), height=int(shape[0]), fps=_frame_rate(Path(path)))
 
 
-def _stacked(frames: list[np.ndarray], path: str | os.PathLike) -> torch.Tensor:
+def _stacked(frames: list[np.ndarray], path: PathLike) -> torch.Tensor:
     if not frames:
         raise VideoError(explain("no frames could be read from", path, "check the file"))
     if len({frame.shape for frame in frames}) > 1:
@@ -218,7 +217,7 @@ def is_frame_folder(path: Path) -> bool:
                                  for entry in path.iterdir())
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False, fps: float | None = None) -> Path:
+def check_output_path(path: PathLike, overwrite: bool = False, fps: float | None = None) -> Path:
     """Validate an output path before any heavy work: a known suffix (or none, for a folder of PNG frames), an
     existing parent folder, nothing of the user's replaced (see the module docstring), a positive ``fps``.
     Returns the path as given (relative stays relative)."""
@@ -248,7 +247,7 @@ def check_mp4_writer() -> None:
                           "`pip install --force-reinstall av`, or write .gif / .webp")
 
 
-def write_frames(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8.0, overwrite: bool = False) -> Path:
+def write_frames(frames: torch.Tensor, path: PathLike, fps: float = 8.0, overwrite: bool = False) -> Path:
     """Write (frames, height, width, 3) uint8 frames to ``path`` (formats and the rules on existing outputs: see
     the module docstring). A failed write (disk full, no permission) is an :class:`OutputError` and leaves no
     temporary file behind."""
@@ -274,7 +273,7 @@ def write_frames(frames: torch.Tensor, path: str | os.PathLike, fps: float = 8.0
     return path
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> None:
+def write_mp4(path: PathLike, frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> None:
     """Write (T, H, W, 3) uint8 RGB frames as H.264 (yuv420p) in an MP4 container, whatever ``path``'s suffix.
 
     Odd sizes are refused (yuv420p needs even width and height). Deterministic: the same frames give the same
