@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from videobooth_core.sampling.memory import apply_allocator  # noqa: E402
+from videobooth_core.allocator import apply_allocator  # noqa: E402
 from videobooth_core.sampling.run import prepare_denoiser  # noqa: E402
 from videobooth_core.sampling.windows import ContextOptions, context_windows  # noqa: E402
 

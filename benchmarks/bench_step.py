@@ -12,7 +12,7 @@ process's ``ru_maxrss``, so it can only be measured once per process):
 
 A SPEC is a mode followed by ``:``-separated options in any order: a dtype (fp32 | fp16 | bf16), an attention
 backend (sdpa | math | dedup; default: math for official-order, else sdpa), ``stream`` (--stream-weights) and an
-allocator (``memory.ALLOCATORS``: ``fast`` keeps freed memory in the heap, ``glibc`` is glibc's default, ``lean`` has
+allocator (``allocator.ALLOCATORS``: ``fast`` keeps freed memory in the heap, ``glibc`` is glibc's default, ``lean`` has
 the lowest peak; default as the command line: lean with stream, else fast), e.g. ``exact:bf16:stream`` or
 ``exact:glibc``. The run first measures this machine's GEMM peak (a 2048^3 fp32 and bf16 matmul at --threads, best
 of 3) and reports each path's achieved TFLOP/s as a fraction of it; it prints the median time and peak-memory ratios
@@ -69,9 +69,8 @@ from videobooth_core.loading.checkpoint import parse_dtype  # noqa: E402
 from videobooth_core.models.attention import ATTENTION_BACKENDS  # noqa: E402
 from videobooth_core.models.config import MapperConfig, UNetConfig  # noqa: E402
 from videobooth_core.models.mapper import Mapper  # noqa: E402
-from videobooth_core.sampling.memory import (  # noqa: E402
-    ALLOCATORS, apply_allocator, chosen_allocator, estimate_step_memory, meta_denoiser, resident_weight_bytes,
-)
+from videobooth_core.allocator import ALLOCATORS, apply_allocator, chosen_allocator  # noqa: E402
+from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser, resident_weight_bytes  # noqa: E402
 from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
@@ -364,7 +363,7 @@ def main() -> None:
                         help="safetensors file for --stream-weights (written once if missing)")
     parser.add_argument("--write-weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=ALLOCATORS,
-                        help="memory.ALLOCATORS: fast (heap kept for reuse), glibc (glibc's default), lean (lowest "
+                        help="allocator.ALLOCATORS: fast (heap kept for reuse), glibc (glibc's default), lean (lowest "
                              "peak); default: as the command line (lean with --stream-weights, else fast); a SPEC may "
                              "name its own")
     args = parser.parse_args()

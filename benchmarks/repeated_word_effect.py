@@ -35,7 +35,7 @@ def text_encoders(seed: int) -> dict[str, torch.nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from videobooth_core.app.tiny import make_tiny
-    from videobooth_core.conditioning.clip import load_clip_text_encoder
+    from videobooth_core.loading.clip import load_clip_text_encoder
 
     folder = Path(tempfile.mkdtemp()) / "tiny"
     make_tiny(folder, seed=seed)

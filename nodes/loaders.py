@@ -165,7 +165,7 @@ class VideoBoothVAELoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(vae_name, precision, device)),)
 
     def _load(self, vae_name: str, precision: str, device: str) -> VideoBoothVAE:
-        from ..videobooth_core.conditioning.vae import load_vae
+        from ..videobooth_core.loading.vae import load_vae
 
         path = bridge.model_path("vae", vae_name)
         load_device, offload_device = bridge.devices_for("vae", device)
@@ -258,7 +258,7 @@ class VideoBoothCLIPLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, tokenizer, precision, device)),)
 
     def _load(self, clip_name: str, tokenizer: str, precision: str, device: str) -> VideoBoothCLIP:
-        from ..videobooth_core.conditioning.clip import load_clip_text_encoder
+        from ..videobooth_core.loading.clip import load_clip_text_encoder
         from ..videobooth_core.conditioning.tokenizer import load_clip_tokenizer
 
         path = bridge.model_path("text_encoders", clip_name)
@@ -303,7 +303,7 @@ class VideoBoothCLIPVisionLoader(_CachingLoader):
         return (self._cached(key, lambda: self._load(clip_name, precision, device)),)
 
     def _load(self, clip_name: str, precision: str, device: str) -> VideoBoothCLIPVision:
-        from ..videobooth_core.conditioning.clip import load_clip_vision_encoder
+        from ..videobooth_core.loading.clip import load_clip_vision_encoder
 
         path = bridge.model_path("clip_vision", clip_name)
         load_device, offload_device = bridge.devices_for("vision", device)

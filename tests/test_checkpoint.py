@@ -106,7 +106,7 @@ class _Payload:
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: bool) -> None:
-    from videobooth_core.conditioning.vae import load_vae
+    from videobooth_core.loading.vae import load_vae
 
     marker = tmp_path / "PAYLOAD_RAN"
     evil = tmp_path / "evil.pt"
@@ -258,7 +258,7 @@ def test_a_full_clip_fills_the_text_and_the_vision_role(tmp_path: Path, tiny_mod
     import transformers
 
     from videobooth_core.app.tiny import CLIP_TEXT_FILE, TOKENIZER_DIR, tiny_clip_text_config, tiny_clip_vision_config
-    from videobooth_core.conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+    from videobooth_core.loading.clip import load_clip_text_encoder, load_clip_vision_encoder
     from videobooth_core.evaluation.models import find_clip, is_full_clip
     from videobooth_core.loading.models_dir import ModelFiles, kind_of
 

@@ -8,72 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import SMALL, ok, read_frames, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 PROMPT = "a ball rolling on the grass"
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # one compute thread per run: on a small shared machine, spinning OpenMP threads of concurrent processes
-    # slow each other down several times over (the results do not depend on it)
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("VIDEOBOOTH_MODELS", None)
-    return env
-
-
-def _start(args: list[str], home: Path) -> subprocess.Popen:
-    home.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "videobooth_core", *map(str, args)], cwd=REPO, env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def run_cli(args: list[str], home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return _finish(_start(args, home), timeout)
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
 
 
 def _summary(result: subprocess.CompletedProcess) -> dict:
     lines = [line for line in result.stdout.splitlines() if line.startswith("done: ")]
     assert len(lines) == 1, result.stdout
     return json.loads(lines[0][len("done: "):])
-
-
-def read_frames(path: Path) -> list[np.ndarray]:
-    """Decoded RGB frames of a .gif/.webp/.mp4 or a folder of PNGs."""
-    from PIL import Image, ImageSequence
-
-    if path.is_dir():
-        return [np.array(Image.open(p).convert("RGB")) for p in sorted(path.glob("frame_*.png"))]
-    if path.suffix == ".mp4":
-        import imageio_ffmpeg
-
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-        width, height = meta["size"]
-        return [np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in reader]
-    with Image.open(path) as image:
-        return [np.array(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -107,7 +57,7 @@ def generated(tiny_models, subject, tmp_path_factory) -> tuple[Path, subprocess.
 # -- generate -----------------------------------------------------------------------------------------------
 def test_generate_from_the_command_line(generated) -> None:
     path, result = generated
-    _ok(result)
+    ok(result)
     assert sorted(p.name for p in path.iterdir()) == [f"frame_{i:05d}.png" for i in range(4)]
     frames = read_frames(path)
     assert len(frames) == 4 and all(frame.shape == (64, 64, 3) for frame in frames)
@@ -123,9 +73,9 @@ def test_generate_from_the_command_line(generated) -> None:
 
 @pytest.mark.parametrize("name", ["clip.gif", "clip.webp", "clip.mp4", "frames"])
 def test_write_frames_writes_each_format(generated, name, tmp_path) -> None:
-    from videobooth_core.app.video_io import write_frames
+    from videobooth_core.video_io import write_frames
 
-    frames = np.stack(read_frames(_ok(generated[1]) and generated[0]))  # the command line's frames, in-process
+    frames = np.stack(read_frames(ok(generated[1]) and generated[0]))  # the command line's frames, in-process
     path = write_frames(torch.from_numpy(frames), tmp_path / name, fps=8.0)
     decoded = read_frames(path)
     assert len(decoded) == 4 and all(frame.shape == (64, 64, 3) for frame in decoded)
@@ -135,9 +85,13 @@ def test_write_frames_writes_each_format(generated, name, tmp_path) -> None:
         error = np.abs(np.stack(decoded).astype(np.int16) - frames.astype(np.int16)).mean()
         assert error < 40, error
     if name == "clip.mp4":
-        import imageio_ffmpeg
+        import av
 
-        assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 4
+        with av.open(str(path)) as container:  # H.264 in MP4 at 8 fps, as players expect
+            stream = container.streams.video[0]
+            assert (container.format.name.split(",")[0], stream.codec_context.name, stream.average_rate) == \
+                ("mov", "h264", 8)
+            assert stream.codec_context.pix_fmt == "yuv420p"
     if name == "clip.gif":
         from PIL import Image
 
@@ -149,7 +103,7 @@ def test_write_frames_writes_each_format(generated, name, tmp_path) -> None:
 
 def test_text_to_video_without_image_or_word(tiny_models, tmp_path) -> None:
     out = tmp_path / "t2v.gif"
-    result = _ok(run_cli(["generate", "--models", tiny_models, "--prompt", "a dog running on the beach", *SMALL,
+    result = ok(run_cli(["generate", "--models", tiny_models, "--prompt", "a dog running on the beach", *SMALL,
                           "--seed", "3", "--out", out], tmp_path / "home"))
     frames = read_frames(out)
     assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
@@ -159,7 +113,7 @@ def test_text_to_video_without_image_or_word(tiny_models, tmp_path) -> None:
 
 def test_speed_modes_and_the_memory_estimate_reach_the_summary(generated, tiny_models, subject, tmp_path) -> None:
     out = tmp_path / "fast"
-    result = _ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
+    result = ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
                           "--prompt", PROMPT, "--word", "ball", *SMALL, "--seed", "7", "--out", out,
                           "--single-frame-image-prompt", "--image-prompt-steps", "0", "0.5", "--no-watermark-branch"],
                          tmp_path / "home"))
@@ -168,7 +122,7 @@ def test_speed_modes_and_the_memory_estimate_reach_the_summary(generated, tiny_m
     assert summary["estimated_peak_mb"] > summary["estimated_weights_mb"] > 0
     assert "estimated peak memory on cpu" in result.stderr  # said before sampling starts
     assert result.stderr.index("estimated peak memory") < result.stderr.index("sampling")
-    exact = read_frames(_ok(generated[1]) and generated[0])  # same seed, exact path
+    exact = read_frames(ok(generated[1]) and generated[0])  # same seed, exact path
     assert _summary(generated[1])["attention"] == "sdpa"
     assert _summary(generated[1])["speed_modes"] == []
     assert any(not np.array_equal(a, b) for a, b in zip(read_frames(out), exact))
@@ -176,7 +130,7 @@ def test_speed_modes_and_the_memory_estimate_reach_the_summary(generated, tiny_m
 
 def test_the_dedup_attention_kernel_is_selected_and_stays_close(generated, tiny_models, subject, tmp_path) -> None:
     out = tmp_path / "dedup"
-    result = _ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
+    result = ok(run_cli(["generate", "--models", tiny_models, "--image", subject["image"], "--mask", subject["mask"],
                           "--prompt", PROMPT, "--word", "ball", *SMALL, "--seed", "7", "--out", out,
                           "--attention", "dedup"], tmp_path / "home"))
     assert _summary(result)["attention"] == "dedup"
@@ -254,7 +208,7 @@ def test_demo_without_weights_uses_tiny_random_models(tmp_path) -> None:
     home = tmp_path / "home"
     missing = tmp_path / "no_models_here"
     out = tmp_path / "demo.gif"
-    result = _ok(run_cli(["demo", "--models", missing, "--out", out, "--steps", "2"], home))
+    result = ok(run_cli(["demo", "--models", missing, "--out", out, "--steps", "2"], home))
     cache = home / ".cache" / "videobooth" / "tiny_models"
     assert "TINY RANDOM" in result.stderr and "noise" in result.stderr
     assert f"put the released weights in {missing}" in result.stderr and "README" in result.stderr
@@ -270,7 +224,7 @@ def test_demo_without_weights_uses_tiny_random_models(tmp_path) -> None:
 def test_demo_uses_the_models_folder_when_it_holds_weights(tiny_models, tmp_path) -> None:
     home = tmp_path / "home"
     out = tmp_path / "demo.webp"
-    result = _ok(run_cli(["demo", "--models", tiny_models, "--out", out, "--steps", "1"], home))
+    result = ok(run_cli(["demo", "--models", tiny_models, "--out", out, "--steps", "1"], home))
     assert "No VideoBooth weights" not in result.stderr
     assert "tiny and random" in result.stderr  # this folder is make-tiny's: it says so
     assert not (home / ".cache" / "videobooth").exists()  # no fallback set written
@@ -287,7 +241,7 @@ def test_convert_to_fp16_safetensors(tiny_models, tmp_path) -> None:
     out = tmp_path / "converted"
     unet_pt = tiny_models / "videobooth" / "watermark_remove_module.pt"
     mapper_pt = tiny_models / "videobooth" / "mapper.pt"
-    result = _ok(run_cli(["convert", "--unet", unet_pt, "--mapper", mapper_pt, "--out", out, "--dtype", "fp16"],
+    result = ok(run_cli(["convert", "--unet", unet_pt, "--mapper", mapper_pt, "--out", out, "--dtype", "fp16"],
                          tmp_path / "home"))
     written = {out / "videobooth_unet.safetensors", out / "videobooth_mapper.safetensors"}
     assert set(out.iterdir()) == written
@@ -320,7 +274,7 @@ def test_make_tiny_writes_a_usable_models_folder(tmp_path) -> None:
     from videobooth_core.loading.models_dir import ModelFiles
 
     out = tmp_path / "tiny"
-    result = _ok(run_cli(["make-tiny", "--out", out], tmp_path / "home"))
+    result = ok(run_cli(["make-tiny", "--out", out], tmp_path / "home"))
     assert "RANDOM" in result.stdout and str(out) in result.stdout
     files = ModelFiles.from_models_dir(out)
     assert files.unet.name == "watermark_remove_module.pt" and files.mapper.name == "mapper.pt"

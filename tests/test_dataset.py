@@ -18,7 +18,8 @@ from videobooth_core.dataset import layout
 from videobooth_core.dataset.build import BuildOptions, build_dataset
 from videobooth_core.dataset.reader import OfficialSubset, OurDataset, random_affine, shrink_box, video_transform
 from videobooth_core.dataset.synthetic import write_sources
-from videobooth_core.dataset.video import read_frames, sample_window, write_video
+from videobooth_core.dataset.video import sample_window
+from videobooth_core.video_io import read_frames, write_mp4
 
 pytest.importorskip("av")
 
@@ -32,7 +33,7 @@ def sources(tmp_path_factory) -> Path:
     videos = root / "videos"
     (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     frames = np.full((10, 64, 96, 3), 120, dtype=np.uint8)
-    write_video(videos / "short.mp4", frames)
+    write_mp4(videos / "short.mp4", frames)
     for name in ("uncaptioned", "classless"):
         shutil.copyfile(videos / "synth_0000.mp4", videos / f"{name}.mp4")
         shutil.copyfile(root / "masks" / "synth_0000.png", root / "masks" / f"{name}.png")

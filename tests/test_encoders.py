@@ -13,9 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from videobooth_core.app import tiny
-from videobooth_core.conditioning import clip, vae as V
+from videobooth_core.conditioning.vae import vae_decode, vae_encode
 from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
 from videobooth_core.errors import CheckpointError, VideoBoothError
+from videobooth_core.loading import clip
+from videobooth_core.loading import vae as V
 from videobooth_core.loading.weight_files import CONFIG_METADATA_KEY, read_safetensors_metadata
 
 
@@ -319,7 +321,7 @@ def test_vae_ldm_single_file_round_trip(tiny_vae, tmp_path: Path) -> None:
     _assert_same_state(loaded, tiny_vae)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     pixels = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert torch.equal(V.vae_encode(loaded, pixels, sample=False), V.vae_encode(tiny_vae, pixels, sample=False))
+    assert torch.equal(vae_encode(loaded, pixels, sample=False), vae_encode(tiny_vae, pixels, sample=False))
 
 
 def test_vae_conversion_table_matches_diffusers(tiny_vae) -> None:
@@ -375,36 +377,36 @@ def test_vae_diffusers_folder_subfolder_and_single_file(tiny_vae, tmp_path: Path
 
 def test_vae_encode_decode(tiny_vae) -> None:
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mean = V.vae_encode(tiny_vae, pixels, sample=False)
+    mean = vae_encode(tiny_vae, pixels, sample=False)
     assert mean.shape == (2, 4, 8, 8)
     with torch.no_grad():
         dist = tiny_vae.encode(pixels).latent_dist
         reference = dist.sample(generator=torch.Generator().manual_seed(7)) * 0.18215
     assert torch.equal(mean, dist.mean * 0.18215)
-    sampled = V.vae_encode(tiny_vae, pixels, generator=torch.Generator().manual_seed(7))
+    sampled = vae_encode(tiny_vae, pixels, generator=torch.Generator().manual_seed(7))
     assert torch.equal(sampled, reference)  # same draw as diffusers' posterior sample with that generator
-    assert torch.equal(sampled, V.vae_encode(tiny_vae, pixels, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(sampled, vae_encode(tiny_vae, pixels, generator=torch.Generator().manual_seed(7)))
     assert not torch.equal(sampled, mean)
 
     latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    whole = V.vae_decode(tiny_vae, latents, chunk_size=8)
+    whole = vae_decode(tiny_vae, latents, chunk_size=8)
     assert whole.shape == (5, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(whole, tiny_vae.decode(latents / 0.18215).sample)
     # Chunks of 1-4 frames: CPU conv2d picks batch-size dependent kernels (~1e-6 differences; 0 for the same
     # batch size), so chunked decoding agrees to float32 rounding rather than bit for bit.
     for chunk in (1, 2, 3, 4):
-        torch.testing.assert_close(V.vae_decode(tiny_vae, latents, chunk_size=chunk), whole, rtol=1e-5, atol=1e-5)
-    assert torch.equal(V.vae_decode(tiny_vae, latents, chunk_size=5), whole)
+        torch.testing.assert_close(vae_decode(tiny_vae, latents, chunk_size=chunk), whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vae_decode(tiny_vae, latents, chunk_size=5), whole)
 
     with pytest.raises(VideoBoothError, match="divisible by 8"):
-        V.vae_encode(tiny_vae, torch.zeros(1, 3, 60, 64))
+        vae_encode(tiny_vae, torch.zeros(1, 3, 60, 64))
     with pytest.raises(VideoBoothError, match=r"\(N, 3, H, W\)"):
-        V.vae_encode(tiny_vae, torch.zeros(3, 64, 64))
+        vae_encode(tiny_vae, torch.zeros(3, 64, 64))
     with pytest.raises(VideoBoothError, match="latents of shape"):
-        V.vae_decode(tiny_vae, torch.zeros(1, 4, 4, 8, 8))
+        vae_decode(tiny_vae, torch.zeros(1, 4, 4, 8, 8))
     with pytest.raises(VideoBoothError, match="chunk_size"):
-        V.vae_decode(tiny_vae, latents, chunk_size=0)
+        vae_decode(tiny_vae, latents, chunk_size=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,62 +8,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import SMALL, ok, read_frames, run_cli, start_cli
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "2"]
 IDS = ["ball-mask", "00002", "dog", "00005"]
 OUTPUTS = {"ball-mask": "ball-mask.gif", "00002": "boxed.webp", "dog": "videos/dog_frames", "00005": "00005.gif"}
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    # one thread per process: the single-process and the two-rank runs then compute bit-identical frames
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VIDEOBOOTH_MODELS"):
-        env.pop(var, None)
-    return env
-
-
 def _command(tiny_models: Path, jobs: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "videobooth_core", "generate", "--models", str(tiny_models), "--jobs", str(jobs),
-            "--out-dir", str(out_dir), *extra]
-
-
-def run_jobs_cli(args: list[str], home: Path, torchrun: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    home.mkdir(parents=True, exist_ok=True)
-    if torchrun:
-        launcher = Path(sys.executable).parent / "torchrun"
-        prefix = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
-        command = [*prefix, "--nproc_per_node", str(torchrun), "--standalone", *args]
-    else:
-        command = [sys.executable, *args]
-    return subprocess.run(command, check=False, cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
+    return ["generate", "--models", str(tiny_models), "--jobs", str(jobs), "--out-dir", str(out_dir), *extra]
 
 
 def _finished(result: subprocess.CompletedProcess) -> list[dict]:
     """The closing summary line of every rank."""
     return [json.loads(line.split("finished: ", 1)[1]) for line in result.stdout.splitlines() if "finished: " in line]
-
-
-def read_frames(path: Path) -> list[np.ndarray]:
-    from PIL import Image, ImageSequence
-
-    if path.is_dir():
-        return [np.array(Image.open(p).convert("RGB")) for p in sorted(path.glob("frame_*.png"))]
-    with Image.open(path) as image:
-        return [np.array(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
 
 
 def _leftovers(out_dir: Path) -> list[Path]:
@@ -111,7 +73,7 @@ def jobs_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_run(tiny_models, jobs_file, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out_dir = tmp_path_factory.mktemp("single") / "out"
-    result = run_jobs_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), out_dir.parent / "home")
+    result = run_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), out_dir.parent / "home")
     return out_dir, result
 
 
@@ -145,7 +107,7 @@ def _check_complete(out_dir: Path, expected_settings: bool = True) -> dict:
 # -- runs --------------------------------------------------------------------------------------------------
 def test_single_process_run_writes_every_item_and_the_manifest(single_run) -> None:
     out_dir, result = single_run
-    _ok(result)
+    ok(result)
     _check_complete(out_dir)
     (summary,) = _finished(result)
     assert summary["done"] == 4 and summary["skipped"] == 0 and summary["failed"] == 0 and summary["jobs"] == 4
@@ -157,10 +119,10 @@ def test_single_process_run_writes_every_item_and_the_manifest(single_run) -> No
 
 def test_resume_redoes_nothing(tiny_models, jobs_file, single_run) -> None:
     out_dir, first = single_run
-    _ok(first)
+    ok(first)
     watched = [p for p in out_dir.rglob("*") if p.is_file() and p.name != "manifest.json"]
     before = {p: p.stat().st_mtime_ns for p in watched}
-    result = _ok(run_jobs_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), out_dir.parent / "home"))
+    result = ok(run_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), out_dir.parent / "home"))
     (summary,) = _finished(result)
     assert summary["done"] == 0 and summary["skipped"] == 4 and summary["failed"] == 0
     assert "models loaded" not in result.stderr  # nothing to do: the models are not even loaded
@@ -170,7 +132,7 @@ def test_resume_redoes_nothing(tiny_models, jobs_file, single_run) -> None:
 
 def test_a_changed_line_is_redone_and_only_it(tiny_models, jobs_file, single_run, tmp_path) -> None:
     out_dir, first = single_run
-    _ok(first)
+    ok(first)
     copy = tmp_path / "out"
     shutil.copytree(out_dir, copy)  # copy2 keeps the mtimes
     changed = jobs_file.with_name("jobs_changed.jsonl")
@@ -179,7 +141,7 @@ def test_a_changed_line_is_redone_and_only_it(tiny_models, jobs_file, single_run
     lines[2] = json.dumps({**dog, "seed": 99})
     changed.write_text("\n".join(lines) + "\n")
     before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
-    result = _ok(run_jobs_cli(_command(tiny_models, changed, copy, *SMALL), tmp_path / "home"))
+    result = ok(run_cli(_command(tiny_models, changed, copy, *SMALL), tmp_path / "home"))
     (summary,) = _finished(result)
     assert summary["done"] == 1 and summary["skipped"] == 3
     assert "redoing dog" in result.stderr
@@ -193,7 +155,7 @@ def test_a_changed_line_is_redone_and_only_it(tiny_models, jobs_file, single_run
 
 def test_two_rank_cpu_run_under_torchrun(tiny_models, jobs_file, single_run, tmp_path) -> None:
     out_dir = tmp_path / "out"
-    result = _ok(run_jobs_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), tmp_path / "home", torchrun=2))
+    result = ok(run_cli(_command(tiny_models, jobs_file, out_dir, *SMALL), tmp_path / "home", torchrun=2))
     _check_complete(out_dir)
     summaries = sorted(_finished(result), key=lambda s: s["rank"])
     assert [(s["rank"], s["world_size"], s["done"], s["skipped"]) for s in summaries] == [(0, 2, 2, 0), (1, 2, 2, 0)]
@@ -206,7 +168,7 @@ def test_two_rank_cpu_run_under_torchrun(tiny_models, jobs_file, single_run, tmp
     assert ranks == {0: ["ball-mask", "dog"], 1: ["00002", "00005"]}  # job i -> rank i % 2
     # the seed, not the rank, decides the frames: identical to the single-process run
     single_dir, single_result = single_run
-    _ok(single_result)
+    ok(single_result)
     for output in OUTPUTS.values():
         a, b = read_frames(out_dir / output), read_frames(single_dir / output)
         assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b)), output
@@ -225,8 +187,7 @@ def test_kill_and_resume(tiny_models, jobs_file, tmp_path) -> None:
     args = _command(tiny_models, jobs, out_dir, "--frames", "4", "--width", "64", "--height", "64", "--steps", "60")
     home = tmp_path / "home"
     home.mkdir()
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(home), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_cli(args, home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_record = out_dir / ".videobooth" / "done" / "a.json"
     deadline = time.monotonic() + 120
     try:
@@ -255,7 +216,7 @@ def test_kill_and_resume(tiny_models, jobs_file, tmp_path) -> None:
     (out_dir / ".videobooth" / "done" / ".videobooth-b.json.123.partial").write_text("{")
     (out_dir / "download.partial").write_text("the user's")
 
-    result = _ok(run_jobs_cli(args, home))
+    result = ok(run_cli(args, home))
     (summary,) = _finished(result)
     assert summary["done"] == 2 and summary["skipped"] == 1 and summary["failed"] == 0
     assert "removed" in result.stderr and ".videobooth-b.gif.x1y2z3.partial" in result.stderr
@@ -275,7 +236,7 @@ def test_missing_weights_end_the_run_before_anything_is_written(tiny_models, job
     shutil.copytree(tiny_models, models)
     (models / "videobooth" / "mapper.pt").unlink()
     out_dir = tmp_path / "out"
-    result = run_jobs_cli(_command(models, jobs_file, out_dir, *SMALL), tmp_path / "home")
+    result = run_cli(_command(models, jobs_file, out_dir, *SMALL), tmp_path / "home")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "mapper" in errors[0], result.stderr
@@ -334,7 +295,7 @@ def test_bad_jobs_file_from_the_command_line(case, tiny_models, jobs_file, tmp_p
     lines, words = BAD_JOBS[case]
     path = _write_bad(jobs_file, tmp_path, lines)
     out_dir = tmp_path / "out"
-    result = run_jobs_cli(_command(tiny_models, path, out_dir, *SMALL), tmp_path / "home")
+    result = run_cli(_command(tiny_models, path, out_dir, *SMALL), tmp_path / "home")
     assert result.returncode == 2, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: "), result.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from videobooth_core import allocator
 from videobooth_core.sampling import memory
 from videobooth_core.sampling.memory import LiveTensorTracker, estimate_step_memory, meta_twin, peak_activation_bytes
 from videobooth_core.sampling.denoiser import VideoDenoiser
@@ -129,7 +130,8 @@ def test_pipeline_estimates_before_sampling_and_warns_when_it_cannot_fit(tiny_mo
 
 def test_decoding_memory_grows_only_by_the_frames_themselves(tiny_models) -> None:
     """VAE decode works in frame chunks: 4x the frames add their latents and pixels, not 4x the working set."""
-    from videobooth_core.conditioning.vae import load_vae, vae_decode
+    from videobooth_core.conditioning.vae import vae_decode
+    from videobooth_core.loading.vae import load_vae
     from videobooth_core.loading.models_dir import ModelFiles
 
     vae = load_vae(ModelFiles.from_models_dir(tiny_models).vae)
@@ -160,7 +162,7 @@ def test_the_twin_follows_the_attention_backend() -> None:
 
 _REUSE_PROBE = """
 import ctypes, resource, sys
-from videobooth_core.sampling.memory import apply_allocator
+from videobooth_core.allocator import apply_allocator
 assert apply_allocator(sys.argv[1])
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -182,7 +184,7 @@ def test_the_fast_allocator_reuses_large_blocks_the_others_fault_them_in_again()
     """What `fast` buys (measured: README, Speed and memory): a large block freed and allocated again is served from
     memory already touched, not mapped and page-faulted in anew as under glibc's default and `lean`."""
     faults = {}
-    for name in memory.ALLOCATORS:
+    for name in allocator.ALLOCATORS:
         done = subprocess.run([sys.executable, "-c", _REUSE_PROBE, name], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1], check=True)
         faults[name] = int(done.stdout.split()[-1])
@@ -193,4 +195,4 @@ def test_the_fast_allocator_reuses_large_blocks_the_others_fault_them_in_again()
 
 def test_an_unknown_allocator_is_named_with_the_choices() -> None:
     with pytest.raises(ValueError, match="'quick'.*fast"):
-        memory.apply_allocator("quick")
+        allocator.apply_allocator("quick")

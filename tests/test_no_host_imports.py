@@ -78,6 +78,7 @@ def test_importing_the_core_and_the_pack_is_cheap() -> None:
             "             'videobooth_core.loading', 'videobooth_core.settings', 'videobooth_core.loading.checkpoint',\n"
             "             'videobooth_core.loading.streaming', 'videobooth_core.conditioning.clip',\n"
             "             'videobooth_core.conditioning.vae', 'videobooth_core.conditioning.tokenizer',\n"
+            "             'videobooth_core.loading.clip', 'videobooth_core.loading.vae', 'videobooth_core.video_io',\n"
             "             'videobooth_core.app.tiny'):\n"
             "    importlib.import_module(name)\n"
             "heavy_after_core = sorted(m for m in ('transformers', 'diffusers') if m in sys.modules)\n"

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from videobooth_core.app import video_io
+from videobooth_core import video_io
 from videobooth_core.app.cli import main
 from videobooth_core.errors import OutputError
 from videobooth_core.pipeline import VideoBoothPipeline

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from videobooth_core.loading.checkpoint import load_mapper, load_unet
 from videobooth_core.models.config import UNetConfig
-from videobooth_core.conditioning.clip import clip_vision_features, load_clip_text_encoder, load_clip_vision_encoder
+from videobooth_core.conditioning.clip import clip_vision_features
+from videobooth_core.loading.clip import load_clip_text_encoder, load_clip_vision_encoder
 from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
 from videobooth_core.sampling.ddpm import sample_ddpm
 from videobooth_core.sampling.denoiser import VideoDenoiser

@@ -242,8 +242,8 @@ def test_the_request_of_a_command_line(tiny_models, photos) -> None:
 
 # -- batch jobs -----------------------------------------------------------------------------------------------
 def test_every_generate_flag_works_in_jobs_or_is_refused_there() -> None:
-    from videobooth_core.app import jobs
     from videobooth_core.app.cli import build_parser
+    from videobooth_core.app.jobs import schema as jobs
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     batch = {"help", "models", "jobs", "out_dir", "overwrite"}
@@ -255,7 +255,9 @@ def test_every_generate_flag_works_in_jobs_or_is_refused_there() -> None:
 
 def test_sd_model_flags_are_every_jobs_default_and_enter_the_fingerprint(tmp_path) -> None:
     from videobooth_core.app.cli import build_parser
-    from videobooth_core.app.jobs import REFUSED_FLAGS, SD_MODEL_KEYS, _defaults_from, load_jobs
+    from videobooth_core.app.jobs import load_jobs
+    from videobooth_core.app.jobs.run import _defaults_from
+    from videobooth_core.app.jobs.schema import REFUSED_FLAGS, SD_MODEL_KEYS
     from videobooth_core.errors import JobsError
 
     assert REFUSED_FLAGS == () and set(SD_MODEL_KEYS) == {"base_checkpoint", "lora", "lora_kv"}
@@ -284,7 +286,7 @@ def test_sd_model_flags_are_every_jobs_default_and_enter_the_fingerprint(tmp_pat
 
 def _v1_fingerprint(job, dtype: str) -> str:
     """The fingerprint of the first jobs format (before the speed modes were keys)."""
-    from videobooth_core.app.jobs import FINGERPRINT_V1_KEYS, SETTINGS
+    from videobooth_core.app.jobs.schema import FINGERPRINT_V1_KEYS, SETTINGS
 
     spec = {k: v for k, v in job.describe().items() if k not in SETTINGS or k in FINGERPRINT_V1_KEYS}
     return hashlib.sha256(json.dumps({**spec, "out": job.out, "dtype": dtype}, sort_keys=True).encode()).hexdigest()[:16]
@@ -292,7 +294,8 @@ def _v1_fingerprint(job, dtype: str) -> str:
 
 def test_speed_modes_in_jobs_lines_flags_and_the_fingerprint(tmp_path) -> None:
     from videobooth_core.app.cli import build_parser
-    from videobooth_core.app.jobs import _defaults_from, build_request, load_jobs
+    from videobooth_core.app.jobs import build_request, load_jobs
+    from videobooth_core.app.jobs.run import _defaults_from
 
     path = tmp_path / "jobs.jsonl"
     path.write_text(json.dumps({"id": "plain", "prompt": "a cat"}) + "\n" + json.dumps(

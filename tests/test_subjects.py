@@ -291,7 +291,8 @@ def test_subject_flags_parse_with_strength_region_and_box(tmp_path, tiny_models)
 
 
 def test_jobs_take_a_subjects_list(tmp_path) -> None:
-    from videobooth_core.app.jobs import JobsError, build_request, load_jobs
+    from videobooth_core.app.jobs import build_request, load_jobs
+    from videobooth_core.errors import JobsError
 
     image, mask, other = _photos()
     Image.fromarray(image.numpy()).save(tmp_path / "ball.png")

@@ -291,7 +291,7 @@ def test_memory_check_stops_before_training_and_names_the_fixes(tiny_models, syn
 def test_exported_mapper_loads_and_changes_generation(tiny_models, synth, tmp_path):
     from videobooth_core.conditioning.image_prompt import load_mask
     from videobooth_core.dataset.layout import list_entries
-    from videobooth_core.dataset.video import read_frames
+    from videobooth_core.video_io import read_frames
     from videobooth_core.loading.checkpoint import load_mapper
     from videobooth_core.loading.models_dir import kind_of
     from videobooth_core.pipeline import GenerationRequest, VideoBoothPipeline

@@ -158,7 +158,7 @@ def clip_text_and_tokenizer(tiny_models, clip_tokenizer_dir):
     placeholder ``sdksd`` is 3 tokens and "dog" one, as in the official code."""
     from transformers import CLIPTokenizer
 
-    from videobooth_core.conditioning.clip import load_clip_text_encoder
+    from videobooth_core.loading.clip import load_clip_text_encoder
 
     text = load_clip_text_encoder(next((tiny_models / "text_encoders").glob("*clip_text*.safetensors"))).eval()
     return text, CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir))

@@ -53,6 +53,10 @@ class OutputError(VideoBoothError):
     """An output path cannot be written without destroying something, or cannot be written at all."""
 
 
+class VideoError(VideoBoothError):
+    """A video, animation or folder of frames cannot be read, or frames cannot be encoded."""
+
+
 class JobsError(VideoBoothError):
     """The jobs file, or one of its lines, cannot be used."""
 
@@ -88,3 +92,7 @@ class DatasetError(VideoBoothError):
 
 class EvaluationError(VideoBoothError):
     """An evaluation input (videos, the evaluation set, the metric models, a ranking metric) cannot be used."""
+
+
+class TrainingError(VideoBoothError):
+    """A bad training setting, dataset entry or checkpoint."""

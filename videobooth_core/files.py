@@ -22,6 +22,8 @@ from typing import Any
 
 from .errors import OutputError, explain
 
+PathLike = str | os.PathLike[str]
+"""A path as every public function of the core takes it: a string or a path object."""
 TEMP_PREFIX = ".videobooth-"
 """Prefix of every temporary file or folder this project writes (a killed run's leftovers are recognisable)."""
 PARTIAL_SUFFIX = ".partial"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from .conditioning.embeddings import encode_exemplar, encode_image_prompt, encode_prompt
+from .conditioning.embeddings import Conditioning, encode_exemplar, encode_image_prompt, encode_prompt
 from .conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
 from .conditioning.text import WHOLE_WORD
 from .conditioning.vae import vae_decode
@@ -35,6 +35,7 @@ from .sampling.known_frames import encode_start_frames
 from .sampling.schedulers import OFFICIAL_SAMPLER
 from .sampling.windows import ContextOptions, context_options, long_video_info, reuse_noise
 from .settings import GenerationSettings, SamplingOptions, check_request, log_once
+from .subjects_generation import single_subject_request, subjects_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -282,9 +283,9 @@ class VideoBoothPipeline:
         ``stream_weights``: keep the UNet's weights in its safetensors file and read them block by block at
         every UNet call (same results, a fraction of the memory; see :mod:`videobooth_core.loading.streaming`).
         """
-        from .conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+        from .loading.clip import load_clip_text_encoder, load_clip_vision_encoder
         from .conditioning.tokenizer import load_clip_tokenizer
-        from .conditioning.vae import load_vae
+        from .loading.vae import load_vae
 
         torch_dtype = parse_dtype(dtype)
         if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
@@ -362,46 +363,30 @@ class VideoBoothPipeline:
         """(b, 4, f, h, w) latents → (b*f, 8h, 8w, 3) uint8 frames, decoded ``chunk_size`` frames at a time."""
         return frames_to_uint8(decode_video(self.vae, latents, chunk_size))
 
-    def sample(
-        self,
-        cond_text: torch.Tensor,
-        null_text: torch.Tensor,
-        exemplar_clean: torch.Tensor | None,
-        frames: int,
-        height: int,
-        width: int,
-        steps: int,
-        cfg_scale: float,
-        guidance: str,
-        generator: torch.Generator,
-        callback: StepCallback | None = None,
-        initial_noise: torch.Tensor | None = None,
-        sampler: str = OFFICIAL_SAMPLER,
-        spacing: str = "trailing",
-        eta: float = 0.0,
-        options: SamplingOptions | None = None,
-    ) -> torch.Tensor:
-        """The denoising loop from a (1, 4, frames, height/8, width/8) noise draw (:func:`sampling.run.run_sampler`);
-        ``exemplar_clean`` at the video's latent size. :meth:`generate` draws in the official seed order."""
-        options = options or SamplingOptions()
-        shape = latent_shape(frames, height, width)
-        denoiser = self.prepare_denoiser(cond_text, null_text, shape, exemplar_clean is not None, cfg_scale, guidance,
-                                         options)
-        return run_sampler(denoiser, sampler, steps, shape, generator, self.device, initial_noise=initial_noise,
-                           exemplar_clean=exemplar_clean, callback=callback, spacing=spacing, eta=eta,
-                           image_prompt_steps=options.image_prompt_steps)
+    def condition(self, request: GenerationRequest, options: SamplingOptions) -> Conditioning:
+        """The single-subject conditioning: the photo prepared (if any), its word vectors spliced into the
+        prompt's text states, the negative prompt's text states."""
+        prepared = None
+        if request.image is not None:
+            prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        null_text, _ = self.encode_prompt(request.negative_prompt)
+        injected = None if prepared is None else self.encode_image_prompt(prepared)
+        cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected, request.subject_match)
+        return Conditioning(cond_text=cond_text, null_text=null_text, prompt_used=used, image_prompt=prepared,
+                            image_prompt_strength=options.image_prompt_strength, shown=prepared)
 
-    def prepare_denoiser(self, cond_text: torch.Tensor, null_text: torch.Tensor, shape: tuple[int, int, int, int, int],
-                         image_prompt: bool, cfg_scale: float, guidance: str,
-                         options: SamplingOptions, context: ContextOptions | None = None) -> VideoDenoiser:
-        """The guided denoiser (:func:`sampling.run.prepare_denoiser`), its memory checked before the first step;
-        with ``context`` a long video is denoised by windows (:mod:`sampling.windows`)."""
+    def prepare_denoiser(self, conditioning: Conditioning, shape: tuple[int, int, int, int, int], cfg_scale: float,
+                         guidance: str, options: SamplingOptions, context: ContextOptions | None = None) -> VideoDenoiser:
+        """The guided denoiser (:func:`sampling.run.prepare_denoiser`) of ``conditioning``, its memory checked
+        before the first step; with ``context`` a long video is denoised by windows (:mod:`sampling.windows`)."""
         denoiser, estimate = prepare_denoiser(
-            self.unet, cond_text, null_text, shape, self.device, image_prompt=image_prompt, cfg_scale=cfg_scale,
-            guidance=guidance, image_prompt_strength=options.image_prompt_strength,
+            self.unet, conditioning.cond_text, conditioning.null_text, shape, self.device,
+            image_prompt=conditioning.image_prompt is not None, cfg_scale=cfg_scale, guidance=guidance,
+            image_prompt_strength=conditioning.image_prompt_strength,
             single_frame_image_prompt=options.single_frame_image_prompt, watermark_branch=options.watermark_branch,
             batch_passes=options.batch_passes,
             resident_models=[self.mapper, self.vae, self.text_encoder, self.vision_encoder], context=context,
+            subject_strengths=conditioning.subject_strengths, subject_regions=conditioning.subject_regions,
         )
         self.check_memory(estimate)
         return denoiser
@@ -426,34 +411,32 @@ class VideoBoothPipeline:
     # -- everything -----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None, decode: bool = True,
                  progress: bool = False) -> GenerationResult:
-        """Image prompt → embeddings → sampling → frames. Randomness: one CPU generator seeded with ``seed``
-        (initial noise first, then the VAE posterior sample, then per step exemplar and step noise; see
-        :func:`sample_seeded`). ``progress=True`` draws a progress bar of the steps on stderr; ``callback`` is
-        called after every step either way."""
-        if request.subjects:  # several subjects, each photo bound to its own word (:mod:`.subjects_generation`)
-            from .subjects_generation import generate_subjects
-
-            return generate_subjects(self, request, callback, decode, progress)
+        """Image prompt → embeddings → sampling → frames, for one subject or several (:mod:`.subjects_generation`
+        conditions those). Randomness: one CPU generator seeded with ``seed`` (initial noise first, then the VAE
+        posterior sample, then per step exemplar and step noise; see :func:`sample_seeded`). ``progress=True``
+        draws a progress bar of the steps on stderr; ``callback`` is called after every step either way."""
         request.validate(tokenizer=self.tokenizer)
         options = request.options or SamplingOptions()
+        if request.subjects:  # one subject without a region is exactly the single-subject path
+            single = single_subject_request(request, options)
+            if single is not None:
+                request, options = single, single.options
+        conditioning = (subjects_conditioning(self, request, options) if request.subjects
+                        else self.condition(request, options))
         shape = latent_shape(request.frames, request.height, request.width)
-        prepared = None
-        if request.image is not None:
-            prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
-        null_text, _ = self.encode_prompt(request.negative_prompt)
-        injected = None if prepared is None else self.encode_image_prompt(prepared)
-        cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected, request.subject_match)
         context = context_options(request)
-        denoiser = self.prepare_denoiser(cond_text, null_text, shape, prepared is not None, request.cfg_scale,
-                                         request.guidance, options, context)
+        denoiser = self.prepare_denoiser(conditioning, shape, request.cfg_scale, request.guidance, options, context)
         start_latents = self.encode_start(request)
         with progress_bar(progress, callback) as report:
             latents = sample_seeded(
                 denoiser, request.seed, shape, self.device, sampler=request.sampler, steps=request.steps,
                 spacing=request.spacing, eta=request.eta, image_prompt_steps=options.image_prompt_steps,
-                callback=report, vae=self.vae, image_prompt=prepared, context=context, start_latents=start_latents,
+                callback=report, vae=self.vae, image_prompt=conditioning.image_prompt, context=context,
+                start_latents=start_latents,
             )
         frames = self.decode(latents) if decode else torch.empty(0)
         info = self.last_memory_estimate.as_dict() if self.last_memory_estimate else {}
         info.update(long_video_info(request.frames, context, start_latents))
-        return GenerationResult(latents=latents, frames=frames, prompt_used=used, image_prompt=prepared, info=info)
+        info.update(conditioning.info)
+        return GenerationResult(latents=latents, frames=frames, prompt_used=conditioning.prompt_used,
+                                image_prompt=conditioning.shown, info=info)

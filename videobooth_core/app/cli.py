@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import OutputError, VideoBoothError, out_of_memory
-from ..sampling.memory import ALLOCATORS, apply_allocator, chosen_allocator
+from ..allocator import ALLOCATORS, apply_allocator, chosen_allocator
 from ..settings import SETTINGS
 from .common import cache_dir, progress_callback, run_summary
 
@@ -240,7 +240,7 @@ def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VideoBoothPipeline
-    from .video_io import check_output_path, write_frames
+    from ..video_io import check_output_path, write_frames
 
     loras = _sd_model_args(args)
     if args.jobs:
@@ -336,7 +336,7 @@ COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "convert": cmd_convert, 
 
 
 def run_allocator(args: argparse.Namespace) -> str:
-    """The allocator this run uses (``memory.apply_allocator``): ``--allocator`` when given; otherwise lean with
+    """The allocator this run uses (``allocator.apply_allocator``): ``--allocator`` when given; otherwise lean with
     ``--stream-weights`` (whose point is memory) and for the commands without the flag (training's memory check
     counts on it), fast for generation runs (measured: README)."""
     if args.command not in ("generate", "demo"):
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("videobooth_core.pipeline").setLevel(logging.INFO)  # the memory estimate before sampling
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: every file is local
-    apply_allocator(run_allocator(args))  # this process is ours: its speed/memory trade, see memory.ALLOCATORS
+    apply_allocator(run_allocator(args))  # this process is ours: its speed/memory trade, see allocator.ALLOCATORS
     try:
         return COMMANDS[args.command](args)
     except VideoBoothError as error:

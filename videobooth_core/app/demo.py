@@ -42,7 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..loading.models_dir import ModelFiles
     from ..pipeline import GenerationRequest, VideoBoothPipeline
     from .tiny import MARKER_FILE, make_tiny
-    from .video_io import check_output_path, write_frames
+    from ..video_io import check_output_path, write_frames
 
     overwrite = getattr(args, "overwrite", False)
     out = check_output_path(args.out, overwrite=overwrite)  # before any model loads or is written

@@ -4,15 +4,13 @@ the core holds them at every step (:mod:`videobooth_core.sampling.known_frames`)
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..errors import SamplingError, explain
-
-VIDEO_READ_SUFFIXES = (".mp4", ".gif", ".webp", ".png", ".jpg", ".jpeg")
+from .. import video_io
+from ..errors import SamplingError, VideoError, explain
+from ..video_io import READ_SUFFIXES
 
 
 def start_frames_from(start_image: str | Path | None, extend: str | Path | None, extend_frames: int) -> torch.Tensor | None:
@@ -32,43 +30,16 @@ def start_frames_from(start_image: str | Path | None, extend: str | Path | None,
 
 
 def read_last_frames(path: str | Path, count: int) -> torch.Tensor:
-    """The last ``count`` frames (n, H, W, 3) uint8 of a video: .mp4 (ffmpeg of the imageio-ffmpeg wheel), an
-    animated .gif or .webp, a folder of frames (sorted by name), or a single image."""
+    """The last ``count`` frames (n, H, W, 3) uint8 of a video: any video :mod:`videobooth_core.video_io` reads
+    (.mp4 and other containers, an animated .gif or .webp, a folder of frames sorted by name, a single image)."""
     path = _exists(path, "--extend")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise SamplingError(explain("--extend: the folder holds no .png or .jpg frames", path,
-                                        "give a video file or a folder of frames"))
-        from ..conditioning.image_prompt import load_image
-
-        return torch.stack([load_image(p) for p in files[-count:]])
-    suffix = path.suffix.lower()
-    if suffix not in VIDEO_READ_SUFFIXES:
+    if path.is_file() and path.suffix.lower() not in READ_SUFFIXES:
         raise SamplingError(explain("--extend reads .mp4, .gif, .webp, images or a folder of frames; got", path.name,
                                     "convert the video to .mp4 or PNG frames"))
-    if suffix == ".mp4":
-        frames = _read_mp4(path, count)
-    else:
-        from PIL import Image, ImageSequence
-
-        with Image.open(path) as image:  # only the last frames are kept: a long video never fills memory
-            frames = deque((np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)), maxlen=count)
-    if not frames:
-        raise SamplingError(explain("--extend: no frames could be read from", path, "check the file"))
-    return torch.from_numpy(np.stack(list(frames))).contiguous()
-
-
-def _read_mp4(path: Path, count: int) -> deque[np.ndarray]:
     try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise SamplingError("reading .mp4 needs the imageio-ffmpeg package: `pip install imageio-ffmpeg` "
-                            "(or give the frames as .gif, .webp or a folder of PNGs)") from None
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    width, height = meta["size"]
-    return deque((np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3) for frame in reader), maxlen=count)
+        return video_io.read_last_frames(path, count)
+    except VideoError as error:
+        raise SamplingError(f"--extend: {error}") from error
 
 
 def _exists(path: str | Path, flag: str) -> Path:

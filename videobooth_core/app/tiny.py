@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ..conditioning.vae import SD_VAE_SCALING_FACTOR
-from ..files import atomic_path
+from ..files import PathLike, atomic_path
 from ..models.config import MapperConfig, UNetConfig
 from ..models.mapper import Mapper
 from ..models.unet_3d import UNet3DModel
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | Path
 
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 32, 64, 64),
@@ -90,8 +89,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPVisionModel
 
-    from ..conditioning.clip import save_clip_text_single_file, save_clip_vision_single_file
-    from ..conditioning.vae import save_vae_ldm_single_file
+    from ..loading.clip import save_clip_text_single_file, save_clip_vision_single_file
+    from ..loading.vae import save_vae_ldm_single_file
     from ..loading.weight_files import save_torch_file
 
     out = Path(out_dir)
@@ -285,7 +284,6 @@ def _train_tiny_merges(words: Sequence[str], num_merges: int) -> list[tuple[str,
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     # tokenizers < 0.20 writes each merge as one "a b" string, later versions as a pair
     return [tuple(m.split(" ")) if isinstance(m, str) else (m[0], m[1]) for m in merges[:num_merges]]
-
 
 
 def write_tiny_tokenizer(folder: PathLike, num_merges: int = 48) -> TinyTokenizerInfo:

@@ -5,12 +5,16 @@
 * :func:`encode_prompt` - text states of a prompt, with the subject word's tokens replaced by those vectors;
 * :func:`encode_exemplar` - the fine embedding's source: the image prompt's VAE posterior sample.
 
+:class:`Conditioning` holds what these stages give one generation (one subject or several), the input of the
+generation skeleton (:meth:`videobooth_core.pipeline.VideoBoothPipeline.generate`).
+
 Every function takes the models as arguments and works wherever they are: inputs are moved to the
 model's device, outputs are float32 on that device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +25,29 @@ from .clip import clip_vision_features
 from .image_prompt import PreparedImagePrompt
 from .text import WHOLE_WORD, encode_text, prepare_subject_prompt, tokenize
 from .vae import vae_encode
+
+
+@dataclass
+class Conditioning:
+    """What one generation is conditioned on, whatever the number of subjects."""
+
+    cond_text: torch.Tensor
+    """(1, 77, d) text states of the prompt, the subject words' tokens replaced by their photos' vectors."""
+    null_text: torch.Tensor
+    """(1, 77, d) text states of the negative prompt."""
+    prompt_used: str
+    """The prompt as tokenised (subject words replaced by the placeholder)."""
+    image_prompt: PreparedImagePrompt | list[PreparedImagePrompt] | None = None
+    """The fine injection's sources: one prepared photo, one per contributing subject (several streams), or
+    None when no image-prompt stream runs."""
+    image_prompt_strength: float = 1.0
+    subject_strengths: tuple[float, ...] | None = None
+    """Several subjects' streams (:func:`videobooth_core.conditioning.subjects.plan_fine_injection`)."""
+    subject_regions: tuple[tuple[float, float, float, float] | None, ...] | None = None
+    shown: PreparedImagePrompt | None = None
+    """The prepared photo the result reports (the first subject's)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Added to the result's ``info`` (several subjects: their words)."""
 
 
 @torch.no_grad()

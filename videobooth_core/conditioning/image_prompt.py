@@ -13,13 +13,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ImagePromptError
+from ..files import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ CLIP_SIZE = 224
 VAE_SIZE = 256
 
 BBox = tuple[int, int, int, int]
-PathLike = Union[str, Path]
 
 
 def _open(path: PathLike, what: str):

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, explain
+from ..files import PathLike
 
 if TYPE_CHECKING:
     import transformers
 
-PathLike = str | os.PathLike[str]
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -33,29 +32,25 @@ def load_clip_tokenizer(path: PathLike, model_max_length: int | None = 77) -> tr
 
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(
-            f"Tokenizer folder not found: {p}. Expected a folder with {' and '.join(_TOKENIZER_FILES)}. Fix: pass "
-            "the CLIP tokenizer folder (e.g. the 'tokenizer' folder of a Stable Diffusion 1.x model)."
-        )
+        raise CheckpointError(explain(
+            f"tokenizer folder not found (a folder with {' and '.join(_TOKENIZER_FILES)} is expected)", p,
+            "pass the CLIP tokenizer folder (e.g. the 'tokenizer' folder of a Stable Diffusion 1.x model)"))
     folder = p
     if not all((p / f).is_file() for f in _TOKENIZER_FILES) and all((p / "tokenizer" / f).is_file()
                                                                    for f in _TOKENIZER_FILES):
         folder = p / "tokenizer"
     missing = [f for f in _TOKENIZER_FILES if not (folder / f).is_file()]
     if missing:
-        raise CheckpointError(
-            f"The tokenizer folder {folder} lacks {' and '.join(missing)}. Expected a CLIP BPE tokenizer "
-            f"({' + '.join(_TOKENIZER_FILES)}, optionally tokenizer_config.json and special_tokens_map.json). Fix: "
-            "copy the complete CLIP tokenizer folder."
-        )
+        raise CheckpointError(explain(
+            f"the tokenizer folder lacks {' and '.join(missing)} (a CLIP BPE tokenizer is "
+            f"{' + '.join(_TOKENIZER_FILES)}, optionally tokenizer_config.json and special_tokens_map.json)", folder,
+            "copy the complete CLIP tokenizer folder"))
     kwargs: dict[str, Any] = {"local_files_only": True}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(
-            f"Cannot load the CLIP tokenizer in {folder}: {e}. Expected valid vocab.json/merges.txt files. Fix: "
-            "copy the tokenizer folder again."
-        ) from e
+        raise CheckpointError(explain(f"cannot load the CLIP tokenizer ({e}; valid vocab.json/merges.txt files are "
+                                      "expected)", folder, "copy the tokenizer folder again")) from e
     return tokenizer

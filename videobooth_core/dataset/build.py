@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import DatasetError, ImagePromptError
+from ..errors import DatasetError, ImagePromptError, VideoError
 from ..files import atomic_path, is_temporary, write_json_atomic
+from ..video_io import read_frames, video_info
 from . import layout
 from .segment import Segmenter
-from .video import VIDEO_SUFFIXES, read_frames, video_info
+from .video import VIDEO_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class _Builder:
         try:
             info = video_info(source)
             frame = read_frames(source, [0])[0]
-        except DatasetError as exc:
+        except (DatasetError, VideoError) as exc:
             raise _Skip(f"unreadable ({exc})") from exc
         if info.frames < self.options.min_frames:
             raise _Skip(f"too short ({info.frames} frames < {self.options.min_frames})")

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import DatasetError, ImagePromptError
+from ..errors import DatasetError, ImagePromptError, VideoError
 from ..files import is_temporary
 from . import layout
 
@@ -46,7 +46,7 @@ class CheckReport:
 def check_dataset(root: str | os.PathLike, decode: bool = True) -> CheckReport:
     """Check every entry of one of our datasets; ``decode=False`` skips decoding the videos (faster)."""
     from ..conditioning.image_prompt import load_mask
-    from .video import video_info
+    from ..video_io import video_info
 
     root = Path(root)
     report = CheckReport()
@@ -78,7 +78,7 @@ def check_dataset(root: str | os.PathLike, decode: bool = True) -> CheckReport:
                 if info.frames != entry.get("frames"):
                     report.add(ident, f"decodes to {info.frames} frames, entry.json says {entry.get('frames')}")
                 size = (info.height, info.width)
-            except DatasetError as exc:
+            except VideoError as exc:
                 report.add(ident, f"broken video: {exc}")
         else:
             report.frames.append(int(entry.get("frames") or 0))
@@ -109,7 +109,7 @@ def preview_sheet(root: str | os.PathLike, out: str | os.PathLike, limit: int = 
 
     from ..conditioning.image_prompt import load_mask, prepare_image_prompt
     from ..files import atomic_path
-    from .video import read_frames
+    from ..video_io import read_frames
 
     entries = layout.list_entries(root)[:limit]
     if not entries:
@@ -131,7 +131,7 @@ def preview_sheet(root: str | os.PathLike, out: str | os.PathLike, limit: int = 
             frame = read_frames(folder / entry["video"], [0])[0]
             mask = load_mask(folder / f"mask_{item['value']}.png")
             prompt = prepare_image_prompt(frame, mask, item["box"])
-        except (DatasetError, ImagePromptError) as exc:
+        except (DatasetError, ImagePromptError, VideoError) as exc:
             draw.text((8, y + 4), f"{folder.name}: {exc}"[:120], fill=(255, 90, 90))
             continue
         overlay = frame.clone()

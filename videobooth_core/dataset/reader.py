@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DatasetError
+from ..video_io import read_frames
 from . import layout
-from .video import CLIP_FRAMES, WINDOW, read_frames, sample_window
+from .video import CLIP_FRAMES, WINDOW, sample_window
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from ..conditioning.image_prompt import load_mask, prepare_image_prompt
-        from .video import video_info
+        from ..video_io import video_info
 
         record = self.records[index]
         rng = self._rng(index)

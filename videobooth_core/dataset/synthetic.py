@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import DatasetError
+from ..video_io import write_mp4
 from . import layout
-from .video import write_video
 
 LENGTHS = (24, 40, 90)
 """Frame counts cycled over the videos: shorter than the 64-frame window, and longer."""
@@ -94,7 +94,7 @@ def write_sources(folder: str | os.PathLike, videos: int, seed: int = 0, height:
     for index in range(videos):
         frames, mask, caption, word = synthetic_video(index, seed, height, width)
         name = f"synth_{index:04d}"
-        write_video(folder / "videos" / f"{name}.mp4", frames)
+        write_mp4(folder / "videos" / f"{name}.mp4", frames)
         layout.write_mask_png(torch.from_numpy(mask), folder / "masks" / f"{name}.png")
         lines.append(json.dumps({"video": f"{name}.mp4", "caption": caption, "word": word}))
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -4,9 +4,10 @@ Evaluation set (``--set FILE.jsonl``), one JSON object per line, paths relative 
 
     {"video": "dog.mp4", "prompt": "a dog running on the beach", "word": "dog", "image": "dog.png", "mask": "dog_mask.png"}
 
-``video`` (required): .mp4/.mov/.mkv/.webm... (PyAV), .gif/.webp (PIL) or a folder of PNG frames; ``prompt``
-(required for CLIP-T); ``image`` (required for CLIP-I and DINO; a cut-out PNG's alpha is its mask); ``mask``,
-``bbox`` [x1, y1, x2, y2], ``word`` and ``id`` (default: the video's name) are optional. A batch-jobs output is
+``video`` (required): .mp4/.mov/.mkv/.webm..., .gif/.webp or a folder of PNG frames (read by
+:mod:`videobooth_core.video_io`); ``prompt`` (required for CLIP-T); ``image`` (required for CLIP-I and DINO; a
+cut-out PNG's alpha is its mask); ``mask``, ``bbox`` [x1, y1, x2, y2], ``word`` and ``id`` (default: the video's
+name) are optional. A batch-jobs output is
 read from its ``manifest.json`` (``--manifest``): every finished item with its prompt, word, image and mask.
 """
 
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EvaluationError, VideoBoothError
-
-PIL_ANIMATIONS = (".gif", ".webp")
+from .. import video_io
+from ..errors import EvaluationError, VideoError
 
 
 @dataclass(frozen=True)
@@ -38,27 +38,11 @@ class EvalItem:
 
 
 def read_video(path: str | Path) -> torch.Tensor:
-    """Every frame of a video, a .gif/.webp animation or a folder of PNG frames -> (n, H, W, 3) uint8."""
-    import numpy as np
-    from PIL import Image, ImageSequence
-
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-        if not files:
-            raise EvaluationError(f"the folder {path} holds no PNG frames; give a video file or a folder of frames")
-        return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]))
-    if not path.is_file():
-        raise EvaluationError(f"video not found: {path}; check the path (relative paths are relative to the set file)")
-    if path.suffix.lower() in PIL_ANIMATIONS:
-        with Image.open(path) as image:
-            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
-        return torch.from_numpy(np.stack(frames))
-    from ..dataset.video import read_frames, video_info
-
+    """Every frame of a video, a .gif/.webp animation or a folder of PNG frames -> (n, H, W, 3) uint8
+    (:func:`videobooth_core.video_io.read_video`; relative paths are relative to the set file)."""
     try:
-        return read_frames(path, range(video_info(path).frames))
-    except VideoBoothError as error:
+        return video_io.read_video(path)
+    except VideoError as error:
         raise EvaluationError(str(error)) from error
 
 

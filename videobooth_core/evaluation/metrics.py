@@ -178,13 +178,6 @@ def consistency_per_frame(features: torch.Tensor) -> torch.Tensor | None:
     return (previous + first) / 2
 
 
-def subject_consistency(features: torch.Tensor) -> float | None:
-    """VBench ``subject_consistency`` of unit DINO features (n, d): mean over i >= 1 of
-    (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2; ``None`` for a single frame."""
-    terms = consistency_per_frame(features)
-    return None if terms is None else float(terms.mean())
-
-
 def rank_key(rank_by: str) -> str:
     """The score key of a ``--rank-by`` value (``dino``, ``clip-i``, ``clip-t``; the score keys also work)."""
     key = RANK_CHOICES.get(rank_by, rank_by)

@@ -157,7 +157,7 @@ def load_clip_for_metrics(path: str | Path, device: str | torch.device = "cpu") 
         config = read_config_metadata(path)
         state = _tensors(path)
         if config is None:
-            from ..conditioning.clip import infer_clip_text_config, infer_clip_vision_config
+            from ..loading.clip import infer_clip_text_config, infer_clip_vision_config
 
             text = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
             vision = {k[len("vision_model."):]: v for k, v in state.items() if k.startswith("vision_model.")}

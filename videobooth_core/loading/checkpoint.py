@@ -11,7 +11,6 @@ strict assignment are the shared ones of :mod:`.weight_files`, :mod:`.kinds` and
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointError, explain
+from ..files import PathLike
 from ..models.config import MapperConfig, UNetConfig
 from .kinds import KIND_NAMES, MAPPER_WRAPPER_KEY, UNET_WRAPPER_KEY, describe_checkpoint, detect_kind
 from .strict import assign_weights, build_on_meta, check_keys
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
 
 _RELEASED_FILES = {"videobooth_unet": "watermark_remove_module.pt", "videobooth_mapper": "mapper.pt"}
 
@@ -47,10 +46,10 @@ def _unwrap(state_dict: Mapping[str, object], wrapper: str, expected: str, path:
     """The flat state dict inside the official wrapper (``ema_unet`` / ``ema``) if any, checked to be ``expected``."""
     flat = unwrap_state_dict(state_dict, (wrapper, UNET_WRAPPER_KEY, MAPPER_WRAPPER_KEY), source=path)
     if detect_kind(flat) != expected:
-        raise CheckpointError(
-            f"{path} holds {describe_checkpoint(flat)}, but {KIND_NAMES[expected]} was expected. Fix: use the "
-            f"released file ({_RELEASED_FILES[expected]}) or its conversion by `python -m videobooth_core convert`."
-        )
+        raise CheckpointError(explain(
+            f"the file holds {describe_checkpoint(flat)}, but {KIND_NAMES[expected]} was expected", path,
+            f"use the released file ({_RELEASED_FILES[expected]}) or its conversion by "
+            "`python -m videobooth_core convert`"))
     return flat
 
 

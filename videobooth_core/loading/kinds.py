@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, explain
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +141,14 @@ def select_component(
     """
     prefixes = sorted({k[: len(k) - len(marker)] for k in state_dict if k == marker or k.endswith("." + marker)})
     if not prefixes:
-        raise CheckpointError(
-            f"{source} does not look like {expected}: it looks like {describe_checkpoint(state_dict)}. Expected keys "
-            f"such as '{example_key}'. Fix: choose the right file for this input (check the models folder it came "
-            "from)."
-        )
+        raise CheckpointError(explain(
+            f"does not look like {expected}: it looks like {describe_checkpoint(state_dict)} (keys such as "
+            f"'{example_key}' were expected)", source,
+            "choose the right file for this input (check the models folder it came from)"))
     if len(prefixes) > 1:
-        raise CheckpointError(
-            f"{source} contains several candidates for {expected}, under the prefixes "
-            f"{', '.join(repr(p) for p in prefixes[:6])}. Expected exactly one. Fix: extract the one you want into "
-            "its own file."
-        )
+        raise CheckpointError(explain(
+            f"several candidates for {expected} (one was expected), under the prefixes "
+            f"{', '.join(repr(p) for p in prefixes[:6])}, in", source, "extract the one you want into its own file"))
     prefix = prefixes[0]
     component = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     ignored = [k for k in state_dict if not k.startswith(prefix)]

@@ -15,13 +15,13 @@ keep the file, but that memory is the kernel's, reclaimable at any time.)
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..allocator import return_freed_memory
 from ..models.config import UNetConfig
 from ..errors import CheckpointError
 from .weight_files import incomplete_file_error, read_safetensors_header, unreadable_file_error
@@ -127,26 +127,7 @@ def _release(unit: nn.Module) -> None:
     """Swap every parameter of ``unit`` for a storage-free placeholder of the same shape and dtype."""
     for name, current in list(unit.named_parameters()):
         _set_parameter(unit, name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
-    _return_freed_memory()
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim() if sys.platform.startswith("linux") else None
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS: glibc keeps freed blocks under 32 MB in its heap, where the
-    next block's weights, of other sizes, fragment it and the process would slowly grow."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    return_freed_memory()
 
 
 def _set_parameter(unit: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import CheckpointError, VideoBoothError
+from ..errors import CheckpointError, VideoBoothError, explain
 from .weight_files import CONFIG_METADATA_KEY
 
 Device = str | torch.device
@@ -66,12 +66,11 @@ def check_keys(
     """
     report = key_mismatch_report(state_dict, expected, file_name)
     if report:
-        raise CheckpointError(
-            f"{source} does not match {what}: {report}. Expected exactly the weights of {what}. Fix: use a complete, "
-            "unmodified file of the right model (a partial download, a pruned or merged file, or another "
-            f"architecture causes this); a config stored in the file (the '{CONFIG_METADATA_KEY}' metadata) must "
-            "describe its weights."
-        )
+        raise CheckpointError(explain(
+            f"the weights do not match {what}: {report}; in", source,
+            "use a complete, unmodified file of the right model (a partial download, a pruned or merged file, or "
+            f"another architecture causes this); a config stored in the file (the '{CONFIG_METADATA_KEY}' metadata) "
+            "must describe its weights"))
 
 
 def build_on_meta(build: Callable[[], torch.nn.Module], *, source: str | os.PathLike, expected: str) -> torch.nn.Module:
@@ -82,10 +81,9 @@ def build_on_meta(build: Callable[[], torch.nn.Module], *, source: str | os.Path
     except VideoBoothError:
         raise
     except (ValueError, TypeError, KeyError, AssertionError, AttributeError) as e:
-        raise CheckpointError(
-            f"Cannot build {expected} from the config of {source}: {e}. Expected a consistent model config. Fix: "
-            f"check the config (or the '{CONFIG_METADATA_KEY}' metadata), or use the model's original files."
-        ) from e
+        raise CheckpointError(explain(
+            f"cannot build {expected} from the config ({e})", source,
+            f"check the config (or the '{CONFIG_METADATA_KEY}' metadata), or use the model's original files")) from e
 
 
 def assign_weights(
@@ -126,8 +124,7 @@ def _materialize_meta_buffers(model: torch.nn.Module, device: Device, source: st
             if buf is None or not buf.is_meta:
                 continue
             if name != "position_ids":  # a buffer of a future library version this loader does not know
-                raise CheckpointError(
-                    f"{source}: the buffer {module_name}.{name} of {type(model).__name__} is not stored in the file "
-                    "and has no known initialisation. Fix: use the library versions of requirements.txt."
-                )
+                raise CheckpointError(explain(
+                    f"the buffer {module_name}.{name} of {type(model).__name__} is not stored in the file and has no "
+                    "known initialisation", source, "use the library versions of requirements.txt"))
             module._buffers[name] = torch.arange(buf.shape[-1], device=device).expand(buf.shape)

@@ -27,11 +27,10 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import CheckpointError, explain
-from ..files import atomic_path
+from ..files import PathLike, atomic_path
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 SAFETENSORS_SUFFIXES: tuple[str, ...] = (".safetensors", ".sft")
 PICKLE_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".bin")
@@ -59,11 +58,10 @@ def unreadable_file_error(path: PathLike, error: OSError) -> CheckpointError:
 
 def incomplete_file_error(path: PathLike, detail: str) -> CheckpointError:
     """The error for a weight file that is cut short or corrupt (``detail`` says what was found)."""
-    return CheckpointError(
-        f"Cannot read {path}: the file is incomplete or corrupt ({detail}). Expected a complete weight file. "
-        "Fix: download the file again (an interrupted download or a full disk usually causes this) and check its "
-        "size against the source."
-    )
+    return CheckpointError(explain(
+        f"the weight file is incomplete or corrupt ({detail})", path,
+        "download the file again (an interrupted download or a full disk usually causes this) and check its size "
+        "against the source"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,26 +84,22 @@ def read_state_dict(path: PathLike) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(
-            f"Checkpoint file not found: {p}. Expected an existing weight file "
-            f"({', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}). Fix: check the path and file name, or put "
-            "the model file in the expected models folder."
-        )
+        raise CheckpointError(explain(
+            f"weight file not found ({', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} expected)", p,
+            "check the path and file name, or put the model file in the expected models folder"))
     if p.is_dir():
-        raise CheckpointError(
-            f"{p} is a folder, but a single weight file was expected here. Fix: pass the weight file inside it "
-            "(e.g. model.safetensors), or use a loader that accepts model folders."
-        )
+        raise CheckpointError(explain(
+            "a single weight file was expected here, but this is a folder", p,
+            "pass the weight file inside it (e.g. model.safetensors), or use a loader that accepts model folders"))
     suffix = p.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(p)
     if suffix in PICKLE_SUFFIXES:
         return _read_torch_file(p)
-    raise CheckpointError(
-        f"Unsupported weight file extension '{p.suffix}' for {p}. Expected one of "
-        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}. Fix: use a .safetensors file (preferred) or a "
-        "PyTorch .pt/.pth/.ckpt/.bin state dict."
-    )
+    raise CheckpointError(explain(
+        f"Unsupported weight file extension '{p.suffix}' (expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})", p,
+        "use a .safetensors file (preferred) or a PyTorch .pt/.pth/.ckpt/.bin state dict"))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -141,28 +135,25 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
             # A legacy (non-zip) pickle cut short makes the restricted unpickler stop on a truncated name such as
             # 'torch._uti' or on a stray opcode; it was still refused, nothing ran.
             stopped = f" at {global_name!r}" if global_name else ""
-            raise CheckpointError(
-                f"Refused to load {path}: the safe (weights-only) unpickler stopped{stopped}, so the file is either "
-                "incomplete or corrupt, or a pickle that contains objects other than tensors; nothing in it was "
-                "executed. Fix: download the file again; if you trust its source, convert it to safetensors."
-            ) from e
+            raise CheckpointError(explain(
+                f"refused to load: the safe (weights-only) unpickler stopped{stopped}, so the file is either "
+                "incomplete or corrupt, or a pickle that contains objects other than tensors (nothing in it ran)",
+                path, "download the file again; if you trust its source, convert it to safetensors")) from e
         detail = f" (it asks to import {global_name!r})" if global_name else ""
-        raise CheckpointError(
-            f"Refused to load {path}: the file contains Python objects other than tensors{detail}. Unpickling it "
-            "could run arbitrary code, so it was refused for safety. Expected a plain state dict of tensors. Fix: "
-            "use a .safetensors version of this model, or convert the file to safetensors with a tool you trust "
-            "in an environment you trust."
-        ) from e
+        raise CheckpointError(explain(
+            f"refused for safety: the file contains Python objects other than tensors{detail}, and unpickling it "
+            "could run arbitrary code (a plain state dict of tensors is expected)", path,
+            "use a .safetensors version of this model, or convert the file to safetensors with a tool you trust in "
+            "an environment you trust")) from e
     except (RuntimeError, EOFError, OSError) as e:  # OSError: mmap of a zip whose records overrun the file
         first_line = str(e).splitlines()[0] if str(e) else "unexpected end of file"
         raise incomplete_file_error(path, f"{type(e).__name__}: {first_line}") from e
     except Exception as e:  # noqa: BLE001 - any other unpickler failure on garbage bytes (IndexError, struct.error)
         raise incomplete_file_error(path, f"{type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path} contains a {type(obj).__name__}, but a state dict (a dict of tensors) was expected. Fix: save "
-            "the model's state_dict() rather than the whole object, preferably as .safetensors."
-        )
+        raise CheckpointError(explain(
+            f"the file holds a {type(obj).__name__}, but a state dict (a dict of tensors) was expected", path,
+            "save the model's state_dict() rather than the whole object, preferably as .safetensors"))
     return dict(obj)
 
 
@@ -229,12 +220,11 @@ def read_safetensors_header(path: PathLike) -> SafetensorsHeader:
     """
     p = Path(path)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        raise CheckpointError(
-            f"{p} is not a safetensors file, so it has no safetensors header or metadata. Expected a "
-            f"{'/'.join(SAFETENSORS_SUFFIXES)} file. Fix: pass the .safetensors file."
-        )
+        raise CheckpointError(explain(
+            "not a safetensors file, so it has no safetensors header or metadata", p,
+            f"pass the {'/'.join(SAFETENSORS_SUFFIXES)} file"))
     if not p.is_file():
-        raise CheckpointError(f"Checkpoint file not found: {p}. Fix: check the path and file name.")
+        raise CheckpointError(explain("weight file not found", p, "check the path and file name"))
     try:
         with open(p, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -266,10 +256,9 @@ def read_safetensors_header(path: PathLike) -> SafetensorsHeader:
         except (KeyError, TypeError, ValueError) as e:
             raise incomplete_file_error(p, f"not a valid safetensors file: the entry of {name!r} is malformed") from e
         if dtype_name not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"{p}: tensor {name!r} has the dtype {dtype_name!r}, which this torch cannot hold. Expected one of "
-                f"{', '.join(SAFETENSORS_DTYPES)}. Fix: convert the file to fp16/bf16/fp32."
-            )
+            raise CheckpointError(explain(
+                f"tensor {name!r} has the dtype {dtype_name!r}, which this torch cannot hold (it holds "
+                f"{', '.join(SAFETENSORS_DTYPES)})", p, "convert the file to fp16/bf16/fp32"))
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
             raise incomplete_file_error(p, f"not a valid safetensors file: bad byte range of {name!r}")
         if data_start + end > size:
@@ -302,15 +291,13 @@ def read_config_metadata(path: PathLike) -> dict[str, Any] | None:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"The '{CONFIG_METADATA_KEY}' metadata of {p} is not valid JSON ({e}). Expected a JSON object of "
-            "model config values. Fix: re-create the file, or remove that metadata entry so the config is inferred."
-        ) from e
+        raise CheckpointError(explain(
+            f"the '{CONFIG_METADATA_KEY}' metadata of the file is not valid JSON ({e}; a JSON object of model config "
+            "values is expected)", p, "re-create the file, or remove that metadata entry so the config is inferred")) from e
     if not isinstance(config, dict):
-        raise CheckpointError(
-            f"The '{CONFIG_METADATA_KEY}' metadata of {p} is a {type(config).__name__}, expected a JSON object. "
-            "Fix: re-create the file, or remove that metadata entry so the config is inferred from the weights."
-        )
+        raise CheckpointError(explain(
+            f"the '{CONFIG_METADATA_KEY}' metadata of the file is a {type(config).__name__}, not a JSON object", p,
+            "re-create the file, or remove that metadata entry so the config is inferred from the weights"))
     return config
 
 
@@ -353,21 +340,18 @@ def unwrap_state_dict(
         current = current[chosen]
     where = f" (inside {' -> '.join(repr(t) for t in trail)})" if trail else ""
     if not current:
-        raise CheckpointError(
-            f"{name} contains no tensors{where}. Expected a state dict of model weights. Fix: check that this is "
-            "the right file and that it was saved completely."
-        )
+        raise CheckpointError(explain(
+            f"the file holds no tensors{where} (a state dict of model weights was expected)", name,
+            "check that this is the right file and that it was saved completely"))
     nested = [k for k, v in current.items() if isinstance(v, Mapping)]
     if len(nested) > 1:
-        raise CheckpointError(
-            f"{name} holds several nested weight dicts{where}: {', '.join(map(repr, nested[:8]))}. Expected one state "
-            "dict. Fix: tell the loader which one to use (preferred_keys), or save only that state dict."
-        )
+        raise CheckpointError(explain(
+            f"the file holds several nested weight dicts{where} ({', '.join(map(repr, nested[:8]))}; one state dict "
+            "was expected)", name, "tell the loader which one to use (preferred_keys), or save only that state dict"))
     bad = [k for k, v in current.items() if not isinstance(v, torch.Tensor)]
-    raise CheckpointError(
-        f"{name} contains non-tensor entries{where}: {', '.join(map(repr, bad[:8]))}. Expected a state dict whose "
-        "values are all tensors. Fix: save model.state_dict() only (preferably as .safetensors)."
-    )
+    raise CheckpointError(explain(
+        f"the file holds non-tensor entries{where} ({', '.join(map(repr, bad[:8]))}; a state dict of tensors was "
+        "expected)", name, "save model.state_dict() only (preferably as .safetensors)"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,10 +372,9 @@ def save_safetensors(
 
     p = Path(path)
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        raise CheckpointError(
-            f"Cannot write {p} as safetensors: the name does not end in {' or '.join(SAFETENSORS_SUFFIXES)}. "
-            "Fix: use the .safetensors extension."
-        )
+        raise CheckpointError(explain(
+            f"cannot write as safetensors a name that does not end in {' or '.join(SAFETENSORS_SUFFIXES)}", p,
+            "use the .safetensors extension"))
     data = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(p) as tmp:
         save_file(data, str(tmp), metadata=dict(metadata or {}))
@@ -426,20 +409,18 @@ def read_folder_weights(folder: Path, flavour: str) -> dict[str, torch.Tensor]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(
-                    f"Cannot read the shard index {index} ({e}). Expected a JSON file with a 'weight_map'. Fix: "
-                    "download the model folder again."
-                ) from e
+                raise CheckpointError(explain(
+                    f"cannot read the shard index ({e}; a JSON file with a 'weight_map' is expected)", index,
+                    "download the model folder again")) from e
             merged: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 merged.update(unwrap_state_dict(read_state_dict(folder / shard), source=folder / shard))
             return merged
         if (folder / name).is_file():
             return unwrap_state_dict(read_state_dict(folder / name), source=folder / name)
-    raise CheckpointError(
-        f"No weights found in the model folder {folder}. Expected one of {', '.join(_FOLDER_WEIGHT_NAMES[flavour])} "
-        "(or a sharded '*.index.json'). Fix: download the complete folder, or pass the weight file itself."
-    )
+    raise CheckpointError(explain(
+        f"No weights found in the model folder (expected one of {', '.join(_FOLDER_WEIGHT_NAMES[flavour])}, or a "
+        "sharded '*.index.json')", folder, "download the complete folder, or pass the weight file itself"))
 
 
 def resolve_model_folder(folder: Path, subfolders: Sequence[str], expected: str) -> Path:
@@ -450,10 +431,9 @@ def resolve_model_folder(folder: Path, subfolders: Sequence[str], expected: str)
         if (folder / sub / "config.json").is_file():
             return folder / sub
     wanted = " or ".join(f"'{s}/config.json'" for s in subfolders)
-    raise CheckpointError(
-        f"The folder {folder} is not a model folder: it has no 'config.json'{' (nor ' + wanted + ')' if wanted else ''}"
-        f". Expected {expected}. Fix: pass the folder that holds config.json and the weights, or a single weight file."
-    )
+    raise CheckpointError(explain(
+        f"not a model folder ({expected} expected): it has no 'config.json'{' (nor ' + wanted + ')' if wanted else ''}",
+        folder, "pass the folder that holds config.json and the weights, or a single weight file"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -461,7 +441,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"Cannot read {path} ({e}). Expected a JSON config. Fix: download it again.") from e
+        raise CheckpointError(explain(f"cannot read the JSON config ({e})", path, "download it again")) from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object. Expected a model config. Fix: download it again.")
+        raise CheckpointError(explain("the model config is not a JSON object", path, "download it again"))
     return data

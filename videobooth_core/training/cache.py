@@ -73,7 +73,7 @@ class EncoderCache:
         from safetensors.torch import save_file
 
         from ..dataset.reader import video_transform
-        from ..dataset.video import read_frames, video_info
+        from ..video_io import read_frames, video_info
 
         self.check_index()
         self.folder.mkdir(parents=True, exist_ok=True)

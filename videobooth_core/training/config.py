@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import VideoBoothError, explain
-
-
-class TrainingError(VideoBoothError):
-    """A bad training setting, dataset entry or checkpoint."""
+from ..errors import TrainingError, explain
 
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")

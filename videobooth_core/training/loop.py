@@ -93,9 +93,9 @@ def load_training_models(config: TrainConfig, device: torch.device) -> dict[str,
 
     ``config.mapper`` may be a VideoBooth mapper or ELITE's global mapper layout (the official stage-1 start, see
     :func:`start_from_elite`); its kind is read from its keys before any model is loaded."""
-    from ..conditioning.clip import load_clip_text_encoder, load_clip_vision_encoder
+    from ..loading.clip import load_clip_text_encoder, load_clip_vision_encoder
     from ..conditioning.tokenizer import load_clip_tokenizer
-    from ..conditioning.vae import load_vae
+    from ..loading.vae import load_vae
     from ..loading.checkpoint import load_mapper, load_unet, read_starting_mapper
     from ..loading.models_dir import ModelFiles
 
@@ -297,10 +297,10 @@ def write_validation_videos(config: TrainConfig, models: dict[str, Any], ema_map
                             dataset: Any, step: int) -> list[Path]:
     """OUT/validation/step_XXXXXXXX_<entry>.gif: the first ``validation_clips`` entries' captions, words and first
     frames, generated with the EMA mapper at a fixed seed (the pipeline's own ``generate``)."""
-    from ..app.video_io import write_frames
+    from ..video_io import write_frames
     from ..conditioning.image_prompt import load_mask
     from ..dataset import layout
-    from ..dataset.video import read_frames
+    from ..video_io import read_frames
     from ..pipeline import GenerationRequest, VideoBoothPipeline
 
     unet = models["unet"]
