@@ -1,0 +1,97 @@
+"""The frames-as-batch network of the native ComfyUI road (issue 25) equals the core denoiser bit for bit: the
+conditional pass with the exemplar, the unconditional pass without, and the official guidance on host layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videobooth_core.app.tiny import tiny_unet_and_mapper
+from videobooth_core.errors import SamplingError
+from videobooth_core.models.frames_as_batch import (
+    FramesAsBatchUNet,
+    alpha_cumprod_of_sigma,
+    frames_to_video,
+    official_cfg,
+    video_to_frames,
+)
+from videobooth_core.sampling.denoiser import VideoDenoiser, guide
+from videobooth_core.sampling.schedule import base_betas, q_sample
+
+FRAMES, SIZE = 3, 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    unet, mapper = tiny_unet_and_mapper(vision_width=32, text_width=32)
+    unet.attach_projections(mapper.site_projections())
+    generator = torch.Generator().manual_seed(7)
+    width = unet.config.cross_attention_dim
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    return {"unet": unet, "cond": draw(1, 77, width), "null": draw(1, 77, width),
+            "x_t": draw(2, 4, FRAMES, SIZE, SIZE), "clean": draw(2, 4, 1, SIZE, SIZE),
+            "noise": draw(2, 4, FRAMES, SIZE, SIZE)}
+
+
+def test_layout_round_trip_keeps_every_frame_in_place() -> None:
+    video = torch.arange(2 * 4 * FRAMES * 2 * 2, dtype=torch.float32).reshape(2, 4, FRAMES, 2, 2)
+    frames = video_to_frames(video)
+    assert frames.shape == (2 * FRAMES, 4, 2, 2)
+    assert torch.equal(frames[FRAMES + 1], video[1, :, 1])  # video 1, frame 1
+    assert torch.equal(frames_to_video(frames, FRAMES), video)
+    with pytest.raises(SamplingError, match="not a whole number of 3-frame videos"):
+        frames_to_video(frames[:-1], FRAMES)
+
+
+@pytest.mark.parametrize("timestep", [999, 420, 0])
+def test_conditional_and_unconditional_calls_equal_the_core_denoiser_bit_for_bit(model, timestep: int) -> None:
+    unet = model["unet"]
+    abar = float(torch.from_numpy(base_betas()).neg().add(1).cumprod(0)[timestep])
+    exemplar_t = q_sample(model["clean"].expand(-1, -1, FRAMES, -1, -1), model["noise"], abar)
+    denoiser = VideoDenoiser(unet, model["cond"], model["null"], cfg_scale=4.0, batch_passes=False)
+    with torch.no_grad():
+        guided, eps_cond, eps_uncond = denoiser.predict(model["x_t"], timestep, exemplar_t)
+        native = FramesAsBatchUNet(unet)
+        x = video_to_frames(model["x_t"])
+        t = torch.full((x.shape[0],), float(timestep))  # hosts pass float timesteps, one per frame
+        cond = native(x, t, model["cond"].expand(x.shape[0], -1, -1), FRAMES, image_prompt=model["clean"],
+                      image_prompt_noise=model["noise"], image_prompt_alpha_cumprod=abar, null_context=model["null"])
+        uncond = native(x, t, model["null"], FRAMES)  # the negative conditioning carries no image prompt
+    assert torch.equal(frames_to_video(cond, FRAMES), eps_cond)
+    assert torch.equal(frames_to_video(uncond, FRAMES), eps_uncond)
+    assert torch.equal(frames_to_video(official_cfg(cond.float(), uncond.float(), 4.0), FRAMES), guided)
+    assert not torch.equal(cond, uncond)  # the image prompt and the text act
+
+
+def test_official_cfg_guides_channels_0_to_2_and_keeps_channel_3_conditional() -> None:
+    generator = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(2, 2 * FRAMES, 4, SIZE, SIZE, generator=generator)
+    out = official_cfg(cond, uncond, 7.5)
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 7.5 * (cond[:, :3] - uncond[:, :3]), rtol=0, atol=0)
+    assert torch.equal(out[:, 3], cond[:, 3])
+    as_video = guide(frames_to_video(cond, FRAMES), frames_to_video(uncond, FRAMES), 7.5)
+    assert torch.equal(frames_to_video(out, FRAMES), as_video)
+    assert torch.equal(official_cfg(cond, uncond, 7.5, "all"), uncond + 7.5 * (cond - uncond))
+
+
+def test_sigma_maps_to_the_schedule_point_of_the_scaled_input() -> None:
+    abar = float(torch.from_numpy(base_betas()).neg().add(1).cumprod(0)[500])
+    sigma = ((1 - abar) / abar) ** 0.5
+    assert alpha_cumprod_of_sigma(sigma) == pytest.approx(abar, rel=1e-12)
+    assert alpha_cumprod_of_sigma(0.0) == 1.0
+    with pytest.raises(SamplingError, match="nan"):
+        alpha_cumprod_of_sigma(float("nan"))
+
+
+def test_frames_of_one_video_must_share_a_timestep(model) -> None:
+    native = FramesAsBatchUNet(model["unet"])
+    x = video_to_frames(model["x_t"])
+    t = torch.arange(x.shape[0], dtype=torch.float32)
+    with pytest.raises(SamplingError, match="different timesteps"):
+        native(x, t, model["cond"], FRAMES)
+    with pytest.raises(SamplingError, match="needs its noise"):
+        native(x, torch.tensor(5.0), model["cond"], FRAMES, image_prompt=model["clean"])
