@@ -95,3 +95,23 @@ def test_frames_of_one_video_must_share_a_timestep(model) -> None:
         native(x, t, model["cond"], FRAMES)
     with pytest.raises(SamplingError, match="needs its noise"):
         native(x, torch.tensor(5.0), model["cond"], FRAMES, image_prompt=model["clean"])
+
+
+@pytest.mark.parametrize("prompt", ["a dog running on the beach", "a dog chasing another dog",
+                                    "dog " + "very " * 70 + "long"], ids=["once", "twice", "truncated"])
+def test_spliced_positions_rebuild_the_core_splice_bit_for_bit(clip_tokenizer_dir, prompt: str) -> None:
+    """What the native CONDITIONING node hands ComfyUI's text encoder (tokens with the word vectors as embedding
+    entries, laid out by spliced_positions) expands to exactly the core's spliced token embeddings."""
+    from videobooth_core.conditioning.text import prepare_subject_prompt, splice_subject_embeddings, spliced_positions
+    from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer(clip_tokenizer_dir)
+    subject = prepare_subject_prompt(tokenizer, prompt, "dog")
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(49408, 6, generator=generator)  # a token-embedding table
+    vectors = torch.randn(1, 5, 6, generator=generator)
+    expected = splice_subject_embeddings(table[subject.input_ids], subject.input_ids, subject.placeholder_ids, vectors)
+    positions = spliced_positions(subject.input_ids, subject.placeholder_ids, 5)
+    rebuilt = torch.stack([table[subject.input_ids[0, p]] if p >= 0 else vectors[0, -p - 1] for p in positions])
+    assert len(positions) == 77 and torch.equal(rebuilt[None], expected)
+    assert sum(p < 0 for p in positions) == 5 * prompt.split().count("dog")  # every occurrence gets all 5
