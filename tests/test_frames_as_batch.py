@@ -12,6 +12,7 @@ from videobooth_core.models.frames_as_batch import (
     FramesAsBatchUNet,
     alpha_cumprod_of_sigma,
     frames_to_video,
+    image_prompt_noise,
     official_cfg,
     video_to_frames,
 )
@@ -25,14 +26,14 @@ FRAMES, SIZE = 3, 8
 def model():
     torch.manual_seed(0)
     unet, mapper = tiny_unet_and_mapper(vision_width=32, text_width=32)
-    unet.attach_projections(mapper.site_projections())
+    unet.attach_projections(mapper.site_projections(), release_own=True)
     generator = torch.Generator().manual_seed(7)
     width = unet.config.cross_attention_dim
 
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator)
 
-    return {"unet": unet, "cond": draw(1, 77, width), "null": draw(1, 77, width),
+    return {"unet": unet, "mapper": mapper, "native": FramesAsBatchUNet(unet), "cond": draw(1, 77, width), "null": draw(1, 77, width),
             "x_t": draw(2, 4, FRAMES, SIZE, SIZE), "clean": draw(2, 4, 1, SIZE, SIZE),
             "noise": draw(2, 4, FRAMES, SIZE, SIZE)}
 
@@ -55,7 +56,7 @@ def test_conditional_and_unconditional_calls_equal_the_core_denoiser_bit_for_bit
     denoiser = VideoDenoiser(unet, model["cond"], model["null"], cfg_scale=4.0, batch_passes=False)
     with torch.no_grad():
         guided, eps_cond, eps_uncond = denoiser.predict(model["x_t"], timestep, exemplar_t)
-        native = FramesAsBatchUNet(unet)
+        native = model["native"]
         x = video_to_frames(model["x_t"])
         t = torch.full((x.shape[0],), float(timestep))  # hosts pass float timesteps, one per frame
         cond = native(x, t, model["cond"].expand(x.shape[0], -1, -1), FRAMES, image_prompt=model["clean"],
@@ -88,7 +89,7 @@ def test_sigma_maps_to_the_schedule_point_of_the_scaled_input() -> None:
 
 
 def test_frames_of_one_video_must_share_a_timestep(model) -> None:
-    native = FramesAsBatchUNet(model["unet"])
+    native = model["native"]
     x = video_to_frames(model["x_t"])
     t = torch.arange(x.shape[0], dtype=torch.float32)
     with pytest.raises(SamplingError, match="different timesteps"):
@@ -115,3 +116,39 @@ def test_spliced_positions_rebuild_the_core_splice_bit_for_bit(clip_tokenizer_di
     rebuilt = torch.stack([table[subject.input_ids[0, p]] if p >= 0 else vectors[0, -p - 1] for p in positions])
     assert len(positions) == 77 and torch.equal(rebuilt[None], expected)
     assert sum(p < 0 for p in positions) == 5 * prompt.split().count("dog")  # every occurrence gets all 5
+
+
+def test_weights_are_named_where_they_act(model) -> None:
+    """A host patching by state_dict name (ComfyUI's LoRA loaders: lora_unet_<name with underscores>) reaches the
+    projections the model attends with: the mapper's, under the UNet's own attn1/attn2 to_k/to_v names."""
+    native, mapper = model["native"], model["mapper"]
+    names = native.state_dict().keys()
+    site = native.video_unet.attention_sites[0]
+    block, projections = site.transformer_blocks[0], mapper.site_projections()[site.site]
+    prefix = f"{site.site}.transformer_blocks.0."
+    assert not any(name.startswith("unet.") or name.startswith("mapping") for name in names)
+    for name, module in [("attn1.to_k", projections.attn1_key), ("attn1.to_v", projections.attn1_value),
+                         ("attn1.to_k_image_prompt", projections.image_prompt_key),
+                         ("attn2.to_k", projections.text_key), ("attn2.to_v", projections.text_value)]:
+        assert prefix + name + ".weight" in names
+        assert native.get_submodule(prefix + name) is module  # the module in use, not a copy
+    assert block.attn1.key_value.key is native.get_submodule(prefix + "attn1.to_k")
+    x, t = video_to_frames(model["x_t"]), torch.tensor(300.0)
+    with torch.no_grad():
+        before = native(x, t, model["cond"], FRAMES)
+        weight = native.get_submodule(prefix + "attn2.to_k").weight
+        original = weight.clone()
+        weight.add_(0.5)
+        after = native(x, t, model["cond"], FRAMES)
+        weight.copy_(original)
+        again = native(x, t, model["cond"], FRAMES)
+    assert not torch.equal(before, after) and torch.equal(before, again)
+
+
+def test_image_prompt_noise_depends_on_seed_and_timestep_only() -> None:
+    shape = (1, 4, FRAMES, SIZE, SIZE)
+    first = image_prompt_noise(7, 499.0, shape)
+    assert torch.equal(first, image_prompt_noise(7, 499.0, shape))
+    assert not torch.equal(first, image_prompt_noise(8, 499.0, shape))
+    assert not torch.equal(first, image_prompt_noise(7, 498.0, shape))
+    assert abs(float(first.mean())) < 0.2 and abs(float(first.std()) - 1) < 0.2

@@ -60,21 +60,49 @@ def official_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rule: G
     return guide(cond, uncond, scale, rule)
 
 
+def image_prompt_noise(seed: int, timestep: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """The image prompt's noise for one call, drawn on the CPU from ``(seed, timestep)`` alone (float32).
+
+    A host calls the network without telling it which step it is at, may call it several times per step (context
+    windows, second-order samplers) and may be cancelled and rerun; keying the draw on the seed and the timestep
+    gives every call of one step the same exemplar, and a rerun the same video."""
+    key = (int(seed) * 1_000_003 + int(round(float(timestep) * 64))) % (2**63 - 1)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(key), dtype=torch.float32)
+
+
 class FramesAsBatchUNet(nn.Module):
     """The VideoBooth UNet with the frames-as-batch interface of host samplers.
 
     ``forward(x, timesteps, context, frames=..., image_prompt=..., image_prompt_noise=..., ...)`` returns the
-    noise prediction ``[(b f), 4, h, w]``. The UNet is a registered child (``unet``), so a host that patches weights
-    by ``state_dict`` names (LoRA loaders) sees the UNet's own names under ``unet.``.
+    noise prediction ``[(b f), 4, h, w]``.
+
+    The UNet's modules are registered here under their own names (``down_blocks.0...``), so a host that patches
+    weights by ``state_dict`` name (ComfyUI's LoRA loaders map ``lora_unet_down_blocks_0_..._attn1_to_k`` to
+    ``down_blocks.0....attn1.to_k.weight``) finds them where they act: the mapper's key/value projections, which the
+    released model attends with, are registered as each site's ``attn1``/``attn2`` ``to_k``/``to_v`` (the UNet's own,
+    never used, were released when they were attached), and the image prompt's as ``attn1.to_k_image_prompt`` /
+    ``to_v_image_prompt``. The same modules stay in use by reference, so a patched weight is the weight used.
     """
 
     def __init__(self, unet: UNet3DModel) -> None:
         super().__init__()
-        self.unet = unet
+        if unet.attached_projections is not None:
+            if not unet.released_own_projections:
+                raise SamplingError("attach the mapper's projections with release_own=True before wrapping the UNet: "
+                                    "its own attn1/attn2 to_k/to_v would otherwise shadow the ones in use")
+            for site in unet.attention_sites:
+                block, projections = site.transformer_blocks[0], unet.attached_projections[site.site]
+                block.attn1.to_k, block.attn1.to_v = projections.attn1_key, projections.attn1_value
+                block.attn1.to_k_image_prompt = projections.image_prompt_key
+                block.attn1.to_v_image_prompt = projections.image_prompt_value
+                block.attn2.to_k, block.attn2.to_v = projections.text_key, projections.text_value
+        for name, child in unet.named_children():
+            self.add_module(name, child)
+        self.__dict__["video_unet"] = unet  # by reference: its modules are registered above under their own names
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.video_unet.parameters()).dtype
 
     def forward(
         self,
@@ -127,8 +155,8 @@ class FramesAsBatchUNet(nn.Module):
             exemplar_t = q_sample(clean, image_prompt_noise.to(device=x.device, dtype=torch.float32),
                                   image_prompt_alpha_cumprod)
             null = null_context.to(device=x.device, dtype=dtype).expand(batch, -1, -1)
-            features = self.unet.capture_image_prompt_features(exemplar_t.to(dtype), t, null)
-        eps = self.unet(video, t, text, image_prompt_features=features, image_prompt_strength=image_prompt_strength,
+            features = self.video_unet.capture_image_prompt_features(exemplar_t.to(dtype), t, null)
+        eps = self.video_unet(video, t, text, image_prompt_features=features, image_prompt_strength=image_prompt_strength,
                         watermark_branch=watermark_branch)
         return video_to_frames(eps)
 
