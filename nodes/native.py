@@ -80,7 +80,13 @@ def _require_comfy(what: str) -> None:
 
 
 class ComfyVideoBoothUNet(FramesAsBatchUNet):
-    """:class:`FramesAsBatchUNet` called the way ``BaseModel._apply_model`` calls a ``diffusion_model``."""
+    """:class:`FramesAsBatchUNet` called the way ``BaseModel._apply_model`` calls a ``diffusion_model``.
+
+    ``exemplar_noise(seed, timestep, shape)`` draws the image prompt's noise of a call (keyed on the sampler's seed
+    and the call's timestep by default); an instance may replace it, e.g. to replay another road's draws.
+    """
+
+    exemplar_noise = staticmethod(image_prompt_noise)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: Any = None, transformer_options: dict | None = None, **conds: Any) -> torch.Tensor:
@@ -100,7 +106,7 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
         shape = (per_video.shape[0], per_video.shape[1], frames, per_video.shape[3], per_video.shape[4])
         return super().forward(
             x, timesteps, context, frames, image_prompt=per_video,
-            image_prompt_noise=image_prompt_noise(int(conds.get(SEED_KEY) or 0), timestep, shape),
+            image_prompt_noise=self.exemplar_noise(int(conds.get(SEED_KEY) or 0), timestep, shape),
             image_prompt_alpha_cumprod=alpha_cumprod_of_sigma(sigma), null_context=conds[NULL_TEXT_KEY][::frames],
             image_prompt_strength=float(conds.get(STRENGTH_KEY, 1.0)))
 
