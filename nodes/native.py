@@ -38,6 +38,7 @@ from ..videobooth_core.models.frames_as_batch import (
     FramesAsBatchUNet,
     alpha_cumprod_of_sigma,
     image_prompt_noise,
+    image_prompt_twin,
     official_cfg,
 )
 from ..videobooth_core.pipeline import load_unet_and_mapper
@@ -163,6 +164,29 @@ def official_guidance(args: dict) -> torch.Tensor:
     return official_cfg(args["cond"], args["uncond"], args["cond_scale"])
 
 
+_PATCHER_CLASSES: dict[type, type] = {}
+
+
+def _patcher_class(base: type) -> type:
+    """``base`` (the patcher ComfyUI offers now) whose weight patches on a site's ``attn1.to_k``/``to_v`` also reach
+    the image prompt's projections (:func:`image_prompt_twin`), so core LoRA loaders act as the pack's LoRA node.
+    A subclass, made once per base: ComfyUI's own classes are left as they are."""
+    if base not in _PATCHER_CLASSES:
+        class VideoBoothModelPatcher(base):
+            def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0,
+                            *args: Any, **kwargs: Any) -> list:
+                twins = {}
+                for key, patch in patches.items():
+                    name, rest = (key, ()) if isinstance(key, str) else (key[0], tuple(key[1:]))
+                    twin = image_prompt_twin(name)
+                    if twin is not None:
+                        twins[twin if not rest else (twin, *rest)] = patch
+                return super().add_patches({**patches, **twins}, strength_patch, strength_model, *args, **kwargs)
+
+        _PATCHER_CLASSES[base] = VideoBoothModelPatcher
+    return _PATCHER_CLASSES[base]
+
+
 def build_native_model(unet: torch.nn.Module, mapper: torch.nn.Module, dtype: torch.dtype,
                        load_device: torch.device, offload_device: torch.device, guidance: bool = True) -> Any:
     """A ComfyUI ``MODEL`` (patcher) for a loaded UNet + mapper pair (projections attached, own ones released)."""
@@ -170,8 +194,9 @@ def build_native_model(unet: torch.nn.Module, mapper: torch.nn.Module, dtype: to
     config = VideoBoothNativeConfig({"disable_unet_model_creation": True})
     config.set_inference_dtype(dtype, None)
     model = VideoBoothNativeModel(config, unet, mapper)
-    patcher_class = getattr(comfy_model_patcher, "CoreModelPatcher", comfy_model_patcher.ModelPatcher)
-    patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
+    # read now, not at import: ComfyUI may switch CoreModelPatcher to its dynamic-VRAM patcher at start-up
+    base = getattr(comfy_model_patcher, "CoreModelPatcher", comfy_model_patcher.ModelPatcher)
+    patcher = _patcher_class(base)(model, load_device=load_device, offload_device=offload_device)
     if guidance:
         patcher.set_model_sampler_cfg_function(official_guidance)
     return patcher

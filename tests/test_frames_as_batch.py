@@ -152,3 +152,21 @@ def test_image_prompt_noise_depends_on_seed_and_timestep_only() -> None:
     assert not torch.equal(first, image_prompt_noise(8, 499.0, shape))
     assert not torch.equal(first, image_prompt_noise(7, 498.0, shape))
     assert abs(float(first.mean())) < 0.2 and abs(float(first.std()) - 1) < 0.2
+
+
+def test_a_patch_on_the_video_tokens_key_value_also_reaches_the_image_prompts() -> None:
+    from videobooth_core.models.frames_as_batch import image_prompt_twin
+
+    stem = "diffusion_model.up_blocks.3.attentions.1.transformer_blocks.0."
+    assert image_prompt_twin(stem + "attn1.to_k.weight") == stem + "attn1.to_k_image_prompt.weight"
+    assert image_prompt_twin(stem + "attn1.to_v.weight") == stem + "attn1.to_v_image_prompt.weight"
+    for other in ("attn2.to_k.weight", "attn1.to_q.weight", "attn1.to_k.bias", "attn1.to_out.0.weight"):
+        assert image_prompt_twin(stem + other) is None
+
+
+def test_every_twin_names_a_weight_of_the_wrapped_model(model) -> None:
+    from videobooth_core.models.frames_as_batch import image_prompt_twin
+
+    names = set(model["native"].state_dict())
+    twins = [image_prompt_twin(name) for name in names if image_prompt_twin(name)]
+    assert len(twins) == 2 * len(model["native"].video_unet.attention_sites) and set(twins) <= names

@@ -19,6 +19,7 @@ predictions, which keep channels on axis 1 in both layouts (:func:`official_cfg`
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from einops import rearrange
@@ -58,6 +59,20 @@ def official_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rule: G
     linear per channel, so it is the same in either): the core's :func:`guide`, whose channel axis is axis 1 in
     both layouts."""
     return guide(cond, uncond, scale, rule)
+
+
+IMAGE_PROMPT_TWIN_RE = re.compile(r"^(?P<stem>.*\.attn1\.to_[kv])\.weight$")
+
+
+def image_prompt_twin(key: str) -> str | None:
+    """The image prompt's projection that a weight patch of ``key`` also belongs to, or None.
+
+    A LoRA's delta on a site's ``attn1.to_k``/``to_v`` (the video tokens' key/value projection) also goes to the image
+    prompt's ``attn1.to_k_image_prompt``/``to_v_image_prompt``: the image prompt's tokens are attended to together
+    with frame 0's, so the two stay in one key space (the rule of the pack's own LoRA node,
+    :func:`~..loading.sd_checkpoint.kv_target_modules`)."""
+    match = IMAGE_PROMPT_TWIN_RE.match(key)
+    return None if match is None else f"{match['stem']}_image_prompt.weight"
 
 
 def image_prompt_noise(seed: int, timestep: float, shape: tuple[int, ...]) -> torch.Tensor:
