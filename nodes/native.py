@@ -43,6 +43,8 @@ from ..videobooth_core.models.frames_as_batch import (
 )
 from ..videobooth_core.pipeline import load_unet_and_mapper
 from ..videobooth_core.sampling.schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS
+from ..videobooth_core.sampling.windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, FUSE_MODES, ContextOptions, \
+    fuse_window_predictions
 from . import _bridge as bridge
 from ._types import CLIP_VISION, EXEMPLAR, IMAGE_PROMPT, Exemplar, VideoBoothCLIPVision
 from .loaders import DEVICES, PRECISIONS, CachingLoader, file_input, load_checked, precision_tooltip
@@ -365,11 +367,82 @@ def _exemplar_latent(exemplar: Exemplar) -> torch.Tensor:
     return latent.float().cpu()[:, :, None]
 
 
+class FramesAsBatchContextHandler:
+    """ComfyUI's ``model_options["context_handler"]`` for frames-as-batch latents: VideoBooth's windows, each starting
+    with the global frame 0 (which holds the subject across the whole video), fused by the core's weights.
+
+    ComfyUI's own handler cannot take this layout in 0.3.64 (it matches one timestep per call against the schedule,
+    and a frames-as-batch call has one per frame), and it has no anchor frame."""
+
+    def __init__(self, options: ContextOptions) -> None:
+        self.options = options
+
+    def should_use_context(self, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
+                           model_options: dict) -> bool:
+        return x_in.shape[0] > self.options.window
+
+    def execute(self, calc_cond_batch: Any, model: Any, conds: list, x_in: torch.Tensor, timestep: torch.Tensor,
+                model_options: dict) -> list:
+        frames = x_in.shape[0]
+        per_frame_t = torch.as_tensor(timestep).reshape(-1).shape[0] == frames
+
+        def predict(window: list[int]) -> list:
+            index = torch.tensor(window, device=x_in.device)
+            window_conds = [None if c is None else [_window_cond(item, index, frames) for item in c] for c in conds]
+            return calc_cond_batch(model, window_conds, x_in[index], timestep[index] if per_frame_t else timestep,
+                                   model_options)
+
+        return fuse_window_predictions(frames, self.options, predict, dim=0)
+
+
+def _window_cond(cond: dict, index: torch.Tensor, frames: int) -> dict:
+    """A conditioning entry for one window: per-frame model conds (first axis = the frames) are sliced; VideoBooth's
+    own (text, image prompt: one row) pass unchanged."""
+    model_conds = {}
+    for key, value in cond.get("model_conds", {}).items():
+        tensor = getattr(value, "cond", None)
+        sliced = isinstance(tensor, torch.Tensor) and tensor.ndim > 0 and tensor.shape[0] == frames
+        model_conds[key] = value._copy_with(tensor[index.to(tensor.device)]) if sliced else value
+    return {**cond, "model_conds": model_conds}
+
+
+class VideoBoothNativeContextWindows:
+    DESCRIPTION = ("Long videos on the native road: the frames are denoised in windows of the trained length, each "
+                   "starting with the video's first frame (which carries the subject), and fused. Put it between "
+                   "the VideoBooth Native Loader (or a LoRA) and KSampler; the latent's batch is the frame count.")
+    CATEGORY = "VideoBooth/native"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model, sampling long videos window by window.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The VideoBooth native model."}),
+            "context_window": ("INT", {"default": DEFAULT_WINDOW, "min": 2, "max": 256, "tooltip": (
+                "Frames per model call, the first frame included (16: the trained length).")}),
+            "context_overlap": ("INT", {"default": DEFAULT_OVERLAP, "min": 0, "max": 254, "tooltip": (
+                "Frames shared by neighbouring windows besides the first frame (at most context_window - 2).")}),
+            "fuse": (list(FUSE_MODES), {"default": "pyramid", "tooltip": (
+                "pyramid: a window's frames count more towards its middle, so seams fade; flat: equal weights.")}),
+        }}
+
+    def apply(self, model: Any, context_window: int, context_overlap: int, fuse: str) -> tuple[Any]:
+        _mapper_of(model)  # a VideoBooth native model, or a clear error
+        options = ContextOptions(window=int(context_window), overlap=int(context_overlap), fuse=fuse)
+        patched = model.clone()
+        patched.model_options["context_handler"] = FramesAsBatchContextHandler(options)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {
     "VideoBoothNativeLoader": VideoBoothNativeLoader,
     "VideoBoothNativeConditioning": VideoBoothNativeConditioning,
+    "VideoBoothNativeContextWindows": VideoBoothNativeContextWindows,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VideoBoothNativeLoader": "VideoBooth Native Loader (MODEL)",
     "VideoBoothNativeConditioning": "VideoBooth Native Conditioning",
+    "VideoBoothNativeContextWindows": "VideoBooth Native Context Windows",
 }

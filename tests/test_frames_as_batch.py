@@ -170,3 +170,22 @@ def test_every_twin_names_a_weight_of_the_wrapped_model(model) -> None:
     names = set(model["native"].state_dict())
     twins = [image_prompt_twin(name) for name in names if image_prompt_twin(name)]
     assert len(twins) == 2 * len(model["native"].video_unet.attention_sites) and set(twins) <= names
+
+
+def test_host_windows_anchor_every_window_on_frame_0_and_fuse_to_one() -> None:
+    from videobooth_core.sampling.windows import ContextOptions, context_windows, fuse_window_predictions
+
+    frames, options = 20, ContextOptions(window=8, overlap=2)
+    seen = []
+
+    def predict(window: list[int]) -> list[torch.Tensor]:
+        seen.append(window)
+        index = torch.tensor(window, dtype=torch.float32)
+        # output 0: each frame's own index (fused to itself where weights sum to 1); output 1: which window ran
+        return [index.view(-1, 1, 1, 1).expand(-1, 4, 2, 2), torch.full((len(window), 4, 2, 2), float(len(seen)))]
+
+    own, which = fuse_window_predictions(frames, options, predict, dim=0)
+    assert seen == context_windows(frames, 8, 2) and all(window[0] == 0 for window in seen)
+    torch.testing.assert_close(own[:, 0, 0, 0], torch.arange(frames, dtype=torch.float32), rtol=0, atol=1e-5)
+    assert float(which[0, 0, 0, 0]) == 1.0  # frame 0 comes from the first window alone
+    assert own.shape == (frames, 4, 2, 2)

@@ -99,7 +99,7 @@ EXPECTED_IDS = {
     "VideoBoothApplySDCheckpoint", "VideoBoothLoRA",
     "VideoBoothSubjects", "VideoBoothDrift",
     "VideoBoothContextOptions", "VideoBoothStartFrames",
-    "VideoBoothNativeLoader", "VideoBoothNativeConditioning",
+    "VideoBoothNativeLoader", "VideoBoothNativeConditioning", "VideoBoothNativeContextWindows",
 }
 
 
