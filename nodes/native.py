@@ -4,7 +4,7 @@ ModelSamplingDiscrete, context windows and ComfyUI's memory management take it l
 * **VideoBooth Native Loader** builds a ``comfy.model_base.BaseModel`` around the pack's own UNet
   (:class:`~..videobooth_core.models.frames_as_batch.FramesAsBatchUNet`: frames as batch, ``[F, 4, h, w]``, as
   AnimateDiff), with VideoBooth's schedule (linear betas 1e-4 → 0.02, ComfyUI's ``sqrt_linear``) and the SD 1.x latent
-  format, in the patcher ComfyUI offers (``CoreModelPatcher`` where it exists). The official guidance (channels 0-2
+  format, in ComfyUI's ``ModelPatcher`` (not ``CoreModelPatcher``, see :func:`build_native_model`). The official guidance (channels 0-2
   guided, channel 3 the conditional prediction) is ComfyUI's ``sampler_cfg_function`` hook, on by default.
 * **VideoBooth Native Conditioning** is the coarse path on ComfyUI's own ``CLIP``: the mapper's 5 word vectors go
   into the token list in place of the subject word's tokens (embedding entries, as textual inversion), laid out by
@@ -170,7 +170,7 @@ _PATCHER_CLASSES: dict[type, type] = {}
 
 
 def _patcher_class(base: type) -> type:
-    """``base`` (the patcher ComfyUI offers now) whose weight patches on a site's ``attn1.to_k``/``to_v`` also reach
+    """``base`` (ComfyUI's patcher class) whose weight patches on a site's ``attn1.to_k``/``to_v`` also reach
     the image prompt's projections (:func:`image_prompt_twin`), so core LoRA loaders act as the pack's LoRA node.
     A subclass, made once per base: ComfyUI's own classes are left as they are."""
     if base not in _PATCHER_CLASSES:
@@ -196,9 +196,11 @@ def build_native_model(unet: torch.nn.Module, mapper: torch.nn.Module, dtype: to
     config = VideoBoothNativeConfig({"disable_unet_model_creation": True})
     config.set_inference_dtype(dtype, None)
     model = VideoBoothNativeModel(config, unet, mapper)
-    # read now, not at import: ComfyUI may switch CoreModelPatcher to its dynamic-VRAM patcher at start-up
-    base = getattr(comfy_model_patcher, "CoreModelPatcher", comfy_model_patcher.ModelPatcher)
-    patcher = _patcher_class(base)(model, load_device=load_device, offload_device=offload_device)
+    # ComfyUI's legacy ModelPatcher, not CoreModelPatcher: in 2026 releases CoreModelPatcher becomes the dynamic-VRAM
+    # patcher when comfy-aimdo is present, which applies weight patches (LoRAs) only to comfy.ops layers and would
+    # silently drop them on this model's plain torch layers; the legacy patcher applies them to any layer
+    patcher = _patcher_class(comfy_model_patcher.ModelPatcher)(model, load_device=load_device,
+                                                               offload_device=offload_device)
     if guidance:
         patcher.set_model_sampler_cfg_function(official_guidance)
     return patcher
