@@ -26,6 +26,9 @@ Modes:
     single-frame    opt-in: the image-prompt stream on one frame
     late-steps      opt-in: a step outside the image-prompt range (image prompt used only early in sampling)
     no-watermark    opt-in: the watermark branch skipped
+    native          the native ComfyUI road's model calls (issue 25): the conditional call (the image prompt noised,
+                    captured and injected in one call) and the unconditional call separately, frames as batch,
+                    the official guidance on the host layout (what KSampler runs per step, minus its bookkeeping)
 Options:
     --stream-weights  the UNet's weights stay in a safetensors file and are read block by block at every UNet call
                       (videobooth_core.loading.streaming; exact). The random weights are written to --weights-file by a
@@ -74,18 +77,25 @@ from videobooth_core.sampling.memory import estimate_step_memory, meta_denoiser,
 from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import RespacedDDPM  # noqa: E402
 from videobooth_core.models.unet_3d import UNet3DModel  # noqa: E402
+from videobooth_core.models.frames_as_batch import (  # noqa: E402
+    FramesAsBatchUNet, frames_to_video, official_cfg, video_to_frames,
+)
 
-MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark")
+MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark", "native")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 DEFAULT_WEIGHTS_FILE = Path(tempfile.gettempdir()) / "videobooth_bench_unet_fp32.safetensors"
 
 
-def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = None) -> UNet3DModel:
+def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = None,
+                 tiny: bool = False) -> UNet3DModel:
     """A released-size UNet and mapper (random weights, built directly in the target dtype); with
-    ``streamed_from``, the UNet streams its weights from that safetensors file instead."""
-    config = UNetConfig()
+    ``streamed_from``, the UNet streams its weights from that safetensors file instead; ``tiny``: make-tiny's
+    configuration instead of the released one."""
+    from videobooth_core.app.tiny import TINY_UNET
+
+    config = TINY_UNET if tiny else UNetConfig()
     torch.manual_seed(0)
     if streamed_from is not None:
         from videobooth_core.loading.streaming import load_unet_streamed
@@ -94,7 +104,9 @@ def build_models(dtype: torch.dtype, device: str, streamed_from: Path | None = N
     else:
         unet = _random_in_dtype(UNet3DModel, config, dtype, device)
     sites = tuple(sorted((s.site, s.proj_in.out_channels) for s in unet.attention_sites))
-    mapper = _random_in_dtype(Mapper, MapperConfig(site_channels=sites), dtype, device)
+    mapper_config = (MapperConfig(input_dim=32, hidden_dim=64, output_dim=config.cross_attention_dim, site_channels=sites)
+                     if tiny else MapperConfig(site_channels=sites))
+    mapper = _random_in_dtype(Mapper, mapper_config, dtype, device)
     unet.attach_projections(mapper.site_projections(), release_own=True)
     unet._mapper = mapper  # counted with the resident weights (the UNet only references its projections)
     return unet.eval().requires_grad_(False)
@@ -244,6 +256,8 @@ def measure_in_child(spec: dict, args: argparse.Namespace) -> dict:
         command += ["--attention", spec["attention"]]
     if spec["stream"]:
         command.append("--stream-weights")
+    if args.tiny and spec["mode"] != "external":
+        command.append("--tiny")
     allocator = spec["allocator"] or args.allocator
     if allocator and spec["mode"] != "external":  # an external command allocates as it does
         command += ["--allocator", allocator]
@@ -357,6 +371,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--stream-weights", action="store_true", help="stream the UNet's weights from a file")
+    parser.add_argument("--tiny", action="store_true", help="make-tiny's UNet configuration instead of the released one")
     parser.add_argument("--subjects", type=int, default=1,
                         help="image-prompt streams (several subjects, issue 17; 1 = the single image prompt)")
     parser.add_argument("--weights-file", type=Path, default=DEFAULT_WEIGHTS_FILE,
@@ -386,7 +401,7 @@ def main() -> None:
     if args.stream_weights and not args.weights_file.is_file():
         print(f"writing random released-size weights to {args.weights_file} (once)", file=sys.stderr)
         subprocess.run([sys.executable, __file__, "--write-weights", str(args.weights_file)], check=True)
-    unet = build_models(dtype, args.device, args.weights_file if args.stream_weights else None)
+    unet = build_models(dtype, args.device, args.weights_file if args.stream_weights else None, tiny=args.tiny)
     rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights_mb = resident_weight_bytes([unet, unet._mapper]) / 2**20  # streamed weights are not resident
     attention = args.attention or ("math" if args.mode == "official-order" else "sdpa")
@@ -395,7 +410,7 @@ def main() -> None:
     shape = (1, 4, args.frames, args.latent, args.latent)
     x_t = torch.randn(shape, generator=generator).to(args.device)
     exemplar_clean = torch.randn((args.subjects, 4, 1, args.latent, args.latent), generator=generator).to(args.device)
-    text = torch.randn((2, 77, 768), generator=generator).to(args.device)
+    text = torch.randn((2, 77, unet.config.cross_attention_dim), generator=generator).to(args.device)
     schedule = RespacedDDPM(250)
     denoiser = VideoDenoiser(
         unet, text[:1], text[1:], 4.0, "official",
@@ -408,7 +423,19 @@ def main() -> None:
     estimate = estimate_step_memory(denoiser, shape, args.mode != "late-steps", args.device, [unet._mapper])
     flops = count_step_flops(denoiser, shape, args.mode != "late-steps")
 
+    native = FramesAsBatchUNet(unet) if args.mode == "native" else None
+
     def step() -> None:
+        if native is not None:  # the host's two calls and its CFG hook, frames as batch
+            noise = torch.randn((1, 4, args.frames, args.latent, args.latent), generator=generator).to(args.device)
+            x = video_to_frames(x_t)
+            t = torch.full((x.shape[0],), float(schedule.timestep_map[index]))
+            cond = native(x, t, text[:1], args.frames, image_prompt=exemplar_clean[:1], image_prompt_noise=noise,
+                          image_prompt_alpha_cumprod=float(schedule.alphas_cumprod[index]), null_context=text[1:])
+            uncond = native(x, t, text[1:], args.frames)
+            eps = frames_to_video(official_cfg(cond.float(), uncond.float(), 4.0), args.frames)
+            schedule.step(eps, x_t, index, torch.randn(shape, generator=generator).to(args.device))
+            return
         exemplar = None
         if args.mode != "late-steps":
             noise = torch.randn((args.subjects, 4, args.frames, args.latent, args.latent),

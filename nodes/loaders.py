@@ -45,11 +45,11 @@ _DEVICE_TOOLTIP = ("auto: ComfyUI's compute device (the GPU), with the model han
                    "management so other models can be unloaded to make room; cpu: keep it on the CPU.")
 
 
-def _precision_tooltip(auto_means: str) -> str:
+def precision_tooltip(auto_means: str) -> str:
     return f"Weight precision. auto: {auto_means}."
 
 
-_SMALL_MODEL_PRECISION = _precision_tooltip("fp32 (as the official code)")
+_SMALL_MODEL_PRECISION = precision_tooltip("fp32 (as the official code)")
 
 
 def _preferred(names: list[str], kind: str) -> str | None:
@@ -61,7 +61,7 @@ def _preferred(names: list[str], kind: str) -> str | None:
     return names[0] if names else None
 
 
-def _file_input(folder: str, kind: str, tooltip: str, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+def file_input(folder: str, kind: str, tooltip: str, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
     names = bridge.list_models(folder)
     options: dict[str, Any] = {"tooltip": f"{tooltip} Files in {bridge.describe_locations(folder)}; "
                                            f"expected: {EXPECTED_FILES[kind]}."}
@@ -71,7 +71,7 @@ def _file_input(folder: str, kind: str, tooltip: str, extra: tuple[str, ...] = (
     return names + list(extra), options
 
 
-def _load_checked(kinds: str | tuple[str, ...], folder: str, load: Callable[[], T]) -> T:
+def load_checked(kinds: str | tuple[str, ...], folder: str, load: Callable[[], T]) -> T:
     """Run a core loader; a wrong, broken or unsafe file gets an error (of the same class) naming the folder and
     what belongs there (``kinds``: keys of EXPECTED_FILES)."""
     try:
@@ -82,7 +82,7 @@ def _load_checked(kinds: str | tuple[str, ...], folder: str, load: Callable[[], 
         raise type(error)(f"{error}\n{where[:1].upper()}{where[1:]} should hold {expected}.") from error
 
 
-class _CachingLoader:
+class CachingLoader:
     """Keeps the last loaded value per node instance, keyed by the files' signatures and the settings."""
 
     def _cached(self, key: tuple, load: Callable[[], T]) -> T:
@@ -95,7 +95,7 @@ class _CachingLoader:
         return value
 
 
-class VideoBoothModelLoader(_CachingLoader):
+class VideoBoothModelLoader(CachingLoader):
     DESCRIPTION = ("Loads the VideoBooth 3D UNet (watermark_remove_module.pt or its safetensors conversion) and the "
                    "image-feature mapper (mapper.pt or its conversion) from the models/videobooth folder. The kind "
                    "of each file is checked from its keys.")
@@ -108,11 +108,11 @@ class VideoBoothModelLoader(_CachingLoader):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "unet_name": _file_input(bridge.VIDEOBOOTH_FOLDER, "videobooth_unet", "The VideoBooth 3D UNet."),
-            "mapper_name": _file_input(bridge.VIDEOBOOTH_FOLDER, "videobooth_mapper",
+            "unet_name": file_input(bridge.VIDEOBOOTH_FOLDER, "videobooth_unet", "The VideoBooth 3D UNet."),
+            "mapper_name": file_input(bridge.VIDEOBOOTH_FOLDER, "videobooth_mapper",
                                        "The VideoBooth image-feature mapper (it also holds the UNet's attention "
                                        "projections, so it is needed even for text-only videos)."),
-            "precision": (PRECISIONS, {"default": "auto", "tooltip": _precision_tooltip(
+            "precision": (PRECISIONS, {"default": "auto", "tooltip": precision_tooltip(
                 "fp16 (or bf16) on a GPU that supports it, fp32 on the CPU")}),
             "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TOOLTIP}),
         }}
@@ -132,14 +132,14 @@ class VideoBoothModelLoader(_CachingLoader):
         load_device, offload_device = bridge.devices_for("unet", device)
         dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
         # the mapper's projections are attached to the UNet, which checks that the two belong together
-        unet, mapper = _load_checked(("videobooth_unet", "videobooth_mapper"), folder,
+        unet, mapper = load_checked(("videobooth_unet", "videobooth_mapper"), folder,
                                      lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
         logger.info("VideoBooth: loaded %s and %s (%s, compute on %s)", unet_name, mapper_name, dtype, load_device)
         managed = bridge.ManagedModel({"unet": unet, "mapper": mapper}, load_device, offload_device)
         return VideoBoothModel(managed, dtype, unet_path, mapper_path)
 
 
-class VideoBoothVAELoader(_CachingLoader):
+class VideoBoothVAELoader(CachingLoader):
     DESCRIPTION = ("Loads the Stable Diffusion 1.x VAE VideoBooth uses (sd-vae-ft-ema) from the models/vae folder, "
                    "with the pack's own loader (also for small or converted VAEs ComfyUI's Load VAE rejects).")
     CATEGORY = "VideoBooth/loaders"
@@ -151,7 +151,7 @@ class VideoBoothVAELoader(_CachingLoader):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "vae_name": _file_input("vae", "vae", "The SD 1.x VAE (single LDM-format or diffusers-format file)."),
+            "vae_name": file_input("vae", "vae", "The SD 1.x VAE (single LDM-format or diffusers-format file)."),
             "precision": (PRECISIONS, {"default": "auto", "tooltip": _SMALL_MODEL_PRECISION}),
             "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TOOLTIP}),
         }}
@@ -170,7 +170,7 @@ class VideoBoothVAELoader(_CachingLoader):
         path = bridge.model_path("vae", vae_name)
         load_device, offload_device = bridge.devices_for("vae", device)
         dtype = bridge.auto_dtype("vae", load_device) if precision == "auto" else parse_dtype(precision)
-        vae = _load_checked("vae", "vae", lambda: load_vae(path, dtype=dtype, device=offload_device))
+        vae = load_checked("vae", "vae", lambda: load_vae(path, dtype=dtype, device=offload_device))
         levels = len(vae.config.block_out_channels)
         if vae.config.latent_channels != 4 or levels != 4:
             raise CheckpointError(
@@ -226,7 +226,7 @@ def _choose_tokenizer(choice: str, text_encoder_path: Path) -> Path:
     )
 
 
-class VideoBoothCLIPLoader(_CachingLoader):
+class VideoBoothCLIPLoader(CachingLoader):
     DESCRIPTION = ("Loads the CLIP ViT-L/14 text encoder (e.g. clip_l.safetensors from models/text_encoders) and its "
                    "tokenizer, for VideoBooth's token-replacement text encoding.")
     CATEGORY = "VideoBooth/loaders"
@@ -241,7 +241,7 @@ class VideoBoothCLIPLoader(_CachingLoader):
         if bridge.comfy_sd1_tokenizer_dir() is not None:
             tokenizers.append(COMFY_TOKENIZER)
         return {"required": {
-            "clip_name": _file_input("text_encoders", "clip_text", "The CLIP ViT-L/14 text encoder."),
+            "clip_name": file_input("text_encoders", "clip_text", "The CLIP ViT-L/14 text encoder."),
             "tokenizer": (tokenizers, {"default": AUTO_TOKENIZER, "tooltip": (
                 "The CLIP tokenizer folder (vocab.json + merges.txt). auto: a tokenizer folder beside the text "
                 "encoder or in the text_encoders folders, else ComfyUI's bundled SD 1.x tokenizer.")}),
@@ -265,7 +265,7 @@ class VideoBoothCLIPLoader(_CachingLoader):
         tokenizer_path = _choose_tokenizer(tokenizer, path)
         load_device, offload_device = bridge.devices_for("text", device)
         dtype = bridge.auto_dtype("text", load_device) if precision == "auto" else parse_dtype(precision)
-        text_encoder = _load_checked("clip_text", "text_encoders",
+        text_encoder = load_checked("clip_text", "text_encoders",
                                      lambda: load_clip_text_encoder(path, dtype=dtype, device=offload_device))
         loaded_tokenizer = load_clip_tokenizer(tokenizer_path)
         if len(loaded_tokenizer) > text_encoder.config.vocab_size:
@@ -277,7 +277,7 @@ class VideoBoothCLIPLoader(_CachingLoader):
         return VideoBoothCLIP(managed, loaded_tokenizer, path, tokenizer_path)
 
 
-class VideoBoothCLIPVisionLoader(_CachingLoader):
+class VideoBoothCLIPVisionLoader(CachingLoader):
     DESCRIPTION = ("Loads the CLIP ViT-L/14 vision encoder (e.g. from models/clip_vision) that feeds VideoBooth's "
                    "image-feature mapper (ViT-H/bigG towers do not fit the mapper).")
     CATEGORY = "VideoBooth/loaders"
@@ -289,7 +289,7 @@ class VideoBoothCLIPVisionLoader(_CachingLoader):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "clip_name": _file_input("clip_vision", "clip_vision", "The CLIP ViT-L/14 vision encoder."),
+            "clip_name": file_input("clip_vision", "clip_vision", "The CLIP ViT-L/14 vision encoder."),
             "precision": (PRECISIONS, {"default": "auto", "tooltip": _SMALL_MODEL_PRECISION}),
             "device": (DEVICES, {"default": "auto", "tooltip": _DEVICE_TOOLTIP}),
         }}
@@ -308,7 +308,7 @@ class VideoBoothCLIPVisionLoader(_CachingLoader):
         path = bridge.model_path("clip_vision", clip_name)
         load_device, offload_device = bridge.devices_for("vision", device)
         dtype = bridge.auto_dtype("vision", load_device) if precision == "auto" else parse_dtype(precision)
-        vision = _load_checked("clip_vision", "clip_vision",
+        vision = load_checked("clip_vision", "clip_vision",
                                lambda: load_clip_vision_encoder(path, dtype=dtype, device=offload_device))
         if vision.config.num_hidden_layers < 16:
             raise CheckpointError(
@@ -334,8 +334,8 @@ class VideoBoothConvertWeights:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         folder = bridge.VIDEOBOOTH_FOLDER
-        unet = _file_input(folder, "videobooth_unet", "The released UNet pickle to convert, or none.", (NO_FILE,))
-        mapper = _file_input(folder, "videobooth_mapper", "The released mapper pickle to convert, or none.", (NO_FILE,))
+        unet = file_input(folder, "videobooth_unet", "The released UNet pickle to convert, or none.", (NO_FILE,))
+        mapper = file_input(folder, "videobooth_mapper", "The released mapper pickle to convert, or none.", (NO_FILE,))
         return {
             "required": {
                 "unet_name": unet,
@@ -374,7 +374,7 @@ class VideoBoothConvertWeights:
 
             kind = "videobooth_unet" if label == "unet" else "videobooth_mapper"
             unet, mapper = (source, None) if label == "unet" else (None, source)
-            written = _load_checked(kind, folder, partial(convert_released_weights, unet, mapper, source.parent,
+            written = load_checked(kind, folder, partial(convert_released_weights, unet, mapper, source.parent,
                                                           precision, report))
             for path in written:
                 size = path.stat().st_size

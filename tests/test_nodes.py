@@ -99,6 +99,7 @@ EXPECTED_IDS = {
     "VideoBoothApplySDCheckpoint", "VideoBoothLoRA",
     "VideoBoothSubjects", "VideoBoothDrift",
     "VideoBoothContextOptions", "VideoBoothStartFrames",
+    "VideoBoothNativeLoader", "VideoBoothNativeConditioning", "VideoBoothNativeContextWindows",
 }
 
 

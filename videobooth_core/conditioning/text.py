@@ -189,6 +189,24 @@ def splice_subject_embeddings(
     return out
 
 
+def spliced_positions(input_ids: torch.Tensor, placeholder_ids: tuple[int, ...], vectors: int) -> list[int]:
+    """Where each of the 77 positions of the spliced sequence comes from, by :func:`splice_subject_embeddings` itself:
+    ``p >= 0`` the token at position ``p`` of ``input_ids``, ``-(j + 1)`` the mapper's word vector ``j``.
+
+    For hosts that splice by handing their own text encoder a token list with embedding tensors in it (ComfyUI's
+    tokenizer output, as textual inversion does): the list built from these positions encodes to exactly the
+    core's splice, repeated placeholders and truncation included.
+
+    Args:
+        input_ids: (77,) or (1, 77) token ids of the substituted prompt.
+    """
+    ids = input_ids.reshape(1, -1)
+    positions = torch.arange(ids.shape[1], dtype=torch.float64).view(1, -1, 1)
+    markers = -torch.arange(1, vectors + 1, dtype=torch.float64).view(1, vectors, 1)
+    spliced = splice_subject_embeddings(positions, ids, placeholder_ids, markers)
+    return [int(p) for p in spliced.flatten().tolist()]
+
+
 @dataclass
 class TextEncoding:
     """Text states and the intermediates the parity tests check."""

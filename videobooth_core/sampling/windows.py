@@ -19,6 +19,7 @@ windowed denoiser is the inner one, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +139,39 @@ def reuse_noise(noise: torch.Tensor, options: ContextOptions, generator: torch.G
         source = torch.arange(start - span, start - span + stride)[order][:length]
         out[:, :, start:start + length] = out[:, :, source.to(noise.device)]
     return out
+
+
+def fuse_window_predictions(frames: int, options: ContextOptions,
+                             predict: Callable[[list[int]], Sequence[torch.Tensor | None]],
+                             dim: int = 0) -> list[torch.Tensor | None]:
+    """Run ``predict`` on every window of ``frames`` frames (each starting with the global frame 0) and fuse its
+    outputs with :func:`fuse_weights`: a host's view of :class:`WindowedDenoiser` for any frame axis ``dim`` (0 for
+    frames-as-batch latents ``[F, c, h, w]``).
+
+    Args:
+        predict: window's frame indices -> one tensor (or None) per output, frames on ``dim``.
+
+    Returns:
+        per output, the fused tensor with ``frames`` frames on ``dim`` (None where every window gave None).
+    """
+    windows = context_windows(frames, options.window, options.overlap)
+    weights = fuse_weights(windows, frames, options.fuse)
+    fused: list[torch.Tensor | None] = []
+    for window, weight in zip(windows, weights):
+        outputs = predict(window)
+        fused.extend([None] * (len(outputs) - len(fused)))
+        for slot, output in enumerate(outputs):
+            if output is None:
+                continue
+            index = torch.tensor(window, device=output.device)
+            shape = [1] * output.ndim
+            shape[dim] = len(window)
+            if fused[slot] is None:
+                size = list(output.shape)
+                size[dim] = frames
+                fused[slot] = output.new_zeros(size)
+            fused[slot].index_add_(dim, index, output * weight.to(output.device, output.dtype).view(shape))
+    return fused
 
 
 class WindowedDenoiser:

@@ -1,0 +1,191 @@
+"""The frames-as-batch network of the native ComfyUI road (issue 25) equals the core denoiser bit for bit: the
+conditional pass with the exemplar, the unconditional pass without, and the official guidance on host layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videobooth_core.app.tiny import tiny_unet_and_mapper
+from videobooth_core.errors import SamplingError
+from videobooth_core.models.frames_as_batch import (
+    FramesAsBatchUNet,
+    alpha_cumprod_of_sigma,
+    frames_to_video,
+    image_prompt_noise,
+    official_cfg,
+    video_to_frames,
+)
+from videobooth_core.sampling.denoiser import VideoDenoiser, guide
+from videobooth_core.sampling.schedule import base_betas, q_sample
+
+FRAMES, SIZE = 3, 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    unet, mapper = tiny_unet_and_mapper(vision_width=32, text_width=32)
+    unet.attach_projections(mapper.site_projections(), release_own=True)
+    generator = torch.Generator().manual_seed(7)
+    width = unet.config.cross_attention_dim
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    return {"unet": unet, "mapper": mapper, "native": FramesAsBatchUNet(unet), "cond": draw(1, 77, width), "null": draw(1, 77, width),
+            "x_t": draw(2, 4, FRAMES, SIZE, SIZE), "clean": draw(2, 4, 1, SIZE, SIZE),
+            "noise": draw(2, 4, FRAMES, SIZE, SIZE)}
+
+
+def test_layout_round_trip_keeps_every_frame_in_place() -> None:
+    video = torch.arange(2 * 4 * FRAMES * 2 * 2, dtype=torch.float32).reshape(2, 4, FRAMES, 2, 2)
+    frames = video_to_frames(video)
+    assert frames.shape == (2 * FRAMES, 4, 2, 2)
+    assert torch.equal(frames[FRAMES + 1], video[1, :, 1])  # video 1, frame 1
+    assert torch.equal(frames_to_video(frames, FRAMES), video)
+    with pytest.raises(SamplingError, match="not a whole number of 3-frame videos"):
+        frames_to_video(frames[:-1], FRAMES)
+
+
+@pytest.mark.parametrize("timestep", [999, 420, 0])
+def test_conditional_and_unconditional_calls_equal_the_core_denoiser_bit_for_bit(model, timestep: int) -> None:
+    unet = model["unet"]
+    abar = float(torch.from_numpy(base_betas()).neg().add(1).cumprod(0)[timestep])
+    exemplar_t = q_sample(model["clean"].expand(-1, -1, FRAMES, -1, -1), model["noise"], abar)
+    denoiser = VideoDenoiser(unet, model["cond"], model["null"], cfg_scale=4.0, batch_passes=False)
+    with torch.no_grad():
+        guided, eps_cond, eps_uncond = denoiser.predict(model["x_t"], timestep, exemplar_t)
+        native = model["native"]
+        x = video_to_frames(model["x_t"])
+        t = torch.full((x.shape[0],), float(timestep))  # hosts pass float timesteps, one per frame
+        cond = native(x, t, model["cond"].expand(x.shape[0], -1, -1), FRAMES, image_prompt=model["clean"],
+                      image_prompt_noise=model["noise"], image_prompt_alpha_cumprod=abar, null_context=model["null"])
+        uncond = native(x, t, model["null"], FRAMES)  # the negative conditioning carries no image prompt
+    assert torch.equal(frames_to_video(cond, FRAMES), eps_cond)
+    assert torch.equal(frames_to_video(uncond, FRAMES), eps_uncond)
+    assert torch.equal(frames_to_video(official_cfg(cond.float(), uncond.float(), 4.0), FRAMES), guided)
+    assert not torch.equal(cond, uncond)  # the image prompt and the text act
+
+
+def test_official_cfg_guides_channels_0_to_2_and_keeps_channel_3_conditional() -> None:
+    generator = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(2, 2 * FRAMES, 4, SIZE, SIZE, generator=generator)
+    out = official_cfg(cond, uncond, 7.5)
+    torch.testing.assert_close(out[:, :3], uncond[:, :3] + 7.5 * (cond[:, :3] - uncond[:, :3]), rtol=0, atol=0)
+    assert torch.equal(out[:, 3], cond[:, 3])
+    as_video = guide(frames_to_video(cond, FRAMES), frames_to_video(uncond, FRAMES), 7.5)
+    assert torch.equal(frames_to_video(out, FRAMES), as_video)
+    assert torch.equal(official_cfg(cond, uncond, 7.5, "all"), uncond + 7.5 * (cond - uncond))
+
+
+def test_sigma_maps_to_the_schedule_point_of_the_scaled_input() -> None:
+    abar = float(torch.from_numpy(base_betas()).neg().add(1).cumprod(0)[500])
+    sigma = ((1 - abar) / abar) ** 0.5
+    assert alpha_cumprod_of_sigma(sigma) == pytest.approx(abar, rel=1e-12)
+    assert alpha_cumprod_of_sigma(0.0) == 1.0
+    with pytest.raises(SamplingError, match="nan"):
+        alpha_cumprod_of_sigma(float("nan"))
+
+
+def test_frames_of_one_video_must_share_a_timestep(model) -> None:
+    native = model["native"]
+    x = video_to_frames(model["x_t"])
+    t = torch.arange(x.shape[0], dtype=torch.float32)
+    with pytest.raises(SamplingError, match="different timesteps"):
+        native(x, t, model["cond"], FRAMES)
+    with pytest.raises(SamplingError, match="needs its noise"):
+        native(x, torch.tensor(5.0), model["cond"], FRAMES, image_prompt=model["clean"])
+
+
+@pytest.mark.parametrize("prompt", ["a dog running on the beach", "a dog chasing another dog",
+                                    "dog " + "very " * 70 + "long"], ids=["once", "twice", "truncated"])
+def test_spliced_positions_rebuild_the_core_splice_bit_for_bit(clip_tokenizer_dir, prompt: str) -> None:
+    """What the native CONDITIONING node hands ComfyUI's text encoder (tokens with the word vectors as embedding
+    entries, laid out by spliced_positions) expands to exactly the core's spliced token embeddings."""
+    from videobooth_core.conditioning.text import prepare_subject_prompt, splice_subject_embeddings, spliced_positions
+    from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer(clip_tokenizer_dir)
+    subject = prepare_subject_prompt(tokenizer, prompt, "dog")
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(49408, 6, generator=generator)  # a token-embedding table
+    vectors = torch.randn(1, 5, 6, generator=generator)
+    expected = splice_subject_embeddings(table[subject.input_ids], subject.input_ids, subject.placeholder_ids, vectors)
+    positions = spliced_positions(subject.input_ids, subject.placeholder_ids, 5)
+    rebuilt = torch.stack([table[subject.input_ids[0, p]] if p >= 0 else vectors[0, -p - 1] for p in positions])
+    assert len(positions) == 77 and torch.equal(rebuilt[None], expected)
+    assert sum(p < 0 for p in positions) == 5 * prompt.split().count("dog")  # every occurrence gets all 5
+
+
+def test_weights_are_named_where_they_act(model) -> None:
+    """A host patching by state_dict name (ComfyUI's LoRA loaders: lora_unet_<name with underscores>) reaches the
+    projections the model attends with: the mapper's, under the UNet's own attn1/attn2 to_k/to_v names."""
+    native, mapper = model["native"], model["mapper"]
+    names = native.state_dict().keys()
+    site = native.video_unet.attention_sites[0]
+    block, projections = site.transformer_blocks[0], mapper.site_projections()[site.site]
+    prefix = f"{site.site}.transformer_blocks.0."
+    assert not any(name.startswith("unet.") or name.startswith("mapping") for name in names)
+    for name, module in [("attn1.to_k", projections.attn1_key), ("attn1.to_v", projections.attn1_value),
+                         ("attn1.to_k_image_prompt", projections.image_prompt_key),
+                         ("attn2.to_k", projections.text_key), ("attn2.to_v", projections.text_value)]:
+        assert prefix + name + ".weight" in names
+        assert native.get_submodule(prefix + name) is module  # the module in use, not a copy
+    assert block.attn1.key_value.key is native.get_submodule(prefix + "attn1.to_k")
+    x, t = video_to_frames(model["x_t"]), torch.tensor(300.0)
+    with torch.no_grad():
+        before = native(x, t, model["cond"], FRAMES)
+        weight = native.get_submodule(prefix + "attn2.to_k").weight
+        original = weight.clone()
+        weight.add_(0.5)
+        after = native(x, t, model["cond"], FRAMES)
+        weight.copy_(original)
+        again = native(x, t, model["cond"], FRAMES)
+    assert not torch.equal(before, after) and torch.equal(before, again)
+
+
+def test_image_prompt_noise_depends_on_seed_and_timestep_only() -> None:
+    shape = (1, 4, FRAMES, SIZE, SIZE)
+    first = image_prompt_noise(7, 499.0, shape)
+    assert torch.equal(first, image_prompt_noise(7, 499.0, shape))
+    assert not torch.equal(first, image_prompt_noise(8, 499.0, shape))
+    assert not torch.equal(first, image_prompt_noise(7, 498.0, shape))
+    assert abs(float(first.mean())) < 0.2 and abs(float(first.std()) - 1) < 0.2
+
+
+def test_a_patch_on_the_video_tokens_key_value_also_reaches_the_image_prompts() -> None:
+    from videobooth_core.models.frames_as_batch import image_prompt_twin
+
+    stem = "diffusion_model.up_blocks.3.attentions.1.transformer_blocks.0."
+    assert image_prompt_twin(stem + "attn1.to_k.weight") == stem + "attn1.to_k_image_prompt.weight"
+    assert image_prompt_twin(stem + "attn1.to_v.weight") == stem + "attn1.to_v_image_prompt.weight"
+    for other in ("attn2.to_k.weight", "attn1.to_q.weight", "attn1.to_k.bias", "attn1.to_out.0.weight"):
+        assert image_prompt_twin(stem + other) is None
+
+
+def test_every_twin_names_a_weight_of_the_wrapped_model(model) -> None:
+    from videobooth_core.models.frames_as_batch import image_prompt_twin
+
+    names = set(model["native"].state_dict())
+    twins = [image_prompt_twin(name) for name in names if image_prompt_twin(name)]
+    assert len(twins) == 2 * len(model["native"].video_unet.attention_sites) and set(twins) <= names
+
+
+def test_host_windows_anchor_every_window_on_frame_0_and_fuse_to_one() -> None:
+    from videobooth_core.sampling.windows import ContextOptions, context_windows, fuse_window_predictions
+
+    frames, options = 20, ContextOptions(window=8, overlap=2)
+    seen = []
+
+    def predict(window: list[int]) -> list[torch.Tensor]:
+        seen.append(window)
+        index = torch.tensor(window, dtype=torch.float32)
+        # output 0: each frame's own index (fused to itself where weights sum to 1); output 1: which window ran
+        return [index.view(-1, 1, 1, 1).expand(-1, 4, 2, 2), torch.full((len(window), 4, 2, 2), float(len(seen)))]
+
+    own, which = fuse_window_predictions(frames, options, predict, dim=0)
+    assert seen == context_windows(frames, 8, 2) and all(window[0] == 0 for window in seen)
+    torch.testing.assert_close(own[:, 0, 0, 0], torch.arange(frames, dtype=torch.float32), rtol=0, atol=1e-5)
+    assert float(which[0, 0, 0, 0]) == 1.0  # frame 0 comes from the first window alone
+    assert own.shape == (frames, 4, 2, 2)
