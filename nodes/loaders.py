@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,16 +128,36 @@ class VideoBoothModelLoader(CachingLoader):
         return (self._cached(key, lambda: self._load(unet_name, mapper_name, precision, device)),)
 
     def _load(self, unet_name: str, mapper_name: str, precision: str, device: str) -> VideoBoothModel:
-        folder = bridge.VIDEOBOOTH_FOLDER
-        unet_path, mapper_path = bridge.model_path(folder, unet_name), bridge.model_path(folder, mapper_name)
-        load_device, offload_device = bridge.devices_for("unet", device)
-        dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
-        # the mapper's projections are attached to the UNet, which checks that the two belong together
-        unet, mapper = load_checked(("videobooth_unet", "videobooth_mapper"), folder,
-                                     lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
-        logger.info("VideoBooth: loaded %s and %s (%s, compute on %s)", unet_name, mapper_name, dtype, load_device)
-        managed = bridge.ManagedModel({"unet": unet, "mapper": mapper}, load_device, offload_device)
-        return VideoBoothModel(managed, dtype, unet_path, mapper_path)
+        pair = load_model_pair(unet_name, mapper_name, precision, device)
+        managed = bridge.ManagedModel({"unet": pair.unet, "mapper": pair.mapper}, pair.load_device, pair.offload_device)
+        return VideoBoothModel(managed, pair.dtype, pair.unet_path, pair.mapper_path)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """The joined UNet and mapper of two files in the videobooth folder, with their precision and devices."""
+
+    unet: Any
+    mapper: Any
+    dtype: Any
+    load_device: Any
+    offload_device: Any
+    unet_path: Path
+    mapper_path: Path
+
+
+def load_model_pair(unet_name: str, mapper_name: str, precision: str, device: str) -> ModelPair:
+    """The UNet and mapper files of the model loaders (the pack's and the native one), loaded on the offload device
+    in the chosen precision; a wrong, broken or unsafe file is an error naming the folder and what belongs there."""
+    folder = bridge.VIDEOBOOTH_FOLDER
+    unet_path, mapper_path = bridge.model_path(folder, unet_name), bridge.model_path(folder, mapper_name)
+    load_device, offload_device = bridge.devices_for("unet", device)
+    dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
+    # the mapper's projections are attached to the UNet, which checks that the two belong together
+    unet, mapper = load_checked(("videobooth_unet", "videobooth_mapper"), folder,
+                                lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
+    logger.info("VideoBooth: loaded %s and %s (%s, compute on %s)", unet_name, mapper_name, dtype, load_device)
+    return ModelPair(unet, mapper, dtype, load_device, offload_device, unet_path, mapper_path)
 
 
 class VideoBoothVAELoader(CachingLoader):

@@ -33,7 +33,6 @@ from ..videobooth_core.conditioning.text import (
 )
 from ..videobooth_core.conditioning.vae import vae_encode
 from ..videobooth_core.errors import SamplingError, VideoBoothError, explain
-from ..videobooth_core.loading.checkpoint import parse_dtype
 from ..videobooth_core.models.frames_as_batch import (
     FramesAsBatchUNet,
     alpha_cumprod_of_sigma,
@@ -41,13 +40,12 @@ from ..videobooth_core.models.frames_as_batch import (
     image_prompt_twin,
     official_cfg,
 )
-from ..videobooth_core.pipeline import load_unet_and_mapper
 from ..videobooth_core.sampling.schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS
 from ..videobooth_core.sampling.windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, FUSE_MODES, ContextOptions, \
     fuse_window_predictions
 from . import _bridge as bridge
 from ._types import CLIP_VISION, EXEMPLAR, IMAGE_PROMPT, Exemplar, VideoBoothCLIPVision
-from .loaders import DEVICES, PRECISIONS, CachingLoader, file_input, load_checked, precision_tooltip
+from .loaders import DEVICES, PRECISIONS, CachingLoader, file_input, load_model_pair, precision_tooltip
 
 try:  # inside ComfyUI
     import comfy.conds as comfy_conds
@@ -238,22 +236,12 @@ class VideoBoothNativeLoader(CachingLoader):
 
     def load(self, unet_name: str, mapper_name: str, precision: str, device: str,
              official_guidance: bool = True) -> tuple[Any]:
-        folder = bridge.VIDEOBOOTH_FOLDER
-        key = (bridge.file_signature(folder, unet_name, mapper_name), precision, device)
-        unet, mapper, dtype, load_device, offload_device = self._cached(
-            key, lambda: self._load(unet_name, mapper_name, precision, device))
-        # a fresh patcher per run: its options (the guidance hook) are this node's, its weights are shared
-        return (build_native_model(unet, mapper, dtype, load_device, offload_device, official_guidance),)
-
-    def _load(self, unet_name: str, mapper_name: str, precision: str, device: str) -> tuple:
         _require_comfy("VideoBooth Native Loader")
-        folder = bridge.VIDEOBOOTH_FOLDER
-        unet_path, mapper_path = bridge.model_path(folder, unet_name), bridge.model_path(folder, mapper_name)
-        load_device, offload_device = bridge.devices_for("unet", device)
-        dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
-        unet, mapper = load_checked(("videobooth_unet", "videobooth_mapper"), folder,
-                                     lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
-        return unet, mapper, dtype, load_device, offload_device
+        key = (bridge.file_signature(bridge.VIDEOBOOTH_FOLDER, unet_name, mapper_name), precision, device)
+        pair = self._cached(key, lambda: load_model_pair(unet_name, mapper_name, precision, device))
+        # a fresh patcher per run: its options (the guidance hook) are this node's, its weights are shared
+        return (build_native_model(pair.unet, pair.mapper, pair.dtype, pair.load_device, pair.offload_device,
+                                   official_guidance),)
 
 
 def _mapper_of(model: Any) -> torch.nn.Module:

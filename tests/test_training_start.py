@@ -14,25 +14,7 @@ from safetensors.torch import load_file, save_file
 from videobooth_core.errors import CheckpointError
 from videobooth_core.training.config import TrainConfig, TrainingError
 
-SMALL = {"size": 64, "frames": 2, "batch_size": 2, "progress": False, "tensorboard": False, "log_every": 1,
-         "memory_check": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    from videobooth_core.dataset.synthetic import make_synthetic
-
-    out = tmp_path_factory.mktemp("start_data") / "synth"
-    make_synthetic(out, videos=2, seed=0)
-    return out
+from training_helpers import SMALL, one_thread, synth  # noqa: F401  (module fixtures)
 
 
 @pytest.fixture(scope="module")
