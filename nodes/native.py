@@ -124,13 +124,13 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
 if comfy_model_base is not None:
     class VideoBoothNativeConfig(comfy_supported_models_base.BASE):
         """The model config: no UNet is built by ComfyUI (the pack loads its own), SD 1.x latents, VideoBooth's
-        schedule. ``memory_usage_factor`` counts the exemplar's second UNet pass of the conditional call."""
+        schedule."""
 
         unet_config = {"disable_unet_model_creation": True}
         unet_extra_config = {}
         latent_format = comfy_latent_formats.SD15
         sampling_settings = SAMPLING_SETTINGS
-        memory_usage_factor = 2.0
+        memory_usage_factor = 2.0  # unused: memory_required measures the calls themselves
         supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
 
     class VideoBoothNativeModel(comfy_model_base.BaseModel):
@@ -142,6 +142,15 @@ if comfy_model_base is not None:
             super().__init__(model_config, model_type=comfy_model_base.ModelType.EPS, device=device)
             self.diffusion_model = ComfyVideoBoothUNet(unet)
             self.__dict__["videobooth_mapper"] = mapper
+
+        def memory_required(self, input_shape: Any, cond_shapes: dict | None = None, **_: Any) -> float:
+            """Bytes one call on ``input_shape`` ([frames, 4, h, w]) needs beyond the weights, measured on the
+            model's storage-free twin with the exemplar pass counted (cached per shape)."""
+            shape = tuple(int(d) for d in input_shape)
+            cache = self.__dict__.setdefault("videobooth_memory", {})
+            if shape not in cache:
+                cache[shape] = self.diffusion_model.call_activation_bytes(shape[0], shape[2], shape[3])
+            return cache[shape]
 
         def extra_conds(self, **kwargs: Any) -> dict:
             out = super().extra_conds(**kwargs)

@@ -189,3 +189,12 @@ def test_host_windows_anchor_every_window_on_frame_0_and_fuse_to_one() -> None:
     torch.testing.assert_close(own[:, 0, 0, 0], torch.arange(frames, dtype=torch.float32), rtol=0, atol=1e-5)
     assert float(which[0, 0, 0, 0]) == 1.0  # frame 0 comes from the first window alone
     assert own.shape == (frames, 4, 2, 2)
+
+
+def test_a_calls_memory_counts_the_exemplar_pass_and_grows_with_the_frames(model) -> None:
+    native = model["native"]
+    plain = native.call_activation_bytes(4, SIZE, SIZE, image_prompt=False)
+    with_prompt = native.call_activation_bytes(4, SIZE, SIZE)
+    assert with_prompt > plain > 0
+    assert native.call_activation_bytes(8, SIZE, SIZE) > with_prompt
+    assert all(p.device.type == "cpu" for p in native.parameters())  # measured on a twin, the model untouched

@@ -175,6 +175,23 @@ class FramesAsBatchUNet(nn.Module):
                         watermark_branch=watermark_branch)
         return video_to_frames(eps)
 
+    def call_activation_bytes(self, batch: int, height: int, width: int, image_prompt: bool = True) -> int:
+        """Peak activation bytes of one call on ``batch`` frames of ``height`` x ``width`` latents, measured on a
+        storage-free twin (what a host's memory planning needs): with ``image_prompt`` the conditional call, whose
+        exemplar pass runs the UNet a second time, the worst case of a step's calls."""
+        from ..sampling.memory import meta_twin, peak_activation_bytes
+
+        twin = FramesAsBatchUNet(meta_twin(self.video_unet))
+        meta, dtype = torch.device("meta"), self.dtype
+        x = torch.empty((batch, 4, height, width), device=meta, dtype=dtype)
+        context = torch.empty((1, 77, self.video_unet.config.cross_attention_dim), device=meta, dtype=dtype)
+        extra = {}
+        if image_prompt:
+            extra = {"image_prompt": torch.empty((1, 4, 1, height, width), device=meta),
+                     "image_prompt_noise": torch.empty((1, 4, batch, height, width), device=meta),
+                     "image_prompt_alpha_cumprod": 0.5, "null_context": context}
+        return peak_activation_bytes(lambda: twin(x, torch.tensor(500.0, device=meta), context, batch, **extra))
+
     @staticmethod
     def _per_video(timesteps: torch.Tensor | float, batch: int, frames: int, device: torch.device) -> torch.Tensor:
         """(b,) timesteps from a scalar or one per frame (which must agree within each video)."""
