@@ -4,8 +4,9 @@ ModelSamplingDiscrete, context windows and ComfyUI's memory management take it l
 * **VideoBooth Native Loader** builds a ``comfy.model_base.BaseModel`` around the pack's own UNet
   (:class:`~..videobooth_core.models.frames_as_batch.FramesAsBatchUNet`: frames as batch, ``[F, 4, h, w]``, as
   AnimateDiff), with VideoBooth's schedule (linear betas 1e-4 → 0.02, ComfyUI's ``sqrt_linear``) and the SD 1.x latent
-  format, in ComfyUI's ``ModelPatcher`` (not ``CoreModelPatcher``, see :func:`build_native_model`). The official guidance (channels 0-2
-  guided, channel 3 the conditional prediction) is ComfyUI's ``sampler_cfg_function`` hook, on by default.
+  format, in ComfyUI's ``ModelPatcher`` (not ``CoreModelPatcher``, see :func:`build_native_model`). The official
+  guidance (channels 0-2 guided, channel 3 the conditional prediction) is ComfyUI's ``sampler_cfg_function`` hook, on
+  by default.
 * **VideoBooth Native Conditioning** is the coarse path on ComfyUI's own ``CLIP``: the mapper's 5 word vectors go
   into the token list in place of the subject word's tokens (embedding entries, as textual inversion), laid out by
   the core's own splice; and the fine path's exemplar latent travels in the positive conditioning

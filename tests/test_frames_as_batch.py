@@ -33,7 +33,8 @@ def model():
     def draw(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator)
 
-    return {"unet": unet, "mapper": mapper, "native": FramesAsBatchUNet(unet), "cond": draw(1, 77, width), "null": draw(1, 77, width),
+    return {"unet": unet, "mapper": mapper, "native": FramesAsBatchUNet(unet),
+            "cond": draw(1, 77, width), "null": draw(1, 77, width),
             "x_t": draw(2, 4, FRAMES, SIZE, SIZE), "clean": draw(2, 4, 1, SIZE, SIZE),
             "noise": draw(2, 4, FRAMES, SIZE, SIZE)}
 

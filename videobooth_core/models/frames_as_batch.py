@@ -54,7 +54,8 @@ def alpha_cumprod_of_sigma(sigma: float) -> float:
     return 1.0 / (1.0 + float(sigma) ** 2)
 
 
-def official_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rule: GuidanceRule = "official") -> torch.Tensor:
+def official_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                 rule: GuidanceRule = "official") -> torch.Tensor:
     """Classifier-free guidance on host predictions ``[(b f), 4, h, w]`` (noise or ``x - denoised``; the rule is
     linear per channel, so it is the same in either): the core's :func:`guide`, whose channel axis is axis 1 in
     both layouts."""
@@ -171,7 +172,8 @@ class FramesAsBatchUNet(nn.Module):
                                   image_prompt_alpha_cumprod)
             null = null_context.to(device=x.device, dtype=dtype).expand(batch, -1, -1)
             features = self.video_unet.capture_image_prompt_features(exemplar_t.to(dtype), t, null)
-        eps = self.video_unet(video, t, text, image_prompt_features=features, image_prompt_strength=image_prompt_strength,
+        eps = self.video_unet(video, t, text, image_prompt_features=features,
+                              image_prompt_strength=image_prompt_strength,
                         watermark_branch=watermark_branch)
         return video_to_frames(eps)
 
