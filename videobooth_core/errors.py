@@ -88,3 +88,8 @@ class DatasetError(VideoBoothError):
 
 class EvaluationError(VideoBoothError):
     """An evaluation input (videos, the evaluation set, the metric models, a ranking metric) cannot be used."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's or ``kill``'s stop) turned into an interruption, so that a long run ends as it
+    does on Ctrl-C (the trainer writes its checkpoint first); the command line exits with 143 (128 + SIGTERM)."""

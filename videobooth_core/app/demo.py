@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
+from ..files import check_output_folder
+from ..settings import SETTINGS, check_number
 from .common import cache_dir, progress_callback, run_summary
 
 DEMO_PROMPT = "a ball rolling on the grass"
@@ -46,6 +48,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     overwrite = getattr(args, "overwrite", False)
     out = check_output_path(args.out, overwrite=overwrite)  # before any model loads or is written
+    steps_setting = SETTINGS["steps"]
+    check_number("--steps", args.steps, 10, whole=True, minimum=steps_setting.minimum, maximum=steps_setting.maximum)
     models = Path(args.models)
     tiny = False
     try:
@@ -58,6 +62,11 @@ def run_demo(args: argparse.Namespace) -> int:
               f"For real videos put the released weights in {models.resolve()} as the README describes "
               f"(videobooth/, vae/, clip_vision/, text_encoders/).", file=sys.stderr)
         if not (cache / MARKER_FILE).exists():
+            try:
+                check_output_folder(cache, "the tiny models' cache folder")
+            except OutputError as error:
+                raise OutputError(f"{error} (set XDG_CACHE_HOME to a writable folder, or give --models a models "
+                                  "folder)") from None
             make_tiny(cache)
         files = ModelFiles.from_models_dir(cache)
         tiny = True

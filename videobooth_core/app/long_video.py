@@ -4,6 +4,7 @@ the core holds them at every step (:mod:`videobooth_core.sampling.known_frames`)
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from pathlib import Path
 
@@ -47,13 +48,20 @@ def read_last_frames(path: str | Path, count: int) -> torch.Tensor:
     if suffix not in VIDEO_READ_SUFFIXES:
         raise SamplingError(explain("--extend reads .mp4, .gif, .webp, images or a folder of frames; got", path.name,
                                     "convert the video to .mp4 or PNG frames"))
-    if suffix == ".mp4":
-        frames = _read_mp4(path, count)
-    else:
-        from PIL import Image, ImageSequence
+    try:
+        if suffix == ".mp4":
+            frames = _read_mp4(path, count)
+        else:
+            from PIL import Image, ImageSequence
 
-        with Image.open(path) as image:  # only the last frames are kept: a long video never fills memory
-            frames = deque((np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)), maxlen=count)
+            with Image.open(path) as image:  # only the last frames are kept: a long video never fills memory
+                frames = deque((np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)),
+                               maxlen=count)
+    except OSError as error:  # a corrupt file: one line; ffmpeg's banner and report go to the log only
+        logging.getLogger(__name__).info("--extend %s: %s", path, error)
+        raise SamplingError(explain("--extend: cannot read the video (corrupt or not a video)", str(path),
+                                    "give a complete .mp4, .gif or .webp, or a folder of frames (-v logs the "
+                                    "decoder's message)")) from None
     if not frames:
         raise SamplingError(explain("--extend: no frames could be read from", path, "check the file"))
     return torch.from_numpy(np.stack(list(frames))).contiguous()

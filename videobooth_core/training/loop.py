@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import explain
+from ..errors import Terminated, explain
 from ..files import atomic_path, is_temporary
 from ..models.config import MapperConfig
 from ..models.mapper import Mapper
@@ -326,14 +326,29 @@ StepHook = Callable[[int, float], None]
 """Called on every process after each optimizer step with (steps done, loss); raising stops the run."""
 
 
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise :class:`~videobooth_core.errors.Terminated` (a KeyboardInterrupt) in this process, so a
+    scheduler's stop writes a checkpoint as Ctrl-C does; returns the previous handler to restore (None where no
+    handler can be set: outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
 def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None) -> Path:
     """Train one stage; returns OUT/videobooth_mapper.safetensors (the EMA mapper, released key layout).
 
     ``models``: the result of :func:`load_training_models` (default: loaded here); the mapper in it is trained in
     place.
 
-    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C (KeyboardInterrupt,
-    re-raised after the checkpoint is written).
+    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM
+    (KeyboardInterrupt / Terminated, re-raised after the checkpoint is written).
     """
     from accelerate import Accelerator
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -453,6 +468,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
 
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
     started = time.perf_counter()
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
@@ -494,12 +510,15 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step, loss_value)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: writing a checkpoint at step %d (resume with --resume latest)", step)
+    except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (errors.Terminated)
+        signal_name = "SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
+        logger.warning("%s: writing a checkpoint at step %d (resume with --resume latest)", signal_name, step)
         if step > start_step:
             checkpoint(step)
         raise
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if bar is not None:
             bar.close()
     checkpoint(step)
