@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, OutputError, explain
 from ..files import check_output_folder
 from ..settings import SETTINGS, check_number
 from .common import cache_dir, progress_callback, run_summary
@@ -57,16 +57,19 @@ def run_demo(args: argparse.Namespace) -> int:
         tiny = (models / MARKER_FILE).exists()
     except CheckpointError as error:
         cache = cache_dir() / "tiny_models"
+        if not (cache / MARKER_FILE).exists():
+            try:  # before anything is said or written: the tiny set can be written there
+                check_output_folder(cache)
+            except OutputError as refusal:
+                raise OutputError(explain(f"no VideoBooth weights in {models} and the demo's tiny models cannot be "
+                                          f"written to the cache folder ({str(refusal).split(':')[0]})", cache,
+                                          "give --models a models folder, or set XDG_CACHE_HOME to a writable "
+                                          "folder")) from None
         print(f"No VideoBooth weights in {models.resolve()} ({str(error).split(';')[0]}).", file=sys.stderr)
         print(f"Running the whole pipeline on TINY RANDOM weights written to {cache}: the video will be noise.\n"
               f"For real videos put the released weights in {models.resolve()} as the README describes "
               f"(videobooth/, vae/, clip_vision/, text_encoders/).", file=sys.stderr)
         if not (cache / MARKER_FILE).exists():
-            try:
-                check_output_folder(cache, "the tiny models' cache folder")
-            except OutputError as error:
-                raise OutputError(f"{error} (set XDG_CACHE_HOME to a writable folder, or give --models a models "
-                                  "folder)") from None
             make_tiny(cache)
         files = ModelFiles.from_models_dir(cache)
         tiny = True

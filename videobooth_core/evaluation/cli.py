@@ -154,9 +154,11 @@ def check_video(path: Path) -> None:
         from ..dataset.video import read_frames
 
         read_frames(path, [0])  # the header and one frame: the whole video is decoded once, when it is scored
-    except (OSError, VideoBoothError) as error:
-        raise EvaluationError(f"cannot read the video {path} ({' '.join(str(error).split())[:120]}); give a "
-                              "complete .mp4/.gif/.webp or a folder of PNG frames") from None
+    except VideoBoothError as error:  # the decoder's reason, already one line naming the file
+        raise EvaluationError(str(error)) from None
+    except OSError as error:
+        raise EvaluationError(f"cannot read the video {path} ({error}); give a complete .mp4/.gif/.webp or a folder "
+                              "of PNG frames") from None
 
 
 def run_best_of(args: argparse.Namespace, pipe: Any, request: Any, callback: Any = None):

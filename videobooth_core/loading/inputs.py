@@ -67,6 +67,14 @@ def check_weight_input(path: str | os.PathLike, flag: str, role: str) -> Path:
     Raises:
         CheckpointError: one line naming the flag, the file and the fix.
     """
+    try:
+        return _check_weight_input(path, flag, role)
+    except CheckpointError as error:  # the reader's own message, said of the flag that named the file
+        message = str(error)
+        raise CheckpointError(message if message.startswith(flag) else f"{flag}: {message}") from None
+
+
+def _check_weight_input(path: str | os.PathLike, flag: str, role: str) -> Path:
     expected, kinds, fix = ROLES[role]
     p = check_readable(path, flag, fix, folder_ok=role == "base_checkpoint")
     if role == "base_checkpoint":

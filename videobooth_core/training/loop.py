@@ -40,6 +40,8 @@ CHECKPOINT_VERSION = 1
 RESULT_NAME = "videobooth_mapper.safetensors"
 KILL_AFTER_CHECKPOINT_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGKILL_AFTER_CHECKPOINT"
 """Tests only: a step number; right after that step's checkpoint is written the process SIGKILLs itself."""
+SIGTERM_AT_STEP_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGTERM_AT_STEP"
+"""Tests only: a step number; right after that step the process sends itself SIGTERM (as a scheduler would)."""
 
 
 class NumberedSamples(torch.utils.data.Dataset):
@@ -467,6 +469,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         return batch_maker([sample for _, sample in items], [number for number, _ in items])
 
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
+    term_at = int(os.environ.get(SIGTERM_AT_STEP_ENV, "0") or 0)
     started = time.perf_counter()
     previous_sigterm = _sigterm_as_interrupt()
     try:
@@ -510,6 +513,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step, loss_value)
+            if step == term_at:  # tests: a real SIGTERM, through the handler a scheduler's would meet
+                os.kill(os.getpid(), signal.SIGTERM)
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (errors.Terminated)
         signal_name = "SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
         logger.warning("%s: writing a checkpoint at step %d (resume with --resume latest)", signal_name, step)
