@@ -348,8 +348,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from ..files import check_output_folder
     from .tiny import make_tiny
 
+    check_output_folder(args.out)  # the set's files are replaced, nothing else there: a folder it fills
     out = make_tiny(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM model set to {out} (for tests and demos; it generates noise)")
     return 0
