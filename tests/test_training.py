@@ -167,7 +167,7 @@ def test_sigterm_writes_a_checkpoint_as_ctrl_c_does(tiny_models, synth, tmp_path
     from videobooth_core.training.loop import RESULT_NAME, SIGTERM_AT_STEP_ENV, list_checkpoints
 
     out = tmp_path / "stopped"
-    done = subprocess.run(_train_command(tiny_models, synth, out, "--steps", "3", "--batch-size", "1"),
+    done = subprocess.run(_train_command(tiny_models, synth, out, "--steps", "2", "--batch-size", "1"),
                           env={**_subprocess_env(), SIGTERM_AT_STEP_ENV: "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 143, done.stderr[-2000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import OutputError, Terminated, VideoBoothError, out_of_memory
 from ..sampling.memory import ALLOCATORS, apply_allocator, chosen_allocator
-from ..settings import SETTINGS
+from ..settings import MAX_BEST_OF, SETTINGS
 from .common import cache_dir, progress_callback, run_summary
 
 logger = logging.getLogger("videobooth_core")
@@ -253,11 +253,10 @@ def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..pipeline import VideoBoothPipeline
-    from .video_io import check_output_path, write_frames
-
     from ..evaluation.best_of import check_best_of
     from ..files import check_output_folder
+    from ..pipeline import VideoBoothPipeline
+    from .video_io import check_output_path, write_frames
 
     if args.jobs:
         from .jobs import run_jobs
@@ -266,9 +265,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
         check_output_folder(args.out_dir, "--out-dir")
         _sd_model_args(args)
-        check_best_of(args.best_of, args.rank_by, True)
-        if args.best_of > 1:  # the command line's default for every line
-            _check_metric_model(args)
+        if isinstance(args.best_of, int) and 1 < args.best_of <= MAX_BEST_OF:  # every line's default (the jobs
+            _check_metric_model(args)  # module names a bad one with the lines)
         return run_jobs(args)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")

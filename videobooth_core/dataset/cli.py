@@ -80,12 +80,6 @@ def _build(args: argparse.Namespace) -> int:
         check_number(flag, value, default, minimum=0.0, maximum=1.0)
     check_number("--min-frames", args.min_frames, MIN_FRAMES, whole=True, minimum=1)
     check_number("--workers", args.workers, 1, whole=True, minimum=1, maximum=256)
-    for flag, folder in (("--videos", args.videos), ("--masks", args.masks)):
-        if folder is not None and not Path(folder).is_dir():
-            raise DatasetError(f"{flag} {folder!r} is not a folder; give the folder that holds the "
-                               f"{flag[2:]}")
-    if not Path(args.captions).is_file():
-        raise DatasetError(f"--captions {args.captions!r}: no such file; give the CSV or JSONL of captions")
     check_output_folder(args.out)  # writable, not a file: before the segmentation models load
     factory = None
     if not args.masks:

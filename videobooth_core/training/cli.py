@@ -102,7 +102,6 @@ def check_inputs(config: TrainConfig) -> None:
     from ..dataset.layout import list_entries
     from ..files import check_output_folder
     from ..loading.inputs import check_training_checkpoint, check_weight_input
-    from ..loading.models_dir import check_models_dir
 
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError(explain("train needs the training extra; not installed", "accelerate", TRAINING_EXTRA))
@@ -112,7 +111,6 @@ def check_inputs(config: TrainConfig) -> None:
     if not list_entries(config.data):
         raise TrainingError(explain("the dataset has no entries", config.data,
                                     "build it with `dataset build` (or `dataset synthetic`), then check it"))
-    check_models_dir(config.models)
     if config.mapper is not None:
         check_weight_input(config.mapper, "--mapper", "mapper")
     if config.resume is not None and config.resume != "latest":
