@@ -164,7 +164,7 @@ CASES = {
     "preview_out_unwritable": (lambda m, d, w: ["dataset", "preview", str(d), "--out", f"{UNWRITABLE}.png"],
                                ["cannot write --out", UNWRITABLE], None),
     "demo_read_only_home": (lambda m, d, w: ["demo", "--models", str(w / "no_models"), "--out", str(w / "d.gif")],
-                            ["no VideoBooth weights", "cannot be written to the cache folder", "XDG_CACHE_HOME"],
+                            ["no VideoBooth weights", "cannot write the cache folder", "XDG_CACHE_HOME"],
                             lambda mp: mp.setenv("XDG_CACHE_HOME", UNWRITABLE)),
     "train_lr_nan": (lambda m, d, w: _train(m, d, w, "--lr", "nan"), ["lr must be a finite number", "--lr"], None),
     "train_out_is_a_file": (lambda m, d, w: [*_train(m, d, w)[:-4], "--out", str(w / "mine.png"), "--steps", "1"],

@@ -59,12 +59,11 @@ def run_demo(args: argparse.Namespace) -> int:
         cache = cache_dir() / "tiny_models"
         if not (cache / MARKER_FILE).exists():
             try:  # before anything is said or written: the tiny set can be written there
-                check_output_folder(cache)
-            except OutputError as refusal:
-                raise OutputError(explain(f"no VideoBooth weights in {models} and the demo's tiny models cannot be "
-                                          f"written to the cache folder ({str(refusal).split(':')[0]})", cache,
-                                          "give --models a models folder, or set XDG_CACHE_HOME to a writable "
-                                          "folder")) from None
+                check_output_folder(cache, "the cache folder")
+            except OutputError as refusal:  # e.g. a read-only HOME
+                raise OutputError(explain(f"no VideoBooth weights in {str(models)!r} for the demo, and "
+                                          f"{str(refusal).split(': ')[0]}", cache, "give --models a models folder, "
+                                          "or set XDG_CACHE_HOME to a writable folder")) from None
         print(f"No VideoBooth weights in {models.resolve()} ({str(error).split(';')[0]}).", file=sys.stderr)
         print(f"Running the whole pipeline on TINY RANDOM weights written to {cache}: the video will be noise.\n"
               f"For real videos put the released weights in {models.resolve()} as the README describes "
