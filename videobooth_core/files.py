@@ -7,6 +7,11 @@ is renamed into place. An existing target is refused unless the caller passes ``
 then a folder is only replaced when it holds nothing but what this project writes into such a folder
 (``replaceable``), so a user's folder is never deleted by mistake; a file is never replaced by a folder, nor
 a folder by a file.
+
+Every command checks its outputs before any model loads, with the same two functions: :func:`check_target` for a
+file or frame folder it writes whole, :func:`check_output_folder` for a folder it fills and may come back to (a
+training run, a dataset, a batch's ``--out-dir``). Both probe the place with :func:`check_writable`, so a
+read-only folder or ``/proc`` fails in seconds, not after the generation.
 """
 
 from __future__ import annotations
