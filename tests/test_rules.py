@@ -58,8 +58,10 @@ def loaded(monkeypatch, tmp_path) -> list[str]:
 
 
 @pytest.fixture
-def work(tmp_path, tiny_models) -> Path:
+def work(tmp_path, tiny_models, dataset) -> Path:
     """The user's files: some to be protected, some broken inputs."""
+    import shutil
+
     from PIL import Image
 
     root = tmp_path / "work"
@@ -74,6 +76,8 @@ def work(tmp_path, tiny_models) -> Path:
     (root / "jobs.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
     (root / "missing_video.jsonl").write_text(json.dumps({"video": "gone.mp4", "prompt": "a dog"}) + "\n")
     (root / "corrupt_video.jsonl").write_text(json.dumps({"video": "corrupt.mp4", "prompt": "a dog"}) + "\n")
+    shutil.copytree(dataset, root / "broken_data")
+    (root / "broken_data" / "entries" / "synth_0000" / "mask_1.png").unlink()
     nodino = root / "models_without_dino"
     nodino.mkdir()
     for name in ("videobooth", "vae", "clip_vision", "text_encoders"):
@@ -122,6 +126,8 @@ CASES = {
                      ["cannot write", "/proc/out.gif"], None),
     "train_data_not_a_dataset": (lambda m, d, w: _train(m, m, w), ["not a VideoBooth dataset", "dataset synthetic"],
                                  None),
+    "train_dataset_entry_broken": (lambda m, d, w: _train(m, w / "broken_data", w),
+                                   ["dataset entry 'synth_0000'", "unusable", "dataset check"], None),
     "train_resume_missing": (lambda m, d, w: _train(m, d, w, "--resume", str(w / "gone.pt")),
                              ["--resume", "no such file", "gone.pt"], None),
     "train_resume_corrupt": (lambda m, d, w: _train(m, d, w, "--resume", str(w / "corrupt.pt")),

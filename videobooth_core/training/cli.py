@@ -95,13 +95,14 @@ TRAINING_EXTRA = "pip install -r requirements-train.txt (or pip install .[train]
 
 def check_inputs(config: TrainConfig) -> None:
     """Everything a run reads or writes, checked cheaply before any model loads (each failure is one line
-    naming the flag): the training extra, the output and cache folders (writable, not files), the dataset,
-    the --mapper's kind and the --resume file."""
+    naming the flag): the training extra, the output and cache folders (writable, not files), the dataset and
+    its entries' files, the --mapper's kind and the --resume file."""
     import importlib.util
 
     from ..dataset.layout import list_entries
     from ..files import check_output_folder
     from ..loading.inputs import check_training_checkpoint, check_weight_input
+    from .loop import check_dataset_files
 
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError(explain("train needs the training extra; not installed", "accelerate", TRAINING_EXTRA))
@@ -111,6 +112,7 @@ def check_inputs(config: TrainConfig) -> None:
     if not list_entries(config.data):
         raise TrainingError(explain("the dataset has no entries", config.data,
                                     "build it with `dataset build` (or `dataset synthetic`), then check it"))
+    check_dataset_files(config)  # every entry's files (no decoding): a broken entry fails before the models load
     if config.mapper is not None:
         check_weight_input(config.mapper, "--mapper", "mapper")
     if config.resume is not None and config.resume != "latest":

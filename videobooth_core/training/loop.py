@@ -137,9 +137,9 @@ def set_trainable(mapper: Mapper, stage: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchMaker) -> None:
-    """Fail before training: every entry must pass ``dataset check`` (without decoding) and name its subject
-    word in its caption."""
+def check_dataset_files(config: TrainConfig) -> None:
+    """Every entry of the dataset must pass ``dataset check`` without decoding (files present, JSON and masks
+    valid); cheap, so the command line runs it before any model loads."""
     from ..dataset.check import check_dataset
 
     report = check_dataset(config.data, decode=False)
@@ -148,6 +148,12 @@ def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchM
         raise TrainingError(explain(f"dataset entry {ident!r} of {config.data} is unusable", problems[0],
                                     f"fix or remove it ({len(report.problems)} entries have problems: run "
                                     f"`python -m videobooth_core dataset check {config.data}`)"))
+
+
+def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchMaker) -> None:
+    """Fail before training: every entry must pass ``dataset check`` (without decoding) and name its subject
+    word in its caption."""
+    check_dataset_files(config)
     for record in dataset.records:
         word = record.word
         if word:
