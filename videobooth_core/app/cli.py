@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import OutputError, Terminated, VideoBoothError, out_of_memory
 from ..sampling.memory import ALLOCATORS, apply_allocator, chosen_allocator
-from ..settings import MAX_BEST_OF, SETTINGS
+from ..settings import SETTINGS
 from .common import cache_dir, progress_callback, run_summary
 
 logger = logging.getLogger("videobooth_core")
@@ -264,9 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
         check_output_folder(args.out_dir, "--out-dir")
-        _sd_model_args(args)
-        if isinstance(args.best_of, int) and 1 < args.best_of <= MAX_BEST_OF:  # every line's default (the jobs
-            _check_metric_model(args)  # module names a bad one with the lines)
+        _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
         return run_jobs(args)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
@@ -301,16 +299,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _check_metric_model(args: argparse.Namespace) -> None:
     """``--best-of``: the metric model that ranks the candidates is found (or given) before any model loads."""
+    from ..evaluation.cli import find_metric_models
     from ..evaluation.metrics import rank_key
-    from ..evaluation.models import find_clip, find_dino
-    from ..loading.inputs import check_readable
 
-    which, find = ("dino", find_dino) if rank_key(args.rank_by) == "dino" else ("clip", find_clip)
-    given = getattr(args, which, None)
-    if given:
-        check_readable(given, f"--{which}", f"give the {which.upper()} folder or .safetensors", folder_ok=True)
-    else:
-        find(args.models)
+    find_metric_models(args, ("dino",) if rank_key(args.rank_by) == "dino" else ("clip",))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

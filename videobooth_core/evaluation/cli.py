@@ -62,6 +62,22 @@ def add_best_of_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--dino", help="DINO ViT-S/16 for dino (default: found in --models' dino/)")
 
 
+def find_metric_models(args: argparse.Namespace, need: tuple[str, ...]) -> None:
+    """The metric models in ``need`` (``clip``, ``dino``) found, or their given paths present, before any model
+    loads (best of N ranks with them after the generation): CheckpointError naming the one missing."""
+    from ..loading.inputs import check_readable
+    from .models import find_clip, find_dino
+
+    for which, find in (("clip", find_clip), ("dino", find_dino)):
+        if which not in need:
+            continue
+        given = getattr(args, which, None)
+        if given:
+            check_readable(given, f"--{which}", f"give the {which.upper()} folder or .safetensors", folder_ok=True)
+        else:
+            find(args.models)
+
+
 def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino"), device: str = "cpu",
                 strict: bool = False):
     """A Scorer with the requested models: explicit paths win, else found in ``args.models``. For the
