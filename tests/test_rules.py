@@ -76,6 +76,8 @@ def work(tmp_path, tiny_models, dataset) -> Path:
     (root / "jobs.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
     (root / "jobs_best_of.jsonl").write_text(json.dumps({"prompt": "a dog", "word": "dog", "image": "dog.png",
                                                          "best_of": 2, "frames": 2, "width": 64, "height": 64, "steps": 1}) + "\n")
+    (root / "jobs_lora.jsonl").write_text(json.dumps({"prompt": "a cat", "loras": [["corrupt.safetensors", 0.5]]})
+                                          + "\n")
     (root / "missing_video.jsonl").write_text(json.dumps({"video": "gone.mp4", "prompt": "a dog"}) + "\n")
     (root / "corrupt_video.jsonl").write_text(json.dumps({"video": "corrupt.mp4", "prompt": "a dog"}) + "\n")
     shutil.copytree(dataset, root / "broken_data")
@@ -154,6 +156,9 @@ CASES = {
     "jobs_best_of_without_dino": (lambda m, d, w: ["generate", "--models", str(w / "models_without_dino"), "--jobs",
                                                    str(w / "jobs_best_of.jsonl"), "--out-dir", str(w / "batch")],
                                   ["dino", "models_without_dino"], None),
+    "jobs_line_lora_corrupt": (lambda m, d, w: ["generate", "--models", str(m), "--jobs", str(w / "jobs_lora.jsonl"),
+                                                "--out-dir", str(w / "batch")],
+                               ["line 1", "loras", "incomplete or corrupt"], None),
     "evaluate_missing_video": (lambda m, d, w: ["evaluate", "--set", str(w / "missing_video.jsonl"), "--models",
                                                 str(m), "--out", str(w / "eval")], ["video not found", "gone.mp4"],
                                None),

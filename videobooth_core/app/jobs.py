@@ -322,6 +322,7 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
                      where: str) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
     """A line's ``base_checkpoint``, ``loras`` and ``lora_kv`` (else the command line's), the files resolved
     against the jobs file's folder and checked to exist, so a typo fails before any model loads."""
+    from ..loading.inputs import check_weight_input
     from ..loading.lora import parse_lora_argument
     from ..settings import check_lora_strength
 
@@ -357,6 +358,10 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
         if not Path(path).exists():
             raise JobsError(explain(f"{where}: {key!r} names a path that does not exist", path,
                                     "give the file's path (relative paths start at the jobs file's folder)"))
+        try:  # readable and of its kind by its header, as on the command line (once per file)
+            check_weight_input(path, key, "lora" if key == "loras" else key)
+        except VideoBoothError as error:
+            raise JobsError(f"{where}: {error}") from None
     return base_checkpoint, loras, lora_kv
 
 

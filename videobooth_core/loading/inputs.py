@@ -9,6 +9,7 @@ with the flag's name, not after minutes of loading the other models.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,21 @@ def check_weight_input(path: str | os.PathLike, flag: str, role: str) -> Path:
         CheckpointError: one line naming the flag, the file and the fix.
     """
     try:
-        return _check_weight_input(path, flag, role)
+        stat = os.stat(path)
+        signature = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        signature = None  # missing or unreadable: said by the check itself
+    try:
+        return _checked_weight_input(str(path), flag, role, signature)
     except CheckpointError as error:  # the reader's own message, said of the flag that named the file
         message = str(error)
         raise CheckpointError(message if message.startswith(flag) else f"{flag}: {message}") from None
 
 
-def _check_weight_input(path: str | os.PathLike, flag: str, role: str) -> Path:
+@functools.lru_cache(maxsize=256)
+def _checked_weight_input(path: str, flag: str, role: str, signature: tuple[int, int] | None) -> Path:
+    """Once per file version (``signature``: modification time and size): a batch whose thousand lines name one
+    LoRA reads it once."""
     expected, kinds, fix = ROLES[role]
     p = check_readable(path, flag, fix, folder_ok=role == "base_checkpoint")
     if role == "base_checkpoint":
