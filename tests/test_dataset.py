@@ -326,12 +326,16 @@ def test_grounded_sam_builder_end_to_end(grounded_sam, sources, tmp_path, capsys
     sample = OurDataset(out, seed=0)[0]
     assert sample["video"].shape == (3, 16, 256, 256) and sample["image_prompt_clip"].shape == (3, 224, 224)
     capsys.readouterr()
-    # No detection at all: every captioned video is skipped and reported as such.
-    assert build(tmp_path / "none", "1.01") == 0
+    # No detection at all (no score exceeds 1): every captioned video is skipped and reported as such, and a build
+    # that built nothing is a failure (exit 2, one line), not a success
+    assert build(tmp_path / "none", "1") == 2
     skipped = json.loads((tmp_path / "none" / "build_report.json").read_text())["skipped"]
     assert all(skipped[f"{name}.mp4"].startswith("no subject found (no '") for name in GOOD)
-    summary = capsys.readouterr().out
+    captured = capsys.readouterr()
+    summary = captured.out
     assert summary.startswith("0 entries built, 0 already done, 8 skipped") and summary.count("  skipped ") == 8
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no entry was built"), captured.err
 
 
 def test_preview_and_cli_errors(built, sources, tmp_path, capsys):

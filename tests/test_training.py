@@ -145,6 +145,25 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
+def test_sigterm_writes_a_checkpoint_as_ctrl_c_does(tiny_models, synth, tmp_path):
+    """A scheduler's SIGTERM (a real one, sent by the process to itself right after step 1 through a test-only hook)
+    ends the run as Ctrl-C does: a checkpoint of that step, one error line, exit code 143 (128 + SIGTERM)."""
+    import subprocess
+
+    from videobooth_core.training.loop import RESULT_NAME, SIGTERM_AT_STEP_ENV, list_checkpoints
+
+    out = tmp_path / "stopped"
+    done = subprocess.run(_train_command(tiny_models, synth, out, "--steps", "2", "--batch-size", "1"),
+                          env={**_subprocess_env(), SIGTERM_AT_STEP_ENV: "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)", done.stderr[-2000:]
+    checkpoints = list_checkpoints(config(tiny_models, synth, out, 2))
+    assert [p.name for p in checkpoints] == ["step_00000001.pt"]  # --checkpoint-every is 1000: only SIGTERM wrote it
+    assert torch.load(checkpoints[0], weights_only=True)["step"] == 1
+    assert not (out / RESULT_NAME).exists()
+
+
 def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_models, synth, tmp_path):
     import signal
     import subprocess

@@ -96,3 +96,8 @@ class EvaluationError(VideoBoothError):
 
 class TrainingError(VideoBoothError):
     """A bad training setting, dataset entry or checkpoint."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's or ``kill``'s stop) turned into an interruption, so that a long run ends as it
+    does on Ctrl-C (the trainer writes its checkpoint first); the command line exits with 143 (128 + SIGTERM)."""

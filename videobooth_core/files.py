@@ -7,6 +7,11 @@ is renamed into place. An existing target is refused unless the caller passes ``
 then a folder is only replaced when it holds nothing but what this project writes into such a folder
 (``replaceable``), so a user's folder is never deleted by mistake; a file is never replaced by a folder, nor
 a folder by a file.
+
+Every command checks its outputs before any model loads, with the same two functions: :func:`check_target` for a
+file or frame folder it writes whole, :func:`check_output_folder` for a folder it fills and may come back to (a
+training run, a dataset, a batch's ``--out-dir``). Both probe the place with :func:`check_writable`, so a
+read-only folder or ``/proc`` fails in seconds, not after the generation.
 """
 
 from __future__ import annotations
@@ -57,7 +62,43 @@ def check_target(path: str | os.PathLike, overwrite: bool = False,
     if target.parent.exists() and not target.parent.is_dir():
         raise OutputError(explain("cannot write the output: its parent is a file, not a folder", target.parent,
                                   "choose another place"))
+    check_writable(target.parent, path)
     return resolved
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Check, before any heavy work, a folder that a command fills and may come back to (a training run, a
+    dataset, an evaluation, a batch's --out-dir, a cache): an existing folder is fine (it is resumed or added
+    to), a file of that name is refused (never replaced), and the folder must be writable. Returns the absolute
+    path; nothing is created."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise OutputError(explain(f"{flag} names a file, not a folder (never replaced)", path,
+                                  f"give {flag} a new or existing folder"))
+    check_writable(target if target.is_dir() else target.parent, path, flag)
+    return target.resolve()
+
+
+def check_writable(folder: str | os.PathLike, output: str | os.PathLike | None = None, flag: str = "--out") -> None:
+    """Refuse an output that could not be written, before any heavy work: the nearest existing folder at or
+    above ``folder`` must be a folder that accepts a new file. Probed by creating and removing an empty
+    temporary file there (permission bits alone miss read-only file systems, /proc and root's powers), so
+    nothing is left and no missing folder is created. ``output`` is the path named in the message."""
+    shown = folder if output is None else output
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(explain(f"cannot write {flag}: {existing} is a file, not a folder", shown,
+                                  "choose another place"))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe.", suffix=PARTIAL_SUFFIX, dir=existing)
+    except OSError as error:
+        raise OutputError(explain(f"cannot write {flag} ({error.strerror or error}) in {existing}", shown,
+                                  "choose a folder you can write to")) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def _default_mode(folder: bool) -> int:

@@ -261,6 +261,38 @@ def settings_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     return {**request, "options": SamplingOptions(**options)}
 
 
+def check_number(flag: str, value: Any, default: Any, *, whole: bool = False, minimum: float | None = None,
+                 maximum: float | None = None, above: float | None = None) -> Any:
+    """One numeric input of a command that is not a generation setting (``--limit``, ``--lr``, a LoRA's
+    strength, ``--best-of``...) checked as the settings are (:meth:`Setting.check`): a number, finite, in its
+    range; ``None`` (not given) passes. SamplingError naming ``flag``, the value and the fix otherwise."""
+    if value is None:
+        return None
+    spec = Setting("int" if whole else "float", default, "", key=flag, flag=flag, label=flag, minimum=minimum,
+                   maximum=maximum, above=above)
+    return spec.check(value)
+
+
+LORA_STRENGTH_RANGE = (-10.0, 10.0)
+"""A LoRA's strength (the nodes' widget range): past it the merged weights are noise (1e30 gives a black video)."""
+MAX_BEST_OF = 100
+"""``--best-of`` at most: every candidate is a whole generation (and its frames are held until ranked)."""
+
+
+def check_lora_strength(value: Any, what: str = "the LoRA strength") -> float:
+    """A LoRA's strength: a finite number within :data:`LORA_STRENGTH_RANGE` (SamplingError otherwise)."""
+    low, high = LORA_STRENGTH_RANGE
+    return check_number(what, value, 1.0, minimum=low, maximum=high)
+
+
+def check_settings_values(values: Mapping[str, Any]) -> None:
+    """Every given setting (``{jobs key: value}``) checked on its own, before anything is read from disk: a
+    bad number is named as itself (``--extend-frames 0``), not by what it would break later."""
+    for key, value in values.items():
+        if key in SETTINGS and value is not None:
+            SETTINGS[key].check(tuple(value) if SETTINGS[key].kind == "pair" else value)
+
+
 def widget(key: str, **extra: Any) -> dict[str, Any]:
     """ComfyUI widget options (default, min, max, step for multiples) of a numeric setting, plus ``extra``."""
     spec = SETTINGS[key]
@@ -320,9 +352,9 @@ def check_device(device: Any) -> Any:
 def load_prompt_tokenizer(models_dir: str | Path) -> Any:
     """The CLIP tokenizer of a models folder (cheap: two text files), to check prompts before any model loads."""
     from .conditioning.tokenizer import load_clip_tokenizer
-    from .loading.models_dir import find_tokenizer_dir
+    from .loading.models_dir import check_models_dir, find_tokenizer_dir
 
-    return load_clip_tokenizer(find_tokenizer_dir(Path(models_dir)))
+    return load_clip_tokenizer(find_tokenizer_dir(check_models_dir(models_dir)))
 
 
 def check_request(request: Any, tokenizer: Any = None, device: Any = None) -> list[str]:

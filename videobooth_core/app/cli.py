@@ -14,7 +14,7 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import OutputError, VideoBoothError, out_of_memory
+from ..errors import OutputError, Terminated, VideoBoothError, out_of_memory
 from ..allocator import ALLOCATORS, apply_allocator, chosen_allocator
 from ..settings import SETTINGS
 from .common import cache_dir, progress_callback, run_summary
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth); required")
     conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                       help="precision of the written weights (default: fp16)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace videobooth_unet/mapper.safetensors already in --out (default: refuse)")
 
     tiny = sub.add_parser("make-tiny", help="write a complete tiny random model set (for tests and demos)",
                           formatter_class=_Formatter, epilog=TINY_EXAMPLES)
@@ -195,10 +197,12 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
     from ..conditioning.image_prompt import load_mask, load_subject
     from ..errors import PromptError
     from ..pipeline import GenerationRequest
-    from ..settings import load_prompt_tokenizer, settings_kwargs
+    from ..settings import check_settings_values, load_prompt_tokenizer, settings_kwargs
 
     if not args.prompt:
         raise PromptError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
+    values = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    check_settings_values(values)  # each number named as itself, before any file is read
 
     def resolve(path: str) -> str | Path:
         return path if base_dir is None or Path(path).is_absolute() else base_dir / path
@@ -208,7 +212,6 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
         image, mask = load_subject(resolve(args.image), mask_path)
     else:
         image, mask = None, (load_mask(mask_path) if mask_path else None)
-    values = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
     request = GenerationRequest(prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
                                 bbox=tuple(args.bbox) if args.bbox else None, **settings_kwargs(values))
     if getattr(args, "subject", None):  # --subject WORD IMAGE [MASK] [key=value...], repeatable
@@ -226,37 +229,53 @@ def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
 
 
 def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """``--base-checkpoint`` / ``--lora`` checked before any model loads: the files exist (with --jobs they are
-    every line's default, and the jobs module checks them with the lines)."""
+    """``--base-checkpoint`` / ``--lora`` checked before any model loads: each strength a number in its range,
+    each file present, readable and of its kind (read from its header; with --jobs they are every line's
+    default, checked here once)."""
+    from ..loading.inputs import check_weight_input
     from ..loading.lora import parse_lora_argument
+    from ..settings import check_lora_strength
 
-    loras = [parse_lora_argument(value) for value in getattr(args, "lora", None) or []]
+    loras = []
+    for value in getattr(args, "lora", None) or []:
+        path, strength = parse_lora_argument(value)
+        if path == value and ":" in value and not Path(value).exists():  # PATH:STRENGTH with a strength no number
+            name, _, tail = value.rpartition(":")
+            raise VideoBoothError(f"--lora {value!r}: the strength {tail!r} is not a number; give PATH or "
+                                  f"PATH:STRENGTH, e.g. --lora {name}:0.8")
+        loras.append((path, check_lora_strength(strength, f"the strength of --lora {path}")))
     base = getattr(args, "base_checkpoint", None)
-    for flag, path in [("--base-checkpoint", base)] * bool(base) + [("--lora", p) for p, _ in loras]:
-        if not Path(path).exists():
-            raise VideoBoothError(f"{flag} {path!r} does not exist; give the path of the file (or diffusers folder)")
+    if base:
+        check_weight_input(base, "--base-checkpoint", "base_checkpoint")
+    for path, _ in loras:
+        check_weight_input(path, "--lora", "lora")
     return loras
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..evaluation.best_of import check_best_of
+    from ..files import check_output_folder
     from ..pipeline import VideoBoothPipeline
     from ..video_io import check_output_path, write_frames
 
-    loras = _sd_model_args(args)
     if args.jobs:
         from .jobs import run_jobs
 
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
+        check_output_folder(args.out_dir, "--out-dir")
+        _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
         return run_jobs(args)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
     # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours
     out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
+    check_best_of(args.best_of, args.rank_by, True)  # the number first; the image prompt once it is read
+    loras = _sd_model_args(args)
     request = _request_from(args)
-    from ..evaluation.best_of import check_best_of
-
     check_best_of(args.best_of, args.rank_by, request.image is not None)  # before any model loads
+    if args.best_of > 1:
+        _check_metric_model(args)
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
@@ -278,6 +297,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_metric_model(args: argparse.Namespace) -> None:
+    """``--best-of``: the metric model that ranks the candidates is found (or given) before any model loads."""
+    from ..evaluation.cli import find_metric_models
+    from ..evaluation.metrics import rank_key
+
+    find_metric_models(args, ("dino",) if rank_key(args.rank_by) == "dino" else ("clip",))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -287,8 +314,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..files import check_output_folder, check_target
     from ..loading.checkpoint import convert_released_weights
 
+    # before any weight is read: the folder is writable and no file of the user's is replaced without --overwrite
+    out = check_output_folder(args.out)
+    for given, name in ((args.unet, "videobooth_unet.safetensors"), (args.mapper, "videobooth_mapper.safetensors")):
+        if given:
+            check_target(out / name, overwrite=args.overwrite)
     bars: dict[str, tqdm] = {}
 
     def progress(label: str, done: int, total: int) -> None:
@@ -305,8 +338,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from ..files import check_output_folder
     from .tiny import make_tiny
 
+    check_output_folder(args.out)  # the set's files are replaced, nothing else there: a folder it fills
     out = make_tiny(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM model set to {out} (for tests and demos; it generates noise)")
     return 0
@@ -355,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     except VideoBoothError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interruption:  # Ctrl-C: 130; SIGTERM during training (Terminated): 143
+        terminated = isinstance(interruption, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as error:  # no traceback reaches a user: one line, the traceback in a log file
         memory = out_of_memory(error)
         if memory is not None:

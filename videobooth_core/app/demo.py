@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError, explain
+from ..files import check_output_folder
+from ..settings import SETTINGS, check_number
 from .common import cache_dir, progress_callback, run_summary
 
 DEMO_PROMPT = "a ball rolling on the grass"
@@ -46,6 +48,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     overwrite = getattr(args, "overwrite", False)
     out = check_output_path(args.out, overwrite=overwrite)  # before any model loads or is written
+    steps_setting = SETTINGS["steps"]
+    check_number("--steps", args.steps, 10, whole=True, minimum=steps_setting.minimum, maximum=steps_setting.maximum)
     models = Path(args.models)
     tiny = False
     try:
@@ -53,6 +57,13 @@ def run_demo(args: argparse.Namespace) -> int:
         tiny = (models / MARKER_FILE).exists()
     except CheckpointError as error:
         cache = cache_dir() / "tiny_models"
+        if not (cache / MARKER_FILE).exists():
+            try:  # before anything is said or written: the tiny set can be written there
+                check_output_folder(cache, "the cache folder")
+            except OutputError as refusal:  # e.g. a read-only HOME
+                raise OutputError(explain(f"no VideoBooth weights in {str(models)!r} for the demo, and "
+                                          f"{str(refusal).split(': ')[0]}", cache, "give --models a models folder, "
+                                          "or set XDG_CACHE_HOME to a writable folder")) from None
         print(f"No VideoBooth weights in {models.resolve()} ({str(error).split(';')[0]}).", file=sys.stderr)
         print(f"Running the whole pipeline on TINY RANDOM weights written to {cache}: the video will be noise.\n"
               f"For real videos put the released weights in {models.resolve()} as the README describes "

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..files import check_output_folder, check_target
+from ..settings import check_number
 
 
 def add_dataset_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +53,7 @@ def add_dataset_parser(sub: argparse._SubParsersAction) -> None:
     preview.add_argument("dataset", help="dataset folder")
     preview.add_argument("--out", required=True, help="output .png")
     preview.add_argument("--limit", type=int, default=16, help="entries shown (the first ones by id)")
+    preview.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
 
     synth = actions.add_parser("synthetic", help="write a tiny synthetic dataset (moving textured shapes)")
     synth.add_argument("--out", required=True, help="output folder")
@@ -66,11 +69,18 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .build import BuildOptions, build_dataset
+    from .build import MIN_FRAMES, BuildOptions, build_dataset
+    from .segment import BOX_THRESHOLD, TEXT_THRESHOLD
 
     classes = tuple(c.strip().lower() for c in args.classes.split(",") if c.strip())
     if not classes:
         raise DatasetError(f"--classes {args.classes!r} names no class; give comma-separated words, e.g. dog,cat")
+    for flag, value, default in (("--box-threshold", args.box_threshold, BOX_THRESHOLD),
+                                 ("--text-threshold", args.text_threshold, TEXT_THRESHOLD)):
+        check_number(flag, value, default, minimum=0.0, maximum=1.0)
+    check_number("--min-frames", args.min_frames, MIN_FRAMES, whole=True, minimum=1)
+    check_number("--workers", args.workers, 1, whole=True, minimum=1, maximum=256)
+    check_output_folder(args.out)  # writable, not a file: before the segmentation models load
     factory = None
     if not args.masks:
         from .segment import GroundedSam, find_model_folder
@@ -85,6 +95,9 @@ def _build(args: argparse.Namespace) -> int:
                            min_frames=args.min_frames, workers=args.workers, segmenter_factory=factory)
     report = build_dataset(args.videos, args.captions, args.out, options)
     print(report.summary())
+    if not report.built and not report.already_done:  # exit 0 means a dataset that training can use
+        raise DatasetError(f"no entry was built: every video of {args.videos!r} was skipped (reasons above); fix "
+                           "the captions, words, masks or --min-frames and rerun")
     print(f"dataset: {args.out} (check it with `python -m videobooth_core dataset check {args.out}`)")
     return 0
 
@@ -102,6 +115,8 @@ def _preview(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".png":
         raise DatasetError(f"--out {args.out!r} must be a .png file")
+    check_number("--limit", args.limit, 16, whole=True, minimum=1)
+    check_target(args.out, overwrite=args.overwrite)  # the rule of every output: nothing of the user's replaced
     print(f"wrote {preview_sheet(args.dataset, args.out, args.limit)}")
     return 0
 
@@ -109,6 +124,8 @@ def _preview(args: argparse.Namespace) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from .synthetic import make_synthetic, write_sources
 
+    check_number("--videos", args.videos, 8, whole=True, minimum=1, maximum=10_000)
+    check_output_folder(args.out)
     if args.sources:
         out = write_sources(args.out, args.videos, args.seed)
         print(f"wrote {args.videos} synthetic videos, masks and captions.jsonl to {out}")

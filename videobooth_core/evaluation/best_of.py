@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import EvaluationError
-from ..settings import MAX_SEED
+from ..settings import MAX_BEST_OF, MAX_SEED
 from .metrics import RANK_CHOICES, Scorer, rank_key
 
 
@@ -37,8 +37,9 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
 def check_best_of(n: Any, rank_by: Any, has_image: bool) -> tuple[int, str]:
     """``(n, rank_by)`` checked before any model loads: ``n`` a whole number >= 1, ``rank_by`` one of
     :data:`RANK_CHOICES`, and with ``n > 1`` an image prompt for the metrics that compare with it."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise EvaluationError(f"best-of needs a whole number of candidates of at least 1, got {n!r}; e.g. 4")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BEST_OF:
+        raise EvaluationError(f"best-of needs a whole number of candidates, at least 1 and at most {MAX_BEST_OF} "
+                              f"(each is a whole generation), got {n!r}; e.g. 4")
     if not isinstance(rank_by, str) or rank_by not in RANK_CHOICES:
         raise EvaluationError(f"unknown ranking metric {rank_by!r}; choose one of {', '.join(RANK_CHOICES)}")
     if n > 1 and RANK_CHOICES[rank_by] != "clip_t" and not has_image:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import EvaluationError
+from ..errors import EvaluationError, VideoBoothError
+from ..files import check_output_folder
 from .metrics import RANK_CHOICES
 
 EVALUATE_EXAMPLES = """examples:
@@ -61,6 +62,22 @@ def add_best_of_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--dino", help="DINO ViT-S/16 for dino (default: found in --models' dino/)")
 
 
+def find_metric_models(args: argparse.Namespace, need: tuple[str, ...]) -> None:
+    """The metric models in ``need`` (``clip``, ``dino``) found, or their given paths present, before any model
+    loads (best of N ranks with them after the generation): CheckpointError naming the one missing."""
+    from ..loading.inputs import check_readable
+    from .models import find_clip, find_dino
+
+    for which, find in (("clip", find_clip), ("dino", find_dino)):
+        if which not in need:
+            continue
+        given = getattr(args, which, None)
+        if given:
+            check_readable(given, f"--{which}", f"give the {which.upper()} folder or .safetensors", folder_ok=True)
+        else:
+            find(args.models)
+
+
 def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino"), device: str = "cpu",
                 strict: bool = False):
     """A Scorer with the requested models: explicit paths win, else found in ``args.models``. For the
@@ -96,10 +113,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     items = read_manifest(args.manifest) if args.manifest else read_set(args.eval_set)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise EvaluationError(f"--out {out} is a file; give a folder for the scores and the report")
-    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)  # writable and not a file, before any metric model loads
+    for item in items:  # every video present and readable, every score that will stay empty said now
+        check_video(item.video)
+        if item.prompt is None:
+            print(f"warning: {item.id}: no 'prompt', so its clip_t stays empty (give each line a \"prompt\")",
+                  file=sys.stderr)
+        if item.image is None:
+            print(f"warning: {item.id}: no 'image', so its clip_i, dino and drift stay empty (give each line an "
+                  "\"image\")", file=sys.stderr)
     scorer = load_scorer(args)
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
     likeness = drift_metric(scorer)  # the drift curve: DINO when loaded, else CLIP-I
     rows, strips = [], {}
     for item in items:
@@ -124,6 +148,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_html(out, rows, mean, charts + ([drift_chart] if drift_chart else []))
     print("mean: " + json.dumps(mean))
     return 0
+
+
+def check_video(path: Path) -> None:
+    """A video to score checked cheaply before any metric model loads: it exists and its header can be read (a
+    folder: it holds PNG frames). EvaluationError naming the file otherwise."""
+    from .media import PIL_ANIMATIONS
+
+    if path.is_dir():
+        if not any(p.suffix.lower() == ".png" for p in path.iterdir()):
+            raise EvaluationError(f"the folder {path} holds no PNG frames; give a video file or a folder of frames")
+        return
+    if not path.is_file():
+        raise EvaluationError(f"video not found: {path}; check the path (relative paths are relative to the set file)")
+    try:
+        if path.suffix.lower() in PIL_ANIMATIONS:
+            from PIL import Image
+
+            with Image.open(path):
+                return
+        from ..video_io import read_frames
+
+        read_frames(path, [0])  # the header and one frame: the whole video is decoded once, when it is scored
+    except VideoBoothError as error:  # the decoder's reason, already one line naming the file
+        raise EvaluationError(str(error)) from None
+    except OSError as error:
+        raise EvaluationError(f"cannot read the video {path} ({error}); give a complete .mp4/.gif/.webp or a folder "
+                              "of PNG frames") from None
 
 
 def run_best_of(args: argparse.Namespace, pipe: Any, request: Any, callback: Any = None):

@@ -144,6 +144,17 @@ def find_tokenizer_dir(models_dir: Path, text_encoder_path: Path | None = None) 
     )
 
 
+def check_models_dir(models_dir: str | os.PathLike) -> Path:
+    """``models_dir`` as a Path if it is a folder; CheckpointError naming it otherwise (checked first, so that a
+    mistyped --models is named as such, not as the first file missing from it)."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise CheckpointError(explain("models folder not found", models_dir,
+                                      "pass the folder that holds videobooth/, vae/, clip_vision/ and "
+                                      "text_encoders/ (`python -m videobooth_core make-tiny --out DIR` writes one)"))
+    return models_dir
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """Where each model of a VideoBooth set lives."""
@@ -158,11 +169,7 @@ class ModelFiles:
     @classmethod
     def from_models_dir(cls, models_dir: str | os.PathLike, **overrides: str | os.PathLike | None) -> "ModelFiles":
         """Find every file in ``models_dir``; keyword overrides (unet=..., vae=...) take precedence."""
-        models_dir = Path(models_dir)
-        if not models_dir.is_dir():
-            raise CheckpointError(explain("models folder not found", models_dir,
-                                          "pass the folder that holds videobooth/, vae/, clip_vision/ and "
-                                          "text_encoders/ (`python -m videobooth_core make-tiny --out DIR` writes one)"))
+        models_dir = check_models_dir(models_dir)
         found = {}
         for field, kind in (("unet", "videobooth_unet"), ("mapper", "videobooth_mapper"), ("vae", "vae"),
                             ("clip_vision", "clip_vision"), ("clip_text", "clip_text")):

@@ -6,7 +6,9 @@ import argparse
 import os
 from typing import Any
 
-from .config import (DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, make_config,
+from ..errors import explain
+from .config import (DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, TrainingError,
+                     make_config,
                      read_config_file)
 
 TRAIN_EXAMPLES = """examples:
@@ -94,10 +96,40 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return make_config(file_settings, overrides)
 
 
+TRAINING_EXTRA = "pip install -r requirements-train.txt (or pip install .[train])"
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Everything a run reads or writes, checked cheaply before any model loads (each failure is one line
+    naming the flag): the training extra, the output and cache folders (writable, not files), the dataset and
+    its entries' files, the --mapper's kind and the --resume file."""
+    import importlib.util
+
+    from ..dataset.layout import list_entries
+    from ..files import check_output_folder
+    from ..loading.inputs import check_training_checkpoint, check_weight_input
+    from .loop import check_dataset_files
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise TrainingError(explain("train needs the training extra; not installed", "accelerate", TRAINING_EXTRA))
+    check_output_folder(config.out)
+    if config.cache is not None:
+        check_output_folder(config.cache, "--cache")
+    if not list_entries(config.data):
+        raise TrainingError(explain("the dataset has no entries", config.data,
+                                    "build it with `dataset build` (or `dataset synthetic`), then check it"))
+    check_dataset_files(config)  # every entry's files (no decoding): a broken entry fails before the models load
+    if config.mapper is not None:
+        check_weight_input(config.mapper, "--mapper", "mapper")
+    if config.resume is not None and config.resume != "latest":
+        check_training_checkpoint(config.resume)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .loop import train
 
     config = config_from_args(args)
+    check_inputs(config)
     result = train(config)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per data-parallel process
         print(f"wrote {result} (stage {config.stage}, {config.steps} steps; "

@@ -8,6 +8,7 @@ flags override the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,13 @@ class TrainConfig:
         if self.stage not in (1, 2):
             raise TrainingError(explain("the training stage must be 1 (coarse) or 2 (fine)", self.stage,
                                         "pass --stage 1 first, then --stage 2 --mapper OUT1/videobooth_mapper.safetensors"))
+        for name in ("lr", "weight_decay", "max_grad_norm", "reg_weight", "cond_dropout", "ema_decay"):
+            value = getattr(self, name)  # NaN passes every comparison below: named here instead
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise TrainingError(explain(f"{name} must be a finite number", value,
+                                            f"set --{name.replace('_', '-')} to a number (the default is "
+                                            f"{FIELDS[name].default})"))
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "frames": self.frames, "window": self.window, "checkpoint_every": self.checkpoint_every,
                     "log_every": self.log_every, "validation_steps": self.validation_steps}

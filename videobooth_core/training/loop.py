@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import explain
+from ..errors import Terminated, explain
 from ..files import atomic_path, is_temporary
 from ..models.config import MapperConfig
 from ..models.mapper import Mapper
@@ -40,6 +40,8 @@ CHECKPOINT_VERSION = 1
 RESULT_NAME = "videobooth_mapper.safetensors"
 KILL_AFTER_CHECKPOINT_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGKILL_AFTER_CHECKPOINT"
 """Tests only: a step number; right after that step's checkpoint is written the process SIGKILLs itself."""
+SIGTERM_AT_STEP_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGTERM_AT_STEP"
+"""Tests only: a step number; right after that step the process sends itself SIGTERM (as a scheduler would)."""
 
 
 class NumberedSamples(torch.utils.data.Dataset):
@@ -143,9 +145,9 @@ def set_trainable(mapper: Mapper, stage: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchMaker) -> None:
-    """Fail before training: every entry must pass ``dataset check`` (without decoding) and name its subject
-    word in its caption."""
+def check_dataset_files(config: TrainConfig) -> None:
+    """Every entry of the dataset must pass ``dataset check`` without decoding (files present, JSON and masks
+    valid); cheap, so the command line runs it before any model loads."""
     from ..dataset.check import check_dataset
 
     report = check_dataset(config.data, decode=False)
@@ -154,6 +156,12 @@ def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchM
         raise TrainingError(explain(f"dataset entry {ident!r} of {config.data} is unusable", problems[0],
                                     f"fix or remove it ({len(report.problems)} entries have problems: run "
                                     f"`python -m videobooth_core dataset check {config.data}`)"))
+
+
+def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchMaker) -> None:
+    """Fail before training: every entry must pass ``dataset check`` (without decoding) and name its subject
+    word in its caption."""
+    check_dataset_files(config)
     for record in dataset.records:
         word = record.word
         if word:
@@ -334,14 +342,29 @@ StepHook = Callable[[int, float], None]
 """Called on every process after each optimizer step with (steps done, loss); raising stops the run."""
 
 
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise :class:`~videobooth_core.errors.Terminated` (a KeyboardInterrupt) in this process, so a
+    scheduler's stop writes a checkpoint as Ctrl-C does; returns the previous handler to restore (None where no
+    handler can be set: outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
 def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None) -> Path:
     """Train one stage; returns OUT/videobooth_mapper.safetensors (the EMA mapper, released key layout).
 
     ``models``: the result of :func:`load_training_models` (default: loaded here); the mapper in it is trained in
     place.
 
-    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C (KeyboardInterrupt,
-    re-raised after the checkpoint is written).
+    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM
+    (KeyboardInterrupt / Terminated, re-raised after the checkpoint is written).
     """
     from accelerate import Accelerator
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -460,7 +483,9 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         return batch_maker([sample for _, sample in items], [number for number, _ in items], step=step)
 
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
+    term_at = int(os.environ.get(SIGTERM_AT_STEP_ENV, "0") or 0)
     started = time.perf_counter()
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
@@ -507,12 +532,17 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step, loss_value)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: writing a checkpoint at step %d (resume with --resume latest)", step)
+            if step == term_at:  # tests: a real SIGTERM, through the handler a scheduler's would meet
+                os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (errors.Terminated)
+        signal_name = "SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
+        logger.warning("%s: writing a checkpoint at step %d (resume with --resume latest)", signal_name, step)
         if step > start_step:
             checkpoint(step)
         raise
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if bar is not None:
             bar.close()
     checkpoint(step)

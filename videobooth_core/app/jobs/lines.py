@@ -146,7 +146,9 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
                      where: str) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
     """A line's ``base_checkpoint``, ``loras`` and ``lora_kv`` (else the command line's), the files resolved
     against the jobs file's folder and checked to exist, so a typo fails before any model loads."""
+    from ...loading.inputs import check_weight_input
     from ...loading.lora import parse_lora_argument
+    from ...settings import check_lora_strength
 
     base_checkpoint = defaults.get("base_checkpoint")
     if "base_checkpoint" in obj and obj["base_checkpoint"] is not None:
@@ -167,8 +169,10 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
             else:
                 raise JobsError(f"{where}: each of 'loras' must be [path, strength] or \"path:strength\", e.g. "
                                 f"[\"style.safetensors\", 0.8], got {json.dumps(item)}")
-            if not math.isfinite(strength):
-                raise JobsError(f"{where}: the strength of LoRA {path!r} must be a finite number, got {strength}")
+            try:  # finite and in range, as on the command line (1e30 merged is a black video)
+                check_lora_strength(strength, f"the strength of LoRA {path!r}")
+            except VideoBoothError as error:
+                raise JobsError(f"{where}: {error}") from None
             parsed.append((_resolve(path, "loras", base, where), strength))
         loras = tuple(parsed)
     lora_kv = obj.get("lora_kv", defaults.get("lora_kv"))
@@ -178,6 +182,10 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
         if not Path(path).exists():
             raise JobsError(explain(f"{where}: {key!r} names a path that does not exist", path,
                                     "give the file's path (relative paths start at the jobs file's folder)"))
+        try:  # readable and of its kind by its header, as on the command line (once per file)
+            check_weight_input(path, key, "lora" if key == "loras" else key)
+        except VideoBoothError as error:
+            raise JobsError(f"{where}: {error}") from None
     return base_checkpoint, loras, lora_kv
 
 

@@ -87,6 +87,8 @@ def run_jobs(args: argparse.Namespace) -> int:
     some failed (each failure is reported on its own line and retried by the next run)."""
     start = time.perf_counter()
     _check_args(args)
+    from ...evaluation.cli import find_metric_models
+
     rank, world, local_rank = rank_info()
     jobs_file = Path(args.jobs)
     out_dir = Path(args.out_dir)
@@ -111,6 +113,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             todo.append(job)
             if read_done_record(out_dir, job) is not None:
                 print(f"{tag}redoing {job.id}: its line changed or its output is missing", file=sys.stderr)
+        find_metric_models(args, _metric_needs(todo))  # best of N ranks with them: fail before any model loads
         print(f"{tag}{len(jobs)} jobs, {len(mine)} on this rank ({device}): {len(skipped)} already done, "
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
@@ -157,12 +160,17 @@ def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weight
     return pipe
 
 
-def _load_scorer(args: argparse.Namespace, todo: list[Job], device: str, tag: str):
-    """The metric models the best-of jobs of this rank rank by, loaded once (None when no job needs one)."""
+def _metric_needs(todo: list[Job]) -> tuple[str, ...]:
+    """The metric models the best-of jobs of ``todo`` rank by ("clip", "dino")."""
     from ...evaluation.metrics import RANK_CHOICES
 
-    need = tuple(sorted({"clip" if RANK_CHOICES[job.rank_by] != "dino" else "dino" for job in todo
+    return tuple(sorted({"clip" if RANK_CHOICES[job.rank_by] != "dino" else "dino" for job in todo
                          if job.best_of > 1}))
+
+
+def _load_scorer(args: argparse.Namespace, todo: list[Job], device: str, tag: str):
+    """The metric models the best-of jobs of this rank rank by, loaded once (None when no job needs one)."""
+    need = _metric_needs(todo)
     if not need:
         return None
     from ...evaluation.cli import load_scorer
