@@ -153,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def check_video(path: Path) -> None:
     """A video to score checked cheaply before any metric model loads: it exists and its header can be read (a
     folder: it holds PNG frames). EvaluationError naming the file otherwise."""
-    from .media import PIL_ANIMATIONS
+    from ..video_io import read_frames
 
     if path.is_dir():
         if not any(p.suffix.lower() == ".png" for p in path.iterdir()):
@@ -162,13 +162,6 @@ def check_video(path: Path) -> None:
     if not path.is_file():
         raise EvaluationError(f"video not found: {path}; check the path (relative paths are relative to the set file)")
     try:
-        if path.suffix.lower() in PIL_ANIMATIONS:
-            from PIL import Image
-
-            with Image.open(path):
-                return
-        from ..video_io import read_frames
-
         read_frames(path, [0])  # the header and one frame: the whole video is decoded once, when it is scored
     except VideoBoothError as error:  # the decoder's reason, already one line naming the file
         raise EvaluationError(str(error)) from None
