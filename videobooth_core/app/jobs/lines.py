@@ -146,7 +146,6 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
                      where: str) -> tuple[str | None, tuple[tuple[str, float], ...], str | None]:
     """A line's ``base_checkpoint``, ``loras`` and ``lora_kv`` (else the command line's), the files resolved
     against the jobs file's folder and checked to exist, so a typo fails before any model loads."""
-    from ...loading.inputs import check_weight_input
     from ...loading.lora import parse_lora_argument
     from ...settings import check_lora_strength
 
@@ -182,10 +181,6 @@ def _check_sd_models(obj: dict[str, Any], base: Path, defaults: dict[str, Any],
         if not Path(path).exists():
             raise JobsError(explain(f"{where}: {key!r} names a path that does not exist", path,
                                     "give the file's path (relative paths start at the jobs file's folder)"))
-        try:  # readable and of its kind by its header, as on the command line (once per file)
-            check_weight_input(path, key, "lora" if key == "loras" else key)
-        except VideoBoothError as error:
-            raise JobsError(f"{where}: {error}") from None
     return base_checkpoint, loras, lora_kv
 
 
@@ -219,7 +214,10 @@ def build_request(job: Job):
 
 def check_job(job: Job, tokenizer: Any = None) -> None:
     """Everything that can be checked without the models (:meth:`GenerationRequest.validate`): settings,
-    images, masks, boxes, the subject word, and with ``tokenizer`` the prompt's fit in CLIP's 77 tokens."""
+    images, masks, boxes, the subject word, with ``tokenizer`` the prompt's fit in CLIP's 77 tokens, and the
+    line's base checkpoint and LoRAs by their headers."""
+    from ...loading.inputs import check_weight_input
+
     where = f"line {job.line} (job {job.id})"
     try:
         build_request(job).validate(tokenizer)
@@ -227,6 +225,13 @@ def check_job(job: Job, tokenizer: Any = None) -> None:
         raise
     except VideoBoothError as error:
         raise JobsError(f"{where}: {error}") from None
+    styles = [("base_checkpoint", job.base_checkpoint)] * bool(job.base_checkpoint)
+    styles += [("loras", path) for path, _ in job.loras]
+    for key, path in styles:
+        try:  # readable and of its kind by its header, as on the command line (once per file version)
+            check_weight_input(path, key, "lora" if key == "loras" else key)
+        except VideoBoothError as error:
+            raise JobsError(f"{where}: {error}") from None
 
 
 def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
