@@ -363,36 +363,8 @@ def test_no_second_template_folder_shadows_workflows() -> None:
 
 
 # -- API twins --------------------------------------------------------------------------------------------
-TINY_LORA = "videobooth_tiny_style.safetensors"
-"""The LoRA of the lora twin, written into the tiny models' ``loras`` folder (where the node lists them)."""
-
-
-def write_tiny_lora(path: Path) -> None:
-    """A kohya LoRA (rank 2) on two spatial layers of make-tiny's UNet."""
-    from safetensors.torch import save_file
-
-    from videobooth_core.app.tiny import TINY_UNET
-    from videobooth_core.models.unet_3d import UNet3DModel
-
-    with torch.device("meta"):
-        unet = UNet3DModel(TINY_UNET)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-                 "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"):
-        out_features, in_features = unet.get_submodule(name).weight.shape
-        stem = "lora_unet_" + name.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(2, in_features, generator=generator)
-        tensors[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(out_features, 2, generator=generator)
-        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
 @pytest.fixture(scope="module")
 def models_dir(tiny_models):
-    if not (tiny_models / "loras" / TINY_LORA).exists():
-        write_tiny_lora(tiny_models / "loras" / TINY_LORA)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(bridge.MODELS_DIR_ENV, str(tiny_models))
         yield tiny_models
