@@ -153,7 +153,7 @@ def check_vhs_widgets(where, inputs, values: dict) -> None:
 # The shipped workflows by what they show: {role: file name without .json, which is the template browser's title}.
 WORKFLOWS = {
     "basic": "VideoBooth photo to video", "text_to_video": "VideoBooth text to video",
-    "compare": "VideoBooth with and without the photo", "best_of_n": "VideoBooth best of 4 seeds",
+    "compare": "VideoBooth photo vs text only", "best_of_n": "VideoBooth best of 4 seeds",
     "lora": "VideoBooth with an SD 1.5 LoRA", "two_subjects": "VideoBooth two subjects",
     "long_video": "VideoBooth long video (64 frames)", "image_to_video": "VideoBooth start image to video",
     "postprocess": "VideoBooth smoother, larger MP4",
