@@ -30,8 +30,8 @@ bridge = sys.modules[f"{PACK_NAME}.nodes._bridge"]
 MAPPINGS = pack.NODE_CLASS_MAPPINGS
 
 # -- schemas of the nodes from elsewhere: {type: (inputs [(name, type or combo list, options)], outputs)} ---------
-# ComfyUI core, copied from ComfyUI's source (/work/comfyui): nodes.py (LoadImage, SaveImage, PreviewImage,
-# ImageBatch), comfy_extras/nodes_images.py (SaveAnimatedWEBP), comfy_extras/nodes_upscale_model.py
+# ComfyUI core, copied from ComfyUI's source (/work/comfyui): nodes.py (LoadImage, SaveImage, PreviewImage),
+# comfy_extras/nodes_images.py (SaveAnimatedWEBP), comfy_extras/nodes_upscale_model.py
 # (UpscaleModelLoader, ImageUpscaleWithModel), comfy_extras/nodes_preview_any.py (PreviewAny: its input takes any
 # type, IO.ANY = "*"; the frontend's text widget is not serialised). FILES marks a combo of file names (not checked).
 FILES = "FILES"
@@ -40,7 +40,6 @@ CORE_NODES: dict[str, tuple[list, tuple]] = {
     "LoadImage": ([("image", FILES, {})], ("IMAGE", "MASK")),
     "SaveImage": ([("images", "IMAGE", {}), ("filename_prefix", "STRING", {})], ()),
     "PreviewImage": ([("images", "IMAGE", {})], ()),
-    "ImageBatch": ([("image1", "IMAGE", {}), ("image2", "IMAGE", {})], ("IMAGE",)),
     "SaveAnimatedWEBP": ([("images", "IMAGE", {}), ("filename_prefix", "STRING", {}),
                           ("fps", "FLOAT", {"min": 0.01, "max": 1000.0}), ("lossless", "BOOLEAN", {}),
                           ("quality", "INT", {"min": 0, "max": 100}),
@@ -264,20 +263,24 @@ TEXT_DROPPED_BELOW = 8 / 14
 # After a run the Sampler draws its preview strip under its widgets: the node grew 212 px (422 -> 634, 4 frames side
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
-# Other nodes that grow after a run with nothing to push them: PreviewImage shows the prepared image (+56 in 1.58.1).
-RUN_GROWTH = {"PreviewImage": 60}
+# Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
+# PreviewImage 190 -> 246 (both frontends), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its width + 146 in
+# 1.27.10 (340 -> 486, 380 -> 526; 1.58.1 keeps the stored size).
+AFTER_RUN_HEIGHT = {"PreviewImage": lambda width: 250, "PreviewAny": lambda width: 122,
+                    "SaveAnimatedWEBP": lambda width: width + 146}
 # "Nodes 2.0" (Comfy.VueNodes.Enabled, frontend 1.58.1) draws a node as tall as its content needs, title included,
-# whatever the file stores; read off the live page (DOM boxes in canvas units) with the shipped workflows. Nodes not
-# listed are drawn at their stored size.
+# or its stored size and the pack's badge below the widgets (VUE_BADGE) when that is more; read off the live page
+# (DOM boxes in canvas units) with the shipped workflows. Other nodes not listed are drawn at their stored size.
 VUE_HEIGHT = {
     "VideoBoothModelLoader": 201, "VideoBoothVAELoader": 173, "VideoBoothCLIPLoader": 201,
     "VideoBoothCLIPVisionLoader": 173, "VideoBoothLoRA": 220, "VideoBoothImagePrompt": 165,
     "VideoBoothImagePromptEncode": 129, "VideoBoothTextEncode": 301, "VideoBoothLatentInjection": 213,
-    "VideoBoothSampler": 497, "VideoBoothDecode": 137, "VideoBoothMetricModels": 145, "VideoBoothBestOfN": 380,
+    "VideoBoothSampler": 497, "VideoBoothDecode": 137, "VideoBoothMetricModels": 145, "VideoBoothBestOfN": 356,
     "VideoBoothStartFrames": 193, "VideoBoothContextOptions": 200, "VideoBoothSubjects": 277,
-    "LoadImage": 353, "PreviewAny": 180, "ImageBatch": 84, "RIFE VFI": 377, "UpscaleModelLoader": 116,
+    "LoadImage": 353, "PreviewAny": 180, "RIFE VFI": 377, "UpscaleModelLoader": 116,
     "ImageUpscaleWithModel": 85,
 }
+VUE_BADGE = 26  # Best of N stored 300 high is drawn 356 high (300 + title + badge)
 VUE_MIN_WIDTH = {"VideoBoothStartFrames": 394, "VideoBoothMetricModels": 303}
 # Where a saved view (extra.ds) must put the graph so that nothing opens under the frontends' bars, in window pixels
 # (left, top, right, bottom): 1.27.10's canvas starts right of the side bar and below the top bar (64, 78); 1.58.1's
@@ -291,9 +294,12 @@ def node_rects(graph: dict, after_run: bool = True) -> dict[int, tuple[float, fl
     rects = {}
     for n in graph["nodes"]:
         width = max(n["size"][0], VUE_MIN_WIDTH.get(n["type"], 0))
-        height = max(n["size"][1] + TITLE_HEIGHT, VUE_HEIGHT.get(n["type"], 0))
-        if after_run:
-            height += PREVIEW_ROOM if n["type"] == "VideoBoothSampler" else RUN_GROWTH.get(n["type"], 0)
+        badge = VUE_BADGE if n["type"] in MAPPINGS else 0
+        height = max(n["size"][1] + TITLE_HEIGHT + badge, VUE_HEIGHT.get(n["type"], 0))
+        if after_run and n["type"] == "VideoBoothSampler":
+            height += PREVIEW_ROOM
+        elif after_run and n["type"] in AFTER_RUN_HEIGHT:
+            height = max(height, AFTER_RUN_HEIGHT[n["type"]](width) + TITLE_HEIGHT)
         top = n["pos"][1] - TITLE_HEIGHT
         rects[n["id"]] = (n["pos"][0], top, n["pos"][0] + width, top + height)
     return rects
@@ -477,7 +483,7 @@ def rife_stand_in(frames: torch.Tensor, multiplier: int, **_) -> torch.Tensor:
 
 def run_api_graph(graph: dict) -> dict[str, torch.Tensor | str | int]:
     """Execute an API graph with the pack's classes; LoadImage gives a cut-out picture (MASK = 1 where
-    transparent, as ComfyUI's), ImageBatch concatenates, the save/preview nodes record what they get; the
+    transparent, as ComfyUI's), the save/preview nodes record what they get; the
     post-processing nodes are stand-ins with their outputs' layouts (RIFE VFI's frame count, a x2 upscaler)."""
     image, subject = subject_image()
     outputs: dict[str, tuple] = {}
@@ -490,8 +496,6 @@ def run_api_graph(graph: dict) -> dict[str, torch.Tensor | str | int]:
             kind = spec["class_type"]
             if kind == "LoadImage":
                 result = (image, 1.0 - subject)
-            elif kind == "ImageBatch":
-                result = (torch.cat([inputs["image1"], inputs["image2"]]),)
             elif kind in ("SaveAnimatedWEBP", "SaveImage", "PreviewImage", "VHS_VideoCombine"):
                 saved[node_id] = inputs["images"]
                 result = ()
