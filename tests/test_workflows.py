@@ -264,9 +264,9 @@ TEXT_DROPPED_BELOW = 8 / 14
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
-# PreviewImage 190 -> 246 (both frontends), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its width + 146 in
-# 1.27.10 (340 -> 486, 380 -> 526; 1.58.1 keeps the stored size).
-AFTER_RUN_HEIGHT = {"PreviewImage": lambda width: 250, "PreviewAny": lambda width: 122,
+# PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
+# width + 146 in 1.27.10 (340 -> 486, 380 -> 526; 1.58.1's classic renderer keeps the stored size).
+AFTER_RUN_HEIGHT = {"PreviewImage": lambda width: 270, "PreviewAny": lambda width: 122,
                     "SaveAnimatedWEBP": lambda width: width + 146}
 # "Nodes 2.0" (Comfy.VueNodes.Enabled, frontend 1.58.1) draws a node as tall as its content needs, title included,
 # or its stored size and the pack's badge below the widgets (VUE_BADGE) when that is more; read off the live page
@@ -278,7 +278,7 @@ VUE_HEIGHT = {
     "VideoBoothSampler": 497, "VideoBoothDecode": 137, "VideoBoothMetricModels": 145, "VideoBoothBestOfN": 356,
     "VideoBoothStartFrames": 193, "VideoBoothContextOptions": 200, "VideoBoothSubjects": 277,
     "LoadImage": 353, "PreviewAny": 180, "RIFE VFI": 377, "UpscaleModelLoader": 116,
-    "ImageUpscaleWithModel": 85,
+    "ImageUpscaleWithModel": 85, "VHS_VideoCombine": 594,
 }
 VUE_BADGE = 26  # Best of N stored 300 high is drawn 356 high (300 + title + badge)
 VUE_MIN_WIDTH = {"VideoBoothStartFrames": 394, "VideoBoothMetricModels": 303}
