@@ -569,8 +569,9 @@ def test_start_frame_errors_speak_of_widgets_and_pixels(loaded, image_prompted, 
 
 
 def test_context_options_errors_speak_of_widgets() -> None:
-    with pytest.raises(errors.SamplingError, match=r"context_overlap must be at most context_window - 2 = 6 .*: 7; "
-                                                   r"lower context_overlap to 4 or raise context_window to 9") as caught:
+    pattern = r"context_overlap must be at most context_window - 2 = 6 .*: 7; lower context_overlap to 4 or raise " \
+              r"context_window to 9"
+    with pytest.raises(errors.SamplingError, match=pattern) as caught:
         run("VideoBoothContextOptions", context_window=8, context_overlap=7, context_fuse="pyramid", noise_reuse=False)
     assert "--" not in str(caught.value)
     (options,) = run("VideoBoothContextOptions", context_window=8, context_overlap=6, context_fuse="flat",
