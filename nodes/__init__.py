@@ -15,5 +15,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 for _family in (loaders, sd_models, image_prompt, text, injection, sampling, evaluation, subjects, long_video, native):
     NODE_CLASS_MAPPINGS.update(_family.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_family.NODE_DISPLAY_NAME_MAPPINGS)
+# every node's errors reach the frontend as "VideoBooth.<Class>: message" (not the pack's module path)
+for _cls in NODE_CLASS_MAPPINGS.values():
+    setattr(_cls, _cls.FUNCTION, _bridge.reports_errors(getattr(_cls, _cls.FUNCTION)))
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

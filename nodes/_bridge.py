@@ -1,10 +1,10 @@
 """ComfyUI <-> core, in one place: model folders, devices and memory, progress and cancel, data layouts.
 
-This is the only module of the pack that touches ComfyUI (``folder_paths``, ``comfy.*``). Every function
+This is the only module of the pack that touches ComfyUI (``folder_paths``, ``comfy.*``, ``server``). Every function
 also works without ComfyUI (the tests, other hosts): model folders then live under the folder named by
 the ``VIDEOBOOTH_MODELS_DIR`` environment variable (``videobooth/``, ``vae/``, ``clip_vision/``,
 ``text_encoders/``, like ``make-tiny`` writes them), progress and cancel do nothing and everything runs
-on the CPU.
+on the CPU. Errors leave the nodes as ``VideoBooth.<Class>`` (see :func:`reports_errors`).
 
 Layouts translated here:
 
@@ -18,6 +18,7 @@ Layouts translated here:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ import torch
 from einops import rearrange
 
 from ..videobooth_core.conditioning.vae import SD_VAE_SCALING_FACTOR
-from ..videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError
+from ..videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError, VideoBoothError
 
 try:  # inside ComfyUI
     import folder_paths
@@ -39,6 +40,10 @@ try:
     from comfy import model_management, model_patcher
 except ImportError:
     model_management = model_patcher = comfy_utils = None
+try:
+    from server import PromptServer
+except ImportError:
+    PromptServer = None
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +152,6 @@ def comfy_sd1_tokenizer_dir() -> Path | None:
 
 
 # -- devices and memory ---------------------------------------------------------------------------------
-ROLES = ("unet", "vae", "text", "vision")
-
-
 def devices_for(role: str, choice: str) -> tuple[torch.device, torch.device]:
     """(compute device, offload device) for a model of ``role``; ``choice`` is ``auto`` or ``cpu``."""
     cpu = torch.device("cpu")
@@ -227,10 +229,51 @@ def activate(models: Sequence[ManagedModel], memory_required: int = 0) -> None:
             model.holder.to(model.load_device)
 
 
-def free_memory_hint() -> None:
-    """Return cached accelerator memory after a large job."""
-    if model_management is not None:
-        model_management.soft_empty_cache()
+# -- errors and messages shown in the frontend ------------------------------------------------------------
+ERROR_MODULE = "VideoBooth"
+"""The module name errors carry to the frontend: ComfyUI reports an exception's type as ``module.qualname``
+(execution.full_type_name), which for the core's classes would be the pack's folder and the whole module path
+(``ComfyUI-VideoBooth.videobooth_core.errors.SamplingError``) in front of the message."""
+_HOST_ERRORS: dict[type, type] = {}
+
+
+def host_error_class(cls: type[VideoBoothError]) -> type[VideoBoothError]:
+    """A subclass of ``cls`` (so ``except SamplingError`` still catches it) whose type reads
+    ``VideoBooth.SamplingError`` in the frontend's error details."""
+    if cls not in _HOST_ERRORS:
+        _HOST_ERRORS[cls] = type(cls.__name__, (cls,), {"__module__": ERROR_MODULE, "__qualname__": cls.__name__,
+                                                        "__doc__": cls.__doc__})
+    return _HOST_ERRORS[cls]
+
+
+def reports_errors(function: Callable) -> Callable:
+    """Wrap a node's FUNCTION: a VideoBoothError leaves it as the same error (same message, attributes and
+    traceback) of a class the frontend shows as ``VideoBooth.<Class>``; other exceptions pass untouched."""
+    if getattr(function, "_reports_errors", False):
+        return function
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except VideoBoothError as error:
+            if type(error).__module__ == ERROR_MODULE:
+                raise
+            host = BaseException.__new__(host_error_class(type(error)), *error.args)
+            host.__dict__.update(error.__dict__)
+            raise host.with_traceback(error.__traceback__) from None
+
+    run._reports_errors = True
+    return run
+
+
+def show_on_node(node_id: str | None, text: str) -> None:
+    """Show ``text`` on the node in the frontend (ComfyUI's progress text, drawn under the node's widgets) and in
+    the server log; only the log outside ComfyUI."""
+    logger.warning(text)
+    server = getattr(PromptServer, "instance", None) if PromptServer is not None else None
+    if server is not None and node_id is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, node_id)
 
 
 # -- progress, previews, cancel -------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,6 +18,7 @@ from ..videobooth_core.evaluation.metrics import METRICS, RANK_CHOICES, Scorer
 from ..videobooth_core.evaluation.models import load_clip_for_metrics, load_dino_for_metrics
 from ..videobooth_core.settings import widget
 from . import _bridge as bridge
+from .image_prompt import INVERT_MASK_DEFAULT, INVERT_MASK_TOOLTIP
 
 SCORER = "VIDEOBOOTH_SCORER"
 METRIC_FOLDERS = ("clip_eval", "dino")
@@ -67,12 +67,13 @@ class VideoBoothMetricModels:
         return (Scorer(clip, dino),)
 
 
-def _reference(image_prompt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The prepared image prompt (masked, cropped, white-padded square) as (S, S, 3) uint8."""
+def _reference(image_prompt: torch.Tensor, mask: torch.Tensor | None, invert_mask: bool) -> torch.Tensor:
+    """The prepared image prompt (masked, cropped, white-padded square) as (S, S, 3) uint8, the subject read from
+    the mask as VideoBooth Image Prompt reads it."""
     from ..videobooth_core.conditioning.image_prompt import prepare_image_prompt
 
     image = bridge.first_image(image_prompt)
-    subject = None if mask is None else bridge.subject_mask(mask, tuple(image.shape[:2]), invert=True)
+    subject = None if mask is None else bridge.subject_mask(mask, tuple(image.shape[:2]), invert_mask)
     return prepare_image_prompt(image, subject).square.permute(1, 2, 0)
 
 
@@ -86,9 +87,12 @@ _COMMON = {
     "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
         "The prompt with the subject word as written (for CLIP-T); empty leaves CLIP-T out.")}),
 }
+# appended after the older widgets: a workflow saved before invert_mask existed loads it with the default, which is
+# what these nodes always did (inverted)
 _MASK = {"mask": ("MASK", {"tooltip": (
-    "The photo's mask as LoadImage gives it (1 = transparent): the subject is kept, as VideoBooth Image Prompt does. "
-    "Leave unconnected for the whole photo.")})}
+    "The photo's mask, read as VideoBooth Image Prompt reads it (set invert_mask the same way there). Leave "
+    "unconnected for the whole photo.")}),
+    "invert_mask": ("BOOLEAN", {"default": INVERT_MASK_DEFAULT, "tooltip": INVERT_MASK_TOOLTIP})}
 
 
 class VideoBoothScore:
@@ -108,8 +112,8 @@ class VideoBoothScore:
                 "optional": dict(_MASK)}
 
     def score(self, frames: torch.Tensor, metric_models: Scorer, image_prompt: torch.Tensor, prompt: str,
-              mask: torch.Tensor | None = None) -> tuple:
-        scores = metric_models.score(frames, _reference(image_prompt, mask), prompt or None)
+              mask: torch.Tensor | None = None, invert_mask: bool = INVERT_MASK_DEFAULT) -> tuple:
+        scores = metric_models.score(frames, _reference(image_prompt, mask, invert_mask), prompt or None)
         return (*(-1.0 if scores[k] is None else scores[k] for k in METRICS), _text(scores))
 
 
@@ -141,9 +145,10 @@ class VideoBoothBestOfN:
         }, "optional": dict(_MASK)}
 
     def pick(self, frames: torch.Tensor, metric_models: Scorer, image_prompt: torch.Tensor, prompt: str,
-             frames_per_video: int, seed: int, rank_by: str, output: str, mask: torch.Tensor | None = None) -> tuple:
+             frames_per_video: int, seed: int, rank_by: str, output: str, mask: torch.Tensor | None = None,
+             invert_mask: bool = INVERT_MASK_DEFAULT) -> tuple:
         videos = split_videos(frames, frames_per_video)
-        reference = _reference(image_prompt, mask)
+        reference = _reference(image_prompt, mask, invert_mask)
         scores = [metric_models.score(video, reference, prompt or None) for video in videos]
         order = rank(scores, rank_by)
         seeds = [(seed + i) % 2**64 for i in range(len(videos))]
@@ -175,8 +180,8 @@ class VideoBoothDrift:
         }, "optional": dict(_MASK)}
 
     def drift(self, frames: torch.Tensor, metric_models: Scorer, image_prompt: torch.Tensor, metric: str,
-              mask: torch.Tensor | None = None) -> tuple:
-        drift, plot = drift_with_plot(metric_models, frames, _reference(image_prompt, mask), metric)
+              mask: torch.Tensor | None = None, invert_mask: bool = INVERT_MASK_DEFAULT) -> tuple:
+        drift, plot = drift_with_plot(metric_models, frames, _reference(image_prompt, mask, invert_mask), metric)
         values = ", ".join(f"{v:.4f}" for v in drift.per_frame)
         return (bridge.image_to_comfy(plot[None].float() / 255), f"{drift.summary()}\nper frame: {values}")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..videobooth_core.conditioning.embeddings import encode_image_prompt
@@ -12,7 +10,16 @@ from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, MODEL, ImageEmbeds, VideoBoothCLIPVision, VideoBoothModel
 
-logger = logging.getLogger(__name__)
+
+INVERT_MASK_DEFAULT = True
+"""LoadImage's MASK is 1 - alpha: 1 on the transparent background of a cut-out picture (the usual subject photo,
+and the pack's own example), 0 on the subject; inverted it marks the subject. Segmentation nodes' masks already mark
+the subject with 1 and need it off. A saved workflow keeps the value it stored; the evaluation nodes use the same
+default, so one LoadImage mask gives them and the Image Prompt the same subject."""
+INVERT_MASK_TOOLTIP = (
+    "Use 1 - mask as the subject. On (default) for LoadImage's mask of a cut-out picture (PNG with a transparent "
+    "background), which is 1 where the picture is transparent; off for a mask that is already 1 (white) on the "
+    "subject, as segmentation nodes give.")
 
 
 class VideoBoothImagePrompt:
@@ -35,25 +42,24 @@ class VideoBoothImagePrompt:
                 "image": ("IMAGE", {"tooltip": "The photo of the subject (the first image of a batch is used)."}),
                 "padding": ("INT", {**widget("padding"), "step": 1, "tooltip": (
                     "Extra pixels kept around the subject's box on every side; 0 is the official preprocessing.")}),
-                "invert_mask": ("BOOLEAN", {"default": False, "tooltip": (
-                    "Flip the mask. The subject must be 1 (white): segmentation masks and the mask editor already "
-                    "are; LoadImage's mask of a cut-out PNG is 1 where the picture is transparent, so turn this on "
-                    "for it.")}),
+                "invert_mask": ("BOOLEAN", {"default": INVERT_MASK_DEFAULT, "tooltip": INVERT_MASK_TOOLTIP}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": (
-                    "The subject's mask, 1 (white) on the subject, same size as the image (the first of a batch is "
-                    "used). Without a mask the whole image is the subject.")}),
+                    "The subject's mask, the first of a batch, same size as the image; with invert_mask on (the "
+                    "default) LoadImage's MASK of a cut-out picture marks the subject. Without a mask the whole image "
+                    "is the subject.")}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def prepare(self, image: torch.Tensor, padding: int, invert_mask: bool,
-                mask: torch.Tensor | None = None) -> tuple[PreparedImagePrompt, torch.Tensor]:
+    def prepare(self, image: torch.Tensor, padding: int, invert_mask: bool, mask: torch.Tensor | None = None,
+                unique_id: str | None = None) -> tuple[PreparedImagePrompt, torch.Tensor]:
         picture = bridge.first_image(image)
         subject = None if mask is None else bridge.subject_mask(mask, tuple(picture.shape[:2]), invert_mask)
         warning = None if subject is None else bridge.inverted_mask_warning(picture, subject, invert_mask)
-        if warning is not None:
-            logger.warning(warning)
+        if warning is not None:  # on the node itself (a guess, so not an error), and in the log
+            bridge.show_on_node(unique_id, warning)
         prepared = prepare_image_prompt(picture, subject, padding=int(padding))
         return prepared, bridge.image_to_comfy(prepared.preview())
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from ..videobooth_core.errors import SamplingError
+from ..videobooth_core.errors import SamplingError, explain
 from ..videobooth_core.pipeline import GenerationRequest, decode_video, latent_shape, sample_seeded
 from ..videobooth_core.sampling.run import prepare_denoiser
 from ..videobooth_core.sampling.schedulers import SAMPLERS as CORE_SAMPLERS
 from ..videobooth_core.sampling.schedulers import SPACINGS
 from ..videobooth_core.sampling.denoiser import GUIDANCE_RULES
-from ..videobooth_core.settings import widget
+from ..videobooth_core.settings import MAX_SEED, VAE_SCALE, widget
 from . import _bridge as bridge
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 from .subjects import SUBJECTS, sampler_subjects
@@ -24,12 +24,28 @@ logger = logging.getLogger(__name__)
 SAMPLERS = list(CORE_SAMPLERS)
 """ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance); the others: diffusers'
 schedulers on the same linear-beta training schedule."""
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def _decode_memory(frames: int, height: int, width: int, dtype: torch.dtype) -> int:
     """Working memory (bytes) to decode ``frames`` frames: about 2048 values per output pixel at the peak."""
     return int(frames * height * width * 64 * 2048 * torch.finfo(dtype).bits / 8)
+
+
+def check_start_frames(start: torch.Tensor, frames: int, width: int, height: int) -> None:
+    """The start frames' latents (1, 4, n, h, w) fit the video the widgets ask for: its size, in pixels, and at
+    least one frame left to generate; SamplingError in the widgets' words otherwise (the core checks the same,
+    in its callers' terms)."""
+    count, start_height, start_width = start.shape[2], start.shape[3] * VAE_SCALE, start.shape[4] * VAE_SCALE
+    if (start_width, start_height) != (width // VAE_SCALE * VAE_SCALE, height // VAE_SCALE * VAE_SCALE):
+        raise SamplingError(  # the explain shape, with the sizes unquoted
+            f"the start frames (start_latent) are not the video's size, {width}x{height} pixels (the width and height "
+            f"widgets): {start_width}x{start_height} pixels; set width {start_width} and height {start_height}, or "
+            f"encode the start frames at {width}x{height} (VideoBooth Start Frames' width and height)")
+    if count >= frames:
+        raise SamplingError(explain(
+            f"the start_latent holds {count} frames and they count among the video's frames, so a video of this many "
+            "frames has none left to generate (the frames widget)", frames,
+            f"raise frames above {count}, or start from fewer frames (VideoBooth Start Frames' last_frames)"))
 
 
 class VideoBoothSampler:
@@ -108,7 +124,8 @@ class VideoBoothSampler:
                           guidance=guidance, seed=seed, sampler=sampler, spacing=spacing, eta=eta).validate()
         start = None if start_latent is None else bridge.comfy_latent_to_video(
             bridge.comfy_latent_samples(start_latent, "VideoBooth Sampler (start_latent)"))
-        if start is not None:  # the start frames leave frames to generate, at the video's latent size
+        if start is not None:  # the start frames leave frames to generate, at the video's size
+            check_start_frames(start, frames, width, height)
             GenerationRequest(prompt="", frames=frames, width=width, height=height, start_latents=start).validate()
         if not 0.0 <= eta <= 1.0:
             raise SamplingError(f"eta must be between 0 and 1, got {eta}.")

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import tiny_builders
 from videobooth_core.app import tiny
 from videobooth_core.conditioning.vae import vae_decode, vae_encode
 from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
@@ -90,17 +91,17 @@ def _inferable_vae_config() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_text():
-    return tiny.build_tiny_clip_text_encoder(seed=0)
+    return tiny_builders.build_tiny_clip_text_encoder(seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_vision():
-    return tiny.build_tiny_clip_vision_encoder(seed=0)
+    return tiny_builders.build_tiny_clip_vision_encoder(seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    return tiny.build_tiny_vae(seed=0)
+    return tiny_builders.build_tiny_vae(seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,9 +141,9 @@ def test_tiny_text_config_and_builder(tiny_text) -> None:
     assert (cfg.intermediate_size, cfg.max_position_embeddings, cfg.hidden_act, cfg.projection_dim) == (
         64, 77, "quick_gelu", 32
     )
-    again = tiny.build_tiny_clip_text_encoder(seed=0)
+    again = tiny_builders.build_tiny_clip_text_encoder(seed=0)
     _assert_same_state(tiny_text, again)
-    other = tiny.build_tiny_clip_text_encoder(seed=1)
+    other = tiny_builders.build_tiny_clip_text_encoder(seed=1)
     assert not torch.equal(other.final_layer_norm.weight, tiny_text.final_layer_norm.weight)
     assert not torch.equal(tiny_text.final_layer_norm.bias, torch.zeros(32))  # norms are randomised too
 
@@ -175,7 +176,7 @@ def test_tiny_text_single_file_and_folder_round_trip(tiny_text, tmp_path: Path) 
     "prefix", ["text_model.", "cond_stage_model.transformer.text_model.", "transformer.text_model.", ""]
 )
 def test_text_single_file_prefixes_extras_and_inference(prefix: str, tmp_path: Path) -> None:
-    model = tiny.build_tiny_clip_text_encoder(seed=3, config=_inferable_text_config())
+    model = tiny_builders.build_tiny_clip_text_encoder(seed=3, config=_inferable_text_config())
     canonical = {k[len("text_model."):]: v for k, v in clip._single_file_tensors(model, "text_model").items()}
     sd = {prefix + k: v for k, v in canonical.items()}
     parent = prefix[: -len("text_model.")] if prefix.endswith("text_model.") else prefix
@@ -280,7 +281,7 @@ def test_tiny_vision_round_trip(tiny_vision, tmp_path: Path) -> None:
 
 
 def test_vision_single_file_inference_with_projection(tmp_path: Path) -> None:
-    model = tiny.build_tiny_clip_vision_encoder(seed=5, config=_inferable_vision_config())
+    model = tiny_builders.build_tiny_clip_vision_encoder(seed=5, config=_inferable_vision_config())
     sd = clip._single_file_tensors(model, "vision_model")
     sd["visual_projection.weight"] = torch.randn(48, 128)
     sd["vision_model.embeddings.position_ids"] = torch.arange(5)[None]
@@ -338,7 +339,7 @@ def test_vae_conversion_table_matches_diffusers(tiny_vae) -> None:
 
 
 def test_vae_full_checkpoint_inference(tmp_path: Path) -> None:
-    vae = tiny.build_tiny_vae(seed=2, config=_inferable_vae_config())
+    vae = tiny_builders.build_tiny_vae(seed=2, config=_inferable_vae_config())
     ldm = V.convert_diffusers_vae_to_ldm(vae.state_dict())
     full = {f"first_stage_model.{k}": v for k, v in ldm.items()}
     full["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(4, 4, 3, 3)

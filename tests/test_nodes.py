@@ -538,3 +538,90 @@ def test_loader_cache_reuses_the_loaded_model(models_dir) -> None:
     first = loader.load("videobooth_tiny_vae.safetensors", "fp32", "cpu")[0]
     assert loader.load("videobooth_tiny_vae.safetensors", "fp32", "cpu")[0] is first
     assert loader.load("videobooth_tiny_vae.safetensors", "fp16", "cpu")[0] is not first
+
+
+# -- messages in the widgets' words, as the frontend shows them -----------------------------------------
+def test_node_errors_reach_the_frontend_as_videobooth_class(loaded, image_prompted) -> None:
+    """ComfyUI reports an exception's type as module.qualname (execution.full_type_name): the pack's errors read
+    VideoBooth.<Class>, are still the core's classes, and keep their message."""
+    with pytest.raises(errors.SamplingError) as caught:
+        run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"],
+            **sampler_inputs(width=65))
+    error = caught.value
+    assert f"{type(error).__module__}.{type(error).__qualname__}" == "VideoBooth.SamplingError"
+    assert isinstance(error, errors.VideoBoothError) and str(error).startswith("width must be a positive multiple")
+    assert error.__cause__ is None and error.__suppress_context__
+    assert all(getattr(cls, cls.FUNCTION)._reports_errors for cls in MAPPINGS.values())
+
+
+@pytest.mark.parametrize("start_frames, start_size, pattern", [
+    (1, 32, r"not the video's size, 64x64 pixels \(the width and height widgets\): 32x32 pixels; set width 32 "
+            r"and height 32, or encode the start frames at 64x64"),
+    (FRAMES, SIZE, rf"start_latent holds {FRAMES} frames .* \(the frames widget\): {FRAMES}; raise frames above "
+                   rf"{FRAMES}, or start from fewer frames \(VideoBooth Start Frames' last_frames\)"),
+])
+def test_start_frame_errors_speak_of_widgets_and_pixels(loaded, image_prompted, start_frames, start_size,
+                                                        pattern) -> None:
+    start = {"samples": torch.zeros(start_frames, 4, start_size // 8, start_size // 8)}
+    with pytest.raises(errors.SamplingError, match=pattern) as caught:
+        run("VideoBoothSampler", model=loaded[0], conditioning=image_prompted["conditioning"], start_latent=start,
+            **sampler_inputs())
+    assert "--" not in str(caught.value)
+
+
+def test_context_options_errors_speak_of_widgets() -> None:
+    pattern = r"context_overlap must be at most context_window - 2 = 6 .*: 7; lower context_overlap to 4 or raise " \
+              r"context_window to 9"
+    with pytest.raises(errors.SamplingError, match=pattern) as caught:
+        run("VideoBoothContextOptions", context_window=8, context_overlap=7, context_fuse="pyramid", noise_reuse=False)
+    assert "--" not in str(caught.value)
+    (options,) = run("VideoBoothContextOptions", context_window=8, context_overlap=6, context_fuse="flat",
+                     noise_reuse=True)
+    assert (options.window, options.overlap, options.fuse, options.noise_reuse) == (8, 6, "flat", True)
+
+
+def test_start_frames_names_its_own_widget(loaded) -> None:
+    with pytest.raises(errors.SamplingError, match=r"^last_frames must be at least 1") as caught:
+        run("VideoBoothStartFrames", vae=loaded[1], image=torch.zeros(2, 64, 64, 3), last_frames=0, width=64,
+            height=64)
+    assert "extend" not in str(caught.value)
+
+
+def test_image_prompt_and_evaluation_read_a_loadimage_mask_alike(monkeypatch) -> None:
+    """One LoadImage mask of a cut-out (1 on the transparent background) gives the Image Prompt and the evaluation
+    nodes the same subject with their defaults, and with invert_mask off both read a subject = 1 mask."""
+    evaluation = importlib.import_module(f"{PACK_NAME}.nodes.evaluation")
+    image, subject = subject_image()
+    loadimage_mask = 1.0 - subject
+    defaults = {name: MAPPINGS[name].INPUT_TYPES() for name in
+                ("VideoBoothImagePrompt", "VideoBoothScore", "VideoBoothBestOfN", "VideoBoothDrift")}
+    assert {name: (spec["required"] | spec.get("optional", {}))["invert_mask"][1]["default"]
+            for name, spec in defaults.items()} == dict.fromkeys(defaults, True)
+    for name in ("VideoBoothScore", "VideoBoothBestOfN", "VideoBoothDrift"):  # appended last: old files keep meaning
+        assert list(defaults[name]["optional"]) == ["mask", "invert_mask"], name
+    prepared, _ = run("VideoBoothImagePrompt", image=image, padding=0, invert_mask=True, mask=loadimage_mask)
+    assert prepared.bbox == (20, 10, 90, 60)
+    reference = evaluation._reference(image, loadimage_mask, True)
+    torch.testing.assert_close(reference, prepared.square.permute(1, 2, 0))
+    torch.testing.assert_close(evaluation._reference(image, subject, False), reference)
+    seen = []
+    monkeypatch.setattr(evaluation, "_reference", lambda image, mask, invert: seen.append(invert) or reference)
+    scorer = type("Scorer", (), {"score": lambda self, frames, reference, prompt: dict.fromkeys(evaluation.METRICS)})()
+    run("VideoBoothScore", frames=image, metric_models=scorer, image_prompt=image, prompt="", mask=loadimage_mask)
+    run("VideoBoothScore", frames=image, metric_models=scorer, image_prompt=image, prompt="", mask=subject,
+        invert_mask=False)
+    assert seen == [True, False]
+
+
+def test_a_mask_that_looks_inverted_is_shown_on_the_node(monkeypatch) -> None:
+    image, subject = subject_image()
+    sent = []
+    server = type("Server", (), {"send_progress_text": lambda self, text, node_id: sent.append((node_id, text))})()
+    monkeypatch.setattr(bridge, "PromptServer", type("PromptServer", (), {"instance": server}))
+    run("VideoBoothImagePrompt", image=image * subject[..., None], padding=0, invert_mask=False, mask=1.0 - subject,
+        unique_id="5")
+    ((node_id, text),) = sent
+    assert node_id == "5" and "turn invert_mask on" in text
+    run("VideoBoothImagePrompt", image=image * subject[..., None], padding=0, invert_mask=True, mask=1.0 - subject,
+        unique_id="5")
+    assert len(sent) == 1

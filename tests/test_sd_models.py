@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from videobooth_core.app.tiny import build_tiny_clip_text_encoder, tiny_unet_and_mapper
+from tiny_builders import build_tiny_clip_text_encoder
+from videobooth_core.app.tiny import tiny_unet_and_mapper
 from videobooth_core.errors import CheckpointError
 from videobooth_core.loading.lora import LoraSpec, apply_loras, parse_lora_argument
 from videobooth_core.loading.sd_checkpoint import is_from_sd, ldm_name, load_sd_checkpoint

@@ -3,7 +3,8 @@ CLIP towers, VAE and BPE tokenizer it is made of.
 
 The files have the released names and layouts (``watermark_remove_module.pt`` with ``ema_unet``, ``mapper.pt``
 with ``ema``, a single-file LDM VAE, single-file CLIP towers, a BPE tokenizer folder) and sit in ComfyUI's
-model folder names, so the folder works as ``--models`` for the command line and as a ComfyUI models folder.
+model folder names, so the folder works as ``--models`` for the command line and as a ComfyUI models folder
+(with a tiny LoRA in ``loras/``: every file the pack's API workflows name).
 The UNet keeps the released model's 8 heads and 32 groups, so no config has to travel with the pickles.
 Weights are random: the outputs are noise-like videos, useful only to exercise the whole pipeline.
 transformers, diffusers and tokenizers are imported inside the functions, so importing this module is cheap.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,7 +27,6 @@ from ..models.mapper import Mapper
 from ..models.unet_3d import UNet3DModel
 
 if TYPE_CHECKING:
-    import diffusers
     import transformers
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ MAPPER_FILE = "videobooth/mapper.pt"
 VAE_FILE = "vae/videobooth_tiny_vae.safetensors"
 CLIP_VISION_FILE = "clip_vision/videobooth_tiny_clip_vision.safetensors"
 CLIP_TEXT_FILE = "text_encoders/videobooth_tiny_clip_text.safetensors"
+LORA_FILE = "loras/videobooth_tiny_style.safetensors"
+"""A tiny kohya LoRA for the UNet, the file the LoRA workflow's API twin names."""
 TOKENIZER_DIR = "text_encoders/videobooth_tiny_tokenizer"
 MARKER_FILE = "VIDEOBOOTH_TINY_RANDOM_WEIGHTS.txt"
 
@@ -94,7 +96,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     from ..loading.weight_files import save_torch_file
 
     out = Path(out_dir)
-    for sub in ("videobooth", "vae", "clip_vision", "text_encoders"):
+    for sub in ("videobooth", "vae", "clip_vision", "text_encoders", "loras"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)  # transformers/diffusers initialise from the global generator
@@ -111,6 +113,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     save_clip_text_single_file(text, out / CLIP_TEXT_FILE)
     write_tiny_tokenizer(out / TOKENIZER_DIR)
     write_tiny_metric_models(out, seed)  # after the others: their random draws are unchanged
+    write_tiny_lora(out / LORA_FILE, seed)  # its own generator: the other files are unchanged
     with atomic_path(out / MARKER_FILE) as tmp:
         tmp.write_text(
             "These VideoBooth models are TINY and RANDOM (written by `python -m videobooth_core make-tiny`).\n"
@@ -172,59 +175,6 @@ def tiny_vae_config() -> dict[str, Any]:
         "sample_size": 64,
         "scaling_factor": SD_VAE_SCALING_FACTOR,
     }
-
-
-def _perturb_(module: torch.nn.Module, seed: int) -> None:
-    """Perturb every parameter (norm scales and biases too) with seeded noise so that all of them matter.
-
-    Only the seeded builders below do this; :func:`make_tiny` keeps the libraries' own initialisation of its
-    towers and VAE (its files underlie a pinned end-to-end result)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(module.named_parameters()):
-            param.add_(torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype) * 0.02)
-
-
-def _build_seeded(build: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-    _perturb_(model, seed + 1)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def build_tiny_clip_text_encoder(
-    seed: int = 0, config: transformers.CLIPTextConfig | None = None, attn_implementation: str = "eager"
-) -> transformers.CLIPTextModel:
-    """A seeded, randomly initialised ``CLIPTextModel`` (default :func:`tiny_clip_text_config`), eval mode."""
-    import transformers
-
-    cfg = config if config is not None else tiny_clip_text_config()
-    return _build_seeded(  # type: ignore[return-value]
-        lambda: transformers.CLIPTextModel._from_config(cfg, attn_implementation=attn_implementation), seed
-    )
-
-
-def build_tiny_clip_vision_encoder(
-    seed: int = 0, config: transformers.CLIPVisionConfig | None = None, attn_implementation: str = "eager"
-) -> transformers.CLIPVisionModel:
-    """A seeded, randomly initialised ``CLIPVisionModel`` (default :func:`tiny_clip_vision_config`), eval mode."""
-    import transformers
-
-    cfg = config if config is not None else tiny_clip_vision_config()
-    return _build_seeded(  # type: ignore[return-value]
-        lambda: transformers.CLIPVisionModel._from_config(cfg, attn_implementation=attn_implementation), seed
-    )
-
-
-def build_tiny_vae(seed: int = 0, config: Mapping[str, Any] | None = None) -> diffusers.AutoencoderKL:
-    """A seeded, randomly initialised ``AutoencoderKL`` (default :func:`tiny_vae_config`), eval mode."""
-    import diffusers
-
-    cfg = dict(config if config is not None else tiny_vae_config())
-    return _build_seeded(lambda: diffusers.AutoencoderKL.from_config(cfg), seed)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,3 +321,26 @@ def write_tiny_metric_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, 
         transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.485, 0.456, 0.406],
                                        image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp)
     return clip_dir, dino_dir
+
+
+def write_tiny_lora(path: str | Path, seed: int = 0) -> Path:
+    """A kohya LoRA (rank 2, alpha 2) on two spatial layers of the tiny UNet (self-attention query and feed-forward
+    output of the first down block), written atomically; the global random state is left untouched."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):  # only the layer shapes are needed
+        unet = UNet3DModel(TINY_UNET)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                 "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"):
+        out_features, in_features = unet.get_submodule(name).weight.shape
+        stem = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(2, in_features, generator=generator)
+        tensors[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(out_features, 2, generator=generator)
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp))
+    return target
