@@ -5,7 +5,8 @@ Node ids (all starting with ``VideoBooth``) and socket type names are a public A
 
 from __future__ import annotations
 
-from . import _bridge, evaluation, image_prompt, injection, loaders, long_video, native, sampling, sd_models, subjects, text
+from . import (_bridge, evaluation, image_prompt, injection, loaders, long_video, native, sampling, sd_models, subjects,
+               text)
 
 _bridge.register_videobooth_folder()
 evaluation.register_metric_folders()
