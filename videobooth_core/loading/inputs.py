@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, explain
-from .kinds import describe_checkpoint, detect_kind
+from .kinds import MAPPER_WRAPPER_KEY, describe_checkpoint, detect_kind
 from .weight_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_safetensors_header, read_state_dict
 
 ROLES = {
     "mapper": ("a VideoBooth mapper", ("videobooth_mapper", "wrapped_videobooth_mapper"),
                "give a mapper (a training run's videobooth_mapper.safetensors, or the released mapper.pt)"),
+    "starting_mapper": ("a mapper a training stage can start from", ("videobooth_mapper", "elite_mapper"),
+                        "pass ELITE's global mapper (stage 1, the official start), a stage-1 result "
+                        "(videobooth_mapper.safetensors) or the released mapper.pt"),
     "lora": ("an SD 1.x LoRA", (), "give a LoRA file (kohya, diffusers or PEFT format, .safetensors preferred)"),
     "base_checkpoint": ("an SD 1.x checkpoint", (), "give an SD 1.x checkpoint file or a diffusers UNet folder"),
 }
@@ -103,6 +106,10 @@ def _checked_weight_input(path: str, flag: str, role: str, signature: tuple[int,
         read_lora(p)  # small files: read and grouped as they will be, so a foreign or partial LoRA fails now
         return p
     found = header_state_dict(p)
+    if role == "starting_mapper":  # a training start may be wrapped as the official checkpoints are (``ema``)
+        from .weight_files import unwrap_state_dict
+
+        found = unwrap_state_dict(found, (MAPPER_WRAPPER_KEY,), source=p)
     if detect_kind(found) not in kinds:
         raise CheckpointError(explain(f"{flag} holds {describe_checkpoint(found)}, not {expected}", str(path), fix))
     return p

@@ -120,7 +120,7 @@ def check_inputs(config: TrainConfig) -> None:
                                     "build it with `dataset build` (or `dataset synthetic`), then check it"))
     check_dataset_files(config)  # every entry's files (no decoding): a broken entry fails before the models load
     if config.mapper is not None:
-        check_weight_input(config.mapper, "--mapper", "mapper")
+        check_weight_input(config.mapper, "--mapper", "starting_mapper")  # a VideoBooth or ELITE mapper
     if config.resume is not None and config.resume != "latest":
         check_training_checkpoint(config.resume)
 
