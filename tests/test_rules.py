@@ -140,7 +140,8 @@ CASES = {
                              ["--mapper", "incomplete or corrupt", "corrupt.safetensors"], None),
     "train_mapper_wrong_kind": (lambda m, d, w: _train(m, d, w, "--mapper", str(m / "vae" / "videobooth_tiny_vae"
                                                                                 ".safetensors")),
-                                ["--mapper holds a VAE", "not a mapper a training stage can start from", "ELITE"], None),
+                                ["--mapper holds a VAE", "not a mapper a training stage can start from", "ELITE"],
+                                None),
     "lora_corrupt": (lambda m, d, w: _gen(m, w, "--lora", str(w / "corrupt.safetensors")),
                      ["--lora", "incomplete or corrupt"], None),
     "lora_wrong_kind": (lambda m, d, w: _gen(m, w, "--lora", str(m / "vae" / "videobooth_tiny_vae.safetensors")),
