@@ -42,10 +42,11 @@ from ..videobooth_core.models.frames_as_batch import (
     official_cfg,
 )
 from ..videobooth_core.sampling.schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS
-from ..videobooth_core.sampling.windows import DEFAULT_OVERLAP, DEFAULT_WINDOW, FUSE_MODES, ContextOptions, \
-    fuse_window_predictions
+from ..videobooth_core.sampling.windows import FUSE_MODES, ContextOptions, fuse_window_predictions
+from ..videobooth_core.settings import SETTINGS, widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, EXEMPLAR, IMAGE_PROMPT, Exemplar, VideoBoothCLIPVision
+from .long_video import VideoBoothContextOptions
 from .loaders import DEVICES, PRECISIONS, CachingLoader, file_input, load_model_pair, precision_tooltip
 
 try:  # inside ComfyUI
@@ -420,17 +421,18 @@ class VideoBoothNativeContextWindows:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The VideoBooth native model."}),
-            "context_window": ("INT", {"default": DEFAULT_WINDOW, "min": 2, "max": 256, "tooltip": (
+            "context_window": ("INT", {**widget("context_window"), "tooltip": (
                 "Frames per model call, the first frame included (16: the trained length).")}),
-            "context_overlap": ("INT", {"default": DEFAULT_OVERLAP, "min": 0, "max": 254, "tooltip": (
+            "context_overlap": ("INT", {**widget("context_overlap"), "tooltip": (
                 "Frames shared by neighbouring windows besides the first frame (at most context_window - 2).")}),
-            "fuse": (list(FUSE_MODES), {"default": "pyramid", "tooltip": (
+            "fuse": (list(FUSE_MODES), {"default": SETTINGS["context_fuse"].default, "tooltip": (
                 "pyramid: a window's frames count more towards its middle, so seams fade; flat: equal weights.")}),
         }}
 
     def apply(self, model: Any, context_window: int, context_overlap: int, fuse: str) -> tuple[Any]:
         _mapper_of(model)  # a VideoBooth native model, or a clear error
-        options = ContextOptions(window=int(context_window), overlap=int(context_overlap), fuse=fuse)
+        # the pack's Context Options rules and messages (in these widgets' words), one home for both roads
+        (options,) = VideoBoothContextOptions().options(int(context_window), int(context_overlap), fuse, False)
         patched = model.clone()
         patched.model_options["context_handler"] = FramesAsBatchContextHandler(options)
         return (patched,)

@@ -625,3 +625,30 @@ def test_a_mask_that_looks_inverted_is_shown_on_the_node(monkeypatch) -> None:
     run("VideoBoothImagePrompt", image=image * subject[..., None], padding=0, invert_mask=True, mask=1.0 - subject,
         unique_id="5")
     assert len(sent) == 1
+
+
+def test_native_context_windows_follow_the_context_options_rules() -> None:
+    """The native road's context node takes its ranges and its refusal (in widget words) from the pack's Context
+    Options, and installs the frame-0-anchored handler on a clone of the model."""
+    import types
+
+    node = MAPPINGS["VideoBoothNativeContextWindows"]()
+
+    class Patcher:
+        def __init__(self) -> None:
+            self.model = types.SimpleNamespace(videobooth_mapper=object())
+            self.model_options = {"transformer_options": {}}
+
+        def clone(self) -> "Patcher":
+            return Patcher()
+
+    from videobooth_core.settings import SETTINGS
+
+    assert node.INPUT_TYPES()["required"]["context_window"][1]["default"] == SETTINGS["context_window"].default
+    with pytest.raises(errors.SamplingError, match="context_overlap must be at most context_window - 2"):
+        node.apply(Patcher(), 16, 15, "pyramid")
+    original = Patcher()
+    (patched,) = node.apply(original, 16, 4, "flat")
+    handler = patched.model_options["context_handler"]
+    assert patched is not original and "context_handler" not in original.model_options
+    assert (handler.options.window, handler.options.overlap, handler.options.fuse) == (16, 4, "flat")
