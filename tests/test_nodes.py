@@ -587,6 +587,36 @@ def test_start_frames_names_its_own_widget(loaded) -> None:
     assert "extend" not in str(caught.value)
 
 
+def test_the_sampler_refuses_several_subjects_with_context_windows_before_sampling(loaded, image_prompted,
+                                                                                   monkeypatch) -> None:
+    """The node road runs the core's one validation: two subjects' exemplars and a video longer than the context
+    window are refused in the widgets' words before the denoiser is built (the pipeline road refuses the same)."""
+    sampling = sys.modules[f"{PACK_NAME}.nodes.sampling"]
+    subjects_module = sys.modules[f"{PACK_NAME}.nodes.subjects"]
+    exemplar = image_prompted["exemplar"]
+    second = subjects_module.NodeSubject("cat", image_prompted["embeds"].words, exemplar, None)
+    (context,) = run("VideoBoothContextOptions", context_window=8, context_overlap=2, context_fuse="pyramid",
+                     noise_reuse=False)
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(sampling, "prepare_denoiser", started)
+    inputs = {"model": loaded[0], "conditioning": image_prompted["conditioning"], "exemplar": exemplar,
+              "subjects": (second,), "context": context}
+    with pytest.raises(errors.SamplingError) as caught:
+        run("VideoBoothSampler", **inputs, **sampler_inputs(frames=12))
+    message = str(caught.value)
+    assert message.startswith("several subjects' image prompts and a long video (context windows) do not go "
+                              "together yet; frames: 12; use at most 8 frames (or a context_window (VideoBooth "
+                              "Context Options) of 12 or more)"), message
+    assert "strength of each subject's VideoBooth Latent Injection" in message and "--" not in message
+    with pytest.raises(Started):  # one window: it goes on to sampling
+        run("VideoBoothSampler", **inputs, **sampler_inputs(frames=8))
+
+
 def test_image_prompt_and_evaluation_read_a_loadimage_mask_alike(monkeypatch) -> None:
     """One LoadImage mask of a cut-out (1 on the transparent background) gives the Image Prompt and the evaluation
     nodes the same subject with their defaults, and with invert_mask off both read a subject = 1 mask."""
