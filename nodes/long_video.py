@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from ..videobooth_core.errors import SamplingError, explain
+from ..videobooth_core.errors import SamplingError
 from ..videobooth_core.sampling.known_frames import encode_start_frames
-from ..videobooth_core.sampling.windows import ContextOptions
+from ..videobooth_core.sampling.windows import ContextOptions, check_context
 from ..videobooth_core.settings import FUSE_MODES, SETTINGS, widget
 from . import _bridge as bridge
 from ._widgets import check_widgets
@@ -52,13 +52,7 @@ class VideoBoothContextOptions:
                 noise_reuse: bool) -> tuple[ContextOptions]:
         check_widgets({"context_window": context_window, "context_overlap": context_overlap,
                        "context_fuse": context_fuse, "noise_reuse": bool(noise_reuse)})
-        if context_overlap > context_window - 2:  # the core's rule (sampling/windows.py), in the widgets' words
-            suggested = max(0, min(SETTINGS["context_overlap"].default, context_window - 2))
-            raise SamplingError(explain(
-                f"context_overlap must be at most context_window - 2 = {context_window - 2} (frame 0 is in every "
-                "window, so each window needs at least one new frame)", context_overlap,
-                f"lower context_overlap to {suggested} or raise context_window "
-                f"to {context_overlap + 2} or more"))
+        check_context(context_window, context_overlap, context_fuse, lambda key: key)  # the core's rule, widget words
         return (ContextOptions(context_window, context_overlap, context_fuse, bool(noise_reuse)),)
 
 

@@ -207,8 +207,9 @@ def test_start_frames_are_fitted_to_the_video_size() -> None:
 
 # -- errors before any model loads -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, words", [
-    ({"context_window": 8, "context_overlap": 8}, "overlap must be between 0 and 6"),
-    ({"context_window": 8, "context_overlap": 7}, "overlap must be between 0 and 6"),
+    ({"context_window": 8, "context_overlap": 8}, "--context-overlap must be at most --context-window - 2 = 6"),
+    ({"context_window": 8, "context_overlap": 7}, "overlap must be at most --context-window - 2 = 6 .*: 7; lower "
+                                                  "--context-overlap to 4 or raise --context-window to 9"),
     ({"context_window": 1}, "at least 2"),
     ({"context_fuse": "gauss"}, "context_fuse"),
     ({"start_frames": torch.zeros((16, 8, 8, 3))}, "leave no frame to generate"),

@@ -56,12 +56,16 @@ def check_context(window: int, overlap: int, fuse: str = FUSE_MODES[0],
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise SamplingError(explain("the context window must be a whole number of at least 2 frames", window,
                                     f"use {names('context_window')} {CONTEXT_WINDOW} (the trained length)"))
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= window - 2:
+    suggested = max(0, min(CONTEXT_OVERLAP, window - 2))
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise SamplingError(explain("the context overlap must be a whole number of frames, at least 0", overlap,
+                                    f"use {names('context_overlap')} {suggested}"))
+    if overlap > window - 2:
         raise SamplingError(explain(
-            f"the context overlap must be between 0 and {window - 2} for a window of {window} (frame 0 is in every "
-            "window, so at least one frame per window must be new)", overlap,
-            f"lower {names('context_overlap')} (e.g. {min(CONTEXT_OVERLAP, window - 2)}) or raise "
-            f"{names('context_window')}"))
+            f"{names('context_overlap')} must be at most {names('context_window')} - 2 = {window - 2} (frame 0 is in "
+            "every window, so each window needs at least one new frame)", overlap,
+            f"lower {names('context_overlap')} to {suggested} or raise {names('context_window')} to {overlap + 2} "
+            "or more"))
     if fuse not in FUSE_MODES:
         raise SamplingError(explain("unknown context fuse mode", fuse, f"choose one of {', '.join(FUSE_MODES)}"))
 
