@@ -1,7 +1,9 @@
 """The one way the nodes check their widgets: each widget that is a setting is checked by that setting's rule in
 ``videobooth_core/settings.py`` (the table its default and range come from), and the message names the widget.
-The Sampler, Context Options, Start Frames and Latent Injection nodes call :func:`check_widgets`; combinations of
-settings are then the core's one validation's (``GenerationRequest.validate``) with :func:`widget_names`."""
+The Sampler, Context Options, Start Frames, Latent Injection and Image Prompt nodes call :func:`check_widgets`
+(the LoRA node's strengths go through ``settings.check_lora_strength``, the same rule as ``--lora``); combinations
+of settings are then the core's: the one validation (``GenerationRequest.validate``) with :func:`widget_names` on
+the Sampler, ``check_context`` on Context Options."""
 
 from __future__ import annotations
 

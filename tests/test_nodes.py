@@ -377,6 +377,17 @@ def test_bad_injection_settings(image_prompted) -> None:
         run("VideoBoothLatentInjection", strength=1.0, start=0.0, end=1.0, latent={"samples": torch.zeros(1, 16, 8, 8)})
 
 
+def test_widgets_are_checked_by_their_settings_rule_naming_the_widget() -> None:
+    """The nodes' one widget check (nodes/_widgets.py): the settings' rules, before any file or model is touched."""
+    with pytest.raises(errors.SamplingError, match=r"^strength_model must be between -10 and 10, got 1e\+30"):
+        run("VideoBoothLoRA", model=None, lora_name="style.safetensors", strength_model=1e30, strength_clip=1.0,
+            kv_weights="mapper")
+    with pytest.raises(errors.SamplingError, match=r"^strength must be between 0 and 2, got 3"):
+        run("VideoBoothLatentInjection", strength=3.0, start=0.0, end=1.0)
+    with pytest.raises(errors.SamplingError, match=r"^padding must be at least 0"):
+        run("VideoBoothImagePrompt", image=torch.zeros(1, 8, 8, 3), padding=-1, invert_mask=True)
+
+
 def test_decode_rejects_other_latents(loaded) -> None:
     with pytest.raises(errors.SamplingError, match="4 channels"):
         run("VideoBoothDecode", vae=loaded[1], samples={"samples": torch.zeros(2, 16, 8, 8)}, chunk_size=4)
