@@ -66,7 +66,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from videobooth_core.conditioning.image_prompt import prepare_image_prompt  # noqa: E402
-from videobooth_core.pipeline import VAE_SCALE, VideoBoothPipeline, fit_exemplar, latent_shape  # noqa: E402
+from videobooth_core.pipeline import VideoBoothPipeline, fit_exemplar, latent_shape  # noqa: E402
+from videobooth_core.settings import VAE_SCALE  # noqa: E402
 from videobooth_core.sampling.schedulers import make_scheduler, sample_with_scheduler  # noqa: E402
 from videobooth_core.sampling.denoiser import VideoDenoiser  # noqa: E402
 from videobooth_core.sampling.schedule import base_betas  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..videobooth_core.evaluation.best_of import rank, split_videos
+from ..videobooth_core.evaluation.best_of import candidate_seeds, rank, split_videos
 from ..videobooth_core.evaluation.drift import METRIC_CHOICES, drift_with_plot
 from ..videobooth_core.evaluation.metrics import METRICS, RANK_CHOICES, Scorer
 from ..videobooth_core.evaluation.models import load_clip_for_metrics, load_dino_for_metrics
@@ -151,7 +151,7 @@ class VideoBoothBestOfN:
         reference = _reference(image_prompt, mask, invert_mask)
         scores = [metric_models.score(video, reference, prompt or None) for video in videos]
         order = rank(scores, rank_by)
-        seeds = [(seed + i) % 2**64 for i in range(len(videos))]
+        seeds = candidate_seeds(seed, len(videos))  # the Sampler's batch seeds: seed, seed + 1, ... (wrapping)
         ranking = "\n".join(f"{place}. seed {seeds[i]}: {_text(scores[i])}" for place, i in enumerate(order, 1))
         chosen = torch.cat([videos[i] for i in order]) if output == "all ranked" else videos[order[0]]
         return (chosen, seeds[order[0]], ranking)

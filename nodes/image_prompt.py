@@ -8,6 +8,7 @@ from ..videobooth_core.conditioning.embeddings import encode_image_prompt
 from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
 from ..videobooth_core.settings import widget
 from . import _bridge as bridge
+from ._widgets import check_widgets
 from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, MODEL, ImageEmbeds, VideoBoothCLIPVision, VideoBoothModel
 
 
@@ -55,6 +56,7 @@ class VideoBoothImagePrompt:
 
     def prepare(self, image: torch.Tensor, padding: int, invert_mask: bool, mask: torch.Tensor | None = None,
                 unique_id: str | None = None) -> tuple[PreparedImagePrompt, torch.Tensor]:
+        check_widgets({"padding": padding})
         picture = bridge.first_image(image)
         subject = None if mask is None else bridge.subject_mask(mask, tuple(picture.shape[:2]), invert_mask)
         warning = None if subject is None else bridge.inverted_mask_warning(picture, subject, invert_mask)

@@ -6,9 +6,17 @@ from typing import Any
 
 from ..videobooth_core.errors import SamplingError
 from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt
-from ..videobooth_core.settings import widget
+from ..videobooth_core.settings import SETTINGS, widget
 from . import _bridge as bridge
+from ._widgets import check_widgets
 from ._types import EXEMPLAR, IMAGE_PROMPT, VAE, Exemplar, VideoBoothVAE
+
+
+def _window(end: int) -> dict[str, float]:
+    """The start (0) or end (1) widget's options: the ``image_prompt_steps`` setting's (start, end) default and
+    range."""
+    spec = SETTINGS["image_prompt_steps"]
+    return {"default": spec.default[end], "min": spec.minimum, "max": spec.maximum}
 
 
 class VideoBoothLatentInjection:
@@ -28,10 +36,10 @@ class VideoBoothLatentInjection:
             "required": {
                 "strength": ("FLOAT", {**widget("image_prompt_strength"), "step": 0.05, "tooltip": (
                     "How strongly the image prompt's features are injected; 1 is the official model.")}),
-                "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "start": ("FLOAT", {**_window(0), "step": 0.01, "tooltip": (
                     "First sampling step (as a fraction of the steps, 0 = first) where the image prompt is "
                     "injected.")}),
-                "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "end": ("FLOAT", {**_window(1), "step": 0.01, "tooltip": (
                     "Fraction of the steps where the injection stops (1 = through the last step, the official "
                     "behaviour; 0.5 = first half only, faster, a little less faithful).")}),
             },
@@ -47,8 +55,8 @@ class VideoBoothLatentInjection:
 
     def build(self, strength: float, start: float, end: float, image_prompt: PreparedImagePrompt | None = None,
               vae: VideoBoothVAE | None = None, latent: dict[str, Any] | None = None) -> tuple[Exemplar]:
-        if not 0.0 <= start < end <= 1.0:
-            raise SamplingError(f"the injection needs 0 <= start < end <= 1; got start {start} and end {end}.")
+        check_widgets({"strength": strength, "start and end": (start, end)},
+                      {"strength": "image_prompt_strength", "start and end": "image_prompt_steps"})
         if latent is not None:
             samples = bridge.comfy_latent_samples(latent, "the injection's latent")
             clean = bridge.comfy_latent_to_exemplar(samples)

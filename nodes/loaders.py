@@ -21,6 +21,8 @@ from ..videobooth_core.loading.checkpoint import convert_released_weights, parse
 from ..videobooth_core.errors import CheckpointError
 from ..videobooth_core.loading.models_dir import EXPECTED_FILES, PREFERRED_STEMS
 from ..videobooth_core.pipeline import load_unet_and_mapper
+from ..videobooth_core.settings import CONVERT_PRECISION, DEFAULT_DEVICE
+from ..videobooth_core.settings import PRECISIONS as CORE_PRECISIONS
 from . import _bridge as bridge
 from ._types import (
     CLIP,
@@ -35,8 +37,9 @@ from ._types import (
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
-DEVICES = ["auto", "cpu"]
+PRECISIONS = ["auto", *CORE_PRECISIONS]
+"""auto: each loader's own choice (its tooltip says which); then the core's precisions (settings.py)."""
+DEVICES = ["auto", DEFAULT_DEVICE]
 NO_FILE = "none"
 AUTO_TOKENIZER = "auto"
 COMFY_TOKENIZER = "ComfyUI sd1_tokenizer"
@@ -361,7 +364,7 @@ class VideoBoothConvertWeights:
             "required": {
                 "unet_name": unet,
                 "mapper_name": mapper,
-                "precision": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": (
+                "precision": (list(CORE_PRECISIONS), {"default": CONVERT_PRECISION, "tooltip": (
                     "Precision of the converted weights: fp16 halves the size; fp32 keeps the released values "
                     "exactly.")}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": (

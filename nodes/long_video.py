@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
-from ..videobooth_core.errors import SamplingError, explain
+from ..videobooth_core.errors import SamplingError
 from ..videobooth_core.sampling.known_frames import encode_start_frames
-from ..videobooth_core.sampling.windows import FUSE_MODES, ContextOptions
-from ..videobooth_core.settings import SETTINGS, widget
+from ..videobooth_core.sampling.windows import ContextOptions, check_context
+from ..videobooth_core.settings import FUSE_MODES, SETTINGS, widget
 from . import _bridge as bridge
+from ._widgets import check_widgets
 from ._types import VAE, VideoBoothVAE
 
 CONTEXT = "VIDEOBOOTH_CONTEXT"
@@ -50,15 +50,9 @@ class VideoBoothContextOptions:
 
     def options(self, context_window: int, context_overlap: int, context_fuse: str,
                 noise_reuse: bool) -> tuple[ContextOptions]:
-        for key, value in (("context_window", context_window), ("context_overlap", context_overlap)):
-            SETTINGS[key].check(value)
-        if context_overlap > context_window - 2:  # the core's rule (sampling/windows.py), in the widgets' words
-            suggested = max(0, min(SETTINGS["context_overlap"].default, context_window - 2))
-            raise SamplingError(explain(
-                f"context_overlap must be at most context_window - 2 = {context_window - 2} (frame 0 is in every "
-                "window, so each window needs at least one new frame)", context_overlap,
-                f"lower context_overlap to {suggested} or raise context_window "
-                f"to {context_overlap + 2} or more"))
+        check_widgets({"context_window": context_window, "context_overlap": context_overlap,
+                       "context_fuse": context_fuse, "noise_reuse": bool(noise_reuse)})
+        check_context(context_window, context_overlap, context_fuse, lambda key: key)  # the core's rule, widget words
         return (ContextOptions(context_window, context_overlap, context_fuse, bool(noise_reuse)),)
 
 
@@ -94,9 +88,7 @@ class VideoBoothStartFrames:
 
     def encode(self, vae: VideoBoothVAE, image: torch.Tensor, last_frames: int, width: int,
                height: int) -> tuple[dict[str, Any]]:
-        for key, value in (("width", width), ("height", height)):
-            SETTINGS[key].check(value)
-        dataclasses.replace(SETTINGS["extend_frames"], label="last_frames").check(last_frames)  # this widget's name
+        check_widgets({"width": width, "height": height, "last_frames": last_frames}, {"last_frames": "extend_frames"})
         if image.ndim != 4 or image.shape[-1] != 3:
             raise SamplingError(f"VideoBooth Start Frames: expected an IMAGE batch (frames, H, W, 3); got "
                                 f"{tuple(image.shape)}.")

@@ -15,11 +15,20 @@ from ..videobooth_core.sampling.schedulers import SPACINGS
 from ..videobooth_core.sampling.denoiser import GUIDANCE_RULES
 from ..videobooth_core.settings import MAX_SEED, VAE_SCALE, widget
 from . import _bridge as bridge
+from ._widgets import check_widgets, widget_names
 from ._types import CONDITIONING, EXEMPLAR, MODEL, VAE, Conditioning, Exemplar, VideoBoothModel, VideoBoothVAE
 from .subjects import SUBJECTS, sampler_subjects
 from .long_video import CONTEXT, ContextOptions
 
 logger = logging.getLogger(__name__)
+
+SAMPLER_NAMES = widget_names({
+    "context_window": "context_window (VideoBooth Context Options)",
+    "context_overlap": "context_overlap (VideoBooth Context Options)",
+    "subject_strength": "the strength of each subject's VideoBooth Latent Injection",
+    "image": "image_embeds", "word": "subject_word",
+})
+"""How the core's validation names the settings that are not the Sampler's own widgets."""
 
 SAMPLERS = list(CORE_SAMPLERS)
 """ddpm: the official respaced ancestral DDPM (linear betas, fixed-large variance); the others: diffusers'
@@ -88,7 +97,7 @@ class VideoBoothSampler:
                     "Video width in pixels, a multiple of 8; the model was trained at 256.")}),
                 "height": ("INT", {**widget("height"), "tooltip": (
                     "Video height in pixels, a multiple of 8; the model was trained at 256.")}),
-                "batch": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
+                "batch": ("INT", {**widget("batch"), "tooltip": (
                     "Number of videos, generated one after another with seeds seed, seed+1, ...; their frames are "
                     "stacked in the LATENT batch (all frames of video 0, then video 1, ...).")}),
             },
@@ -120,33 +129,37 @@ class VideoBoothSampler:
                exemplar: Exemplar | None = None, spacing: str = "trailing", eta: float = 0.0,
                unique_id: str | None = None, subjects: tuple | None = None, context: ContextOptions | None = None,
                start_latent: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor]]:
-        GenerationRequest(prompt="", frames=frames, width=width, height=height, steps=steps, cfg_scale=cfg,
-                          guidance=guidance, seed=seed, sampler=sampler, spacing=spacing, eta=eta).validate()
+        check_widgets({"seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler, "guidance": guidance,
+                       "frames": frames, "width": width, "height": height, "batch": batch, "spacing": spacing,
+                       "eta": eta})
         start = None if start_latent is None else bridge.comfy_latent_to_video(
             bridge.comfy_latent_samples(start_latent, "VideoBooth Sampler (start_latent)"))
-        if start is not None:  # the start frames leave frames to generate, at the video's size
+        if start is not None:  # the start frames leave frames to generate, at the video's size (in pixels)
             check_start_frames(start, frames, width, height)
-            GenerationRequest(prompt="", frames=frames, width=width, height=height, start_latents=start).validate()
-        if not 0.0 <= eta <= 1.0:
-            raise SamplingError(f"eta must be between 0 and 1, got {eta}.")
-        if batch < 1:
-            raise SamplingError(f"batch must be at least 1, got {batch}.")
         # the image prompt's latent: encoded per video with its generator (the official seed order), or given
         source: dict[str, Any] = {}
         if exemplar is not None and exemplar.latent is None:
             source = {"vae": exemplar.vae.vae, "image_prompt": exemplar.image_prompt}
         elif exemplar is not None:
             source = {"exemplar_latent": exemplar.latent}
-        shape = latent_shape(frames, height, width)
         strength, window = (1.0, (0.0, 1.0)) if exemplar is None else (exemplar.strength,
                                                                         (exemplar.start, exemplar.end))
-        device = model.managed.load_device
-        fine, vaes = {}, [exemplar.vae.managed] if "vae" in source else []
+        fine, vaes, plan = {}, [exemplar.vae.managed] if "vae" in source else [], None
         if subjects:  # several subjects: every exemplar planned (strength 0 runs no stream), one source each
             planned = sampler_subjects(exemplar, subjects)
-            source, strength, window, vaes = planned.source, planned.plan.strength, planned.window, planned.vaes
+            source, strength, window, vaes, plan = (planned.source, planned.plan.strength, planned.window,
+                                                    planned.vaes, planned.plan)
             fine = {"subject_strengths": planned.plan.subject_strengths,
                     "subject_regions": planned.plan.subject_regions}
+        # the core's one validation, as every road runs it (several subjects with context windows, the start frames)
+        windows = {"context_window": max(frames, 2), "context_overlap": 0} if context is None else {
+            "context_window": context.window, "context_overlap": context.overlap, "context_fuse": context.fuse,
+            "noise_reuse": context.noise_reuse}
+        GenerationRequest(prompt="", frames=frames, width=width, height=height, steps=steps, cfg_scale=cfg,
+                          guidance=guidance, seed=seed, sampler=sampler, spacing=spacing, eta=eta, start_latents=start,
+                          **windows).validate(names=SAMPLER_NAMES, fine_injection=plan)
+        shape = latent_shape(frames, height, width)
+        device = model.managed.load_device
         denoiser, estimate = prepare_denoiser(model.unet, conditioning.cond, conditioning.null, shape, device,
                                               image_prompt=bool(source), cfg_scale=cfg, guidance=guidance,
                                               image_prompt_strength=strength, context=context, **fine)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 
 from ..videobooth_core.loading.lora import LoraSpec, personalised_copies
+from ..videobooth_core.settings import LORA_STRENGTH_RANGE, check_lora_strength
 from . import _bridge as bridge
 from ._types import CLIP, MODEL, VideoBoothCLIP, VideoBoothModel
 
 logger = logging.getLogger(__name__)
 
+_STRENGTH = {"default": 1.0, "min": LORA_STRENGTH_RANGE[0], "max": LORA_STRENGTH_RANGE[1]}
+"""A LoRA strength widget's options: the command line's range (settings.py)."""
 _KV_TOOLTIP = ("VideoBooth attends with the mapper's key/value projections, not the UNet's own attn1/attn2 to_k/to_v. "
                "mapper: apply the file's key/value weights to the mapper's projections; ignore: leave them out.")
 
@@ -75,9 +78,9 @@ class VideoBoothLoRA:
                 "model": (MODEL, {"tooltip": "The VideoBooth model (from the model loader, or another LoRA node)."}),
                 "lora_name": (bridge.list_models("loras"), {"tooltip": (
                     f"An SD 1.x LoRA. Files in {bridge.describe_locations('loras')}.")}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip": (
+                "strength_model": ("FLOAT", {**_STRENGTH, "step": 0.05, "tooltip": (
                     "How strongly the LoRA changes the UNet (0: not at all, bit-identical; negative: inverted).")}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip": (
+                "strength_clip": ("FLOAT", {**_STRENGTH, "step": 0.05, "tooltip": (
                     "How strongly the LoRA changes the text encoder (used when clip is connected).")}),
                 "kv_weights": (["mapper", "ignore"], {"default": "mapper", "tooltip": _KV_TOOLTIP}),
             },
@@ -93,6 +96,8 @@ class VideoBoothLoRA:
 
     def apply(self, model: VideoBoothModel, lora_name: str, strength_model: float, strength_clip: float,
               kv_weights: str, clip: VideoBoothCLIP | None = None) -> tuple[VideoBoothModel, VideoBoothCLIP | None]:
+        for name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+            check_lora_strength(value, name)  # the command line's and the jobs' rule, naming the widget
         spec = LoraSpec(bridge.model_path("loras", lora_name), strength_model, strength_clip)
         text_encoder = clip.text_encoder if clip is not None else None
         unet, mapper, text_copy, lines = personalised_copies(model.unet, model.mapper, loras=[spec],

@@ -166,7 +166,7 @@ BAD_INPUTS = {
     "missing_weight_file": (["--prompt", PROMPT, "--models", "{no_mapper}"], ["mapper", "videobooth"], "clip.gif"),
     "truncated_weight_file": (["--prompt", PROMPT, "--models", "{truncated}"], ["watermark_remove_module.pt"], "frames"),
     "image_prompt_steps_reversed": (["--prompt", PROMPT, "--image-prompt-steps", "0.8", "0.2"],
-                                    ["image_prompt_steps", "0.8"], "clip.gif"),
+                                    ["--image-prompt-steps", "0.8"], "clip.gif"),
     "stream_weights_from_a_pickle": (["--prompt", PROMPT, "--stream-weights"], ["safetensors", "convert", "fp32"],
                                      "clip.gif"),
 }

@@ -207,8 +207,9 @@ def test_start_frames_are_fitted_to_the_video_size() -> None:
 
 # -- errors before any model loads -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, words", [
-    ({"context_window": 8, "context_overlap": 8}, "overlap must be between 0 and 6"),
-    ({"context_window": 8, "context_overlap": 7}, "overlap must be between 0 and 6"),
+    ({"context_window": 8, "context_overlap": 8}, "--context-overlap must be at most --context-window - 2 = 6"),
+    ({"context_window": 8, "context_overlap": 7}, "overlap must be at most --context-window - 2 = 6 .*: 7; lower "
+                                                  "--context-overlap to 4 or raise --context-window to 9"),
     ({"context_window": 1}, "at least 2"),
     ({"context_fuse": "gauss"}, "context_fuse"),
     ({"start_frames": torch.zeros((16, 8, 8, 3))}, "leave no frame to generate"),
@@ -286,14 +287,14 @@ def test_extension_reads_the_last_frames_of_a_video(tmp_path) -> None:
 def test_jobs_take_the_start_frames_per_line(tmp_path) -> None:
     from PIL import Image
 
-    from videobooth_core.app.jobs import build_request, load_jobs
+    from videobooth_core.app.jobs import job_request, load_jobs
 
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "start.png")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a dog", "start_image": "start.png", "frames": 32, "context_overlap": 2}\n'
                     '{"prompt": "a cat"}\n')
     first, second = load_jobs(jobs, check_files=False)
-    request = build_request(first)
+    request = job_request(first)
     assert request.start_frames.shape == (1, 16, 16, 3) and request.context_overlap == 2
     assert first.describe()["start_image"] == str(tmp_path / "start.png")
-    assert "start_image" not in second.describe() and build_request(second).start_frames is None
+    assert "start_image" not in second.describe() and job_request(second).start_frames is None

@@ -377,6 +377,17 @@ def test_bad_injection_settings(image_prompted) -> None:
         run("VideoBoothLatentInjection", strength=1.0, start=0.0, end=1.0, latent={"samples": torch.zeros(1, 16, 8, 8)})
 
 
+def test_widgets_are_checked_by_their_settings_rule_naming_the_widget() -> None:
+    """The nodes' one widget check (nodes/_widgets.py): the settings' rules, before any file or model is touched."""
+    with pytest.raises(errors.SamplingError, match=r"^strength_model must be between -10 and 10, got 1e\+30"):
+        run("VideoBoothLoRA", model=None, lora_name="style.safetensors", strength_model=1e30, strength_clip=1.0,
+            kv_weights="mapper")
+    with pytest.raises(errors.SamplingError, match=r"^strength must be between 0 and 2, got 3"):
+        run("VideoBoothLatentInjection", strength=3.0, start=0.0, end=1.0)
+    with pytest.raises(errors.SamplingError, match=r"^padding must be at least 0"):
+        run("VideoBoothImagePrompt", image=torch.zeros(1, 8, 8, 3), padding=-1, invert_mask=True)
+
+
 def test_decode_rejects_other_latents(loaded) -> None:
     with pytest.raises(errors.SamplingError, match="4 channels"):
         run("VideoBoothDecode", vae=loaded[1], samples={"samples": torch.zeros(2, 16, 8, 8)}, chunk_size=4)
@@ -585,6 +596,36 @@ def test_start_frames_names_its_own_widget(loaded) -> None:
         run("VideoBoothStartFrames", vae=loaded[1], image=torch.zeros(2, 64, 64, 3), last_frames=0, width=64,
             height=64)
     assert "extend" not in str(caught.value)
+
+
+def test_the_sampler_refuses_several_subjects_with_context_windows_before_sampling(loaded, image_prompted,
+                                                                                   monkeypatch) -> None:
+    """The node road runs the core's one validation: two subjects' exemplars and a video longer than the context
+    window are refused in the widgets' words before the denoiser is built (the pipeline road refuses the same)."""
+    sampling = sys.modules[f"{PACK_NAME}.nodes.sampling"]
+    subjects_module = sys.modules[f"{PACK_NAME}.nodes.subjects"]
+    exemplar = image_prompted["exemplar"]
+    second = subjects_module.NodeSubject("cat", image_prompted["embeds"].words, exemplar, None)
+    (context,) = run("VideoBoothContextOptions", context_window=8, context_overlap=2, context_fuse="pyramid",
+                     noise_reuse=False)
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(sampling, "prepare_denoiser", started)
+    inputs = {"model": loaded[0], "conditioning": image_prompted["conditioning"], "exemplar": exemplar,
+              "subjects": (second,), "context": context}
+    with pytest.raises(errors.SamplingError) as caught:
+        run("VideoBoothSampler", **inputs, **sampler_inputs(frames=12))
+    message = str(caught.value)
+    assert message.startswith("several subjects' image prompts and a long video (context windows) do not go "
+                              "together yet; frames: 12; use at most 8 frames (or a context_window (VideoBooth "
+                              "Context Options) of 12 or more)"), message
+    assert "strength of each subject's VideoBooth Latent Injection" in message and "--" not in message
+    with pytest.raises(Started):  # one window: it goes on to sampling
+        run("VideoBoothSampler", **inputs, **sampler_inputs(frames=8))
 
 
 def test_image_prompt_and_evaluation_read_a_loadimage_mask_alike(monkeypatch) -> None:

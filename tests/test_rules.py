@@ -202,7 +202,7 @@ CASES = {
     "models_folder_missing": (lambda m, d, w: _gen(w / "doesnotexist", w), ["models folder not found",
                                                                               "doesnotexist"], None),
     "extend_frames_zero": (lambda m, d, w: _gen(m, w, "--extend", str(w / "corrupt.mp4"), "--extend-frames", "0"),
-                           ["extend_frames must be at least 1", "got 0"], None),
+                           ["--extend-frames must be at least 1", "got 0"], None),
     "lora_strength_not_a_number": (lambda m, d, w: _gen(m, w, "--lora", "x:abc"),
                                    ["strength 'abc' is not a number", "PATH:STRENGTH"], None),
     "preview_limit_zero": (lambda m, d, w: ["dataset", "preview", str(d), "--limit", "0", "--out", str(w / "p.png")],

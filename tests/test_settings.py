@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,7 @@ def _run(main, capsys, args: list[str]) -> tuple[int, list[str]]:
     (["--bbox", "0", "0", "8", "8"], ["bbox without an image"]),
     (["--image", "{image}", "--word", "ball", "--prompt", LONG_PROMPT + " with a ball"], ["'ball'", "77"]),
     (["--image", "{image}", "--word", "dog", "--prompt", "a hotdog on the grass"], ["'dog'", "'hotdog'"]),
-    (["--image-prompt-steps", "0.5", "0.5"], ["image_prompt_steps", "start < end"]),
+    (["--image-prompt-steps", "0.5", "0.5"], ["--image-prompt-steps", "start < end"]),
 ])
 def test_bad_input_one_error_line_and_nothing_written(extra, words, tiny_models, photos, tmp_path, capsys,
                                                       monkeypatch) -> None:
@@ -294,7 +295,7 @@ def _v1_fingerprint(job, dtype: str) -> str:
 
 def test_speed_modes_in_jobs_lines_flags_and_the_fingerprint(tmp_path) -> None:
     from videobooth_core.app.cli import build_parser
-    from videobooth_core.app.jobs import build_request, load_jobs
+    from videobooth_core.app.jobs import job_request, load_jobs
     from videobooth_core.app.jobs.run import _defaults_from
 
     path = tmp_path / "jobs.jsonl"
@@ -302,8 +303,8 @@ def test_speed_modes_in_jobs_lines_flags_and_the_fingerprint(tmp_path) -> None:
         {"id": "fast", "prompt": "a cat", "single_frame_image_prompt": True, "image_prompt_steps": [0, 0.5],
          "watermark_branch": False, "image_prompt_strength": 0.5, "padding": 2}) + "\n")
     plain, fast = load_jobs(path)
-    assert build_request(fast).options == SamplingOptions(True, (0.0, 0.5), False, 0.5)
-    assert build_request(fast).image_prompt_padding == 2 and build_request(plain).options == SamplingOptions()
+    assert job_request(fast).options == SamplingOptions(True, (0.0, 0.5), False, 0.5)
+    assert job_request(fast).image_prompt_padding == 2 and job_request(plain).options == SamplingOptions()
     assert plain.fingerprint("fp32") == _v1_fingerprint(plain, "fp32")  # earlier done-records stay valid
     assert fast.fingerprint("fp32") != _v1_fingerprint(fast, "fp32")
 
@@ -311,7 +312,7 @@ def test_speed_modes_in_jobs_lines_flags_and_the_fingerprint(tmp_path) -> None:
                                       "--single-frame-image-prompt", "--image-prompt-steps", "0", "0.25",
                                       "--no-watermark-branch"])
     flagged, _ = load_jobs(path, _defaults_from(args), check_files=False)
-    assert build_request(flagged).options == SamplingOptions(True, (0.0, 0.25), False, 1.0)
+    assert job_request(flagged).options == SamplingOptions(True, (0.0, 0.25), False, 1.0)
     assert flagged.fingerprint("fp32") != plain.fingerprint("fp32")
 
 
@@ -346,41 +347,208 @@ def test_jobs_refuse_a_long_prompt_before_anything_is_written(tiny_models, photo
     assert not (tmp_path / "out").exists()
 
 
+# -- one validation on every road, the photo prepared once -------------------------------------------------------
+def _count_preparations(monkeypatch) -> list[int]:
+    from videobooth_core.conditioning import image_prompt
+
+    calls, prepare = [], image_prompt.prepare_image_prompt
+    monkeypatch.setattr(image_prompt, "prepare_image_prompt", lambda *a, **k: calls.append(1) or prepare(*a, **k))
+    return calls
+
+
+def test_the_command_line_prepares_the_photo_once(tiny_models, photos, tmp_path, capsys, monkeypatch) -> None:
+    """Validation before the models load and the conditioning after share one preparation (it was three)."""
+    from videobooth_core.app.cli import main
+
+    calls = _count_preparations(monkeypatch)
+    code, lines = _run(main, capsys, ["generate", "--models", tiny_models, "--prompt", PROMPT, "--word", "ball",
+                                      "--image", photos["image"], "--mask", photos["mask"], "--frames", "2",
+                                      "--width", "64", "--height", "64", "--steps", "1", "--out",
+                                      tmp_path / "clip.gif"])
+    assert code == 0 and (tmp_path / "clip.gif").is_file(), lines
+    assert len(calls) == 1
+
+
+def test_a_changed_photo_is_prepared_anew(photos, monkeypatch) -> None:
+    from videobooth_core.conditioning.image_prompt import load_subject
+    from videobooth_core.conditioning.subjects import prepare_photo
+
+    calls = _count_preparations(monkeypatch)
+    image, mask = load_subject(photos["image"], photos["mask"])
+    request = GenerationRequest(prompt=PROMPT, subject_word="ball", image=image, mask=mask)
+    request.validate()
+    first = prepare_photo(request, image, mask, None)
+    copy = dataclasses.replace(request, seed=11)  # best of N's candidates: the same photo
+    assert prepare_photo(copy, image, mask, None) is first and len(calls) == 1
+    image[0, 0] = 255 - image[0, 0]  # changed in place: prepared again
+    assert prepare_photo(request, image, mask, None) is not first and len(calls) == 2
+    request.image_prompt_padding = 3
+    prepare_photo(request, image, mask, None)
+    assert len(calls) == 3
+
+
+def _two_subjects(photos) -> list:
+    from videobooth_core.app.subjects import load_subjects
+
+    return load_subjects([{"word": "ball", "image": str(photos["image"])},
+                          {"word": "cube", "image": str(photos["cutout"]), "strength": 0.5}])
+
+
+WINDOWED = "several subjects' image prompts and a long video (context windows) do not go together"
+
+
+def test_several_subjects_with_context_windows_are_refused_by_the_one_validation(photos) -> None:
+    request = GenerationRequest(prompt="a ball and a cube", subjects=_two_subjects(photos), frames=20)
+    with pytest.raises(SamplingError, match=re.escape(WINDOWED)):
+        request.validate()
+    request.frames = 16  # one window: fine
+    request.validate()
+    request.frames, request.subjects[1] = 20, dataclasses.replace(request.subjects[1], strength=0.0)
+    request.validate()  # one image-prompt stream: the windows go together with it
+
+
+def test_the_command_line_refuses_several_subjects_with_windows_before_any_model(tiny_models, photos, tmp_path,
+                                                                                  capsys, monkeypatch) -> None:
+    from videobooth_core.app.cli import main
+    from videobooth_core.pipeline import VideoBoothPipeline
+
+    monkeypatch.setattr(VideoBoothPipeline, "from_models_dir", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    code, lines = _run(main, capsys, ["generate", "--models", tiny_models, "--prompt", "a ball and a cube",
+                                      "--subject", "ball", photos["image"], "--subject", "cube", photos["cutout"],
+                                      "--frames", "20", "--context-window", "8", "--out", tmp_path / "clip.gif"])
+    assert code == 2 and len(lines) == 1 and WINDOWED in lines[0], lines
+    assert "--frames: 20; use at most 8 frames (or a --context-window of 20 or more)" in lines[0]
+    assert not (tmp_path / "clip.gif").exists()
+
+
+def test_jobs_refuse_several_subjects_with_windows_naming_the_line(photos, tmp_path) -> None:
+    from videobooth_core.app.jobs import load_jobs
+    from videobooth_core.errors import JobsError
+
+    path = tmp_path / "jobs.jsonl"
+    subjects = [{"word": "ball", "image": str(photos["image"])}, {"word": "cube", "image": str(photos["cutout"])}]
+    path.write_text(json.dumps({"prompt": "a ball and a cube", "subjects": subjects}) + "\n" + json.dumps(
+        {"id": "long", "prompt": "a ball and a cube", "subjects": subjects, "frames": 24}) + "\n")
+    with pytest.raises(JobsError) as caught:
+        load_jobs(path)
+    message = str(caught.value)
+    assert message.startswith("line 2 (job long): ") and WINDOWED in message, message
+    assert "'frames': 24; use at most 16 frames (or a 'context_window' of 24 or more)" in message
+
+
+def test_the_request_builder_names_the_inputs_as_each_road_does(photos) -> None:
+    """One builder for the command line, jobs and the Python API; only the words differ."""
+    from videobooth_core.app.request import build_request
+    from videobooth_core.settings import key_names
+
+    inputs = {"prompt": PROMPT, "word": "ball", "image": str(photos["cutout"]), "cfg": 6,
+              "image_prompt_steps": [0, 0.5]}
+    request = build_request(inputs)
+    assert torch.equal(request.mask, photos["truth"]) and request.cfg_scale == 6
+    assert request.options.image_prompt_steps == (0.0, 0.5)
+    for names, words in ((None, "--cfg must be"), (key_names, "'cfg' must be")):
+        with pytest.raises(SamplingError, match=words):
+            build_request({**inputs, "cfg": -1}, **({"names": names} if names else {}))
+    with pytest.raises(ImagePromptError, match=r"give both \('image' and 'word'\)"):
+        build_request({"prompt": PROMPT, "image": str(photos["image"])}, names=key_names)
+    with pytest.raises(VideoBoothError, match="unknown input"):
+        build_request({"prompt": PROMPT, "promt": "x"})
+
+
 # -- the node inputs ------------------------------------------------------------------------------------------
-NODE_INPUTS = {
-    # (node id, input name): settings key
-    ("VideoBoothSampler", "seed"): "seed", ("VideoBoothSampler", "steps"): "steps",
-    ("VideoBoothSampler", "cfg"): "cfg", ("VideoBoothSampler", "sampler"): "sampler",
-    ("VideoBoothSampler", "guidance"): "guidance", ("VideoBoothSampler", "frames"): "frames",
-    ("VideoBoothSampler", "width"): "width", ("VideoBoothSampler", "height"): "height",
-    ("VideoBoothSampler", "spacing"): "spacing", ("VideoBoothSampler", "eta"): "eta",
+WIDGET_SETTINGS = {
+    # (node id, widget) -> settings key, where the widget is named otherwise (the others: their own name)
     ("VideoBoothLatentInjection", "strength"): "image_prompt_strength",
-    ("VideoBoothImagePrompt", "padding"): "padding",
     ("VideoBoothTextEncode", "negative_prompt"): "negative",
+    ("VideoBoothNativeConditioning", "negative_prompt"): "negative",
+    ("VideoBoothStartFrames", "last_frames"): "extend_frames",
+    ("VideoBoothBestOfN", "frames_per_video"): "frames",
+    ("VideoBoothNativeContextWindows", "fuse"): "context_fuse",
+}
+WIDGET_DEFAULTS = {("VideoBoothStartFrames", "last_frames"): 1}
+"""Widgets whose default differs from their setting's, on purpose (a start image is one frame)."""
+NODE_ONLY = {
+    # numeric, boolean and choice widgets that are no generation setting (their own ranges, checked by their node)
+    "chunk_size", "region_x1", "region_y1", "region_x2", "region_y2", "invert_mask", "overwrite", "kv_weights",
+    "rank_by", "output", "metric", "official_guidance", "tokenizer",
 }
 
 
-def test_node_inputs_agree_with_the_settings() -> None:
+def test_every_node_widget_agrees_with_the_settings() -> None:
+    """Every widget of every node that is a setting has the setting's default, range, step and choices, from the
+    one table; the rest are named above (a new widget must be one or the other)."""
     from conftest import import_pack
 
-    mappings = import_pack().NODE_CLASS_MAPPINGS
+    from videobooth_core.settings import (
+        CONVERT_PRECISION, DEFAULT_DEVICE, LORA_STRENGTH_RANGE, PRECISIONS, SAMPLER_BATCH,
+    )
 
-    def spec_of(node: str, name: str) -> tuple:
-        schema = mappings[node].INPUT_TYPES()
-        return {**schema["required"], **schema.get("optional", {})}[name]
+    table = {**SETTINGS, "batch": SAMPLER_BATCH}
+    checked = set()
+    for node, cls in import_pack().NODE_CLASS_MAPPINGS.items():
+        schema = cls.INPUT_TYPES()
+        for name, spec in {**schema["required"], **schema.get("optional", {})}.items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "BOOLEAN", "STRING")
+            if name.endswith("_name") or not widget:
+                continue  # model files and sockets
+            if name == "precision":
+                expected = [CONVERT_PRECISION, *[p for p in PRECISIONS if p != CONVERT_PRECISION]] \
+                    if node == "VideoBoothConvertWeights" else ["auto", *PRECISIONS]
+                assert sorted(kind) == sorted(expected) and options["default"] == expected[0], node
+                continue
+            if name == "device":
+                assert kind == ["auto", DEFAULT_DEVICE], node
+                continue
+            if name in ("strength_model", "strength_clip"):
+                assert (options["min"], options["max"]) == LORA_STRENGTH_RANGE, (node, name)
+                continue
+            if node == "VideoBoothLatentInjection" and name in ("start", "end"):
+                window = SETTINGS["image_prompt_steps"]
+                expected = (window.default[name == "end"], window.minimum, window.maximum)
+                assert (options["default"], options["min"], options["max"]) == expected, name
+                continue
+            key = WIDGET_SETTINGS.get((node, name), name)
+            if key not in table:
+                assert name in NODE_ONLY or kind == "STRING", (node, name)
+                continue
+            setting = table[key]
+            checked.add((node, name))
+            assert options["default"] == WIDGET_DEFAULTS.get((node, name), setting.default), (node, name)
+            if setting.choices is not None:
+                assert tuple(kind) == setting.choices, (node, name)
+            elif setting.kind in ("int", "float"):
+                assert kind == setting.kind.upper(), (node, name)
+                low = setting.minimum if setting.minimum is not None else setting.above
+                assert (options["min"], options.get("max")) == (low, setting.maximum), (node, name)
+                if setting.multiple_of:
+                    assert options["step"] == setting.multiple_of, (node, name)
+            else:
+                assert kind == {"bool": "BOOLEAN", "str": "STRING"}[setting.kind], (node, name)
+    assert {("VideoBoothSampler", "seed"), ("VideoBoothSampler", "batch"),
+            ("VideoBoothContextOptions", "context_window"), ("VideoBoothContextOptions", "noise_reuse"),
+            ("VideoBoothStartFrames", "last_frames"),
+            ("VideoBoothNativeContextWindows", "context_overlap"), ("VideoBoothImagePrompt", "padding"),
+            ("VideoBoothTextEncode", "negative_prompt")} <= checked
 
-    for (node, name), key in NODE_INPUTS.items():
-        setting, (kind, options) = SETTINGS[key], spec_of(node, name)
-        assert options["default"] == setting.default, (node, name)
-        if setting.choices is not None:
-            assert tuple(kind) == setting.choices, (node, name)
+
+def test_the_shared_constants_have_one_home() -> None:
+    """settings.py alone defines the shared constants (no copy in the core or the nodes; the trainer is being
+    rewritten elsewhere)."""
+    import ast
+
+    from conftest import REPO
+
+    shared = {"VAE_SCALE", "MAX_SEED", "CONTEXT_WINDOW", "CONTEXT_OVERLAP", "DEFAULT_WINDOW", "DEFAULT_OVERLAP",
+              "FUSE_MODES", "TRAINED_FRAMES", "TRAINED_SIZE", "DEFAULT_PRECISION", "DEFAULT_ATTENTION"}
+    found = []
+    for path in [*(REPO / "videobooth_core").rglob("*.py"), *(REPO / "nodes").rglob("*.py")]:
+        if "training" in path.parts or path.name == "settings.py":
             continue
-        if setting.kind in ("int", "float"):
-            assert kind == setting.kind.upper(), (node, name)
-            assert (options["min"], options["max"]) == (setting.minimum, setting.maximum), (node, name)
-            if setting.multiple_of:
-                assert options["step"] == setting.multiple_of, (node, name)
-    window = SETTINGS["image_prompt_steps"]  # the injection window: two inputs for one (start, end) setting
-    for name, default in zip(("start", "end"), window.default):
-        options = spec_of("VideoBoothLatentInjection", name)[1]
-        assert (options["default"], options["min"], options["max"]) == (default, window.minimum, window.maximum)
+        for item in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = item.targets if isinstance(item, ast.Assign) else [item.target] \
+                if isinstance(item, ast.AnnAssign) else []
+            found += [f"{path.name}: {t.id}" for t in targets if isinstance(t, ast.Name) and t.id in shared]
+            if isinstance(item, ast.BinOp) and isinstance(item.op, ast.Pow) and getattr(item.right, "value", 0) == 64:
+                found.append(f"{path.name}: 2**64")
+    assert found == []

@@ -291,7 +291,7 @@ def test_subject_flags_parse_with_strength_region_and_box(tmp_path, tiny_models)
 
 
 def test_jobs_take_a_subjects_list(tmp_path) -> None:
-    from videobooth_core.app.jobs import build_request, load_jobs
+    from videobooth_core.app.jobs import job_request, load_jobs
     from videobooth_core.errors import JobsError
 
     image, mask, other = _photos()
@@ -308,7 +308,7 @@ def test_jobs_take_a_subjects_list(tmp_path) -> None:
     assert first.subjects[0]["image"] == str(tmp_path / "ball.png")
     assert first.describe()["subjects"][0]["strength"] == 0.8
     assert "subjects" not in plain.describe()  # done-records of runs without subjects stay valid
-    request = build_request(first)
+    request = job_request(first)
     assert [s.word for s in request.subjects] == ["ball", "cube"] and request.subjects[0].strength == 0.8
     jobs_file.write_text(json.dumps({"prompt": "a ball", "subjects": [{"word": "ball"}]}))
     with pytest.raises(JobsError, match=r"line 1: subjects\[0\]: subject 'ball' needs its 'image'"):

@@ -20,7 +20,8 @@ import torch
 from einops import rearrange
 
 from .conditioning.embeddings import Conditioning, encode_exemplar, encode_image_prompt, encode_prompt
-from .conditioning.image_prompt import PreparedImagePrompt, prepare_image_prompt
+from .conditioning.image_prompt import PreparedImagePrompt
+from .conditioning.subjects import prepare_photo
 from .conditioning.text import WHOLE_WORD
 from .conditioning.vae import vae_decode
 from .errors import SamplingError
@@ -34,13 +35,10 @@ from .sampling.run import prepare_denoiser, run_sampler
 from .sampling.known_frames import encode_start_frames
 from .sampling.schedulers import OFFICIAL_SAMPLER
 from .sampling.windows import ContextOptions, context_options, long_video_info, reuse_noise
-from .settings import GenerationSettings, SamplingOptions, check_request, log_once
+from .settings import VAE_SCALE, GenerationSettings, Names, SamplingOptions, check_request, log_once
 from .subjects_generation import single_subject_request, subjects_conditioning
 
 logger = logging.getLogger(__name__)
-
-VAE_SCALE = 8
-"""Pixels per latent cell."""
 
 
 @dataclass(kw_only=True)
@@ -68,12 +66,17 @@ class GenerationRequest(GenerationSettings):
     start_latents: torch.Tensor | None = None
     """Instead of ``start_frames``: (1, 4, n, height/8, width/8) clean latents, e.g. a previous result's
     ``latents[:, :, -4:]`` (extension without a VAE round trip)."""
+    prepared_photos: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Filled by validation, leave it out: the photos prepared once per request and kept for the conditioning
+    (:func:`videobooth_core.conditioning.subjects.prepare_photo`); copies made with ``dataclasses.replace`` share it."""
 
-    def validate(self, tokenizer: Any = None, device: Any = None) -> list[str]:
+    def validate(self, tokenizer: Any = None, device: Any = None, *, names: Names | None = None,
+                 fine_injection: Any = None) -> list[str]:
         """The one validation (:func:`videobooth_core.settings.check_request`): raises a VideoBoothError naming
         the bad value; logs and returns the warnings (each once per process). With ``tokenizer`` the prompts are
-        checked against CLIP's 77 tokens; with ``device`` the device must exist here."""
-        warnings = check_request(self, tokenizer, device)
+        checked against CLIP's 77 tokens; with ``device`` the device must exist here; ``names`` and
+        ``fine_injection`` as :func:`check_request` takes them."""
+        warnings = check_request(self, tokenizer, device, names=names, fine_injection=fine_injection)
         for warning in warnings:
             log_once(warning, __name__)
         return warnings
@@ -367,8 +370,8 @@ class VideoBoothPipeline:
         """The single-subject conditioning: the photo prepared (if any), its word vectors spliced into the
         prompt's text states, the negative prompt's text states."""
         prepared = None
-        if request.image is not None:
-            prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        if request.image is not None:  # prepared by the validation before, taken from the request
+            prepared = prepare_photo(request, request.image, request.mask, request.bbox)
         null_text, _ = self.encode_prompt(request.negative_prompt)
         injected = None if prepared is None else self.encode_image_prompt(prepared)
         cond_text, used = self.encode_prompt(request.prompt, request.subject_word, injected, request.subject_match)

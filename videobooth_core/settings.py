@@ -20,15 +20,21 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .conditioning.text import NULL_PROMPT, SUBJECT_MATCHES, WHOLE_WORD
 from .errors import DeviceError, ImagePromptError, SamplingError, VideoBoothError
+from .loading.checkpoint import DTYPES
+from .models.attention import ATTENTION_BACKENDS
 from .sampling.denoiser import GUIDANCE_RULES
 from .sampling.known_frames import check_long_video
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
 
 logger = logging.getLogger(__name__)
+
+Names = Callable[[str], "str | None"]
+"""How one road names an input in its messages, by its jobs key (``cfg``, ``image``...): the command line by its
+flag, a jobs line by its key, a node by its widget; None keeps the setting's own label."""
 
 MAX_SEED = 2**64 - 1
 """Seeds are 64-bit: torch.Generator.manual_seed takes [0, 2**64)."""
@@ -36,6 +42,23 @@ TRAINED_FRAMES = 16
 TRAINED_SIZE = 256
 """The released model was trained on 16 frames of 256 x 256; anything else is an extrapolation."""
 VAE_SCALE = 8
+"""Pixels per latent cell of the SD 1.x VAE."""
+CONTEXT_WINDOW = TRAINED_FRAMES
+"""Long videos: frames per UNet call by default (the trained length)."""
+CONTEXT_OVERLAP = 4
+FUSE_MODES: tuple[str, ...] = ("pyramid", "flat")
+"""How overlapping windows' predictions are weighted; the first is the default."""
+
+# -- per-run settings (the command line's and the loader nodes'; not part of a generation's request) -------------
+PRECISIONS: tuple[str, ...] = tuple(DTYPES)
+"""Weight precisions (``--dtype``, the loader nodes' precision); the first, fp32, is a generation's default (the
+official numerics)."""
+DEFAULT_PRECISION = PRECISIONS[0]
+CONVERT_PRECISION = "fp16"
+"""Precision of the weights ``convert`` writes (half the size; loading casts them to the run's precision)."""
+DEFAULT_ATTENTION = ATTENTION_BACKENDS[0]
+"""The attention kernel of a run (``--attention``): sdpa, the tested default."""
+DEFAULT_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -62,9 +85,10 @@ class Setting:
     section: str = "request"
     """``request`` (a field of GenerationSettings) or ``options`` (a field of SamplingOptions)."""
 
-    def check(self, value: Any) -> Any:
-        """``value`` if it is valid for this setting; otherwise SamplingError naming it and the fix."""
-        what = self.label or self.key
+    def check(self, value: Any, name: str | None = None) -> Any:
+        """``value`` if it is valid for this setting; otherwise SamplingError naming it (as ``name``, how the
+        caller's road calls it: a flag, a jobs key, a widget; the label when None) and the fix."""
+        what = name or self.label or self.key
         if self.kind == "bool":
             if not isinstance(value, bool):
                 raise SamplingError(f"{what} must be true or false, got {value!r}")
@@ -103,8 +127,9 @@ class Setting:
         start, end = float(value[0]), float(value[1])
         low, high = _number(self.minimum), _number(self.maximum)
         if not (math.isfinite(start) and math.isfinite(end)) or not self.minimum <= start < end <= self.maximum:
+            example = f"{what} 0 0.5" if what.startswith("--") else "start 0 and end 0.5"  # a flag, or any other name
             raise SamplingError(f"{what} must satisfy {low} <= start < end <= {high}, got ({value[0]}, {value[1]}); "
-                                f"e.g. {self.flag} 0 0.5 for the first half of the steps ({low} {high} is official)")
+                                f"e.g. {example} for the first half of the steps ({low} {high} is official)")
         return start, end
 
     def _fix(self) -> str:
@@ -200,13 +225,13 @@ class GenerationSettings:
         "alone) or official-substring (the official code's plain replacement)", choices=SUBJECT_MATCHES)
     fps: float = _setting("float", 8.0, "frames per second of the written video", above=0.0)
     context_window: int = _setting(
-        "int", 16, "long videos: frames per UNet call; more frames are denoised by overlapping windows that all "
-        "attend to frame 0 and the image prompt (memory of one window, time linear in the frames)", minimum=2,
+        "int", CONTEXT_WINDOW, "long videos: frames per UNet call; more frames are denoised by overlapping windows "
+        "that all attend to frame 0 and the image prompt (memory of one window, time linear in the frames)", minimum=2,
         maximum=256)
-    context_overlap: int = _setting("int", 4, "long videos: frames shared by neighbouring windows (at most the "
-                                    "window minus 2)", minimum=0, maximum=254)
-    context_fuse: str = _setting("str", "pyramid", "long videos: weights of overlapping windows' predictions "
-                                 "(pyramid: highest at a window's middle; flat: equal)", choices=("pyramid", "flat"))
+    context_overlap: int = _setting("int", CONTEXT_OVERLAP, "long videos: frames shared by neighbouring windows (at "
+                                    "most the window minus 2)", minimum=0, maximum=254)
+    context_fuse: str = _setting("str", FUSE_MODES[0], "long videos: weights of overlapping windows' predictions "
+                                 "(pyramid: highest at a window's middle; flat: equal)", choices=FUSE_MODES)
     noise_reuse: bool = _setting("bool", False, "long videos: later windows start from shuffled copies of the "
                                  "first window's noise (FreeNoise; keeps the content closer)")
     extend_frames: int = _setting("int", 4, "with --extend: how many of the video's last frames anchor the "
@@ -214,18 +239,22 @@ class GenerationSettings:
     options: SamplingOptions = field(default_factory=SamplingOptions)
     """The opt-in speed modes; ``None`` is read as the defaults."""
 
-    def check(self) -> None:
-        """Every setting's type, range and choice (SamplingError naming the value and the fix)."""
-        _check_fields(self)
+    def check(self, names: Names | None = None) -> None:
+        """Every setting's type, range and choice (SamplingError naming the value, as ``names`` calls it, and
+        the fix)."""
+        _check_fields(self, names)
         if self.options is not None and not isinstance(self.options, SamplingOptions):
             raise SamplingError(f"options must be a SamplingOptions, got {type(self.options).__name__}")
+        if self.options is not None:
+            _check_fields(self.options, names)
 
 
-def _check_fields(instance: Any) -> None:
+def _check_fields(instance: Any, names: Names | None = None) -> None:
     for f in dataclasses.fields(instance):
         spec = f.metadata.get("setting")
         if spec is not None:
-            SETTINGS[spec.key or f.name].check(getattr(instance, f.name))
+            key = spec.key or f.name
+            SETTINGS[key].check(getattr(instance, f.name), names(key) if names else None)
 
 
 def _table() -> dict[str, Setting]:
@@ -285,17 +314,48 @@ def check_lora_strength(value: Any, what: str = "the LoRA strength") -> float:
     return check_number(what, value, 1.0, minimum=low, maximum=high)
 
 
-def check_settings_values(values: Mapping[str, Any]) -> None:
+def check_settings_values(values: Mapping[str, Any], names: Names | None = None) -> dict[str, Any]:
     """Every given setting (``{jobs key: value}``) checked on its own, before anything is read from disk: a
-    bad number is named as itself (``--extend-frames 0``), not by what it would break later."""
+    bad number is named as itself (``--extend-frames 0``, as ``names`` calls it), not by what it would break
+    later. Returns the values (pairs as tuples)."""
+    checked = {}
     for key, value in values.items():
         if key in SETTINGS and value is not None:
-            SETTINGS[key].check(tuple(value) if SETTINGS[key].kind == "pair" else value)
+            spec = SETTINGS[key]
+            checked[key] = spec.check(tuple(value) if spec.kind == "pair" and isinstance(value, list) else value,
+                                      names(key) if names else None)
+    return checked
+
+
+# -- how each road names the inputs in its messages -------------------------------------------------------------
+INPUT_FLAGS = {"prompt": "--prompt", "word": "--word", "image": "--image", "mask": "--mask", "bbox": "--bbox",
+               "subjects": "--subject", "start_image": "--start-image", "extend": "--extend",
+               "subject_strength": "strength= of --subject"}
+"""The command line's flags of a generation's inputs that are not settings, by jobs key."""
+SUBJECT_KEYS = {"subject_strength": "'strength' of a 'subjects' entry"}
+"""A jobs line's names of the inputs inside its ``subjects`` entries."""
+
+
+def flag_names(key: str) -> str:
+    """The command line's (and the Python API's) name of an input: its flag (``--cfg``, ``--image``)."""
+    return SETTINGS[key].flag if key in SETTINGS else INPUT_FLAGS.get(key, key)
+
+
+def key_names(key: str) -> str:
+    """A jobs line's name of an input: its key, quoted (``'cfg'``, ``'image'``)."""
+    return SUBJECT_KEYS.get(key, repr(key))
+
+
+SAMPLER_BATCH = Setting("int", 1, "videos per run, one after another with seeds seed, seed + 1, ...", key="batch",
+                        label="batch", minimum=1, maximum=64)
+"""VideoBooth Sampler's batch widget (not a generation setting: the command line's is ``--jobs`` or ``--best-of``)."""
+WIDGET_SETTINGS: dict[str, Setting] = {**SETTINGS, "batch": SAMPLER_BATCH}
+"""Every setting a node widget takes its options and its check from, by key."""
 
 
 def widget(key: str, **extra: Any) -> dict[str, Any]:
     """ComfyUI widget options (default, min, max, step for multiples) of a numeric setting, plus ``extra``."""
-    spec = SETTINGS[key]
+    spec = WIDGET_SETTINGS[key]
     options: dict[str, Any] = {"default": spec.default}
     low = spec.minimum if spec.minimum is not None else spec.above
     if low is not None:
@@ -357,55 +417,72 @@ def load_prompt_tokenizer(models_dir: str | Path) -> Any:
     return load_clip_tokenizer(find_tokenizer_dir(check_models_dir(models_dir)))
 
 
-def check_request(request: Any, tokenizer: Any = None, device: Any = None) -> list[str]:
-    """Validate one generation before any model is loaded; return the warnings (not logged here).
+def check_request(request: Any, tokenizer: Any = None, device: Any = None, *, names: Names | None = None,
+                  fine_injection: Any = None) -> list[str]:
+    """Validate one generation before any model is loaded; return the warnings (not logged here). Every road
+    calls it: the pipeline (:meth:`GenerationRequest.validate`), so the Python API; the command line and batch
+    jobs through the one request builder (:func:`videobooth_core.app.request.build_request`); the Sampler node.
 
-    ``request`` is a :class:`GenerationSettings` with ``prompt``, ``subject_word``, ``image``, ``mask`` and
-    ``bbox`` (the pipeline's GenerationRequest). With ``tokenizer`` the prompts are checked against CLIP's
-    77 tokens after the subject splice; with ``device`` the device must exist on this machine.
+    ``request`` is a :class:`GenerationSettings` with ``prompt``, ``subject_word``, ``image``, ``mask``, ``bbox``
+    and ``subjects`` (the pipeline's GenerationRequest). With ``tokenizer`` the prompts are checked against CLIP's
+    77 tokens after the subject splice; with ``device`` the device must exist on this machine. The photos are
+    prepared here, once per request (:func:`conditioning.subjects.prepare_photo` keeps them for the
+    conditioning). ``names``: how the caller's road names the inputs in messages (:data:`Names`; the flags when
+    None). ``fine_injection``: the plan of the image-prompt streams when the caller made it without photos (the
+    Sampler node, from its exemplars); otherwise it is planned from the request's subjects.
 
     Raises:
         VideoBoothError: SamplingError, ImagePromptError or PromptError naming the value and the fix.
     """
-    from .conditioning.image_prompt import prepare_image_prompt
+    from .conditioning.subjects import check_subjects, check_windowed_subjects, plan_request_injection, prepare_photo
     from .conditioning.text import prompt_fit_warnings, substitute_subject
+    
+    def say(key: str) -> str:  # the road's name, else the setting's label; the flags when no road is named
+        if names is None:
+            return flag_names(key)
+        return names(key) or (SETTINGS[key].label if key in SETTINGS else key)
 
     if device is not None:
         check_device(device)
-    request.check()
-    check_long_video(request)
+    request.check(names)
+    check_long_video(request, say)
     has_image, has_word = request.image is not None, request.subject_word is not None
     if has_image != has_word:
         raise ImagePromptError(
             "an image prompt needs both the image and the subject word (the prompt's word naming the subject); "
             f"got {'an image without a subject word' if has_image else f'the subject word {request.subject_word!r} without an image'}; "
-            "give both (--image and --word), or neither for text-to-video")
+            f"give both ({say('image')} and {say('word')}), or neither for text-to-video")
     if not has_image and (request.mask is not None or request.bbox is not None):
         given = " and ".join(n for n, v in (("a mask", request.mask), ("a bbox", request.bbox)) if v is not None)
         raise ImagePromptError(f"{given} without an image: the mask and the bbox select the subject in its photo; "
-                               "give the photo too (--image and --word), or drop them for text-to-video")
+                               f"give the photo too ({say('image')} and {say('word')}), or drop them for "
+                               "text-to-video")
     if not isinstance(request.prompt, str):
         raise VideoBoothError(f"the prompt must be a string, got {type(request.prompt).__name__}")
     if has_image:
-        prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        prepare_photo(request, request.image, request.mask, request.bbox)
         substitute_subject(request.prompt, request.subject_word, request.subject_match)
     warnings = []
-    if getattr(request, "subjects", None):  # several subjects: each checked, the prompt measured after every splice
-        from .conditioning.subjects import check_subjects
-
+    subjects = getattr(request, "subjects", None)
+    if subjects:  # several subjects: each checked, the prompt measured after every splice
         warnings += check_subjects(request, tokenizer, SETTINGS["image_prompt_strength"].check)
     elif tokenizer is not None:
         warnings += prompt_fit_warnings(tokenizer, request.prompt, request.subject_word if has_image else None,
                                         request.subject_match)
+    if fine_injection is None and subjects:
+        fine_injection = plan_request_injection(request)
+    if fine_injection is not None:
+        check_windowed_subjects(fine_injection, request, say)
     if tokenizer is not None:
         warnings += prompt_fit_warnings(tokenizer, request.negative_prompt, what="negative prompt")
     if request.frames > max(TRAINED_FRAMES, request.context_window):
         warnings.append(f"{request.frames} frames: the model was trained on {TRAINED_FRAMES}, so the video is denoised "
                         f"in overlapping windows of {request.context_window} frames that all attend to frame 0 and the "
-                        "image prompt (motion may drift or repeat from window to window; see --context-overlap)")
+                        "image prompt (motion may drift or repeat from window to window; see "
+                        f"{say('context_overlap')})")
     elif request.frames > TRAINED_FRAMES:
         warnings.append(f"{request.frames} frames: the model was trained on {TRAINED_FRAMES}, so longer videos are an "
-                        "extrapolation (they tend to repeat or lose the subject); --context-window "
+                        f"extrapolation (they tend to repeat or lose the subject); {say('context_window')} "
                         f"{TRAINED_FRAMES} denoises them in windows of the trained length")
     if (request.width, request.height) != (TRAINED_SIZE, TRAINED_SIZE):
         warnings.append(f"{request.width}x{request.height}: the model was trained at {TRAINED_SIZE}x{TRAINED_SIZE}, "

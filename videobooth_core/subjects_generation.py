@@ -18,15 +18,14 @@ import dataclasses
 from typing import Any
 
 from .conditioning.embeddings import Conditioning
-from .conditioning.image_prompt import prepare_image_prompt
-from .conditioning.subjects import check_region, encode_subjects_prompt, plan_fine_injection, request_subjects
-from .errors import SamplingError, explain
-from .sampling.windows import context_options
+from .conditioning.subjects import (
+    check_region,
+    encode_subjects_prompt,
+    plan_request_injection,
+    prepare_photos,
+    request_subjects,
+)
 from .settings import SamplingOptions
-
-
-def _strengths(options: SamplingOptions, subjects: list) -> list[float]:
-    return [options.image_prompt_strength if s.strength is None else float(s.strength) for s in subjects]
 
 
 def single_subject_request(request: Any, options: SamplingOptions) -> Any | None:
@@ -36,25 +35,19 @@ def single_subject_request(request: Any, options: SamplingOptions) -> Any | None
     if len(subjects) != 1 or check_region(subjects[0].region) is not None:
         return None
     only = subjects[0]
-    return dataclasses.replace(
+    strength = options.image_prompt_strength if only.strength is None else float(only.strength)
+    return dataclasses.replace(  # the prepared photos stay shared: the same photo is not prepared again
         request, image=only.image, subject_word=only.word, mask=only.mask, bbox=only.bbox, subjects=[],
-        options=dataclasses.replace(options, image_prompt_strength=_strengths(options, subjects)[0]))
+        options=dataclasses.replace(options, image_prompt_strength=strength))
 
 
 def subjects_conditioning(pipe: Any, request: Any, options: SamplingOptions) -> Conditioning:
     """Every subject's photo prepared and mapped to its word's vectors, the prompt spliced with them, and the
-    plan of the image-prompt streams (``pipe``: a :class:`videobooth_core.pipeline.VideoBoothPipeline`)."""
+    plan of the image-prompt streams (``pipe``: a :class:`videobooth_core.pipeline.VideoBoothPipeline`). The
+    request was validated (:func:`videobooth_core.settings.check_request`), which prepared the photos once."""
     subjects = request_subjects(request)
-    strengths = _strengths(options, subjects)
-    regions = [check_region(s.region) for s in subjects]
-    plan = plan_fine_injection(strengths, regions)
-    context = context_options(request)
-    if plan.subject_strengths is not None and context.applies(request.frames):
-        raise SamplingError(explain(
-            "several subjects' image prompts and a long video (context windows) do not go together yet; frames",
-            request.frames, f"use at most {context.window} frames, or give one subject the image-prompt strength "
-            "(the others strength 0: their words keep their photos' vectors)"))
-    prepared = [prepare_image_prompt(s.image, s.mask, s.bbox, request.image_prompt_padding) for s in subjects]
+    plan = plan_request_injection(request, options)
+    prepared = prepare_photos(request)
     null_text, _ = pipe.encode_prompt(request.negative_prompt)
     vectors = [pipe.encode_image_prompt(one) for one in prepared]
     cond_text, used = encode_subjects_prompt(pipe.text_encoder, pipe.tokenizer, request.prompt,

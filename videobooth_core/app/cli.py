@@ -16,7 +16,15 @@ from pathlib import Path
 
 from ..errors import OutputError, Terminated, VideoBoothError, out_of_memory
 from ..allocator import ALLOCATORS, apply_allocator, chosen_allocator
-from ..settings import SETTINGS
+from ..settings import (
+    ATTENTION_BACKENDS,
+    CONVERT_PRECISION,
+    DEFAULT_ATTENTION,
+    DEFAULT_DEVICE,
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    SETTINGS,
+)
 from .common import cache_dir, progress_callback, run_summary
 
 logger = logging.getLogger("videobooth_core")
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"models folder with real weights (default: ${DEFAULT_MODELS_ENV} or ./models)")
     demo.add_argument("--out", default="videobooth_demo.gif", help="output video (default: videobooth_demo.gif)")
     demo.add_argument("--steps", type=int, default=None, help="sampling steps (default: 10 on tiny weights, 250 on real)")
-    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    demo.add_argument("--device", default=DEFAULT_DEVICE, help=f"cpu, cuda, cuda:N or mps (default: {DEFAULT_DEVICE})")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
 
     conv = sub.add_parser("convert", help="convert the released .pt weights to safetensors", formatter_class=_Formatter,
@@ -110,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--unet", help="the released watermark_remove_module.pt (default: none)")
     conv.add_argument("--mapper", help="the released mapper.pt (default: none)")
     conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth); required")
-    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
-                      help="precision of the written weights (default: fp16)")
+    conv.add_argument("--dtype", choices=PRECISIONS, default=CONVERT_PRECISION,
+                      help=f"precision of the written weights (default: {CONVERT_PRECISION})")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace videobooth_unet/mapper.safetensors already in --out (default: refuse)")
 
@@ -171,10 +179,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
             extra["choices"] = spec.choices
         group.add_argument(spec.flag, dest=spec.key, type=kind, default=spec.default,
                            help=f"{spec.help} (default: {spec.describe_default()})", **extra)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="UNet precision: fp32 (official numerics), bf16 (about 2x faster on CPUs with AVX-512 BF16), "
-                        "fp16 (GPUs only: very slow on CPUs) (default: fp32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; must exist on this machine (default: cpu)")
+                        f"fp16 (GPUs only: very slow on CPUs) (default: {DEFAULT_PRECISION})")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"cpu, cuda, cuda:N or mps; must exist on this machine (default: {DEFAULT_DEVICE})")
     p.add_argument("--stream-weights", action="store_true",
                    help="keep the UNet's weights on disk and read them block by block (same video, a fraction of the "
                         "memory; needs the UNet as .safetensors: see convert) (default: off)")
@@ -183,48 +192,28 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "fastest steps, measured 0.86x the time of an fp32 step against glibc, but about 0.75 GB more "
                         "peak), glibc (glibc's adaptive default) or lean (large blocks mapped and returned one by one: "
                         "the lowest peak, the slowest steps) (default: lean with --stream-weights, else fast)")
-    p.add_argument("--attention", default="sdpa", choices=("sdpa", "dedup", "math"),
+    p.add_argument("--attention", default=DEFAULT_ATTENTION, choices=ATTENTION_BACKENDS,
                    help="attention kernel: sdpa (fused, the tested default), dedup (frames 0 and 1 attend to one copy "
                         "of frame 0: fewer FLOPs, not bit-identical, measured deviation in the README), math (the "
-                        "official order of operations, slow; for checking) (default: sdpa)")
+                        f"official order of operations, slow; for checking) (default: {DEFAULT_ATTENTION})")
 
 
 # -- commands ------------------------------------------------------------------------------------------
-def _request_from(args: argparse.Namespace, base_dir: Path | None = None):
-    """The validated GenerationRequest of a ``generate`` command line, before any model loads: images and
-    masks read, every setting checked, the prompt measured against CLIP's 77 tokens with the models folder's
-    tokenizer, the device checked (:meth:`GenerationRequest.validate`)."""
-    from ..conditioning.image_prompt import load_mask, load_subject
-    from ..errors import PromptError
-    from ..pipeline import GenerationRequest
-    from ..settings import check_settings_values, load_prompt_tokenizer, settings_kwargs
+def _request_from(args: argparse.Namespace):
+    """The validated GenerationRequest of a ``generate`` command line, before any model loads: the one request
+    builder (:func:`.request.build_request`) with the flags' values, the models folder's tokenizer (the prompts
+    against CLIP's 77 tokens) and the device; messages name the flags."""
+    from ..settings import flag_names, load_prompt_tokenizer
+    from .request import INPUT_KEYS, build_request
 
-    if not args.prompt:
-        raise PromptError("--prompt is required: describe the video, e.g. --prompt 'a dog running on the beach'")
-    values = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
-    check_settings_values(values)  # each number named as itself, before any file is read
-
-    def resolve(path: str) -> str | Path:
-        return path if base_dir is None or Path(path).is_absolute() else base_dir / path
-
-    mask_path = resolve(args.mask) if args.mask else None
-    if args.image:
-        image, mask = load_subject(resolve(args.image), mask_path)
-    else:
-        image, mask = None, (load_mask(mask_path) if mask_path else None)
-    request = GenerationRequest(prompt=args.prompt, subject_word=args.word, image=image, mask=mask,
-                                bbox=tuple(args.bbox) if args.bbox else None, **settings_kwargs(values))
+    values = {key: getattr(args, key, None) for key in (*INPUT_KEYS, *SETTINGS) if key != "subjects"}
     if getattr(args, "subject", None):  # --subject WORD IMAGE [MASK] [key=value...], repeatable
-        from .subjects import load_subjects, parse_subject_argument
+        from .subjects import parse_subject_argument
 
-        request.subjects = load_subjects([parse_subject_argument(tokens) for tokens in args.subject], resolve)
-    if getattr(args, "start_image", None) or getattr(args, "extend", None):  # the video's first frames, read now
-        from .long_video import start_frames_from
-
-        request.start_frames = start_frames_from(args.start_image and resolve(args.start_image),
-                                                 args.extend and resolve(args.extend), request.extend_frames)
+        values["subjects"] = [parse_subject_argument(tokens) for tokens in args.subject]
+    request = build_request(values, validate=False)  # every setting and file checked before the models folder
     tokenizer = load_prompt_tokenizer(args.models) if getattr(args, "models", None) else None
-    request.validate(tokenizer, getattr(args, "device", None))
+    request.validate(tokenizer, getattr(args, "device", None), names=flag_names)
     return request
 
 
@@ -279,7 +268,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(args.models, dtype=args.dtype, device=args.device,
                                               stream_weights=args.stream_weights)
-    if args.attention != "sdpa":  # the default path never touches the model
+    if args.attention != DEFAULT_ATTENTION:  # the default path never touches the model
         pipe.unet.set_attention_backend(args.attention)
         args.attention = pipe.unet.attention_backend  # the summary reports the kernel in use
     if args.base_checkpoint or loras:  # the plain path never touches the weights

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..settings import DEFAULT_ATTENTION, DEFAULT_PRECISION
+
 
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/videobooth`` (default ``~/.cache/videobooth``): the tiny demo models and the error logs."""
@@ -58,9 +60,10 @@ def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any)
     return json.dumps({
         "output": str(out), "seconds": round(seconds, 2), "peak_rss_mb": round(peak_memory_mb(), 1),
         "frames": request.frames, "size": [request.width, request.height], "steps": request.steps,
-        "sampler": getattr(args, "sampler", "ddpm"), "cfg": request.cfg_scale, "guidance": request.guidance,
-        "seed": request.seed, "dtype": getattr(args, "dtype", "fp32"), "prompt_used": result.prompt_used,
-        "stream_weights": getattr(args, "stream_weights", False), "attention": getattr(args, "attention", "sdpa"),
+        "sampler": request.sampler, "cfg": request.cfg_scale, "guidance": request.guidance,
+        "seed": request.seed, "dtype": getattr(args, "dtype", DEFAULT_PRECISION), "prompt_used": result.prompt_used,
+        "stream_weights": getattr(args, "stream_weights", False),
+        "attention": getattr(args, "attention", DEFAULT_ATTENTION),
         "speed_modes": speed_modes(request.options),
         **result.info,
     })

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError, OutputError, explain
 from ..files import check_output_folder
-from ..settings import SETTINGS, check_number
+from ..settings import DEFAULT_PRECISION, SETTINGS, check_number
 from .common import cache_dir, progress_callback, run_summary
 
 DEMO_PROMPT = "a ball rolling on the grass"
@@ -77,11 +77,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     image, mask = synthetic_subject()
     steps = args.steps or (10 if tiny else 250)
-    request = GenerationRequest(prompt=DEMO_PROMPT, subject_word=DEMO_WORD, image=image, mask=mask, frames=16,
-                                width=256, height=256, steps=steps, seed=10)
+    # the official settings (settings.py's defaults: 16 frames of 256 x 256, seed 10), fewer steps on tiny weights
+    request = GenerationRequest(prompt=DEMO_PROMPT, subject_word=DEMO_WORD, image=image, mask=mask, steps=steps)
     start = time.perf_counter()
-    pipe = VideoBoothPipeline.from_files(files, dtype="fp32", device=args.device)
+    pipe = VideoBoothPipeline.from_files(files, dtype=DEFAULT_PRECISION, device=args.device)
     result = pipe.generate(request, callback=progress_callback("sampling"))
-    write_frames(result.frames, out, fps=8.0, overwrite=overwrite)
+    write_frames(result.frames, out, fps=request.fps, overwrite=overwrite)
     print("done: " + run_summary(result, request, time.perf_counter() - start, out, args))
     return 0

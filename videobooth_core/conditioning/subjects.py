@@ -16,17 +16,20 @@ import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ImagePromptError, PromptError, explain
+from ..errors import ImagePromptError, PromptError, SamplingError, explain
 from ..models.config import NUM_MAPPER_LEVELS
 from ..models.subjects import FULL_FRAME, Region
 from .text import (
     MAX_TOKENS, OFFICIAL_SUBSTRING, PLACEHOLDER_WORD, SUBJECT_MATCHES, WHOLE_WORD, dropped_words, encode_text,
     placeholder_token_ids, prompt_fit_warnings, substitute_subject, tokenize,
 )
+
+if TYPE_CHECKING:
+    from .image_prompt import PreparedImagePrompt
 
 DROPPED_WORDS_SHOWN = 20
 
@@ -317,8 +320,6 @@ def check_subjects(request: Any, tokenizer: Any = None,
     """Validate a request's subjects (words, photos, masks, boxes, strengths, regions, the prompt's splice) before
     any model loads; returns the prompt-fit warnings (with ``tokenizer``). ``check_strength`` checks one strength
     (the settings table's ``image_prompt_strength`` rule)."""
-    from .image_prompt import prepare_image_prompt
-
     subjects = request_subjects(request)
     if request.subject_match not in SUBJECT_MATCHES:
         raise PromptError(f"unknown subject_match {request.subject_match!r}; choose one of "
@@ -330,7 +331,7 @@ def check_subjects(request: Any, tokenizer: Any = None,
         if subject.image is None:
             raise ImagePromptError(explain(f"subject {number} ({subject.word!r}) needs its photo; got", None,
                                            "give the image of the subject"))
-        prepare_image_prompt(subject.image, subject.mask, subject.bbox, request.image_prompt_padding)
+        prepare_photo(request, subject.image, subject.mask, subject.bbox)
         if subject.strength is not None and check_strength is not None:
             check_strength(subject.strength)
         check_region(subject.region, f"region of subject {number} ({subject.word!r})")
@@ -339,3 +340,52 @@ def check_subjects(request: Any, tokenizer: Any = None,
     if tokenizer is None or not words:
         return []
     return subjects_fit_warnings(tokenizer, request.prompt, words, request.subject_match)
+
+
+def plan_request_injection(request: Any, options: Any = None) -> FineInjection:
+    """The fine injection of a request's subjects (:func:`request_subjects`): each one's strength (``options``'s
+    ``image_prompt_strength``, the request's by default, when it has none) and region."""
+    options = options if options is not None else request.options
+    default = 1.0 if options is None else options.image_prompt_strength
+    subjects = request_subjects(request)
+    return plan_fine_injection([default if s.strength is None else float(s.strength) for s in subjects],
+                               [check_region(s.region) for s in subjects])
+
+
+def check_windowed_subjects(plan: FineInjection, settings: Any, names: Callable[[str], str]) -> None:
+    """Several subjects' image-prompt streams and a long video (context windows) do not go together yet: refused
+    before any model loads, on every road, in its words (``names``: a key's flag, jobs key or widget).
+    ``settings``: the generation's (``frames``, ``context_window``)."""
+    if plan.subject_strengths is not None and settings.frames > settings.context_window:
+        raise SamplingError(explain(
+            f"several subjects' image prompts and a long video (context windows) do not go together yet; "
+            f"{names('frames')}", settings.frames,
+            f"use at most {settings.context_window} frames (or a {names('context_window')} of {settings.frames} or "
+            f"more), or give one subject a nonzero image-prompt strength and the others strength 0 "
+            f"({names('subject_strength')}; their words keep their photos' vectors)"))
+
+
+def prepare_photo(request: Any, image: torch.Tensor, mask: torch.Tensor | None,
+                  bbox: Any) -> PreparedImagePrompt:
+    """One subject's photo of ``request`` prepared (:func:`.image_prompt.prepare_image_prompt` with the request's
+    padding), once per request: validation prepares it before any model loads and the conditioning takes the
+    same result. It is kept in ``request.prepared_photos`` (shared by copies made with ``dataclasses.replace``,
+    e.g. best of N's seeds), keyed by the photo and mask (the objects and their in-place version counters), the
+    box and the padding, so a changed input is prepared anew."""
+    from .image_prompt import prepare_image_prompt
+
+    padding = request.image_prompt_padding
+    cache = getattr(request, "prepared_photos", None)
+    key = (id(image), getattr(image, "_version", None), id(mask), getattr(mask, "_version", None),
+           None if bbox is None else tuple(bbox), padding)
+    if cache is not None and key in cache and cache[key][0] is image and cache[key][1] is mask:
+        return cache[key][2]
+    prepared = prepare_image_prompt(image, mask, bbox, padding)
+    if cache is not None:  # the photo and mask are held with it, so their ids cannot be reused
+        cache[key] = (image, mask, prepared)
+    return prepared
+
+
+def prepare_photos(request: Any) -> list[PreparedImagePrompt]:
+    """Every subject's photo of ``request`` (:func:`request_subjects` order) prepared, each once per request."""
+    return [prepare_photo(request, s.image, s.mask, s.bbox) for s in request_subjects(request)]

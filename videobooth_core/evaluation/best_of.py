@@ -63,10 +63,10 @@ def generate_best_of(pipe: Any, request: Any, n: int, rank_by: str, scorer: Scor
     (``dino``, ``clip-i`` or ``clip-t``), each with its seed, scores and :class:`GenerationResult`."""
     check_best_of(n, rank_by, request.image is not None)
     reference = None
-    if request.image is not None:
-        from ..conditioning.image_prompt import prepare_image_prompt
+    if request.image is not None:  # the photo as the generation prepares it (once per request)
+        from ..conditioning.subjects import prepare_photo
 
-        prepared = prepare_image_prompt(request.image, request.mask, request.bbox, request.image_prompt_padding)
+        prepared = prepare_photo(request, request.image, request.mask, request.bbox)
         reference = prepared.square.permute(1, 2, 0)
     candidates = []
     for seed in candidate_seeds(request.seed, n):

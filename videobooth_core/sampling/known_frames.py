@@ -36,13 +36,15 @@ def check_known_frames(count: int, frames: int, what: str = "start frames") -> N
             "frames (--extend-frames)"))
 
 
-def check_long_video(request: Any) -> None:
+def check_long_video(request: Any, names: Any = None) -> None:
     """The long-video settings of a request, before any model loads: the context window and overlap work
     together, and the start frames (``start_frames`` (n, H, W, 3) or ``start_latents`` (1, 4, n, h, w), not both)
-    leave at least one frame to generate."""
+    leave at least one frame to generate. ``names``: how the caller's road names the settings (the flags when None)."""
+    from ..settings import VAE_SCALE
     from .windows import check_context
 
-    check_context(request.context_window, request.context_overlap, request.context_fuse)
+    check_context(request.context_window, request.context_overlap, request.context_fuse,
+                  *([names] if names is not None else []))
     frames_given = getattr(request, "start_frames", None)
     latents_given = getattr(request, "start_latents", None)
     if frames_given is not None and latents_given is not None:
@@ -59,7 +61,7 @@ def check_long_video(request: Any) -> None:
             raise SamplingError(explain("start_latents must be (1, 4, n, height/8, width/8); got",
                                         getattr(latents_given, "shape", type(latents_given).__name__),
                                         "pass the latents of a previous result (result.latents[:, :, -n:])"))
-        expected = (request.height // 8, request.width // 8)
+        expected = (request.height // VAE_SCALE, request.width // VAE_SCALE)
         if tuple(latents_given.shape[3:]) != expected:
             raise SamplingError(explain(f"start_latents must match the video's latent size {expected}; got",
                                         tuple(latents_given.shape[3:]), "generate at the size of the previous video"))

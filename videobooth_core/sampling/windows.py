@@ -26,11 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import SamplingError, explain
-
-FUSE_MODES: tuple[str, ...] = ("pyramid", "flat")
-DEFAULT_WINDOW = 16
-"""The released model's trained frame count."""
-DEFAULT_OVERLAP = 4
+from ..settings import CONTEXT_OVERLAP, CONTEXT_WINDOW, FUSE_MODES, flag_names
 
 
 @dataclass(frozen=True)
@@ -40,9 +36,9 @@ class ContextOptions:
     highest at a window's middle, so seams fade; ``flat``: equal), ``noise_reuse``: FreeNoise-style initial
     noise (later windows start from shuffled copies of earlier windows' noise, which keeps the content closer)."""
 
-    window: int = DEFAULT_WINDOW
-    overlap: int = DEFAULT_OVERLAP
-    fuse: str = "pyramid"
+    window: int = CONTEXT_WINDOW
+    overlap: int = CONTEXT_OVERLAP
+    fuse: str = FUSE_MODES[0]
     noise_reuse: bool = False
 
     def __post_init__(self) -> None:
@@ -53,16 +49,23 @@ class ContextOptions:
         return frames > self.window
 
 
-def check_context(window: int, overlap: int, fuse: str = "pyramid") -> None:
-    """SamplingError naming the value and the fix unless the window, overlap and fuse mode work together."""
+def check_context(window: int, overlap: int, fuse: str = FUSE_MODES[0],
+                  names: Callable[[str], str] = flag_names) -> None:
+    """SamplingError naming the value and the fix unless the window, overlap and fuse mode work together
+    (``names``: how the caller's road names ``context_window`` and ``context_overlap``; the flags by default)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise SamplingError(explain("the context window must be a whole number of at least 2 frames", window,
-                                    f"use --context-window {DEFAULT_WINDOW} (the trained length)"))
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= window - 2:
+                                    f"use {names('context_window')} {CONTEXT_WINDOW} (the trained length)"))
+    suggested = max(0, min(CONTEXT_OVERLAP, window - 2))
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise SamplingError(explain("the context overlap must be a whole number of frames, at least 0", overlap,
+                                    f"use {names('context_overlap')} {suggested}"))
+    if overlap > window - 2:
         raise SamplingError(explain(
-            f"the context overlap must be between 0 and {window - 2} for a window of {window} (frame 0 is in every "
-            "window, so at least one frame per window must be new)", overlap,
-            f"lower --context-overlap (e.g. {min(DEFAULT_OVERLAP, window - 2)}) or raise --context-window"))
+            f"{names('context_overlap')} must be at most {names('context_window')} - 2 = {window - 2} (frame 0 is in "
+            "every window, so each window needs at least one new frame)", overlap,
+            f"lower {names('context_overlap')} to {suggested} or raise {names('context_window')} to {overlap + 2} "
+            "or more"))
     if fuse not in FUSE_MODES:
         raise SamplingError(explain("unknown context fuse mode", fuse, f"choose one of {', '.join(FUSE_MODES)}"))
 
@@ -88,7 +91,7 @@ def context_windows(frames: int, window: int, overlap: int) -> list[list[int]]:
     return [[0, *range(start, start + span)] for start in starts]
 
 
-def fuse_weights(windows: list[list[int]], frames: int, fuse: str = "pyramid") -> list[torch.Tensor]:
+def fuse_weights(windows: list[list[int]], frames: int, fuse: str = FUSE_MODES[0]) -> list[torch.Tensor]:
     """Per window, the float32 weight of its prediction at each of its frames; at every frame the weights of the
     windows covering it sum to 1 (normalised in float64). Frame 0 weighs 1 in the first window and 0 elsewhere.
 

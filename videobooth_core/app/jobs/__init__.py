@@ -59,14 +59,15 @@ manifest's ``failed`` list; the other jobs go on, the run exits with 1 and the n
 broken weights end the run (exit 2) before anything is written.
 
 The package: :mod:`.schema` (the keys and :class:`Job`), :mod:`.lines` (reading and validating the file, the
-request of a line), :mod:`.records` (claims, done- and failure records, output checks, the manifest),
+request of a line through the one request builder, :mod:`videobooth_core.app.request`), :mod:`.records` (claims,
+done- and failure records, output checks, the manifest),
 :mod:`.ranks` (torchrun ranks and devices) and :mod:`.run` (the run loop).
 """
 
 from __future__ import annotations
 
-from .lines import build_request, check_job, load_jobs, parse_line
+from .lines import check_job, job_request, load_jobs, parse_line
 from .run import run_jobs
 from .schema import Job
 
-__all__ = ["Job", "build_request", "check_job", "load_jobs", "parse_line", "run_jobs"]
+__all__ = ["Job", "check_job", "job_request", "load_jobs", "parse_line", "run_jobs"]

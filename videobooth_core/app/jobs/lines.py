@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import JobsError, OutputError, VideoBoothError, explain
-from ...settings import check_device, settings_kwargs
+from ...settings import check_device, check_settings_values, flag_names, key_names
 from ...video_io import WRITE_SUFFIXES
 from .schema import (
     BEST_OF_KEYS,
@@ -27,28 +27,19 @@ from .schema import (
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:
-    """A line's JSON value converted to the setting's kind and checked against its range (settings.py)."""
+    """A line's JSON value checked by its setting's rule (:meth:`videobooth_core.settings.Setting.check`, the
+    message naming the key), in the setting's kind: JSON writes 16 as 16.0 and 6.0 as 6, and a pair as a list."""
     spec = SETTINGS[key]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if spec.kind == "int":
-        if not number or (isinstance(value, float) and not value.is_integer()):
-            raise JobsError(f"{where}: {key!r} must be a whole number, got {json.dumps(value)}")
+    if spec.kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
-    elif spec.kind == "float":
-        if not number:
-            raise JobsError(f"{where}: {key!r} must be a number, got {json.dumps(value)}")
-        value = float(value)
-    elif spec.kind == "bool" and not isinstance(value, bool):
-        raise JobsError(f"{where}: {key!r} must be true or false, got {json.dumps(value)}")
-    elif spec.kind == "str" and not isinstance(value, str):
-        raise JobsError(f"{where}: {key!r} must be a string, got {json.dumps(value)}")
-    elif spec.kind == "pair":
-        if not isinstance(value, list) or len(value) != 2 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise JobsError(f"{where}: {key!r} must be two numbers [start, end], got {json.dumps(value)}")
+    elif spec.kind == "float" and number:
+        value = float(value)  # as recorded and fingerprinted since the first jobs format
+    elif spec.kind == "pair" and isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         value = (float(value[0]), float(value[1]))
     try:
-        return spec.check(value)
+        return spec.check(value, key_names(key))
     except VideoBoothError as error:
         raise JobsError(f"{where}: {error}") from None
 
@@ -99,11 +90,6 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
         raise JobsError(f"{where}: 'word' must be the prompt's word naming the subject, got {json.dumps(word)}")
     image = _resolve(obj["image"], "image", base, where) if obj.get("image") is not None else None
     mask = _resolve(obj["mask"], "mask", base, where) if obj.get("mask") is not None else None
-    if (image is None) != (word is None):
-        raise JobsError(f"{where}: 'image' and 'word' go together: give the subject's photo and the prompt's "
-                        "word naming it, or neither for text-to-video")
-    if image is None and (mask is not None or obj.get("bbox") is not None):
-        raise JobsError(f"{where}: 'mask' and 'bbox' need an 'image'")
     bbox = obj.get("bbox")
     if bbox is not None:
         if (not isinstance(bbox, list) or len(bbox) != 4
@@ -193,23 +179,13 @@ def _check_best_of(best_of: Any, rank_by: Any, has_image: bool, where: str) -> t
         raise JobsError(f"{where}: {error} ('best_of', 'rank_by' or --best-of, --rank-by)") from None
 
 
-def build_request(job: Job):
-    """The pipeline request of ``job`` (images and masks loaded from disk; a cut-out's alpha is its mask)."""
-    from ...conditioning.image_prompt import load_subject
-    from ...pipeline import GenerationRequest
+def job_request(job: Job, tokenizer: Any = None, validate: bool = False):
+    """The pipeline request of ``job``, from the one request builder (:func:`..request.build_request`, messages
+    naming the line's keys); with ``validate`` checked as :meth:`GenerationRequest.validate` does (with
+    ``tokenizer``, the prompts against CLIP's 77 tokens)."""
+    from ..request import build_request
 
-    image, mask = load_subject(job.image, job.mask) if job.image else (None, None)
-    request = GenerationRequest(prompt=job.prompt, subject_word=job.word, image=image, mask=mask, bbox=job.bbox,
-                                **settings_kwargs(job.settings))
-    if job.subjects:
-        from ..subjects import load_subjects
-
-        request.subjects = load_subjects(job.subjects)
-    if job.start_image or job.extend:
-        from ..long_video import start_frames_from
-
-        request.start_frames = start_frames_from(job.start_image, job.extend, request.extend_frames)
-    return request
+    return build_request(job.inputs(), names=key_names, tokenizer=tokenizer, validate=validate)
 
 
 def check_job(job: Job, tokenizer: Any = None) -> None:
@@ -220,7 +196,7 @@ def check_job(job: Job, tokenizer: Any = None) -> None:
 
     where = f"line {job.line} (job {job.id})"
     try:
-        build_request(job).validate(tokenizer)
+        job_request(job, tokenizer, validate=True)
     except JobsError:
         raise
     except VideoBoothError as error:
@@ -235,17 +211,13 @@ def check_job(job: Job, tokenizer: Any = None) -> None:
 
 
 def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
-    """Every setting's default for the lines: the command line's value where given (checked), else settings.py's."""
-    merged = {}
-    for key, spec in SETTINGS.items():
-        value = (defaults or {}).get(key)
-        if value is None:
-            merged[key] = spec.default
-            continue
-        try:
-            merged[key] = spec.check(tuple(value) if spec.kind == "pair" else value)
-        except VideoBoothError as error:
-            raise JobsError(f"{spec.flag} (the default of every job): {error}") from None
+    """Every setting's default for the lines: the command line's value where given (checked, naming its flag),
+    else settings.py's."""
+    try:
+        given = check_settings_values(defaults or {}, flag_names)
+    except VideoBoothError as error:
+        raise JobsError(f"{error} (the default of every job)") from None
+    merged = {key: given.get(key, spec.default) for key, spec in SETTINGS.items()}
     merged.update({key: (defaults or {})[key] for key in ("base_checkpoint", "loras", "lora_kv")
                    if (defaults or {}).get(key) is not None})
     merged["best_of"] = (defaults or {}).get("best_of", 1)

@@ -15,8 +15,8 @@ from typing import Any
 
 from ...errors import JobsError, VideoBoothError, explain, out_of_memory
 from ...files import write_json_atomic
-from ...settings import load_prompt_tokenizer
-from .lines import build_request, load_jobs
+from ...settings import DEFAULT_ATTENTION, DEFAULT_DEVICE, DEFAULT_PRECISION, load_prompt_tokenizer
+from .lines import job_request, load_jobs
 from .ranks import peak_memory, process_group, rank_device, rank_info
 from .records import (
     CLAIMS_DIR,
@@ -92,13 +92,13 @@ def run_jobs(args: argparse.Namespace) -> int:
     rank, world, local_rank = rank_info()
     jobs_file = Path(args.jobs)
     out_dir = Path(args.out_dir)
-    dtype = getattr(args, "dtype", "fp32") or "fp32"
+    dtype = getattr(args, "dtype", None) or DEFAULT_PRECISION
     # validates every line (with the models folder's tokenizer, cheap) and the device before anything is written
     jobs = load_jobs(jobs_file, _defaults_from(args), tokenizer=load_prompt_tokenizer(args.models),
                      device=getattr(args, "device", None))
     # before any model loads: no output replaces what this batch did not write (unless --overwrite)
     replace = check_outputs(out_dir, jobs, dtype, overwrite=getattr(args, "overwrite", False))
-    device = rank_device(getattr(args, "device", "cpu") or "cpu", local_rank, world)
+    device = rank_device(getattr(args, "device", None) or DEFAULT_DEVICE, local_rank, world)
     run = RankRun(out_dir=out_dir, jobs=jobs, jobs_file=jobs_file, models=args.models, dtype=dtype, device=device,
                   rank=rank, world=world, replace=frozenset(replace))
     tag = run.tag
@@ -118,7 +118,7 @@ def run_jobs(args: argparse.Namespace) -> int:
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
         pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False)) if todo else None
-        if pipe is not None and getattr(args, "attention", "sdpa") != "sdpa":
+        if pipe is not None and getattr(args, "attention", DEFAULT_ATTENTION) != DEFAULT_ATTENTION:
             pipe.unet.set_attention_backend(args.attention)
         scorer = _load_scorer(args, todo, device, tag)
 
@@ -236,7 +236,7 @@ def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
     """Generate ``job`` and write its output (claimed first, so that a rerun after a kill between the output
     and its done-record knows the output is this job's). Returns the result, the seed that alone reproduces it,
     and for best of N ``{"best_of": {"n", "rank_by", "candidates": [{"seed", scores...}, best first]}}``."""
-    request = build_request(job)
+    request = job_request(job)  # validated by the pipeline, which prepares the photos once
     try:  # the styles are undone in the finally, even after a failure, so the next line starts from plain weights
         if job.styled:
             for line in pipe.use_sd_models(job.base_checkpoint, job.loras, job.lora_kv):

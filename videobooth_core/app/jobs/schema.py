@@ -75,6 +75,13 @@ class Job:
     extend: str | None = None
     """Absolute path of the video continued from its last ``extend_frames`` frames."""
 
+    def inputs(self) -> dict[str, Any]:
+        """The line's inputs for the one request builder (:func:`videobooth_core.app.request.build_request`):
+        prompt, subject, start frames (absolute paths) and every setting, by key."""
+        return {"prompt": self.prompt, "word": self.word, "image": self.image, "mask": self.mask, "bbox": self.bbox,
+                "subjects": list(self.subjects), "start_image": self.start_image, "extend": self.extend,
+                **self.settings}
+
     @property
     def styled(self) -> bool:
         return self.base_checkpoint is not None or bool(self.loras)
