@@ -256,6 +256,24 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
         train(run("b"))
 
 
+def test_checkpoints_of_the_earlier_trainer_are_refused_by_name(tiny_models, synth, tmp_path):
+    """A step_*.pt file (the trainer's checkpoints before they were accelerate folders) is not read: --resume latest
+    over a folder holding only those, and --resume naming one, say what it is and what to do, before any model
+    loads."""
+    from videobooth_core.app.cli import main
+    from videobooth_core.training.state import resume_folder
+
+    old = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"PK\x03\x04 a torch.save file")
+    with pytest.raises(TrainingError, match="only checkpoints of an earlier trainer.*cannot be resumed"):
+        resume_folder(config(tiny_models, synth, tmp_path / "run", 2, resume="latest"))
+    with pytest.raises(TrainingError, match="not a training checkpoint.*step_00000002.pt.*before version 2"):
+        resume_folder(config(tiny_models, synth, tmp_path / "run", 2, resume=str(old)))
+    assert main(_train_command(tiny_models, synth, tmp_path / "run", "--resume", str(old))[3:]) == 2
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["checkpoints", "step_00000002.pt"]
+
+
 def test_cached_inputs_train_exactly_as_live_ones(tiny_models, synth, tmp_path):
     """--cache: the clips' VAE posteriors are encoded once; the run's losses and weights equal the uncached run's
     bit for bit (stage 2 with condition dropout 0.5 covers the cached grey exemplar too), and the VAE no longer
