@@ -344,7 +344,7 @@ def add_setting_flags(parser: Any, table: Mapping[str, Setting], *, unset: bool 
     for spec in table.values():
         group = group_of(spec) if group_of is not None else parser
         if spec.kind == "bool":
-            state = "runs" if spec.default else "off"
+            state = spec.shown_default or ("runs" if spec.default else "off")
             group.add_argument(spec.flag, dest=spec.key, action="store_const", const=not spec.default,
                                default=None if unset else spec.default, help=f"{spec.help} (default: {state})")
             continue

@@ -45,7 +45,7 @@ class TrainConfig:
     reinit_projections: bool = _setting(
         "bool", True, "keep the --mapper's projections (fine-tuning) instead of the official copies of the UNet's "
         "(stage 1: its attn2 and attn1 to_k/to_v; stage 2: its attn1 ones into the _new/_exemplar projections)",
-        flag="--keep-mapper-projections")
+        flag="--keep-mapper-projections", shown_default="the UNet's copies, official")
     steps: int = _setting("int", 10_000, "optimizer steps (the official scripts run until stopped)", minimum=1)
     batch_size: int = _setting("int", 2, "*official* clips per device per micro-batch (2 per GPU, 8 GPUs: global "
                                "batch 16)", minimum=1)
@@ -97,10 +97,10 @@ class TrainConfig:
         "str", None, "folder of cached encoder outputs (VAE posteriors of every frame, token ids), built on first "
         "use and shared by runs: later steps skip the VAE on the clips; the loss is unchanged (the image prompt's "
         "random augmentations stay live)", shown_default="none")
-    flip: bool = _setting("bool", True, "no random horizontal flip of the clips (official: flip)")
-    tf32: bool = _setting("bool", True, "no TF32 matmuls on NVIDIA GPUs (official: TF32)")
+    flip: bool = _setting("bool", True, "no random horizontal flip of the clips", shown_default="flip, official")
+    tf32: bool = _setting("bool", True, "no TF32 matmuls on NVIDIA GPUs", shown_default="TF32, official")
     gradient_checkpointing: bool = _setting("bool", False, "recompute the UNet's blocks in the backward pass (less "
-                                            "memory, slower; official: off)")
+                                            "memory, slower)", shown_default="off, official")
     overfit: bool = _setting("bool", False, "repeat the first epoch exactly (same augmentations, timesteps, noise, "
                              "dropout): a memorisation check, not for real training")
     cpu: bool = _setting("bool", False, "train on the CPU even when a GPU is present")
