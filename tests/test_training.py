@@ -206,7 +206,7 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
     from videobooth_core.training.loop import list_checkpoints, load_training_models, read_checkpoint_info, train
 
     def run(out: str, **kwargs) -> TrainConfig:
-        return config(tiny_models, synth, tmp_path / out, 2, steps=5, cpu=True, **{"checkpoint_every": 1, **kwargs})
+        return config(tiny_models, synth, tmp_path / out, 2, steps=5, cpu=True, checkpoint_every=1000, **kwargs)
 
     uninterrupted = train(run("a"))
 
@@ -231,7 +231,7 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
         return hook
 
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C writes a checkpoint of the step it stopped after
-        train(run("b", resume="latest", checkpoint_every=1000), on_step=stop_at(left[-1] + 1))
+        train(run("b", resume="latest"), on_step=stop_at(left[-1] + 1))
     assert list_checkpoints(run("b"))[-1].name == f"step_{left[-1] + 1:08d}"
     resumed = train(run("b", resume="latest"))
 
@@ -251,6 +251,14 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
     other = config(tiny_models, synth, tmp_path / "b", 1)
     with pytest.raises(TrainingError, match="stage 2"):
         read_checkpoint_info(list_checkpoints(run("b"))[-1], other, models["mapper"])
+    # a checkpoint whose registered-object file holds more than weights (a pickled callable) is refused unread
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(list_checkpoints(run("b"))[-1], foreign)
+    torch.save({"lr_lambdas": [print]}, foreign / "custom_checkpoint_2.pkl")
+    with pytest.raises(TrainingError, match="not weights only.*custom_checkpoint_2.pkl"):
+        read_checkpoint_info(foreign, run("b"), models["mapper"])
     # and a finished run's folder is not silently restarted
     with pytest.raises(TrainingError, match="--resume latest"):
         train(run("b"))

@@ -111,6 +111,15 @@ def read_checkpoint_info(path: PathLike, config: Any, mapper: torch.nn.Module) -
     except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
         raise TrainingError(explain("cannot read the checkpoint", str(folder),
                                     f"resume from another one ({error})")) from None
+    # accelerate unpickles the registered objects' files fully: read first as weights-only, so a file holding
+    # anything beyond tensors, numbers and containers (code a foreign pickle could run) is refused, never run
+    for extra in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(extra, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise TrainingError(explain("the checkpoint holds a file that is not weights only (refused unread)",
+                                        str(extra), f"resume from a checkpoint this trainer wrote ({error})"
+                                        [:400])) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(explain("not a VideoBooth training checkpoint", str(folder),
                                     "pass a step_* folder of a training run's checkpoints folder"))
