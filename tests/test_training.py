@@ -247,10 +247,13 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
     assert not [p.name for p in folder.iterdir() if is_temporary(p)]  # a killed write's folder was replaced
 
     # a checkpoint of another stage is refused with a one-line reason
+    from videobooth_core.training.model import TrainingModule
+
     models = load_training_models(run("b"), torch.device("cpu"))
+    trained = TrainingModule(models["mapper"], models["unet"], models["text"], 0.01)
     other = config(tiny_models, synth, tmp_path / "b", 1)
     with pytest.raises(TrainingError, match="stage 2"):
-        read_checkpoint_info(list_checkpoints(run("b"))[-1], other, models["mapper"])
+        read_checkpoint_info(list_checkpoints(run("b"))[-1], other, trained)
     # a checkpoint whose registered-object file holds more than weights (a pickled callable) is refused unread
     import shutil
 
@@ -258,7 +261,7 @@ def test_sigkilled_run_resumes_bit_identically_and_ctrl_c_checkpoints(tiny_model
     shutil.copytree(list_checkpoints(run("b"))[-1], foreign)
     torch.save({"lr_lambdas": [print]}, foreign / "custom_checkpoint_2.pkl")
     with pytest.raises(TrainingError, match="not weights only.*custom_checkpoint_2.pkl"):
-        read_checkpoint_info(foreign, run("b"), models["mapper"])
+        read_checkpoint_info(foreign, run("b"), trained)
     # and a finished run's folder is not silently restarted
     with pytest.raises(TrainingError, match="--resume latest"):
         train(run("b"))

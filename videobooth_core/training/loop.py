@@ -262,7 +262,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     accelerator.register_for_checkpointing(progress, ema, scheduler)  # progress first: state.PROGRESS_FILE
     weights_hooks(accelerator)
     if resume is not None:
-        read_checkpoint_info(resume, config, mapper)  # stage and sizes, named, before accelerate reads it
+        read_checkpoint_info(resume, config, training_module)  # stage and sizes, named, before accelerate reads it
         accelerator.load_state(str(resume))
         if progress.resumed_layout != (accelerator.num_processes, config.batch_size, config.grad_accum):
             logger.warning("resuming with another (ranks, batch, accumulation) than %s: the data order changes",

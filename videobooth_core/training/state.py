@@ -100,9 +100,10 @@ def check_checkpoint_folder(path: PathLike, flag: str = "--resume") -> Path:
     return p
 
 
-def read_checkpoint_info(path: PathLike, config: Any, mapper: torch.nn.Module) -> dict[str, Any]:
-    """The checkpoint's :class:`TrainingProgress` state, checked against this run (stage, the mapper's shapes)
-    before ``accelerate`` loads anything from it: every mismatch is one line naming the value and the fix."""
+def read_checkpoint_info(path: PathLike, config: Any, trained: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint's :class:`TrainingProgress` state, checked against this run (stage; the shapes of
+    ``trained``, the module whose weights the checkpoint holds, unwrapped) before ``accelerate`` loads anything
+    from it: every mismatch is one line naming the value and the fix."""
     from safetensors import safe_open
 
     folder = check_checkpoint_folder(path)
@@ -133,8 +134,8 @@ def read_checkpoint_info(path: PathLike, config: Any, mapper: torch.nn.Module) -
     except Exception as error:
         raise TrainingError(explain("cannot read the checkpoint's weights", str(folder / MODEL_FILE),
                                     f"resume from another one ({error})")) from None
-    for key, value in mapper.state_dict().items():
-        found = theirs.get("mapper." + key, "missing")
+    for key, value in trained.state_dict().items():
+        found = theirs.get(key, "missing")
         if found != tuple(value.shape):
             raise TrainingError(explain(f"the checkpoint is for another model size: {key} is", found,
                                         f"resume with the --models it was trained with (this one needs "
