@@ -3,9 +3,11 @@ and the checks, all in one place.
 
 Every user-facing setting is a field of :class:`GenerationSettings` (or of :class:`SamplingOptions`, the
 opt-in speed modes) whose metadata is a :class:`Setting`. The command line builds its flags from
-:data:`SETTINGS`, batch jobs read their keys from it, the ComfyUI nodes take their widget ranges from it (a
-test checks them), and :func:`check_request` is the one validation that the single run, batch jobs, the
-API and the nodes all call before any model is loaded or any step is run.
+:data:`SETTINGS` (:func:`add_setting_flags`), batch jobs read their keys from it, the ComfyUI nodes take their
+widget ranges from it (a test checks them), and :func:`check_request` is the one validation that the single run,
+batch jobs, the API and the nodes all call before any model is loaded or any step is run. The trainer's settings
+are a table of the same kind (:func:`settings_table` over its ``TrainConfig``: ``training.config.TRAIN_SETTINGS``),
+giving its flags, config-file keys and checks.
 
     SETTINGS["cfg"]          # Setting(kind="float", default=4.0, minimum=0.0, maximum=30.0, flag="--cfg", ...)
     settings_kwargs({"cfg": 6, "single_frame_image_prompt": True})  # GenerationRequest keyword arguments
