@@ -367,8 +367,17 @@ def test_exported_mapper_loads_and_changes_generation(tiny_models, synth, tmp_pa
     from videobooth_core.training.loop import train
 
     result = train(config(tiny_models, synth, tmp_path / "run", 2, steps=3, lr=1e-2, validate_every=3,
-                          validation_clips=1, validation_steps=2))
+                          validation_clips=1, validation_steps=2, tensorboard=True))
     assert result.name == "videobooth_mapper.safetensors" and kind_of(result) == "videobooth_mapper"
+    # Accelerator.log feeds metrics.jsonl (plain names) and TensorBoard (the train/ tag group) the same numbers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "videobooth"))
+    events.Reload()
+    assert [r["step"] for r in records] == [1, 2, 3] and {"loss", "mse", "reg", "lr"} <= records[0].keys()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
     assert [p.name for p in (tmp_path / "run" / "validation").iterdir()] == ["step_00000003_synth_0000.gif"]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     released = load_mapper(tiny_models / "videobooth" / "mapper.pt")

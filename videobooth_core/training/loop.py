@@ -34,6 +34,8 @@ from .state import (TrainingProgress, checkpoint_dir, list_checkpoints, read_che
 logger = logging.getLogger(__name__)
 
 RESULT_NAME = "videobooth_mapper.safetensors"
+SCALARS = "train"
+"""TensorBoard's tag group of the logged scalars (``train/loss`` ...); metrics.jsonl keeps the plain names."""
 
 
 class NumberedSamples(torch.utils.data.Dataset):
@@ -344,7 +346,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                           "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed}
                 if config.reg_text_weight > 0:
                     record["reg_text"] = reg_text_value
-                accelerator.log(record, step=step)
+                accelerator.log({f"{SCALARS}/{key}": value for key, value in record.items()}, step=step)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
             if config.validate_every and (step % config.validate_every == 0 or step == config.steps):

@@ -47,7 +47,8 @@ class JsonlMetrics(GeneralTracker):
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
-        record = {"step": step, **values}
+        """Append one record; a key's tag group (``train/loss``: TensorBoard's) is dropped (``loss``)."""
+        record = {"step": step, **{key.rsplit("/", 1)[-1]: value for key, value in values.items()}}
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
