@@ -50,16 +50,16 @@ def _from_imports(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def test_only_the_application_imports_the_application_and_nobody_imports_privates() -> None:
-    """videobooth_core.app (command line, demo, jobs, video output) sits on top of the library: the library and the
-    nodes never import it (the entry point ``__main__`` and the trainer, another application, excepted); and no module
-    imports another module's private names."""
+    """videobooth_core.app (command line, demo, jobs, video output) sits on top of the library: the library, the
+    trainer and the nodes never import it (the entry point ``__main__`` excepted); and no module imports another
+    module's private names."""
     files = sorted((REPO / "videobooth_core").rglob("*.py")) + sorted((REPO / "nodes").glob("*.py"))
     app_users, private = [], []
     for path in files:
         relative = path.relative_to(REPO)
         for module, names in _from_imports(path):
             targets = [module] + [f"{module}.{n}" for n in names]
-            if relative.parts[:2] not in (("videobooth_core", "app"), ("videobooth_core", "training")) \
+            if relative.parts[:2] != ("videobooth_core", "app") \
                     and relative != Path("videobooth_core/__main__.py") \
                     and any(t == "videobooth_core.app" or t.startswith("videobooth_core.app.") for t in targets):
                 app_users.append(f"{relative}: {module} {names}")
@@ -68,6 +68,21 @@ def test_only_the_application_imports_the_application_and_nobody_imports_private
                         if n.startswith("_") and not (folder / f"{n}.py").exists() and n != "__version__"]
     assert not app_users, app_users
     assert not private, private
+
+
+def test_the_trainer_uses_the_stages_not_the_pipeline() -> None:
+    """The trainer is built on the core's stages (conditioning, sampling, loading), like the pipeline, not on top
+    of it: no module of videobooth_core.training imports videobooth_core.pipeline or videobooth_core.app."""
+    upward = []
+    files = sorted((REPO / "videobooth_core" / "training").glob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        for module, names in _from_imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names]
+            if any(t in ("videobooth_core.app", "videobooth_core.pipeline") or t.startswith("videobooth_core.app.")
+                   for t in targets):
+                upward.append(f"{path.name}: {module} {names}")
+    assert not upward, upward
 
 
 def test_importing_the_core_and_the_pack_is_cheap() -> None:

@@ -212,7 +212,7 @@ def test_text_regulariser_and_the_flags(tiny_models, synth, tmp_path):
     parsed = config_from_args(build_parser().parse_args([*args, "--reg-text-weight", "0.01", "--grey-exemplar",
                                                          "per-clip"]))
     assert (parsed.reg_text_weight, parsed.grey_exemplar) == (0.01, "per-clip")
-    with pytest.raises(TrainingError, match="reg_text_weight must not be negative: -1.0"):
+    with pytest.raises(TrainingError, match="--reg-text-weight must be at least 0, got -1.0"):
         config_from_args(build_parser().parse_args([*args, "--reg-text-weight", "-1"]))
 
     cfg = config(tiny_models, synth, tmp_path / "run", 1, reg_text_weight=0.5)

@@ -10,32 +10,31 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
 
 from .conditioning.embeddings import Conditioning, encode_exemplar, encode_image_prompt, encode_prompt
 from .conditioning.image_prompt import PreparedImagePrompt
 from .conditioning.subjects import prepare_photo
 from .conditioning.text import WHOLE_WORD
-from .conditioning.vae import vae_decode
-from .errors import SamplingError
+from .conditioning.vae import decode_video, frames_to_uint8
 from .loading.checkpoint import load_mapper, load_unet, parse_dtype
 from .loading.models_dir import ModelFiles
 from .models.mapper import Mapper
 from .models.unet_3d import UNet3DModel
 from .sampling.denoiser import StepCallback, VideoDenoiser
 from .sampling.memory import MemoryEstimate, available_memory_bytes
-from .sampling.run import prepare_denoiser, run_sampler
 from .sampling.known_frames import encode_start_frames
-from .sampling.schedulers import OFFICIAL_SAMPLER
-from .sampling.windows import ContextOptions, context_options, long_video_info, reuse_noise
-from .settings import VAE_SCALE, GenerationSettings, Names, SamplingOptions, check_request, log_once
+from .sampling.run import prepare_denoiser
+# the stages the pipeline composes, also imported from here by the nodes and older callers
+from .sampling.seeded import fit_exemplar, latent_shape, sample_seeded  # noqa: F401
+from .sampling.windows import ContextOptions, context_options, long_video_info
+from .settings import GenerationSettings, Names, SamplingOptions, check_request, log_once
 from .subjects_generation import single_subject_request, subjects_conditioning
 
 logger = logging.getLogger(__name__)
@@ -93,21 +92,6 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """(1, 4, frames, height/8, width/8)."""
-    return (1, 4, frames, height // VAE_SCALE, width // VAE_SCALE)
-
-
-def fit_exemplar(exemplar: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize a (b, 4, 1, h, w) exemplar latent to the video's latent size (bilinear; a no-op at 256x256,
-    the only size the model was trained at - other sizes are an extrapolation either way)."""
-    size = (height // VAE_SCALE, width // VAE_SCALE)
-    if tuple(exemplar.shape[-2:]) == size:
-        return exemplar
-    resized = torch.nn.functional.interpolate(exemplar[:, :, 0], size=size, mode="bilinear", align_corners=False)
-    return resized[:, :, None]
-
-
 # -- the stages that compose the others, each written once (the pipeline and the ComfyUI nodes call them) --------
 def load_unet_and_mapper(
     unet_path: str | Path,
@@ -133,103 +117,6 @@ def load_unet_and_mapper(
     unet.attach_projections(mapper.site_projections(), release_own=True, unet_name=Path(unet_path).name,
                             mapper_name=Path(mapper_path).name)
     return unet, mapper
-
-
-def sample_seeded(
-    denoiser: VideoDenoiser,
-    seed: int,
-    shape: tuple[int, int, int, int, int],
-    device: torch.device | str,
-    *,
-    sampler: str = OFFICIAL_SAMPLER,
-    steps: int = 250,
-    spacing: str = "trailing",
-    eta: float = 0.0,
-    image_prompt_steps: tuple[float, float] = (0.0, 1.0),
-    callback: StepCallback | None = None,
-    vae: Any = None,
-    image_prompt: PreparedImagePrompt | Sequence[Any] | None = None,
-    exemplar_latent: torch.Tensor | None = None,
-    context: ContextOptions | None = None,
-    start_latents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One video latent from ``seed``, with the official order of random draws, written once so that the
-    pipeline and the ComfyUI sampler give the same video for a seed: one CPU generator draws the initial noise
-    z first, then the image prompt's VAE posterior sample (with ``vae`` and ``image_prompt``), then per step
-    the image prompt's noise and the step's noise.
-
-    Args:
-        shape: (1, 4, frames, h, w) of the video latent.
-        image_prompt: several subjects: a list of image-prompt sources, each a PreparedImagePrompt (encoded with
-            ``vae``), a (vae, PreparedImagePrompt) pair or a ready clean latent; VAE draws in list order.
-        exemplar_latent: instead of ``vae`` and ``image_prompt``, a clean (1, 4, 1, h', w') image-prompt latent
-            (x 0.18215, e.g. from ComfyUI's VAE Encode). Either is resized to the video's latent size.
-        context: the long-video windows the denoiser was prepared with; with ``noise_reuse`` the initial noise of
-            later windows becomes shuffled copies of earlier frames' (a separate generator seeded with ``seed``
-            draws the permutations, so the main stream is unchanged).
-        start_latents: (1, 4, k, h, w) clean latents of the first k frames (start image, extension anchors).
-
-    Returns:
-        (1, 4, frames, h, w) float32 latent on ``device``.
-    """
-    if isinstance(image_prompt, PreparedImagePrompt) and (vae is None or exemplar_latent is not None):
-        raise SamplingError("the image prompt's latent comes from either the image prompt and the VAE, or a "
-                            "ready latent; give the image prompt with the VAE, or exemplar_latent alone")
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    initial_noise = torch.randn(shape, generator=generator)
-    if context is not None and context.noise_reuse and context.applies(shape[2]):
-        initial_noise = reuse_noise(initial_noise, context, torch.Generator("cpu").manual_seed(int(seed)))
-    if isinstance(image_prompt, (list, tuple)):  # several subjects: one VAE draw each, in subject order
-        sources = [item if isinstance(item, (tuple, torch.Tensor)) else (vae, item) for item in image_prompt]
-        latents = [item if isinstance(item, torch.Tensor) else encode_exemplar(*item, generator) for item in sources]
-        exemplar = torch.cat([fit_exemplar(latent, shape[3] * VAE_SCALE, shape[4] * VAE_SCALE) for latent in latents])
-    else:
-        exemplar = encode_exemplar(vae, image_prompt, generator) if image_prompt is not None else exemplar_latent
-    if exemplar is not None:
-        exemplar = fit_exemplar(exemplar, shape[3] * VAE_SCALE, shape[4] * VAE_SCALE)
-    return run_sampler(denoiser, sampler, steps, shape, generator, device, initial_noise=initial_noise,
-                       exemplar_clean=exemplar, callback=callback, spacing=spacing, eta=eta,
-                       image_prompt_steps=image_prompt_steps,
-                       known_latents=None if start_latents is None else start_latents.to(device))
-
-
-@torch.no_grad()
-def decode_video(
-    vae: Any, latents: torch.Tensor, chunk_size: int = 8, on_chunk: Callable[[int, int], None] | None = None
-) -> torch.Tensor:
-    """Video latents → frames, ``chunk_size`` frames per VAE call (the VAE's working memory is one chunk's).
-
-    Args:
-        vae: the SD 1.x ``diffusers.AutoencoderKL``.
-        latents: (b, 4, f, h, w) VAE latents x 0.18215.
-        on_chunk: called after every chunk with (frames done, total frames); raising from it cancels.
-
-    Returns:
-        (b * f, 8h, 8w, 3) float32 frames in [0, 1] on the CPU, all frames of video 0 first.
-    """
-    if latents.ndim != 5:
-        raise SamplingError(f"decode_video expects latents of shape (batch, 4, frames, h, w), got "
-                            f"{tuple(latents.shape)}; add the missing batch or frame axis")
-    if chunk_size < 1:
-        raise SamplingError(f"chunk_size must be at least 1, got {chunk_size}")
-    flat = rearrange(latents, "b c f h w -> (b f) c h w")
-    total = flat.shape[0]
-    frames = None
-    for start in range(0, total, chunk_size):
-        pixels = vae_decode(vae, flat[start:start + chunk_size], chunk_size=chunk_size)
-        # [-1, 1] -> [0, 1]: bit for bit the official writer's x * 0.5 + 0.5 (halving is exact in floating point)
-        unit = rearrange(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0), "n c h w -> n h w c").cpu()
-        if frames is None:  # written in place: the frames are held once, never as parts plus their concatenation
-            frames = unit.new_empty((total, *unit.shape[1:]))
-        frames[start:start + unit.shape[0]] = unit
-        if on_chunk is not None:
-            on_chunk(start + unit.shape[0], total)
-    return frames
-
-
-def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """(n, H, W, 3) frames in [0, 1] → uint8 as the official writer rounds them (x * 255 + 0.5, truncated)."""
-    return (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 @contextmanager

@@ -3,9 +3,11 @@ and the checks, all in one place.
 
 Every user-facing setting is a field of :class:`GenerationSettings` (or of :class:`SamplingOptions`, the
 opt-in speed modes) whose metadata is a :class:`Setting`. The command line builds its flags from
-:data:`SETTINGS`, batch jobs read their keys from it, the ComfyUI nodes take their widget ranges from it (a
-test checks them), and :func:`check_request` is the one validation that the single run, batch jobs, the
-API and the nodes all call before any model is loaded or any step is run.
+:data:`SETTINGS` (:func:`add_setting_flags`), batch jobs read their keys from it, the ComfyUI nodes take their
+widget ranges from it (a test checks them), and :func:`check_request` is the one validation that the single run,
+batch jobs, the API and the nodes all call before any model is loaded or any step is run. The trainer's settings
+are a table of the same kind (:func:`settings_table` over its ``TrainConfig``: ``training.config.TRAIN_SETTINGS``),
+giving its flags, config-file keys and checks.
 
     SETTINGS["cfg"]          # Setting(kind="float", default=4.0, minimum=0.0, maximum=30.0, flag="--cfg", ...)
     settings_kwargs({"cfg": 6, "single_frame_image_prompt": True})  # GenerationRequest keyword arguments
@@ -20,7 +22,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .conditioning.text import NULL_PROMPT, SUBJECT_MATCHES, WHOLE_WORD
 from .errors import DeviceError, ImagePromptError, SamplingError, VideoBoothError
@@ -64,13 +67,14 @@ DEFAULT_DEVICE = "cpu"
 @dataclass(frozen=True)
 class Setting:
     """What is known about one setting. ``kind``: ``int``, ``float``, ``str``, ``bool`` or ``pair`` (two
-    floats, start < end). Bounds are inclusive except ``above`` (value must exceed it)."""
+    floats, start < end). Bounds are inclusive except ``above`` and ``below`` (value must exceed / stay under it).
+    A setting whose default is None may also be None (not set)."""
 
     kind: str
     default: Any
     help: str
     key: str = ""
-    """Jobs key and command-line ``dest``; the field name when empty."""
+    """Jobs key, config-file key and command-line ``dest``; the field name when empty."""
     flag: str = ""
     """Command-line flag; ``--key`` with dashes when empty (``--no-...`` for a setting that defaults to True)."""
     label: str = ""
@@ -78,74 +82,94 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None
+    below: float | None = None
     multiple_of: int | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     name: str = ""
-    """The dataclass field (filled in by :data:`SETTINGS`)."""
+    """The dataclass field (filled in by :func:`settings_table`)."""
     section: str = "request"
-    """``request`` (a field of GenerationSettings) or ``options`` (a field of SamplingOptions)."""
+    """``request`` (a field of GenerationSettings), ``options`` (a field of SamplingOptions), ``train`` (a field
+    of the trainer's TrainConfig)."""
+    required: bool = False
+    """No default: the command line or the config file must give it."""
+    error: type[VideoBoothError] = SamplingError
+    """The error a bad value raises (the trainer's: TrainingError)."""
+    shown_default: str = ""
+    """The default as the help shows it, when the value alone would not say it."""
 
     def check(self, value: Any, name: str | None = None) -> Any:
-        """``value`` if it is valid for this setting; otherwise SamplingError naming it (as ``name``, how the
-        caller's road calls it: a flag, a jobs key, a widget; the label when None) and the fix."""
+        """``value`` if it is valid for this setting; otherwise ``error`` naming it (as ``name``, how the caller's
+        road calls it: a flag, a jobs key, a config-file key, a widget; the label when None) and the fix."""
         what = name or self.label or self.key
+        if value is None and self.default is None and not self.required:
+            return None
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise SamplingError(f"{what} must be true or false, got {value!r}")
+                raise self.error(f"{what} must be true or false, got {value!r}")
             return value
         if self.kind == "str":
             if not isinstance(value, str):
-                raise SamplingError(f"{what} must be a string, got {value!r}")
+                raise self.error(f"{what} must be a string, got {value!r}")
             if self.choices is not None and value not in self.choices:
-                raise SamplingError(f"unknown {what} {value!r}; choose one of {', '.join(self.choices)}")
+                raise self.error(f"unknown {what} {value!r}; choose one of {', '.join(self.choices)}")
             return value
         if self.kind == "pair":
             return self._check_pair(value, what)
         whole = self.kind == "int"
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-            raise SamplingError(f"{what} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+            raise self.error(f"{what} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+        if self.choices is not None:
+            if value not in self.choices:
+                raise self.error(f"{what} must be one of {', '.join(map(str, self.choices))}, got {value}")
+            return value
         if not math.isfinite(value):
-            raise SamplingError(f"{what} must be a finite number, got {value}; {self._fix()}")
+            raise self.error(f"{what} must be a finite number, got {value}; {self._fix()}")
         if self.multiple_of and (value < self.multiple_of or value % self.multiple_of):
             nearest = max(self.multiple_of, round(value / self.multiple_of) * self.multiple_of)
-            raise SamplingError(f"{what} must be a positive multiple of {self.multiple_of}, got {value}; try {nearest}")
-        default = f"the default is {_number(self.default)}"
+            raise self.error(f"{what} must be a positive multiple of {self.multiple_of}, got {value}; try {nearest}")
+        default = f"the default is {self.describe_default()}"
         if self.above is not None and not value > self.above:
-            raise SamplingError(f"{what} must be greater than {_number(self.above)}, got {value}; {default}")
+            raise self.error(f"{what} must be greater than {_number(self.above)}, got {value}; {default}")
+        if self.below is not None and not value < self.below:
+            raise self.error(f"{what} must be less than {_number(self.below)}, got {value}; {default}")
         if self.minimum is not None and value < self.minimum:
             most = f" and at most {_number(self.maximum)}" if self.maximum is not None else ""
-            raise SamplingError(f"{what} must be at least {_number(self.minimum)}{most}, got {value}; {default}")
+            raise self.error(f"{what} must be at least {_number(self.minimum)}{most}, got {value}; {default}")
         if self.maximum is not None and value > self.maximum:
-            raise SamplingError(f"{what} must be between {_number(self.minimum)} and {_number(self.maximum)}, "
-                                f"got {value}; {default}")
+            raise self.error(f"{what} must be between {_number(self.minimum)} and {_number(self.maximum)}, "
+                             f"got {value}; {default}")
         return value
 
     def _check_pair(self, value: Any, what: str) -> tuple[float, float]:
         if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2
                 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)):
-            raise SamplingError(f"{what} must be two numbers (start, end), got {value!r}")
+            raise self.error(f"{what} must be two numbers (start, end), got {value!r}")
         start, end = float(value[0]), float(value[1])
         low, high = _number(self.minimum), _number(self.maximum)
         if not (math.isfinite(start) and math.isfinite(end)) or not self.minimum <= start < end <= self.maximum:
             example = f"{what} 0 0.5" if what.startswith("--") else "start 0 and end 0.5"  # a flag, or any other name
-            raise SamplingError(f"{what} must satisfy {low} <= start < end <= {high}, got ({value[0]}, {value[1]}); "
-                                f"e.g. {example} for the first half of the steps ({low} {high} is official)")
+            raise self.error(f"{what} must satisfy {low} <= start < end <= {high}, got ({value[0]}, {value[1]}); "
+                             f"e.g. {example} for the first half of the steps ({low} {high} is official)")
         return start, end
 
     def _fix(self) -> str:
         bounds = []
         if self.above is not None:
             bounds.append(f"above {_number(self.above)}")
+        if self.below is not None:
+            bounds.append(f"below {_number(self.below)}")
         if self.minimum is not None and self.maximum is not None:
             bounds.append(f"between {_number(self.minimum)} and {_number(self.maximum)}")
         elif self.minimum is not None:
             bounds.append(f"at least {_number(self.minimum)}")
         elif self.maximum is not None:
             bounds.append(f"at most {_number(self.maximum)}")
-        return f"use a value {' and '.join(bounds)} (default {_number(self.default)})"
+        return f"use a value {' and '.join(bounds)} (default {self.describe_default()})"
 
     def describe_default(self) -> str:
         """The default as a user types it on the command line."""
+        if self.shown_default:
+            return self.shown_default
         if self.kind == "pair":
             return " ".join(_number(v) for v in self.default)
         return repr(self.default) if isinstance(self.default, str) else _number(self.default)
@@ -159,8 +183,19 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def _setting(kind: str, default: Any, help: str, **details: Any) -> Any:
+REQUIRED = object()
+"""The default of a setting that has none (:func:`setting_field`): the user must give it."""
+
+
+def setting_field(kind: str, default: Any, help: str, **details: Any) -> Any:
+    """A dataclass field described by a :class:`Setting` (collected by :func:`settings_table`); ``default``
+    :data:`REQUIRED` makes a field without a default."""
+    if default is REQUIRED:
+        return field(metadata={"setting": Setting(kind, None, help, required=True, **details)})
     return field(default=default, metadata={"setting": Setting(kind, default, help, **details)})
+
+
+_setting = setting_field
 
 
 @dataclass(frozen=True)
@@ -257,18 +292,26 @@ def _check_fields(instance: Any, names: Names | None = None) -> None:
             SETTINGS[key].check(getattr(instance, f.name), names(key) if names else None)
 
 
-def _table() -> dict[str, Setting]:
+def settings_table(*sections: tuple[str, type], error: type[VideoBoothError] = SamplingError) -> dict[str, Setting]:
+    """Every :class:`Setting` of the dataclasses of ``sections`` ((section name, class) pairs) by key, in field
+    order, with key, flag, label, field name, section and error filled in: the one table that a command's flags,
+    its jobs or config-file keys, its widgets and its checks are made from."""
     table = {}
-    for section, cls in (("request", GenerationSettings), ("options", SamplingOptions)):
+    for section, cls in sections:
         for f in dataclasses.fields(cls):
             spec = f.metadata.get("setting")
             if spec is None:
                 continue
             key = spec.key or f.name
-            flag = spec.flag or "--" + key.replace("_", "-")
+            flag = spec.flag or "--" + ("no-" if spec.kind == "bool" and spec.default is True else "") \
+                + key.replace("_", "-")
             table[key] = dataclasses.replace(spec, key=key, flag=flag, label=spec.label or key, name=f.name,
-                                             section=section)
+                                             section=section, error=error)
     return table
+
+
+def _table() -> dict[str, Setting]:
+    return settings_table(("request", GenerationSettings), ("options", SamplingOptions))
 
 
 SETTINGS: dict[str, Setting] = _table()
@@ -351,6 +394,28 @@ SAMPLER_BATCH = Setting("int", 1, "videos per run, one after another with seeds 
 """VideoBooth Sampler's batch widget (not a generation setting: the command line's is ``--jobs`` or ``--best-of``)."""
 WIDGET_SETTINGS: dict[str, Setting] = {**SETTINGS, "batch": SAMPLER_BATCH}
 """Every setting a node widget takes its options and its check from, by key."""
+
+
+def add_setting_flags(parser: Any, table: Mapping[str, Setting], *, unset: bool = False,
+                      group_of: Callable[[Setting], Any] | None = None) -> None:
+    """One command-line flag per setting of ``table`` (argparse): flag, ``dest`` (the key), type, choices and
+    help with the default come from the table. ``unset``: every flag defaults to None, so a value not given
+    on the command line can come from a config file (the trainer); otherwise to the setting's default.
+    ``group_of``: the argparse group a setting's flag goes in (default ``parser``)."""
+    for spec in table.values():
+        group = group_of(spec) if group_of is not None else parser
+        if spec.kind == "bool":
+            state = spec.shown_default or ("runs" if spec.default else "off")
+            group.add_argument(spec.flag, dest=spec.key, action="store_const", const=not spec.default,
+                               default=None if unset else spec.default, help=f"{spec.help} (default: {state})")
+            continue
+        kind = {"int": int, "float": float, "pair": float, "str": str}[spec.kind]
+        extra: dict[str, Any] = {"nargs": 2, "metavar": ("START", "END")} if spec.kind == "pair" else {}
+        if spec.choices:
+            extra["choices"] = spec.choices
+        shown = "required" if spec.required else f"default: {spec.describe_default()}"
+        group.add_argument(spec.flag, dest=spec.key, type=kind, default=None if unset else spec.default,
+                           help=f"{spec.help} ({shown})", **extra)
 
 
 def widget(key: str, **extra: Any) -> dict[str, Any]:

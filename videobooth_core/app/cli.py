@@ -24,6 +24,7 @@ from ..settings import (
     DEFAULT_PRECISION,
     PRECISIONS,
     SETTINGS,
+    add_setting_flags,
 )
 from .common import cache_dir, progress_callback, run_summary
 
@@ -165,20 +166,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "are the new video's first frames, counted in --frames (default: none)")
     speed = p.add_argument_group("opt-in modes (each changes the video: speed modes and the image prompt's strength; "
                                  "measured deviations in the README)")
-    for spec in SETTINGS.values():
-        group = speed if spec.section == "options" else p
-        if spec.kind == "bool":
-            action = "store_false" if spec.default else "store_true"
-            state = "runs" if spec.default else "off"
-            group.add_argument(spec.flag, dest=spec.key, action=action, default=spec.default,
-                               help=f"{spec.help} (default: {state})")
-            continue
-        kind = {"int": int, "float": float, "pair": float, "str": str}[spec.kind]
-        extra = {"nargs": 2, "metavar": ("START", "END")} if spec.kind == "pair" else {}
-        if spec.choices:
-            extra["choices"] = spec.choices
-        group.add_argument(spec.flag, dest=spec.key, type=kind, default=spec.default,
-                           help=f"{spec.help} (default: {spec.describe_default()})", **extra)
+    add_setting_flags(p, SETTINGS, group_of=lambda spec: speed if spec.section == "options" else p)
     p.add_argument("--dtype", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="UNet precision: fp32 (official numerics), bf16 (about 2x faster on CPUs with AVX-512 BF16), "
                         f"fp16 (GPUs only: very slow on CPUs) (default: {DEFAULT_PRECISION})")

@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import rearrange
 
-from ..errors import VideoBoothError, explain
+from ..errors import SamplingError, VideoBoothError, explain
 from ..loading.vae import SD_VAE_SCALING_FACTOR
 
 if TYPE_CHECKING:
     import diffusers
 
-__all__ = ["SD_VAE_SCALING_FACTOR", "vae_decode", "vae_encode", "vae_scaling_factor"]
+__all__ = ["SD_VAE_SCALING_FACTOR", "decode_video", "frames_to_uint8", "vae_decode", "vae_encode",
+           "vae_scaling_factor"]
 
 
 def vae_scaling_factor(vae: diffusers.AutoencoderKL, scaling_factor: float | None) -> float:
@@ -95,3 +98,42 @@ def vae_decode(
             out[start:start + part.shape[0]] = part
             del part
     return out
+
+
+@torch.no_grad()
+def decode_video(
+    vae: Any, latents: torch.Tensor, chunk_size: int = 8, on_chunk: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
+    """Video latents → frames, ``chunk_size`` frames per VAE call (the VAE's working memory is one chunk's).
+
+    Args:
+        vae: the SD 1.x ``diffusers.AutoencoderKL``.
+        latents: (b, 4, f, h, w) VAE latents x 0.18215.
+        on_chunk: called after every chunk with (frames done, total frames); raising from it cancels.
+
+    Returns:
+        (b * f, 8h, 8w, 3) float32 frames in [0, 1] on the CPU, all frames of video 0 first.
+    """
+    if latents.ndim != 5:
+        raise SamplingError(f"decode_video expects latents of shape (batch, 4, frames, h, w), got "
+                            f"{tuple(latents.shape)}; add the missing batch or frame axis")
+    if chunk_size < 1:
+        raise SamplingError(f"chunk_size must be at least 1, got {chunk_size}")
+    flat = rearrange(latents, "b c f h w -> (b f) c h w")
+    total = flat.shape[0]
+    frames = None
+    for start in range(0, total, chunk_size):
+        pixels = vae_decode(vae, flat[start:start + chunk_size], chunk_size=chunk_size)
+        # [-1, 1] -> [0, 1]: bit for bit the official writer's x * 0.5 + 0.5 (halving is exact in floating point)
+        unit = rearrange(((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0), "n c h w -> n h w c").cpu()
+        if frames is None:  # written in place: the frames are held once, never as parts plus their concatenation
+            frames = unit.new_empty((total, *unit.shape[1:]))
+        frames[start:start + unit.shape[0]] = unit
+        if on_chunk is not None:
+            on_chunk(start + unit.shape[0], total)
+    return frames
+
+
+def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """(n, H, W, 3) frames in [0, 1] → uint8 as the official writer rounds them (x * 255 + 0.5, truncated)."""
+    return (frames * 255 + 0.5).clamp(0, 255).to(torch.uint8)

@@ -29,9 +29,6 @@ ROLES = {
 }
 """What each role's file must be: (in words, the kinds that fill it, the fix)."""
 
-TORCH_ZIP_MAGIC = b"PK\x03\x04"
-"""The first bytes of every file torch.save writes (its zip format, the default since PyTorch 1.6)."""
-
 
 def check_readable(path: str | os.PathLike, flag: str, fix: str, folder_ok: bool = False) -> Path:
     """``path`` exists, is a file (or, with ``folder_ok``, a folder) and can be opened; returns it. CheckpointError
@@ -112,16 +109,4 @@ def _checked_weight_input(path: str, flag: str, role: str, signature: tuple[int,
         found = unwrap_state_dict(found, (MAPPER_WRAPPER_KEY,), source=p)
     if detect_kind(found) not in kinds:
         raise CheckpointError(explain(f"{flag} holds {describe_checkpoint(found)}, not {expected}", str(path), fix))
-    return p
-
-
-def check_training_checkpoint(path: str | os.PathLike, flag: str = "--resume") -> Path:
-    """A checkpoint to resume checked cheaply: it exists, is readable and starts like a file torch.save wrote
-    (its contents, stage and sizes are checked when it is loaded)."""
-    fix = "pass --resume latest or a step_*.pt file from a training run's checkpoints folder"
-    p = check_readable(path, flag, fix)
-    with open(p, "rb") as handle:
-        if handle.read(4) != TORCH_ZIP_MAGIC:
-            raise CheckpointError(explain(f"{flag} is not a training checkpoint (not a torch.save file)", str(path),
-                                          fix))
     return p

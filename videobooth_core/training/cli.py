@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import explain
-from .config import (DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, TrainingError,
-                     make_config,
-                     read_config_file)
+from ..settings import add_setting_flags
+from .config import TRAIN_SETTINGS, TrainConfig, TrainingError, make_config, read_config_file
 
 TRAIN_EXAMPLES = """examples:
   # stage 1 (coarse), then stage 2 (fine) from its result - the official recipe (AdamW 1e-4, clip 0.1, EMA ...)
@@ -32,68 +32,27 @@ TRAIN_EXAMPLES = """examples:
   python -m videobooth_core train --stage 1 --data synth --models tiny --out run --steps 20 --size 64 --frames 4
 """
 
-_BOOLEAN_FLAGS = {
-    "reinit_projections": ("--keep-mapper-projections", False,
-                           "keep the --mapper's projections (fine-tuning) instead of the official copies of the UNet's"),
-    "flip": ("--no-flip", False, "no random horizontal flip of the clips (official: flip)"),
-    "tf32": ("--no-tf32", False, "no TF32 matmuls on NVIDIA GPUs (official: TF32)"),
-    "gradient_checkpointing": ("--gradient-checkpointing", True, "recompute the UNet's blocks in the backward pass "
-                                                                 "(less memory; official: off)"),
-    "overfit": ("--overfit", True, "repeat the first epoch exactly (a memorisation check, not for real training)"),
-    "cpu": ("--cpu", True, "train on the CPU even when a GPU is present"),
-    "progress": ("--no-progress", False, "no progress bar"),
-    "memory_check": ("--no-memory-check", False, "skip the memory estimate before training"),
-    "tensorboard": ("--no-tensorboard", False, "no TensorBoard scalars"),
-}
-
-
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    """Add the ``train`` command to the main parser's sub-parsers. Every flag defaults to None (= the config
-    file's value, else :class:`TrainConfig`'s default, shown in the help)."""
-    defaults = TrainConfig(stage=1, data="", models="", out="")
+    """Add the ``train`` command to the main parser's sub-parsers: one flag per setting of
+    :data:`.config.TRAIN_SETTINGS` (flag, type, choices and help with the default come from there). Every flag
+    defaults to None (= the config file's value, else the setting's default)."""
     tr = sub.add_parser("train", help="train the mapper: stage 1 (coarse) or stage 2 (fine), official recipe",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
                         description="Coarse-to-fine training of the VideoBooth mapper on your dataset. The defaults "
                                     "are the official recipe; every deviation is a flag. Writes OUT/checkpoints/, "
                                     "OUT/metrics.jsonl, OUT/loss.png and OUT/videobooth_mapper.safetensors (the EMA "
-                                    "weights; copy it into models/videobooth/ for generate and the ComfyUI loader, which prefer that name).")
-    tr.add_argument("--config", help="YAML or TOML file of settings (keys: the flag names); flags override it")
-    tr.add_argument("--stage", type=int, choices=(1, 2), help="1 (coarse) or 2 (fine); required")
-    tr.add_argument("--data", help="dataset folder (dataset build / dataset synthetic); required")
-    tr.add_argument("--models", help="models folder (UNet, VAE, CLIP, tokenizer); required")
-    tr.add_argument("--out", help="output folder; required")
-    tr.add_argument("--mapper", help="start from this mapper (stage 1: ELITE's global mapper, the official start; "
-                                     "stage 2: the stage-1 result, required there)")
-    tr.add_argument("--resume", help="'latest' or a checkpoint file: continue a run")
-    numbers = (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float), ("weight_decay", float),
-               ("warmup_steps", int), ("max_grad_norm", float), ("reg_weight", float), ("cond_dropout", float),
-               ("reg_text_weight", float), ("ema_decay", float), ("seed", int), ("frames", int), ("size", int),
-               ("window", int),
-               ("checkpoint_every", int), ("keep_checkpoints", int), ("log_every", int), ("num_workers", int),
-               ("validate_every", int), ("validation_clips", int), ("validation_steps", int))
-    for name, kind in numbers:
-        default = getattr(defaults, name)
-        shown = "0 in stage 1, 0.1 in stage 2" if name == "cond_dropout" else default
-        tr.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {shown})")
-    tr.add_argument("--timestep-grid", type=int, choices=TIMESTEP_GRIDS, help="(default: 250, official)")
-    tr.add_argument("--grey-exemplar", choices=GREY_EXEMPLARS, help="stage 2's dropped clips: one VAE sample of the "
-                                                                     "grey exemplar per step (default: shared, "
-                                                                     "official) or one each")
-    tr.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="(default: no = fp32, official)")
-    tr.add_argument("--dtype", choices=DTYPES, help="(default: float32, official; float64 = a checking precision "
-                                                    "for exactness tests, not for training)")
-    tr.add_argument("--cache", help="folder of cached encoder outputs (VAE posteriors of every frame, token ids), "
-                                    "built on first use and shared by runs: later steps skip the VAE on the clips; "
-                                    "the loss is unchanged (the image prompt's random augmentations stay live)")
-    for name, (flag, value, text) in _BOOLEAN_FLAGS.items():
-        tr.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
+                                    "weights; copy it into models/videobooth/ for generate and the ComfyUI loader, "
+                                    "which prefer that name).")
+    tr.add_argument("--config", help="YAML or TOML file of settings (keys: the flags' names, - or _); flags "
+                                     "override it")
+    add_setting_flags(tr, TRAIN_SETTINGS, unset=True)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The checked :class:`TrainConfig` of a parsed ``train`` command line."""
+    """The checked :class:`TrainConfig` of a parsed ``train`` command line (flags over the ``--config`` file)."""
     file_settings: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    overrides = {name: getattr(args, name, None) for name in FIELDS}
-    return make_config(file_settings, overrides)
+    overrides = {key: getattr(args, key, None) for key in TRAIN_SETTINGS}
+    return make_config(file_settings, overrides, Path(args.config).name if args.config else "the config file")
 
 
 TRAINING_EXTRA = "pip install -r requirements-train.txt (or pip install .[train])"
@@ -107,8 +66,9 @@ def check_inputs(config: TrainConfig) -> None:
 
     from ..dataset.layout import list_entries
     from ..files import check_output_folder
-    from ..loading.inputs import check_training_checkpoint, check_weight_input
+    from ..loading.inputs import check_weight_input
     from .loop import check_dataset_files
+    from .state import check_checkpoint_folder
 
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError(explain("train needs the training extra; not installed", "accelerate", TRAINING_EXTRA))
@@ -122,7 +82,7 @@ def check_inputs(config: TrainConfig) -> None:
     if config.mapper is not None:
         check_weight_input(config.mapper, "--mapper", "starting_mapper")  # a VideoBooth or ELITE mapper
     if config.resume is not None and config.resume != "latest":
-        check_training_checkpoint(config.resume)
+        check_checkpoint_folder(config.resume)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,21 +1,24 @@
-"""The training settings: :class:`TrainConfig`, whose defaults are the official recipe (reference §7).
+"""The training settings: :class:`TrainConfig`, whose defaults are the official recipe (reference §7), described
+by the same :class:`~videobooth_core.settings.Setting` table mechanism as generation's settings.
 
-Every deviation from the official recipe is a named field; :data:`OFFICIAL` lists which fields hold an official
-value by default. A config file (YAML or TOML, keys = field names, ``-`` or ``_``) sets fields; command-line
-flags override the file.
+Every field carries its :class:`Setting` (kind, default, range or choices, help, flag), and :data:`TRAIN_SETTINGS`
+collects them: the ``train`` command's flags, the config file's keys and the checks all come from it. Every
+deviation from the official recipe is a named field; :data:`OFFICIAL` lists which fields hold an official value by
+default. A config file (YAML or TOML, keys = field names, ``-`` or ``_``) sets fields; command-line flags override
+the file; a bad value is named as the flag or the file's key that gave it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError, explain
-
+from ..settings import MAX_SEED, REQUIRED, Setting, settings_table
+from ..settings import setting_field as _setting
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "float64")
@@ -25,109 +28,89 @@ TIMESTEP_GRIDS = (250, 1000)
 
 @dataclass
 class TrainConfig:
-    """One training run. Fields marked *official* default to the released recipe (reference §7.1-7.4)."""
+    """One training run. Settings marked *official* default to the released recipe (reference §7.1-7.4); each
+    field's help is its :class:`~videobooth_core.settings.Setting` (``TRAIN_SETTINGS[name].help``)."""
 
-    stage: int
-    """1 (coarse: mapper MLPs + attn2 K/V) or 2 (fine: every mapper parameter, with the image-prompt branch)."""
-    data: str
-    """A dataset folder in our layout (``dataset build`` / ``dataset synthetic``)."""
-    models: str
-    """Models folder (UNet, VAE, CLIP towers, tokenizer), laid out as for ``generate --models``."""
-    out: str
-    """Output folder: checkpoints/, metrics.jsonl, loss.png, videobooth_mapper.safetensors."""
-    mapper: str | None = None
-    """Start from this mapper (stage 2: the stage-1 result; or the released mapper.pt to fine-tune). Stage 1 starts
-    officially from ELITE's global mapper (its ``train_global.py`` layout: MLPs with attn2 to_k/to_v per site, or
-    the MLPs only; the K/V are re-copied from the UNet unless ``reinit_projections`` is off); without it, from
-    freshly initialised MLPs. The kind is read from the file's keys."""
-    reinit_projections: bool = True
-    """*official*: stage 1 copies the UNet's attn2 (and attn1) to_k/to_v into the mapper's projections, stage 2
-    its attn1 to_k/to_v into the ``_new``/``_exemplar`` ones. False keeps the given mapper's (fine-tuning)."""
-    steps: int = 10_000
-    """Optimizer steps (the official scripts run until stopped)."""
-    batch_size: int = 2
-    """*official*: clips per device per micro-batch (2 per GPU, 8 GPUs: global batch 16)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (*official* 1)."""
-    lr: float = 1e-4
-    """*official* AdamW learning rate."""
-    weight_decay: float = 0.0
-    """*official* (none)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up (*official* 0: constant)."""
-    max_grad_norm: float = 0.1
-    """*official* gradient clipping (0 turns it off)."""
-    reg_weight: float = 0.01
-    """*official*: weight of mean|injected word vectors| in the loss."""
-    reg_text_weight: float = 0.0
-    """*official* 0 (the README's commands; the scripts' own default is 0.01): weight of mean|text states - the
-    caption's plain states| in the loss (the official ``--reg-text-weight``: keeps the spliced states near the
-    caption's own)."""
-    grey_exemplar: str = "shared"
-    """Stage 2's dropped clips: ``shared`` (*official*: one VAE sample of the mid-grey exemplar per step, shared by
-    every dropped clip of the step; drawn from (seed, step), so the number of GPUs does not change it) or
-    ``per-clip`` (each dropped clip its own sample, from its own generator)."""
-    cond_dropout: float | None = None
-    """Condition dropout probability; None = *official* per stage (0 in stage 1, 0.1 in stage 2)."""
-    timestep_grid: int = 250
-    """*official* 250: timesteps drawn from the 250-step respaced grid (the official scripts' quirk); 1000: all."""
-    ema_decay: float = 0.9999
-    """*official* (DiT's update_ema default; the EMA starts as a copy)."""
-    seed: int = 3407
-    """*official* base seed (all randomness derives from it and the sample number, so runs are reproducible)."""
-    frames: int = 16
-    """*official* frames per clip."""
-    size: int = 256
-    """*official* frame size in pixels (multiple of 8)."""
-    window: int = 64
-    """*official* frame window the clip's frames are spread over."""
-    flip: bool = True
-    """*official* random horizontal flip of the clip."""
-    mixed_precision: str = "no"
-    """``no`` (*official* fp32), ``bf16`` or ``fp16`` autocast through accelerate."""
-    tf32: bool = True
-    """*official* TF32 matmuls on NVIDIA GPUs."""
-    gradient_checkpointing: bool = False
-    """Recompute the UNet's blocks in the backward pass (less memory, ~30 % slower; *official* off)."""
-    dtype: str = "float32"
-    """Weights and arithmetic: ``float32`` (*official*) or ``float64``, a *checking* precision (about 2x slower on
-    the CPU, unsupported on most GPUs' fast paths) in which kernel rounding no longer hides behind the tiny test
-    models' ill-conditioned backward pass; for exactness tests, never for real training."""
-    cache: str | None = None
-    """A folder of cached encoder outputs (built on first use, shared by runs and stages): the VAE posterior
-    parameters of every frame of every clip (both flips) and of the mid-grey exemplar, and the token ids, so later
-    steps decode only frame 0 and skip the VAE on the clip. The image prompt's augmentations are random per step
-    (official), so its CLIP features and VAE latent stay live. The loss equals the uncached one (the posterior is
-    still sampled per step from the same generator)."""
-    memory_check: bool = True
-    """Estimate the training peak (weights, optimizer state, EMA, a dry run of the step on storage-free twins)
-    before training and stop when the device has less free memory."""
-    checkpoint_every: int = 1000
-    """*official* checkpoint interval in steps."""
-    keep_checkpoints: int = 3
-    """Checkpoints kept in OUT/checkpoints (older ones are deleted; 0 keeps all)."""
-    log_every: int = 10
-    """Steps between metrics.jsonl / TensorBoard records."""
-    validate_every: int = 0
-    """Every N steps (and at the end), fixed-seed validation videos with the EMA mapper (0: off)."""
-    validation_clips: int = 2
-    """Validation videos per round: the prompts, words and first frames of the dataset's first entries."""
-    validation_steps: int = 25
-    """Sampling steps of the validation videos (the official respaced DDPM with fewer steps)."""
-    num_workers: int = 0
-    """DataLoader worker processes reading clips."""
-    overfit: bool = False
-    """Every epoch repeats the first one exactly (same augmentations, timesteps, noise, dropout): a check that the
-    model can memorise a few clips. Never for real training."""
-    resume: str | None = None
-
-    """``latest`` (newest checkpoint in OUT/checkpoints) or a checkpoint file."""
-    cpu: bool = False
-    """Train on the CPU even when a GPU is present."""
-    progress: bool = True
-    """Draw a progress bar."""
-    tensorboard: bool = True
-    """Write TensorBoard scalars to OUT/tensorboard when the tensorboard package is installed."""
+    stage: int = _setting("int", REQUIRED, "1 (coarse: the mapper's MLPs and attn2 K/V) or 2 (fine: every mapper "
+                          "weight, with the image-prompt branch)", choices=(1, 2))
+    data: str = _setting("str", REQUIRED, "dataset folder in our layout (dataset build / dataset synthetic)")
+    models: str = _setting("str", REQUIRED, "models folder (UNet, VAE, CLIP towers, tokenizer), laid out as for "
+                           "generate --models")
+    out: str = _setting("str", REQUIRED, "output folder: checkpoints/, metrics.jsonl, loss.png, "
+                        "videobooth_mapper.safetensors")
+    mapper: str | None = _setting(
+        "str", None, "start from this mapper (stage 1: ELITE's global mapper, the official start, or the MLPs "
+        "only; stage 2: the stage-1 result, required there; or the released mapper.pt to fine-tune); its kind is "
+        "read from its keys", shown_default="none: stage 1 from freshly initialised MLPs")
+    reinit_projections: bool = _setting(
+        "bool", True, "keep the --mapper's projections (fine-tuning) instead of the official copies of the UNet's "
+        "(stage 1: its attn2 and attn1 to_k/to_v; stage 2: its attn1 ones into the _new/_exemplar projections)",
+        flag="--keep-mapper-projections", shown_default="the UNet's copies, official")
+    steps: int = _setting("int", 10_000, "optimizer steps (the official scripts run until stopped)", minimum=1)
+    batch_size: int = _setting("int", 2, "*official* clips per device per micro-batch (2 per GPU, 8 GPUs: global "
+                               "batch 16)", minimum=1)
+    grad_accum: int = _setting("int", 1, "micro-batches per optimizer step (*official* 1)", minimum=1)
+    lr: float = _setting("float", 1e-4, "*official* AdamW learning rate", above=0.0)
+    weight_decay: float = _setting("float", 0.0, "AdamW weight decay (*official*: none)", minimum=0.0)
+    warmup_steps: int = _setting("int", 0, "linear learning-rate warm-up (*official* 0: constant)", minimum=0)
+    max_grad_norm: float = _setting("float", 0.1, "*official* gradient clipping (0 turns it off)", minimum=0.0)
+    reg_weight: float = _setting("float", 0.01, "*official* weight of mean|injected word vectors| in the loss",
+                                 minimum=0.0)
+    cond_dropout: float | None = _setting(
+        "float", None, "condition dropout probability (*official* per stage)", minimum=0.0, maximum=1.0,
+        shown_default="0 in stage 1, 0.1 in stage 2")
+    reg_text_weight: float = _setting(
+        "float", 0.0, "weight of mean|text states - the caption's plain states| in the loss (the official "
+        "--reg-text-weight, on the states after the dropout; *official* 0 as the README's commands, the scripts' "
+        "own default is 0.01)", minimum=0.0)
+    ema_decay: float = _setting("float", 0.9999, "*official* EMA decay (DiT's update_ema; the EMA starts as a copy)",
+                                minimum=0.0, below=1.0)
+    seed: int = _setting("int", 3407, "*official* base seed (all randomness derives from it and the sample number, "
+                         "so runs are reproducible)", minimum=0, maximum=MAX_SEED)
+    frames: int = _setting("int", 16, "*official* frames per clip", minimum=1)
+    size: int = _setting("int", 256, "*official* frame size in pixels, a multiple of 8", multiple_of=8)
+    window: int = _setting("int", 64, "*official* frame window the clip's frames are spread over", minimum=1)
+    checkpoint_every: int = _setting("int", 1000, "*official* checkpoint interval in steps", minimum=1)
+    keep_checkpoints: int = _setting("int", 3, "checkpoints kept in OUT/checkpoints (older ones are deleted; 0 keeps "
+                                     "all)", minimum=0)
+    log_every: int = _setting("int", 10, "steps between metrics.jsonl / TensorBoard records", minimum=1)
+    num_workers: int = _setting("int", 0, "DataLoader worker processes reading clips", minimum=0)
+    validate_every: int = _setting("int", 0, "every N steps (and at the end), fixed-seed validation videos with the "
+                                   "EMA mapper (0: off)", minimum=0)
+    validation_clips: int = _setting("int", 2, "validation videos per round: the prompts, words and first frames of "
+                                     "the dataset's first entries", minimum=0)
+    validation_steps: int = _setting("int", 25, "sampling steps of the validation videos (the official respaced "
+                                     "DDPM with fewer steps)", minimum=1)
+    timestep_grid: int = _setting("int", 250, "timesteps drawn from the 250-step respaced grid (*official*, the "
+                                  "official scripts' quirk) or from all 1000", choices=TIMESTEP_GRIDS)
+    grey_exemplar: str = _setting(
+        "str", "shared", "stage 2's dropped clips: one VAE sample of the mid-grey exemplar per step, shared by "
+        "every dropped clip of the step (*official*; drawn from (seed, step), so the number of GPUs does not "
+        "change it) or one per clip", choices=GREY_EXEMPLARS)
+    mixed_precision: str = _setting("str", "no", "no (*official* fp32), bf16 or fp16 autocast through accelerate",
+                                    choices=MIXED_PRECISIONS)
+    dtype: str = _setting(
+        "str", "float32", "weights and arithmetic: float32 (*official*) or float64, a checking precision for "
+        "exactness tests (kernel rounding no longer hides behind the tiny test models' ill-conditioned backward "
+        "pass), never for training", choices=DTYPES)
+    cache: str | None = _setting(
+        "str", None, "folder of cached encoder outputs (VAE posteriors of every frame, token ids), built on first "
+        "use and shared by runs: later steps skip the VAE on the clips; the loss is unchanged (the image prompt's "
+        "random augmentations stay live)", shown_default="none")
+    flip: bool = _setting("bool", True, "no random horizontal flip of the clips", shown_default="flip, official")
+    tf32: bool = _setting("bool", True, "no TF32 matmuls on NVIDIA GPUs", shown_default="TF32, official")
+    gradient_checkpointing: bool = _setting("bool", False, "recompute the UNet's blocks in the backward pass (less "
+                                            "memory, slower)", shown_default="off, official")
+    overfit: bool = _setting("bool", False, "repeat the first epoch exactly (same augmentations, timesteps, noise, "
+                             "dropout): a memorisation check, not for real training")
+    cpu: bool = _setting("bool", False, "train on the CPU even when a GPU is present")
+    progress: bool = _setting("bool", True, "no progress bar")
+    memory_check: bool = _setting("bool", True, "skip the memory estimate before training (weights, optimizer state, "
+                                  "EMA and a dry run of the step against the device's free memory)")
+    tensorboard: bool = _setting("bool", True, "no TensorBoard scalars in OUT/tensorboard (written when tensorboard "
+                                 "is installed)")
+    resume: str | None = _setting("str", None, "'latest' (the newest checkpoint in OUT/checkpoints) or a checkpoint "
+                                  "folder: continue a run", shown_default="none")
 
     @property
     def dropout(self) -> float:
@@ -137,56 +120,13 @@ class TrainConfig:
         return 0.1 if self.stage == 2 else 0.0
 
     def check(self) -> None:
-        """Raise :class:`TrainingError` naming the first bad value and the fix."""
-        if self.stage not in (1, 2):
-            raise TrainingError(explain("the training stage must be 1 (coarse) or 2 (fine)", self.stage,
-                                        "pass --stage 1 first, then --stage 2 --mapper OUT1/videobooth_mapper.safetensors"))
-        for name in ("lr", "weight_decay", "max_grad_norm", "reg_weight", "cond_dropout", "ema_decay"):
-            value = getattr(self, name)  # NaN passes every comparison below: named here instead
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise TrainingError(explain(f"{name} must be a finite number", value,
-                                            f"set --{name.replace('_', '-')} to a number (the default is "
-                                            f"{FIELDS[name].default})"))
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "frames": self.frames, "window": self.window, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "validation_steps": self.validation_steps}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise TrainingError(explain(f"{name} must be a whole number of at least 1", value,
-                                            f"set --{name.replace('_', '-')} to 1 or more"))
-        for name in ("warmup_steps", "keep_checkpoints", "num_workers", "validate_every", "validation_clips"):
-            if getattr(self, name) < 0:
-                raise TrainingError(explain(f"{name} must not be negative", getattr(self, name), "use 0 or more"))
-        if self.size < 8 or self.size % 8:
-            raise TrainingError(explain("the frame size must be a positive multiple of 8", self.size,
-                                        "use --size 256 (official) or another multiple of 8"))
-        if not 0.0 <= self.dropout <= 1.0:
-            raise TrainingError(explain("the condition dropout must be in [0, 1]", self.dropout, "use 0.1 (official)"))
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise TrainingError(explain("the EMA decay must be in [0, 1)", self.ema_decay, "use 0.9999 (official)"))
-        if self.reg_text_weight < 0:
-            raise TrainingError(explain("reg_text_weight must not be negative", self.reg_text_weight,
-                                        "use 0 (official README) or the scripts' 0.01"))
-        if self.grey_exemplar not in GREY_EXEMPLARS:
-            raise TrainingError(explain("unknown grey_exemplar", self.grey_exemplar,
-                                        f"choose one of {', '.join(GREY_EXEMPLARS)} (official: shared)"))
-        if self.lr <= 0 or self.max_grad_norm < 0 or self.reg_weight < 0 or self.weight_decay < 0:
-            raise TrainingError(explain("lr must be positive; max_grad_norm, reg_weight and weight_decay not negative",
-                                        (self.lr, self.max_grad_norm, self.reg_weight, self.weight_decay),
-                                        "use the official 1e-4, 0.1, 0.01 and 0"))
-        if self.timestep_grid not in TIMESTEP_GRIDS:
-            raise TrainingError(explain("timestep_grid must be 250 (official) or 1000", self.timestep_grid,
-                                        "use --timestep-grid 250"))
-        if self.dtype not in DTYPES:
-            raise TrainingError(explain("unknown training dtype", self.dtype,
-                                        "use float32 (official); float64 only to check exactness"))
+        """Raise :class:`TrainingError` naming the first bad value and the fix: every setting's type, range and
+        choice (:data:`TRAIN_SETTINGS`), then the rules between settings and the folders."""
+        for spec in TRAIN_SETTINGS.values():
+            spec.check(getattr(self, spec.name))
         if self.dtype == "float64" and self.mixed_precision != "no":
             raise TrainingError(explain("float64 is a checking precision; it cannot be mixed with",
                                         self.mixed_precision, "use --mixed-precision no with --dtype float64"))
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise TrainingError(explain("unknown mixed precision", self.mixed_precision,
-                                        f"choose one of {', '.join(MIXED_PRECISIONS)}"))
         if self.stage == 2 and self.mapper is None:
             raise TrainingError(explain("stage 2 starts from a trained mapper; --mapper is", None,
                                         "pass --mapper OUT1/videobooth_mapper.safetensors (the stage-1 result) or the "
@@ -200,6 +140,8 @@ class TrainConfig:
             raise TrainingError(explain("the --mapper file does not exist", self.mapper, "give a mapper .safetensors/.pt"))
 
 
+TRAIN_SETTINGS: dict[str, Setting] = settings_table(("train", TrainConfig), error=TrainingError)
+"""Every training setting by its config-file key (also the command line's ``dest``), in help order."""
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 OFFICIAL = ("reinit_projections", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
             "reg_weight", "reg_text_weight", "grey_exemplar", "cond_dropout", "timestep_grid", "ema_decay", "seed",
@@ -244,27 +186,28 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     settings = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
+        if name not in TRAIN_SETTINGS:
             import difflib
 
-            close = difflib.get_close_matches(name, list(FIELDS), n=1)
-            raise TrainingError(explain(f"unknown setting in {path.name}", key,
-                                        f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(FIELDS)}"))
+            close = difflib.get_close_matches(name, list(TRAIN_SETTINGS), n=1)
+            raise TrainingError(explain(f"unknown setting in {path.name}", key, f"did you mean {close[0]!r}?" if close
+                                        else f"use one of {', '.join(TRAIN_SETTINGS)}"))
         settings[name] = value
     return settings
 
 
-def make_config(file_settings: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """A checked :class:`TrainConfig` from a config file's settings overridden by flags (None = not given)."""
-    merged = dict(file_settings)
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [name for name in ("stage", "data", "models", "out") if merged.get(name) is None]
+def make_config(file_settings: dict[str, Any], overrides: dict[str, Any], file_name: str = "the config file") -> TrainConfig:
+    """A checked :class:`TrainConfig` from a config file's settings overridden by flags (None = not given). A bad
+    value is named as what gave it: the flag (``--lr``) or the file's key (``lr in stage.yaml``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**file_settings, **given}
+    for key, value in merged.items():
+        spec = TRAIN_SETTINGS[key]
+        spec.check(value, spec.flag if key in given else f"{key} in {file_name}")
+    missing = [spec for spec in TRAIN_SETTINGS.values() if spec.required and merged.get(spec.key) is None]
     if missing:
-        raise TrainingError(explain("missing required setting", missing[0],
-                                    f"pass --{missing[0]} (or set it in the --config file)"))
-    try:
-        config = TrainConfig(**merged)
-    except TypeError as error:
-        raise TrainingError(explain("bad settings", str(error), "check the config file")) from None
+        raise TrainingError(explain("missing required setting", missing[0].key,
+                                    f"pass {missing[0].flag} (or set it in the --config file)"))
+    config = TrainConfig(**merged)
     config.check()
     return config

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import signal
 import sys
 import time
@@ -22,26 +20,22 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import Terminated, explain
-from ..files import atomic_path, is_temporary
 from ..models.config import MapperConfig
 from ..models.mapper import Mapper
 from .config import TrainConfig, TrainingError
 from .model import (ORDER_PURPOSE, BatchMaker, TrainingModule, check_elite_start, compute_dtype, init_projections,
                     sample_seed, start_from_elite, trainable_names)
+from .state import (TrainingProgress, checkpoint_dir, list_checkpoints, read_checkpoint_info, resume_folder,
+                    save_checkpoint, weights_hooks)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "videobooth-training-checkpoint"
-CHECKPOINT_VERSION = 1
 RESULT_NAME = "videobooth_mapper.safetensors"
-KILL_AFTER_CHECKPOINT_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGKILL_AFTER_CHECKPOINT"
-"""Tests only: a step number; right after that step's checkpoint is written the process SIGKILLs itself."""
-SIGTERM_AT_STEP_ENV = "VIDEOBOOTH_TRAIN_TEST_SIGTERM_AT_STEP"
-"""Tests only: a step number; right after that step the process sends itself SIGTERM (as a scheduler would)."""
+SCALARS = "train"
+"""TensorBoard's tag group of the logged scalars (``train/loss`` ...); metrics.jsonl keeps the plain names."""
 
 
 class NumberedSamples(torch.utils.data.Dataset):
@@ -169,173 +163,6 @@ def check_dataset_entries(config: TrainConfig, dataset: Any, batch_maker: BatchM
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-def rng_states() -> dict[str, Any]:
-    """Every process-wide RNG state (torch CPU and CUDA, numpy, Python), in a ``weights_only``-loadable form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": list(random.getstate()[1]) + [random.getstate()[0]] + [random.getstate()[2]]}
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    python = states["python"]
-    random.setstate((python[-2], tuple(python[:-2]), python[-1]))
-
-
-def checkpoint_dir(config: TrainConfig) -> Path:
-    return Path(config.out) / "checkpoints"
-
-
-def list_checkpoints(config: TrainConfig) -> list[Path]:
-    """Complete checkpoints in OUT/checkpoints, oldest first."""
-    folder = checkpoint_dir(config)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step_*.pt") if not is_temporary(p))
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, config: TrainConfig, mapper: Mapper) -> dict[str, Any]:
-    """Read and validate a checkpoint against this run (stage, mapper shapes)."""
-    if not path.is_file():
-        raise TrainingError(explain("the checkpoint to resume does not exist", str(path),
-                                    "pass --resume latest or a file in OUT/checkpoints"))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
-        raise TrainingError(explain("cannot read the checkpoint", str(path), f"resume from another one ({error})")) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(explain("not a VideoBooth training checkpoint", str(path),
-                                    "pass a step_*.pt from a training run's checkpoints folder"))
-    if state["stage"] != config.stage:
-        raise TrainingError(explain(f"the checkpoint is from stage {state['stage']}, this run is stage", config.stage,
-                                    "resume with the same --stage; to start stage 2 from a stage-1 run pass "
-                                    "--mapper OUT1/videobooth_mapper.safetensors instead of --resume"))
-    ours = mapper.state_dict()
-    theirs = state["mapper"]
-    for key, value in ours.items():
-        if key not in theirs or tuple(theirs[key].shape) != tuple(value.shape):
-            found = tuple(theirs[key].shape) if key in theirs else "missing"
-            raise TrainingError(explain(f"the checkpoint is for another model size: {key} is", found,
-                                        f"resume with the --models it was trained with (this one needs "
-                                        f"{tuple(value.shape)})"))
-    return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# watching
-# ----------------------------------------------------------------------------------------------------------------
-class Metrics:
-    """OUT/metrics.jsonl (one object per logged step), TensorBoard scalars when available, the loss-curve PNG."""
-
-    def __init__(self, config: TrainConfig, start_step: int, enabled: bool) -> None:
-        self.path = Path(config.out) / "metrics.jsonl"
-        self.enabled = enabled
-        self.records: list[dict[str, Any]] = []
-        self.writer = None
-        if not enabled:
-            return
-        if self.path.is_file():  # a resumed run: keep the records up to its checkpoint
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    if record["step"] <= start_step:
-                        self.records.append(record)
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
-            else:
-                self.writer = SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=start_step + 1)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
-
-    def plot(self, out: Path) -> None:
-        """The loss curve as OUT/loss.png (skipped without matplotlib)."""
-        if not self.enabled or not self.records:
-            return
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in self.records], [r["loss"] for r in self.records], lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(out / "loss.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def write_validation_videos(config: TrainConfig, models: dict[str, Any], ema_mapper: Mapper, mapper: Mapper,
-                            dataset: Any, step: int) -> list[Path]:
-    """OUT/validation/step_XXXXXXXX_<entry>.gif: the first ``validation_clips`` entries' captions, words and first
-    frames, generated with the EMA mapper at a fixed seed (the pipeline's own ``generate``)."""
-    from ..video_io import write_frames
-    from ..conditioning.image_prompt import load_mask
-    from ..dataset import layout
-    from ..video_io import read_frames
-    from ..pipeline import GenerationRequest, VideoBoothPipeline
-
-    unet = models["unet"]
-    folder = Path(config.out) / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
-    unet.attach_projections(ema_mapper.site_projections())
-    written = []
-    try:
-        pipe = VideoBoothPipeline(unet, ema_mapper, models["vae"], models["text"], models["vision"],
-                                  models["tokenizer"], device=next(unet.parameters()).device)
-        for record in dataset.records[:config.validation_clips]:
-            items = layout.subject_items(layout.read_json(record.mask_dir / "mask.json", "mask.json"),
-                                         record.mask_dir / "mask.json")
-            word = record.word or str(items[0].get("label", ""))
-            request = GenerationRequest(prompt=record.caption, subject_word=word,
-                                        image=read_frames(record.video, [0])[0],
-                                        mask=load_mask(record.mask_dir / f"mask_{items[0]['value']}.png"),
-                                        frames=config.frames, width=config.size, height=config.size,
-                                        steps=config.validation_steps, seed=config.seed)
-            result = pipe.generate(request)
-            written.append(write_frames(result.frames, folder / f"step_{step:08d}_{record.id}.gif", overwrite=True))
-    finally:  # back to the mapper being trained
-        unet.attach_projections(mapper.site_projections())
-    return written
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------------
 StepHook = Callable[[int, float], None]
@@ -363,25 +190,38 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     ``models``: the result of :func:`load_training_models` (default: loaded here); the mapper in it is trained in
     place.
 
-    A checkpoint is written every ``checkpoint_every`` steps, at the end, and on Ctrl-C or SIGTERM
-    (KeyboardInterrupt / Terminated, re-raised after the checkpoint is written).
+    The state is ``accelerate``'s (:mod:`.state`): a checkpoint folder is written every ``checkpoint_every`` steps,
+    at the end, and on Ctrl-C or SIGTERM (KeyboardInterrupt / Terminated, re-raised after the checkpoint is
+    written). Metrics go through ``Accelerator.log`` to OUT/metrics.jsonl and TensorBoard (OUT/tensorboard).
     """
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from ..dataset.reader import OurDataset
     from ..loading.weight_files import KIND_METADATA_KEY, save_safetensors
+    from .watch import JsonlMetrics, tensorboard_available, write_validation_videos
 
     config.check()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    out = Path(config.out)
+    metrics = JsonlMetrics(out)
+    trackers: list[Any] = [metrics]
+    if config.tensorboard:
+        if tensorboard_available():
+            trackers.append("tensorboard")
+        else:
+            logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu, log_with=trackers,
+                              project_config=ProjectConfiguration(project_dir=str(out),
+                                                                  logging_dir=str(out / "tensorboard")))
     device = accelerator.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
         torch.backends.cudnn.allow_tf32 = config.tf32
-    out = Path(config.out)
     if config.resume is None and list_checkpoints(config):
         raise TrainingError(explain("the output folder already holds a run's checkpoints", str(checkpoint_dir(config)),
                                     "pass --resume latest to continue it, or another --out"))
+    resume = resume_folder(config)  # before any model loads: a legacy or foreign --resume is refused here
 
     models = models if models is not None else load_training_models(config, device)
     mapper, unet = models["mapper"], models["unet"]
@@ -416,51 +256,38 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     ema.requires_grad_(False)
     ema.update_parameters(mapper)  # the official EMA starts as a copy (update with decay 0)
 
-    start_step = 0
-    if config.resume is not None:
-        path = list_checkpoints(config)[-1] if config.resume == "latest" and list_checkpoints(config) else None
-        if config.resume == "latest" and path is None:
-            logger.warning("--resume latest: no checkpoint in %s yet; starting from step 0", checkpoint_dir(config))
-        else:
-            state = load_checkpoint(path or Path(config.resume), config, mapper)
-            with torch.no_grad():
-                mapper.load_state_dict(state["mapper"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_states(state["rng"])
-            start_step = int(state["step"])
-            layout = (state["world_size"], state["batch_size"], state["grad_accum"])
-            if layout != (accelerator.num_processes, config.batch_size, config.grad_accum):
-                logger.warning("resuming with another (ranks, batch, accumulation) than %s: the data order changes",
-                               layout)
-            logger.info("resumed from %s at step %d", path or config.resume, start_step)
-
     training_module = TrainingModule(mapper, unet, models["text"], config.reg_weight, config.reg_text_weight)
+    # the scheduler is registered, not prepared: accelerate would step it once per process
     module, optimizer = accelerator.prepare(training_module, optimizer)
+    progress = TrainingProgress(config.stage, accelerator.num_processes, config.batch_size, config.grad_accum,
+                                json.dumps(dataclasses.asdict(config)))
+    accelerator.register_for_checkpointing(progress, ema, scheduler)  # progress first: state.PROGRESS_FILE
+    weights_hooks(accelerator)
+    if resume is not None:
+        read_checkpoint_info(resume, config, training_module)  # stage and sizes, named, before accelerate reads it
+        accelerator.load_state(str(resume))
+        if progress.resumed_layout != (accelerator.num_processes, config.batch_size, config.grad_accum):
+            logger.warning("resuming with another (ranks, batch, accumulation) than %s: the data order changes",
+                           progress.resumed_layout)
+        logger.info("resumed from %s at step %d", resume, progress.step)
+    elif config.resume == "latest":
+        logger.warning("--resume latest: no checkpoint in %s yet; starting from step 0", checkpoint_dir(config))
+    start_step = progress.step
+    main = accelerator.is_main_process
+    if main:
+        metrics.resume_at(start_step)
+    accelerator.init_trackers("videobooth", init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
+
     numbers = RankNumbers(start_step, config.steps, config.grad_accum, accelerator.num_processes,
                           accelerator.process_index, config.batch_size)
     samples = NumberedSamples(dataset, config.seed, config.overfit)
     loader = torch.utils.data.DataLoader(samples, batch_size=config.batch_size, sampler=numbers, collate_fn=_collate,
                                          num_workers=config.num_workers)
-    main = accelerator.is_main_process
-    metrics = Metrics(config, start_step, main)
 
     def checkpoint(step: int) -> None:
+        save_checkpoint(accelerator, config, progress, step)
         if main:
-            state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": config.stage, "step": step,
-                     "samples_seen": step * config.grad_accum * accelerator.num_processes * config.batch_size,
-                     "world_size": accelerator.num_processes, "batch_size": config.batch_size,
-                     "grad_accum": config.grad_accum, "config": json.dumps(dataclasses.asdict(config)),
-                     "mapper": {k: v.detach().cpu() for k, v in mapper.state_dict().items()},
-                     "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()}
-            save_checkpoint(checkpoint_dir(config) / f"step_{step:08d}.pt", state)
-            kept = list_checkpoints(config)
-            for old in kept[:-config.keep_checkpoints] if config.keep_checkpoints else []:
-                old.unlink()
             metrics.plot(out)
-        accelerator.wait_for_everyone()
 
     bar = None
     if main and config.progress:
@@ -482,8 +309,6 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         items = next(batches)
         return batch_maker([sample for _, sample in items], [number for number, _ in items], step=step)
 
-    kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
-    term_at = int(os.environ.get(SIGTERM_AT_STEP_ENV, "0") or 0)
     started = time.perf_counter()
     previous_sigterm = _sigterm_as_interrupt()
     try:
@@ -517,23 +342,19 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 reduced = accelerator.reduce(parts, reduction="mean")
                 mse_value, reg_value, reg_text_value = (float(v) for v in reduced)
                 elapsed = time.perf_counter() - started
-                record = {"step": step, "loss": loss_value, "mse": mse_value, "reg": reg_value,
+                record = {"loss": loss_value, "mse": mse_value, "reg": reg_value,
                           "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed}
                 if config.reg_text_weight > 0:
                     record["reg_text"] = reg_text_value
-                metrics.log(record)
+                accelerator.log({f"{SCALARS}/{key}": value for key, value in record.items()}, step=step)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
-                if step == kill_after:  # tests: die as a SIGKILL does, nothing flushed or cleaned up
-                    os.kill(os.getpid(), signal.SIGKILL)
             if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
                 if main:
                     write_validation_videos(config, models, ema.module, mapper, dataset, step)
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step, loss_value)
-            if step == term_at:  # tests: a real SIGTERM, through the handler a scheduler's would meet
-                os.kill(os.getpid(), signal.SIGTERM)
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM (errors.Terminated)
         signal_name = "SIGTERM" if isinstance(interruption, Terminated) else "interrupted"
         logger.warning("%s: writing a checkpoint at step %d (resume with --resume latest)", signal_name, step)
@@ -551,8 +372,6 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         save_safetensors(ema.module.state_dict(), result, {KIND_METADATA_KEY: "videobooth_mapper",
                                                            "videobooth_training_stage": str(config.stage),
                                                            "videobooth_training_steps": str(step)})
-        metrics.plot(out)
-    metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

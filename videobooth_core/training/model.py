@@ -46,8 +46,8 @@ from ..errors import PromptError, explain
 from ..models.config import mapper_stem_from_site_prefix
 from ..models.mapper import Mapper
 from ..models.unet_3d import UNet3DModel
-from ..pipeline import fit_exemplar
 from ..sampling.schedule import RespacedDDPM, q_sample
+from ..sampling.seeded import fit_exemplar
 from .config import TrainConfig, TrainingError
 
 STAGE1_PROJECTIONS = ("attn2_to_k", "attn2_to_v")
