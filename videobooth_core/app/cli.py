@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true",
                      help="replace an existing output (never a folder holding anything but frames written here) "
                           "(default: refuse)")
+    from .videocrafter import add_videocrafter_args  # VideoCrafter1/2: the family is read from --models
+
+    add_videocrafter_args(gen)
 
     demo = sub.add_parser("demo", help="run the whole pipeline end to end (tiny random weights if none are installed)",
                           formatter_class=_Formatter, epilog=DEMO_EXAMPLES)
@@ -119,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=_Formatter, epilog=TINY_EXAMPLES)
     tiny.add_argument("--out", required=True, help="output models folder; required")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    tiny.add_argument("--family", default="videobooth",
+                      choices=("videobooth", "videocrafter1-t2v-512", "videocrafter1-t2v-1024", "videocrafter1-i2v-512",
+                               "videocrafter2"),
+                      help="which model family the tiny set is of (default: videobooth)")
     from ..dataset.cli import add_dataset_parser  # the training-data commands live with the dataset package
 
     add_dataset_parser(sub)
@@ -258,6 +265,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VideoBoothPipeline
     from ..video_io import check_output_path, write_frames
 
+    from .videocrafter import run_videocrafter, uses_videocrafter
+
+    if uses_videocrafter(args):  # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+        return run_videocrafter(args)
     if args.jobs:
         from .jobs import run_jobs
 
@@ -342,6 +353,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
     check_output_folder(args.out)  # the set's files are replaced, nothing else there: a folder it fills
+    if getattr(args, "family", "videobooth") != "videobooth":
+        from .videocrafter import cmd_make_tiny_videocrafter
+
+        return cmd_make_tiny_videocrafter(args)
     out = make_tiny(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM model set to {out} (for tests and demos; it generates noise)")
     return 0

@@ -1,4 +1,4 @@
-"""VideoCrafter's text encoder: OpenCLIP ViT-H/14's text tower read at its penultimate layer, as
+"""VideoCrafter's text encoder (and, at the end, its I2V image encoder): OpenCLIP ViT-H/14's text tower read at its penultimate layer, as
 ``FrozenOpenCLIPEmbedder(layer="penultimate")`` does (``lvdm/modules/encoders/condition.py:174-232`` of
 AILab-CVC/VideoCrafter): token + position embedding, every residual block but the last (causal mask, no padding
 mask), then ``ln_final``; 77 tokens, padded with id 0 (OpenCLIP's ``tokenize``), the end token kept last when a
@@ -41,6 +41,25 @@ _UNUSED = ("text_projection", "logit_scale", "attn_mask")
 """The pooled projection and the contrastive temperature play no part in the penultimate-layer context."""
 
 
+def _convert_block(key: str, value: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """One ``transformer.resblocks.N.*`` tensor under the transformers encoder-layer names (q/k/v split)."""
+    match = _BLOCK.match(key)
+    if not match:
+        raise CheckpointError(explain("an OpenCLIP tower key this converter does not know", key,
+                                      "use an unmodified OpenCLIP ViT-H/14 file"))
+    layer, rest = f"encoder.layers.{match.group(1)}.", match.group(2)
+    if rest.startswith("attn.in_proj_"):
+        suffix = rest.removeprefix("attn.in_proj_")
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            out[f"{layer}self_attn.{name}.{suffix}"] = part
+        return
+    module, _, leaf = rest.rpartition(".")
+    if module not in _BLOCK_NAMES:
+        raise CheckpointError(explain("an OpenCLIP tower key this converter does not know", key,
+                                      "use an unmodified OpenCLIP ViT-H/14 file"))
+    out[f"{layer}{_BLOCK_NAMES[module]}.{leaf}"] = value
+
+
 def openclip_text_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP text-tower tensors (keys without prefix: ``token_embedding.weight``, ``transformer.resblocks.N.*``,
     ``ln_final.*``) under ``transformers.CLIPTextModel``'s names without the ``text_model.`` prefix.
@@ -55,21 +74,7 @@ def openclip_text_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str
         if key in _TOP_NAMES:
             out[_TOP_NAMES[key]] = value
             continue
-        match = _BLOCK.match(key)
-        if not match:
-            raise CheckpointError(explain("an OpenCLIP text-tower key this converter does not know", key,
-                                          "use an unmodified OpenCLIP ViT-H/14 text tower"))
-        layer, rest = f"encoder.layers.{match.group(1)}.", match.group(2)
-        if rest.startswith("attn.in_proj_"):
-            suffix = rest.removeprefix("attn.in_proj_")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                out[f"{layer}self_attn.{name}.{suffix}"] = part
-            continue
-        module, _, leaf = rest.rpartition(".")
-        if module not in _BLOCK_NAMES:
-            raise CheckpointError(explain("an OpenCLIP text-tower key this converter does not know", key,
-                                          "use an unmodified OpenCLIP ViT-H/14 text tower"))
-        out[f"{layer}{_BLOCK_NAMES[module]}.{leaf}"] = value
+        _convert_block(key, value, out)
     return out
 
 
@@ -87,6 +92,8 @@ def build_openclip_text_encoder(
 
     weights = openclip_text_to_transformers(tower)
     values = {**infer_clip_text_config(weights, source=str(source)), "hidden_act": "gelu"}  # OpenCLIP: exact GELU
+    if values["vocab_size"] < 49408:  # a tiny vocabulary: its own last two ids are start and end (make-tiny's)
+        values.update(bos_token_id=values["vocab_size"] - 2, eos_token_id=values["vocab_size"] - 1)
     if num_attention_heads is not None:
         values["num_attention_heads"] = num_attention_heads
     config = transformers.CLIPTextConfig(**values)
@@ -154,3 +161,52 @@ def load_videocrafter_text_encoder(
             "file: SD 2.x's text_encoder/model.safetensors (ComfyUI's clip_h, in models/text_encoders) or OpenCLIP's "
             "open_clip_pytorch_model.bin (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"))
     return build_openclip_text_encoder(tower, source=source, dtype=dtype, device=device)
+
+
+_VISION_NAMES = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+                 "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+                 "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+                 "ln_post.bias": "post_layernorm.bias"}
+
+
+def openclip_vision_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenCLIP visual tower (keys under ``visual.``, prefix removed) under ``CLIPVisionModel``'s names; the
+    output projection ``proj`` is dropped (the I2V projector reads the last layer's tokens)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tower.items():
+        if key == "proj":
+            continue
+        if key in _VISION_NAMES:
+            out[_VISION_NAMES[key]] = value
+        else:
+            _convert_block(key, value, out)
+    return out
+
+
+def build_openclip_vision_encoder(
+    tower: Mapping[str, torch.Tensor],
+    *,
+    source: PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    num_attention_heads: int | None = None,
+) -> "transformers.CLIPVisionModel":
+    """A ``CLIPVisionModel`` holding an OpenCLIP visual tower (``embedder.model.visual.*`` of the I2V checkpoint,
+    prefix removed), strictly loaded; ``last_hidden_state`` is the official image embedder's output (after
+    ``ln_pre`` and every block, without ``ln_post``)."""
+    import transformers
+
+    from ..loading.clip import infer_clip_vision_config
+
+    weights = openclip_vision_to_transformers(tower)
+    values = {**infer_clip_vision_config(weights, source=str(source)), "hidden_act": "gelu"}
+    if num_attention_heads is not None:
+        values["num_attention_heads"] = num_attention_heads
+    config = transformers.CLIPVisionConfig(**values)
+    model = build_on_meta(lambda: transformers.CLIPVisionModel._from_config(config, attn_implementation="sdpa"),
+                          source=source, expected="the OpenCLIP ViT-H/14 image encoder")
+    prefix = _model_key_prefix(model, "vision_model")
+    assign_weights(model, {prefix + k: v for k, v in weights.items()}, source=source,
+                   expected="the OpenCLIP ViT-H/14 image encoder", dtype=dtype, device=device,
+                   file_name=lambda key: "embedder.model.visual." + key[len(prefix):])
+    return model

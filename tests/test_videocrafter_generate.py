@@ -1,0 +1,103 @@
+"""VideoCrafter1/2 end to end (issue 26): ``make-tiny --family``, the Python API and ``generate --models DIR`` picking
+the family from the files it finds, on tiny random sets of the released layout; bad input refused before any model
+loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from videobooth_core.app.cli import main
+from videobooth_core.app.tiny_videocrafter import make_tiny_videocrafter
+from videobooth_core.conditioning.openclip_text import encode_penultimate, tokenize_openclip
+from videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError
+from videobooth_core.sampling.noise import GeneratorNoise
+from videobooth_core.sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim
+from videobooth_core.video_io import read_last_frames
+from videobooth_core.videocrafter_pipeline import (
+    VideoCrafterPipeline,
+    VideoCrafterRequest,
+    check_request,
+    find_videocrafter_models,
+    pick_videocrafter_model,
+)
+
+SMALL = dict(frames=4, height=64, width=64, steps=4)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videocrafter_sets")
+    make_tiny_videocrafter(root / "vc2", "videocrafter2")
+    make_tiny_videocrafter(root / "i2v", "videocrafter1-i2v-512")
+    return root
+
+
+def test_the_tiny_sets_are_found_by_their_keys_with_their_kind(sets: Path) -> None:
+    assert find_videocrafter_models(sets / "vc2") == [(sets / "vc2/videocrafter/videocrafter2.ckpt", "videocrafter2")]
+    assert pick_videocrafter_model(sets / "i2v")[1] == "videocrafter1-i2v-512"
+    with pytest.raises(CheckpointError, match="--model matches 0"):
+        pick_videocrafter_model(sets / "vc2", "videocrafter1-t2v-512")
+
+
+def test_the_api_is_the_sum_of_the_tested_stages(sets: Path) -> None:
+    """The pipeline's latent equals the stages run by hand with the kind's official settings (fps 28, use_scale
+    with scale_b 0.7, the empty prompt unconditional), so its wiring adds nothing of its own."""
+    pipe = VideoCrafterPipeline.from_models_dir(sets / "vc2")
+    result = pipe.generate(VideoCrafterRequest(prompt="a cat", seed=5, **SMALL))
+    assert result.frames.shape == (4, 64, 64, 3) and result.frames.dtype == torch.uint8
+    assert (result.request.fps, result.request.guidance, result.request.eta) == (28, 12.0, 1.0)
+    context, uncond = (encode_penultimate(pipe.text_encoder, tokenize_openclip(pipe.tokenizer, [p])) for p in ("a cat", ""))
+    schedule = VideoCrafterDDIM(4, 1.0, use_scale=True, scale_b=0.7)
+    with torch.no_grad():
+        by_hand = sample_videocrafter_ddim(guided_unet(pipe.unet, context, uncond, torch.tensor([28])), schedule,
+                                           (1, 4, 4, 8, 8), GeneratorNoise(torch.Generator().manual_seed(5)),
+                                           guidance=12.0)
+    assert torch.equal(result.latents, by_hand)
+    again = pipe.generate(VideoCrafterRequest(prompt="a cat", seed=5, **SMALL))
+    other = pipe.generate(VideoCrafterRequest(prompt="a cat", seed=6, **SMALL))
+    assert torch.equal(again.frames, result.frames) and not torch.equal(other.latents, result.latents)
+
+
+def test_image_to_video_conditions_on_the_start_image(sets: Path) -> None:
+    pipe = VideoCrafterPipeline.from_models_dir(sets / "i2v")
+    assert pipe.defaults.fps == 8
+    image = torch.rand(48, 80, 3, generator=torch.Generator().manual_seed(0))
+    first = pipe.generate(VideoCrafterRequest(prompt="a cat", start_image=image, **SMALL))
+    second = pipe.generate(VideoCrafterRequest(prompt="a cat", start_image=1 - image, **SMALL))
+    assert first.frames.shape == (4, 64, 64, 3)
+    assert not torch.equal(first.latents, second.latents)  # the image tokens reach the UNet
+    tokens = pipe.image_tokens(torch.zeros(1, 3, 224, 224))
+    assert tokens.shape == (1, 16, 32) and tokens.abs().sum() > 0  # a zero image has non-zero tokens
+
+
+def test_bad_requests_are_refused_naming_the_value() -> None:
+    with pytest.raises(SamplingError, match=r"breaks at this step count.*: 3; use 2 or 4 steps"):
+        check_request(VideoCrafterRequest(prompt="x", steps=3), "videocrafter2")
+    with pytest.raises(SamplingError, match=r"width must be a multiple of 64: 500; use e\.g\. 512"):
+        check_request(VideoCrafterRequest(prompt="x", width=500), "videocrafter2")
+    with pytest.raises(ImagePromptError, match="needs a start image"):
+        check_request(VideoCrafterRequest(prompt="x"), "videocrafter1-i2v-512")
+    with pytest.raises(ImagePromptError, match="a start image needs the image-to-video model"):
+        check_request(VideoCrafterRequest(prompt="x", start_image=torch.zeros(8, 8, 3)), "videocrafter1-t2v-512")
+    request = check_request(VideoCrafterRequest(prompt="x"), "videocrafter1-t2v-1024")
+    assert (request.height, request.width, request.fps, request.steps) == (576, 1024, 28, 50)
+
+
+def test_the_command_line_runs_the_family_it_finds(sets: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cat"
+    flags = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "4"]
+    assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags, "--out", str(out)]) == 0
+    assert "videocrafter2; 4 frames 64x64, 4 DDIM steps, eta 1.0, guidance 12.0, fps 28, seed 123" in capsys.readouterr().out
+    assert read_last_frames(out, 10).shape == (4, 64, 64, 3)
+    # refused before any model loads, one line, exit 2; nothing written
+    for extra, message in ((["--lora", "x.safetensors"], "'--lora'"), (["--steps", "3"], "breaks at this step count")):
+        assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags, *extra,
+                     "--out", str(tmp_path / "no.gif")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--models", str(sets / "i2v"), "--prompt", "a cat", *flags,
+                 "--out", str(tmp_path / "no.gif")]) == 2
+    assert "needs a start image" in capsys.readouterr().err
+    assert not (tmp_path / "no.gif").exists()
