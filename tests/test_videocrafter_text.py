@@ -113,3 +113,36 @@ def test_the_key_table_agrees_with_diffusers_open_clip_converter(tower: _OpenCli
 def test_a_checkpoint_without_its_text_encoder_says_which_file_to_get() -> None:
     with pytest.raises(CheckpointError, match=r"no text encoder \('cond_stage_model\.model\.\*'\).*clip_h"):
         load_videocrafter_text_encoder({"model.diffusion_model.x": torch.zeros(1)}, source="model.ckpt")
+
+
+def test_the_image_encoder_matches_an_open_clip_style_visual_tower() -> None:
+    """I2V: ``embedder.model.visual.*`` through ``CLIPVisionModel`` gives the official embedder's tokens (conv1,
+    class token, positions, ln_pre, every block; no ln_post, no proj)."""
+    from videobooth_core.conditioning.openclip_text import build_openclip_vision_encoder
+
+    generator = torch.Generator().manual_seed(1)
+    visual = nn.Module()
+    visual.conv1 = nn.Conv2d(3, WIDTH, 14, stride=14, bias=False)
+    visual.class_embedding = nn.Parameter(torch.randn(WIDTH, generator=generator) * 0.1)
+    visual.positional_embedding = nn.Parameter(torch.randn(257, WIDTH, generator=generator) * 0.1)
+    visual.ln_pre = nn.LayerNorm(WIDTH)
+    visual.transformer = nn.Module()
+    visual.transformer.resblocks = nn.ModuleList(_Block() for _ in range(2))
+    visual.ln_post = nn.LayerNorm(WIDTH)
+    visual.proj = nn.Parameter(torch.randn(WIDTH, 16, generator=generator))
+    with torch.no_grad():
+        for name, p in visual.named_parameters():
+            if "ln" in name or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    pixels = torch.randn(2, 3, 224, 224, generator=generator)
+    with torch.no_grad():
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, WIDTH), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x).permute(1, 0, 2)
+        for block in visual.transformer.resblocks:
+            x = block(x, None)
+        expected = x.permute(1, 0, 2)
+        model = build_openclip_vision_encoder(visual.state_dict(), source="visual", num_attention_heads=HEADS)
+        ours = model(pixels).last_hidden_state
+    assert ours.shape == (2, 257, WIDTH)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
