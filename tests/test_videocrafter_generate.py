@@ -101,3 +101,20 @@ def test_the_command_line_runs_the_family_it_finds(sets: Path, tmp_path: Path, c
                  "--out", str(tmp_path / "no.gif")]) == 2
     assert "needs a start image" in capsys.readouterr().err
     assert not (tmp_path / "no.gif").exists()
+
+
+def test_a_converted_checkpoint_generates_what_its_pickle_generates(sets: Path, tmp_path: Path, capsys) -> None:
+    """``convert --videocrafter`` (fp32 here) into a models folder of its own: the same frames, bit for bit."""
+    models = tmp_path / "models"
+    (models / "text_encoders").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(sets / "vc2/text_encoders", models / "text_encoders", dirs_exist_ok=True)
+    assert main(["convert", "--videocrafter", str(sets / "vc2/videocrafter/videocrafter2.ckpt"), "--dtype", "fp32",
+                 "--out", str(models / "videocrafter")]) == 0
+    assert "videocrafter2.safetensors (videocrafter2, fp32" in capsys.readouterr().out
+    request = VideoCrafterRequest(prompt="a cat", seed=2, **SMALL)
+    from_pickle = VideoCrafterPipeline.from_models_dir(sets / "vc2").generate(request)
+    from_safetensors = VideoCrafterPipeline.from_models_dir(models).generate(request)
+    assert torch.equal(from_pickle.latents, from_safetensors.latents)
+    assert torch.equal(from_pickle.frames, from_safetensors.frames)

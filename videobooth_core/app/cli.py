@@ -49,6 +49,7 @@ DEMO_EXAMPLES = f"""examples:
 """
 CONVERT_EXAMPLES = f"""examples:
   {PROG} convert --unet watermark_remove_module.pt --mapper mapper.pt --out models/videobooth
+  {PROG} convert --videocrafter VideoCrafter2/model.ckpt --out models/videocrafter
 """
 TINY_EXAMPLES = f"""examples:
   {PROG} make-tiny --out tiny_models && {PROG} generate --models tiny_models --prompt "a cat" --steps 2 --out cat.gif
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=CONVERT_EXAMPLES)
     conv.add_argument("--unet", help="the released watermark_remove_module.pt (default: none)")
     conv.add_argument("--mapper", help="the released mapper.pt (default: none)")
+    conv.add_argument("--videocrafter", metavar="MODEL_CKPT",
+                      help="a VideoCrafter1/2 model.ckpt: written as <out>/<kind>.safetensors, every tensor under its "
+                           "released name (default: none)")
     conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth); required")
     conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                       help="precision of the written weights (default: fp16)")
@@ -330,6 +334,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # before any weight is read: the folder is writable and no file of the user's is replaced without --overwrite
     out = check_output_folder(args.out)
+    if getattr(args, "videocrafter", None):
+        from .videocrafter import cmd_convert_videocrafter
+
+        return cmd_convert_videocrafter(args, out)
     for given, name in ((args.unet, "videobooth_unet.safetensors"), (args.mapper, "videobooth_mapper.safetensors")):
         if given:
             check_target(out / name, overwrite=args.overwrite)

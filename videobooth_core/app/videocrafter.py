@@ -120,3 +120,18 @@ def cmd_make_tiny_videocrafter(args: argparse.Namespace) -> int:
     print(f"wrote a tiny RANDOM {args.family} set to {args.out} ({path.relative_to(args.out)}; for tests and demos, "
           "it generates noise)", file=sys.stdout)
     return 0
+
+
+def cmd_convert_videocrafter(args: argparse.Namespace, out: Path) -> int:
+    """``convert --videocrafter model.ckpt --out DIR``: ``DIR/<kind>.safetensors`` (``--dtype``, fp16 by default)."""
+    from ..loading.checkpoint import parse_dtype
+    from ..loading.videocrafter import convert_videocrafter_checkpoint, read_videocrafter_checkpoint
+
+    if args.unet or args.mapper:
+        raise VideoBoothError("convert --videocrafter converts one VideoCrafter checkpoint; run --unet/--mapper "
+                              "(VideoBooth's files) as a separate command")
+    kind, _ = read_videocrafter_checkpoint(args.videocrafter)
+    written = convert_videocrafter_checkpoint(args.videocrafter, out / f"{kind}.safetensors",
+                                              dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {written} ({kind}, {args.dtype}, {written.stat().st_size / 1e9:.2f} GB)")
+    return 0

@@ -36,7 +36,6 @@ from ..models.videocrafter.config import (
 )
 from .strict import assign_weights, build_on_meta, check_keys
 from .weight_files import (
-    CONFIG_METADATA_KEY,
     KIND_METADATA_KEY,
     SAFETENSORS_SUFFIXES,
     read_safetensors_metadata,
@@ -60,7 +59,9 @@ DEEPSPEED_PREFIX = "_forward_module."
 """A deepspeed checkpoint's ``module`` dict prefixes every key with these 16 characters (funcs.py:95-101)."""
 MARKER = UNET_PREFIX + "init_attn.0.proj_in.weight"
 """Every released kind has the extra temporal attention ``init_attn``; no other LDM UNet has it."""
-PROJECTOR_CONFIG_METADATA_KEY = "videobooth_projector_config"
+UNET_CONFIG_METADATA_KEY = "videobooth_videocrafter_unet_config"
+"""Not ``videobooth_config``: the VAE and CLIP loaders read that key as their own config from the same file."""
+PROJECTOR_CONFIG_METADATA_KEY = "videobooth_videocrafter_projector_config"
 
 KIND_NAMES: dict[str, str] = {
     KIND_T2V_512_V1: "VideoCrafter1 text-to-video 512",
@@ -121,7 +122,7 @@ def read_videocrafter_checkpoint(path: PathLike) -> tuple[str, dict[str, torch.T
         raise CheckpointError(explain(
             f"not a VideoCrafter1/2 checkpoint (no '{MARKER}'; first keys: {', '.join(sorted(flat)[:3])})", path,
             "use a released model.ckpt (" + "; ".join(RELEASED_FILES.values()) + ") or its conversion by "
-            "`python -m videobooth_core convert-videocrafter`"))
+            "`python -m videobooth_core convert --videocrafter`"))
     return kind, flat
 
 
@@ -212,7 +213,7 @@ def _stored_configs(path: PathLike) -> tuple[dict | None, dict | None]:
     if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None, None
     metadata = read_safetensors_metadata(path)
-    unet = metadata.get(CONFIG_METADATA_KEY)
+    unet = metadata.get(UNET_CONFIG_METADATA_KEY)
     projector = metadata.get(PROJECTOR_CONFIG_METADATA_KEY)
     try:
         return (json.loads(unet) if unet else None), (json.loads(projector) if projector else None)
@@ -307,7 +308,7 @@ def convert_videocrafter_checkpoint(
     expected = build_on_meta(lambda: VideoCrafterUNet(config), source=source, expected=f"the {KIND_NAMES[kind]} UNet")
     check_keys(unet_weights, expected.state_dict(), source, f"the {KIND_NAMES[kind]} UNet",
                lambda key: UNET_PREFIX + key)
-    metadata = {KIND_METADATA_KEY: kind, CONFIG_METADATA_KEY: json.dumps(config.to_dict()),
+    metadata = {KIND_METADATA_KEY: kind, UNET_CONFIG_METADATA_KEY: json.dumps(config.to_dict()),
                 "videobooth_dtype": str(dtype).removeprefix("torch.")}
     if kind == KIND_I2V_512_V1:
         projector = projector_config or infer_projector_config(component(flat, PROJECTOR_PREFIX))
