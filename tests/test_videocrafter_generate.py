@@ -76,6 +76,10 @@ def test_image_to_video_conditions_on_the_start_image(sets: Path) -> None:
 def test_bad_requests_are_refused_naming_the_value() -> None:
     with pytest.raises(SamplingError, match=r"breaks at this step count.*: 3; use 2 or 4 steps"):
         check_request(VideoCrafterRequest(prompt="x", steps=3), "videocrafter2")
+    with pytest.raises(SamplingError, match=r"breaks at this step count.*: 105; use 100 or 112 steps"):
+        check_request(VideoCrafterRequest(prompt="x", steps=105), "videocrafter2")
+    assert VideoCrafterDDIM(30).timesteps.tolist() == list(range(1, 1000, 33))  # 31 steps: the official count
+    assert VideoCrafterDDIM(50).timesteps.tolist() == list(range(1, 1000, 20))
     with pytest.raises(SamplingError, match=r"width must be a multiple of 64: 500; use e\.g\. 512"):
         check_request(VideoCrafterRequest(prompt="x", width=500), "videocrafter2")
     with pytest.raises(ImagePromptError, match="needs a start image"):

@@ -6,8 +6,8 @@ What it does, and this code does the same (file:line in the official repository 
 * betas ``linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2`` in float64, ``alphas_cumprod`` kept as float32
   (the model's buffer);
 * timesteps ``range(0, 1000, 1000 // S) + 1`` (utils_diffusion.py:58-67), visited from the noisiest: 1..981 for
-  S = 50. Their count is not always S (S = 30 gives 34), and for S where ``1000 // S`` divides 999 (3, 9, 27,
-  37, 111, ...) the last timestep is 1000 and the official code fails; those are refused here;
+  S = 50. Their count is not always S (S = 30 gives 31), and for S where ``1000 // S`` divides 999 (3, 9, 27,
+  36, 37, 101-111, 251-333) the last timestep is 1000 and the official code fails; those are refused here;
 * ``a_prev`` of the last step is ``alphas_cumprod[0]``, not 1 (utils_diffusion.py:78);
 * every coefficient is rounded to float32 (``torch.full``, ddim.py:264-267); ``sigma`` is computed in float64;
 * ``use_scale`` (ddpm3d.py:362-376, ddim.py:280-287): ``pred_x0`` is divided by ``scale[t]`` (the returned
@@ -67,7 +67,9 @@ def ddim_timesteps(steps: int, num_timesteps: int = TRAIN_TIMESTEPS) -> np.ndarr
     stride = num_timesteps // steps
     timesteps = np.arange(0, num_timesteps, stride, dtype=np.int64) + 1
     if timesteps[-1] >= num_timesteps:
-        ok = [s for s in (steps - 1, steps + 1) if (num_timesteps - 1) % (num_timesteps // s)]
+        works = [s for s in range(1, num_timesteps // 2 + 1) if (num_timesteps - 1) % (num_timesteps // s)]
+        below, above = [s for s in works if s < steps][-1:], [s for s in works if s > steps][:1]
+        ok = below + above
         raise SamplingError(explain(
             f"the official DDIM schedule breaks at this step count (stride {stride} reaches timestep "
             f"{timesteps[-1]}, past the last one, {num_timesteps - 1})", steps,
