@@ -23,7 +23,7 @@ from ..models.videocrafter.config import (
     RELEASED_UNETS,
     ImageProjectorConfig,
 )
-from .tiny import TOKENIZER_DIR, _randomise, write_tiny_tokenizer
+from .tiny import TOKENIZER_DIR, write_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,17 @@ TINY_CONTEXT = 32
 VISION_WIDTH = 32
 VISION_LAYERS = 2
 TEXT_LAYERS = 2
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Small random values everywhere, the zero-initialised layers included (so every module acts)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim == 1:
+                offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                param.copy_(offset + 0.05 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
 
 
 def tiny_unet_config(family: str):

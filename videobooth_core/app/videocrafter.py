@@ -47,10 +47,13 @@ def uses_videocrafter(args: argparse.Namespace) -> bool:
     models = Path(args.models)
     if not any((models / sub).is_dir() for sub in ("videocrafter", "checkpoints")):
         return False
-    from ..loading.models_dir import _candidates
+    from ..loading.weight_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
     from ..videocrafter_pipeline import find_videocrafter_models
 
-    return bool(find_videocrafter_models(models)) and not _candidates(models / "videobooth")
+    videobooth = models / "videobooth"
+    has_videobooth = videobooth.is_dir() and any(p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+                                                 for p in videobooth.iterdir())
+    return bool(find_videocrafter_models(models)) and not has_videobooth
 
 
 def _official_or_given(args: argparse.Namespace, key: str, official):

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError, explain
 from ..files import PathLike
-from ..loading.clip import _model_key_prefix, infer_clip_text_config
+from ..loading.clip import infer_clip_text_config
 from ..loading.strict import assign_weights, build_on_meta
 
 if TYPE_CHECKING:
@@ -58,6 +58,11 @@ def _convert_block(key: str, value: torch.Tensor, out: dict[str, torch.Tensor]) 
         raise CheckpointError(explain("an OpenCLIP tower key this converter does not know", key,
                                       "use an unmodified OpenCLIP ViT-H/14 file"))
     out[f"{layer}{_BLOCK_NAMES[module]}.{leaf}"] = value
+
+
+def _nested_prefix(model: torch.nn.Module, wrapper: str) -> str:
+    """``wrapper + '.'`` when the installed transformers nests the tower (4.x: ``text_model.*``), else ``''``."""
+    return f"{wrapper}." if any(k.startswith(f"{wrapper}.") for k in model.state_dict()) else ""
 
 
 def openclip_text_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,7 +104,7 @@ def build_openclip_text_encoder(
     config = transformers.CLIPTextConfig(**values)
     model = build_on_meta(lambda: transformers.CLIPTextModel._from_config(config, attn_implementation="sdpa"),
                           source=source, expected="the OpenCLIP ViT-H/14 text encoder")
-    prefix = _model_key_prefix(model, "text_model")
+    prefix = _nested_prefix(model, "text_model")
     assign_weights(model, {prefix + k: v for k, v in weights.items()}, source=source,
                    expected="the OpenCLIP ViT-H/14 text encoder", dtype=dtype, device=device,
                    file_name=lambda key: OPENCLIP_TEXT_PREFIX + key[len(prefix):])
@@ -205,7 +210,7 @@ def build_openclip_vision_encoder(
     config = transformers.CLIPVisionConfig(**values)
     model = build_on_meta(lambda: transformers.CLIPVisionModel._from_config(config, attn_implementation="sdpa"),
                           source=source, expected="the OpenCLIP ViT-H/14 image encoder")
-    prefix = _model_key_prefix(model, "vision_model")
+    prefix = _nested_prefix(model, "vision_model")
     assign_weights(model, {prefix + k: v for k, v in weights.items()}, source=source,
                    expected="the OpenCLIP ViT-H/14 image encoder", dtype=dtype, device=device,
                    file_name=lambda key: "embedder.model.visual." + key[len(prefix):])
