@@ -214,3 +214,16 @@ def test_the_full_size_parameter_counts() -> None:
     assert counts == {"videocrafter1-t2v-512": 1_144_485_956, "videocrafter1-t2v-1024": 1_146_536_516,
                       "videocrafter2": 1_413_284_420, "videocrafter1-i2v-512": 1_438_843_460}
     assert official_full_size()["videocrafter1-i2v-512"]["projector_parameters"] == 48_541_696
+
+
+@pytest.mark.parametrize("kind", RELEASED_UNETS)
+def test_a_released_checkpoint_is_told_and_read_from_its_keys(kind: str) -> None:
+    """The official full-size key sets (as a released model.ckpt holds them) give their kind and, from their
+    shapes, the official config (the 64-wide heads read from init_attn's 8 heads)."""
+    from videobooth_core.loading.videocrafter import detect_videocrafter_kind
+
+    shapes = official_full_size()[kind]["unet_keys"]
+    keys = {UNET_PREFIX + k for k in shapes} | {"first_stage_model.encoder.conv_in.weight"}
+    assert detect_videocrafter_kind(keys) == kind
+    inferred = infer_unet_config({k: torch.empty(shape, device="meta") for k, shape in shapes.items()})
+    assert inferred == RELEASED_UNETS[kind]

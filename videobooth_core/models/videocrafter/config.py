@@ -45,7 +45,8 @@ class VideoCrafterUNetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
+        # a set of downsampling factors: kept sorted, so the official (4, 2, 1) and one read from shapes compare equal
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(int(r) for r in self.attention_resolutions)))
         for width in [self.model_channels * m for m in self.channel_mult]:
             if width % GROUPS:
                 raise ModelConfigError(explain(f"a UNet width is not a multiple of the {GROUPS} GroupNorm groups",
