@@ -122,3 +122,20 @@ def test_a_converted_checkpoint_generates_what_its_pickle_generates(sets: Path, 
     from_safetensors = VideoCrafterPipeline.from_models_dir(models).generate(request)
     assert torch.equal(from_pickle.latents, from_safetensors.latents)
     assert torch.equal(from_pickle.frames, from_safetensors.frames)
+
+
+def test_the_memory_estimate_counts_the_models_and_scales_with_the_video(sets: Path) -> None:
+    """A dry run of the guided step on the meta device: every loaded model's bytes, and activations that grow with
+    the frames and halve in bf16."""
+    from videobooth_core.sampling.videocrafter import estimate_videocrafter_step_memory
+
+    pipe = VideoCrafterPipeline.from_models_dir(sets / "vc2")
+    estimate = pipe.estimate_memory(VideoCrafterRequest(prompt="x", **SMALL))
+    models = [pipe.unet, pipe.vae, pipe.text_encoder]
+    assert estimate.weights_bytes == sum(p.numel() * p.element_size() for m in models for p in m.parameters()) \
+        + sum(b.numel() * b.element_size() for m in models for b in m.buffers())
+    small = estimate_videocrafter_step_memory(pipe.unet, (1, 4, 4, 8, 8), 77, "cuda").activations_bytes
+    longer = estimate_videocrafter_step_memory(pipe.unet, (1, 4, 16, 8, 8), 77, "cuda").activations_bytes
+    assert 3.5 * small < longer < 4.5 * small
+    half = estimate_videocrafter_step_memory(pipe.unet.to(torch.bfloat16), (1, 4, 16, 8, 8), 77, "cuda")
+    assert 0.4 * longer < half.activations_bytes < 0.6 * longer

@@ -156,6 +156,17 @@ class VideoCrafterPipeline:
             tokens = self.image_encoder(pixels.to(self.device, encoder_dtype)).last_hidden_state
             return self.projector(tokens.to(self.projector.latents.dtype)).to(self.unet.dtype)
 
+    def estimate_memory(self, request: VideoCrafterRequest):
+        """The peak memory of one guided step of ``request`` (a dry run on the meta device; see
+        :func:`.sampling.videocrafter.estimate_videocrafter_step_memory`), counting every loaded model."""
+        from .sampling.videocrafter import estimate_videocrafter_step_memory
+
+        request = self.check(request)
+        shape = (1, 4, request.frames, request.height // 8, request.width // 8)
+        tokens = 77 + (self.projector.config.num_queries if self.projector is not None else 0)
+        others = [m for m in (self.vae, self.text_encoder, self.projector, self.image_encoder) if m is not None]
+        return estimate_videocrafter_step_memory(self.unet, shape, tokens, self.device, others)
+
     def check(self, request: VideoCrafterRequest) -> VideoCrafterRequest:
         """The request with the kind's defaults filled in, every value checked against this model."""
         return check_request(request, self.kind, size_multiple(self.unet))

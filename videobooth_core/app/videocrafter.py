@@ -108,6 +108,7 @@ def run_videocrafter(args: argparse.Namespace) -> int:
                                                 device=torch.device(args.device),
                                                 text_encoder=args.text_encoder, image_encoder=args.image_encoder)
     request = pipe.check(request)  # sizes, frames, steps and the start image against this model, before sampling
+    print(pipe.estimate_memory(request).describe(), file=sys.stderr)
     result = pipe.generate(request, callback=progress_callback("sampling"))
     write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
     r = result.request

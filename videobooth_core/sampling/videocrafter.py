@@ -223,3 +223,42 @@ def sample_videocrafter_ddim(
             on_step(StepRecord(i, step.timestep, x, eps_cond, eps_uncond, x_prev, pred_x0))
         x = x_prev
     return x
+
+
+def estimate_videocrafter_step_memory(
+    unet: torch.nn.Module,
+    shape: tuple[int, int, int, int, int],
+    context_tokens: int,
+    device: torch.device | str,
+    extra_modules: list[torch.nn.Module] | None = None,
+):
+    """The peak memory of one guided step (the batch-2 UNet call of :func:`guided_unet`), estimated before sampling
+    by a dry run of the same code on a storage-free twin of ``unet`` (:mod:`.memory`): the live activations'
+    peak, plus the resident weights of ``unet`` and ``extra_modules``, plus on the CPU the process's runtime.
+
+    Args:
+        unet: a :class:`~..models.videocrafter.unet.VideoCrafterUNet` (its config and dtype are what count).
+        shape: the latent ``(b, 4, frames, h, w)``.
+        context_tokens: 77, or 77 + 16 with the I2V image tokens.
+
+    Returns:
+        A :class:`~.memory.MemoryEstimate` (``describe()`` gives the one-line summary).
+    """
+    from ..models.videocrafter.unet import VideoCrafterUNet
+    from .memory import CPU_RUNTIME_BYTES, MemoryEstimate, current_rss_bytes, peak_activation_bytes, resident_weight_bytes
+
+    meta = torch.device("meta")
+    with meta:
+        twin = VideoCrafterUNet(unet.config).to(unet.dtype)
+        context = torch.empty(shape[0], context_tokens, unet.config.context_dim, dtype=unet.dtype)
+        x = torch.empty(shape, dtype=torch.float32)
+        timesteps = torch.full((shape[0],), 501, dtype=torch.long)
+        fps = torch.full((shape[0],), 28, dtype=torch.long)
+    eps = guided_unet(twin, context, context, fps)
+    activations = peak_activation_bytes(lambda: eps(x, timesteps))
+    weights = resident_weight_bytes([unet, *(extra_modules or [])])
+    runtime = 0
+    if torch.device(device).type == "cpu":
+        resident = current_rss_bytes()
+        runtime = max(CPU_RUNTIME_BYTES, resident - weights if resident is not None else 0)
+    return MemoryEstimate(weights, activations, runtime, str(device))
