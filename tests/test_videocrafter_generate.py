@@ -139,3 +139,11 @@ def test_the_memory_estimate_counts_the_models_and_scales_with_the_video(sets: P
     assert 3.5 * small < longer < 4.5 * small
     half = estimate_videocrafter_step_memory(pipe.unet.to(torch.bfloat16), (1, 4, 16, 8, 8), 77, "cuda")
     assert 0.4 * longer < half.activations_bytes < 0.6 * longer
+
+
+def test_a_checkpoint_without_its_text_encoder_names_it_before_loading(sets: Path, tmp_path: Path) -> None:
+    state = torch.load(sets / "vc2/videocrafter/videocrafter2.ckpt", weights_only=True)["state_dict"]
+    stripped = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
+    torch.save({"state_dict": stripped}, tmp_path / "model.ckpt")
+    with pytest.raises(CheckpointError, match=r"lacks the OpenCLIP ViT-H/14 text encoder.*clip_h.*--text-encoder"):
+        VideoCrafterPipeline.from_files(tmp_path / "model.ckpt", sets / "vc2/text_encoders/videobooth_tiny_tokenizer")

@@ -108,13 +108,13 @@ class VideoCrafterPipeline:
         from .loading.vae import load_vae
 
         kind, state = read_videocrafter_checkpoint(checkpoint)
-        missing = missing_encoders(kind, state)
-        if missing and not (text_encoder and (image_encoder or kind != KIND_I2V_512_V1)):
-            still = [m for m in missing if not ((text_encoder and "text" in m) or (image_encoder and "image" in m))]
-            if still:
-                raise CheckpointError(explain(f"the {KIND_NAMES[kind]} checkpoint lacks {'; '.join(still)}",
-                                              checkpoint, "give those files (--text-encoder / --image-encoder) or "
-                                              "use the released model.ckpt, which carries them"))
+        # what neither the checkpoint nor a given file provides is named before anything heavy loads
+        still = [m for m in missing_encoders(kind, state)
+                 if not ((text_encoder and "text encoder" in m) or (image_encoder and "image encoder" in m))]
+        if still:
+            raise CheckpointError(explain(f"the {KIND_NAMES[kind]} checkpoint lacks {'; '.join(still)}", checkpoint,
+                                          "give those files (--text-encoder / --image-encoder) or use the released "
+                                          "model.ckpt, which carries them"))
         tok = load_clip_tokenizer(tokenizer)
         _, unet = load_videocrafter_unet(checkpoint, state_dict=state, dtype=dtype, device=device)
         vae = load_vae(checkpoint, dtype=torch.float32, device=device)
