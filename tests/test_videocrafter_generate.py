@@ -147,3 +147,16 @@ def test_a_checkpoint_without_its_text_encoder_names_it_before_loading(sets: Pat
     torch.save({"state_dict": stripped}, tmp_path / "model.ckpt")
     with pytest.raises(CheckpointError, match=r"lacks the OpenCLIP ViT-H/14 text encoder.*clip_h.*--text-encoder"):
         VideoCrafterPipeline.from_files(tmp_path / "model.ckpt", sets / "vc2/text_encoders/videobooth_tiny_tokenizer")
+
+
+def test_the_image_encoder_resize_is_kornias_antialiased_bicubic() -> None:
+    """The official I2V preprocessing (kornia's Gaussian-then-bicubic resize), recorded from kornia."""
+    from safetensors.torch import load_file
+
+    from videobooth_core.videocrafter_pipeline import antialiased_resize
+
+    recorded = load_file(Path(__file__).parent / "fixtures/videocrafter_tiny/kornia_resize.safetensors")
+    ours = antialiased_resize(recorded["input"], (20, 24))
+    torch.testing.assert_close(ours, recorded["output_20x24"], rtol=0, atol=1e-6)
+    plain = torch.nn.functional.interpolate(recorded["input"], (20, 24), mode="bicubic", align_corners=True)
+    assert (plain - recorded["output_20x24"]).abs().max() > 0.1  # the blur matters: without it the test fails

@@ -145,9 +145,8 @@ class VideoCrafterPipeline:
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``(b, 3, H, W)`` in [-1, 1] -> the projector's ``(b, 16, 1024)`` image context (official preprocessing:
-        bicubic resize to 224 with antialiasing, CLIP normalisation; last-layer tokens without ``ln_post``)."""
-        pixels = F.interpolate(images.float(), (IMAGE_ENCODER_SIZE, IMAGE_ENCODER_SIZE), mode="bicubic",
-                               align_corners=True, antialias=True)
+        :func:`antialiased_resize` to 224, CLIP normalisation; last-layer tokens without ``ln_post``)."""
+        pixels = antialiased_resize(images.float(), (IMAGE_ENCODER_SIZE, IMAGE_ENCODER_SIZE))
         mean = torch.tensor(CLIP_MEAN, device=pixels.device)[:, None, None]
         std = torch.tensor(CLIP_STD, device=pixels.device)[:, None, None]
         pixels = (((pixels + 1) / 2) - mean) / std
@@ -235,6 +234,36 @@ def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64) -
             KIND_NAMES[kind], "give --start-image" if kind == KIND_I2V_512_V1 else
             "use the Image2Video-512 checkpoint, or leave the start image out"))
     return request
+
+
+def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def antialiased_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The official image embedder's resize (``kornia.geometry.resize(..., 'bicubic', align_corners=True,
+    antialias=True)``): when shrinking, a Gaussian blur first (per axis sigma ``(factor - 1) / 2``, at least 0.001;
+    an odd kernel of ``max(4 sigma, 3)`` taps; reflected borders), then bicubic interpolation with aligned corners.
+
+    ``images`` ``(b, c, H, W)`` float -> ``(b, c, *size)``."""
+    height, width = images.shape[-2:]
+    factors = (height / size[0], width / size[1])
+    if max(factors) > 1:
+        sigmas = [max((f - 1.0) / 2.0, 0.001) for f in factors]
+        taps = [int(max(4.0 * s, 3)) for s in sigmas]
+        taps = [t if t % 2 else t + 1 for t in taps]
+        taps = [1 if n == 1 else t for n, t in zip((height, width), taps)]
+        channels = images.shape[1]
+        (tap_h, tap_w), (sigma_h, sigma_w) = taps, sigmas
+        if tap_w > 1:  # along the width first, then the height, as kornia's separable filter
+            kernel = _gaussian_kernel(tap_w, sigma_w).to(images).view(1, 1, 1, tap_w).expand(channels, 1, 1, tap_w)
+            images = F.conv2d(F.pad(images, (tap_w // 2, tap_w // 2, 0, 0), mode="reflect"), kernel, groups=channels)
+        if tap_h > 1:
+            kernel = _gaussian_kernel(tap_h, sigma_h).to(images).view(1, 1, tap_h, 1).expand(channels, 1, tap_h, 1)
+            images = F.conv2d(F.pad(images, (0, 0, tap_h // 2, tap_h // 2), mode="reflect"), kernel, groups=channels)
+    return F.interpolate(images, size, mode="bicubic", align_corners=True)
 
 
 def _start_image_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
