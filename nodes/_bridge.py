@@ -68,8 +68,9 @@ PREVIEW_FRAMES = 4
 
 
 # -- model folders --------------------------------------------------------------------------------------
-def register_videobooth_folder(paths_module: Any = None) -> None:
-    """Register ``models/videobooth`` with ComfyUI through ``folder_paths.add_model_folder_path``.
+def register_videobooth_folder(paths_module: Any = None, folder: str = VIDEOBOOTH_FOLDER) -> None:
+    """Register ``models/videobooth`` (or ``folder``: ``videocrafter``) with ComfyUI through
+    ``folder_paths.add_model_folder_path``.
 
     ``extra_model_paths.yaml`` is read before packs load and may already have created the key (with an
     empty extension set, which means "any file"): its paths are kept (the default path is appended after them)
@@ -79,9 +80,9 @@ def register_videobooth_folder(paths_module: Any = None) -> None:
     fp = paths_module if paths_module is not None else folder_paths
     if fp is None:
         return
-    fp.add_model_folder_path(VIDEOBOOTH_FOLDER, os.path.join(fp.models_dir, VIDEOBOOTH_FOLDER))
+    fp.add_model_folder_path(folder, os.path.join(fp.models_dir, folder))
     # no public call sets a folder's extensions: add ours to the set ComfyUI (or the yaml) made for the folder
-    fp.folder_names_and_paths[VIDEOBOOTH_FOLDER][1].update(fp.supported_pt_extensions)
+    fp.folder_names_and_paths[folder][1].update(fp.supported_pt_extensions)
 
 
 def folder_locations(folder: str) -> list[str]:

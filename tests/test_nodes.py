@@ -100,6 +100,7 @@ EXPECTED_IDS = {
     "VideoBoothSubjects", "VideoBoothDrift",
     "VideoBoothContextOptions", "VideoBoothStartFrames",
     "VideoBoothNativeLoader", "VideoBoothNativeConditioning", "VideoBoothNativeContextWindows",
+    "VideoBoothVideoCrafterLoader", "VideoBoothVideoCrafterSampler",
 }
 
 

@@ -245,13 +245,15 @@ def test_the_request_of_a_command_line(tiny_models, photos) -> None:
 def test_every_generate_flag_works_in_jobs_or_is_refused_there() -> None:
     from videobooth_core.app.cli import build_parser
     from videobooth_core.app.jobs import schema as jobs
+    from videobooth_core.app.videocrafter import VIDEOCRAFTER_ONLY_FLAGS
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     batch = {"help", "models", "jobs", "out_dir", "overwrite"}
     for action in generate._actions:
         dest = action.dest
         assert dest in batch or dest in jobs.SETTINGS or dest in jobs.CLI_ONLY_FLAGS or dest in jobs.PER_RUN_KEYS \
-            or dest in jobs.BEST_OF_KEYS or dest in jobs.SD_MODEL_KEYS or dest in jobs.REFUSED_FLAGS, dest
+            or dest in jobs.BEST_OF_KEYS or dest in jobs.SD_MODEL_KEYS or dest in jobs.REFUSED_FLAGS \
+            or dest in VIDEOCRAFTER_ONLY_FLAGS, dest  # the VideoCrafter road's flags: no jobs there yet (issue 26)
 
 
 def test_sd_model_flags_are_every_jobs_default_and_enter_the_fingerprint(tmp_path) -> None:

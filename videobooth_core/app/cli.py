@@ -58,6 +58,7 @@ DEMO_EXAMPLES = f"""examples:
 """
 CONVERT_EXAMPLES = f"""examples:
   {PROG} convert --unet watermark_remove_module.pt --mapper mapper.pt --out models/videobooth
+  {PROG} convert --videocrafter VideoCrafter2/model.ckpt --out models/videocrafter
 """
 TINY_EXAMPLES = f"""examples:
   {PROG} make-tiny --out tiny_models && {PROG} generate --models tiny_models --prompt "a cat" --steps 2 --out cat.gif
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true",
                      help="replace an existing output (never a folder holding anything but frames written here) "
                           "(default: refuse)")
+    from .videocrafter import add_videocrafter_args  # VideoCrafter1/2: the family is read from --models
+
+    add_videocrafter_args(gen)
 
     demo = sub.add_parser("demo", help="run the whole pipeline end to end (tiny random weights if none are installed)",
                           formatter_class=_Formatter, epilog=DEMO_EXAMPLES)
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=CONVERT_EXAMPLES)
     conv.add_argument("--unet", help="the released watermark_remove_module.pt (default: none)")
     conv.add_argument("--mapper", help="the released mapper.pt (default: none)")
+    conv.add_argument("--videocrafter", metavar="MODEL_CKPT",
+                      help="a VideoCrafter1/2 model.ckpt: written as <out>/<kind>.safetensors, every tensor under its "
+                           "released name (default: none)")
     conv.add_argument("--out", required=True, help="output folder (e.g. ComfyUI/models/videobooth); required")
     conv.add_argument("--dtype", choices=PRECISIONS, default=CONVERT_PRECISION,
                       help=f"precision of the written weights (default: {CONVERT_PRECISION})")
@@ -128,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=_Formatter, epilog=TINY_EXAMPLES)
     tiny.add_argument("--out", required=True, help="output models folder; required")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    tiny.add_argument("--family", default="videobooth",
+                      choices=("videobooth", "videocrafter1-t2v-512", "videocrafter1-t2v-1024", "videocrafter1-i2v-512",
+                               "videocrafter2"),
+                      help="which model family the tiny set is of (default: videobooth)")
     from ..dataset.cli import add_dataset_parser  # the training-data commands live with the dataset package
 
     add_dataset_parser(sub)
@@ -235,6 +246,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..pipeline import VideoBoothPipeline
     from ..video_io import check_output_path, write_frames
 
+    from .videocrafter import run_videocrafter, uses_videocrafter
+
+    if uses_videocrafter(args):  # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+        return run_videocrafter(args)
     if args.jobs:
         from .jobs import run_jobs
 
@@ -296,6 +311,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     # before any weight is read: the folder is writable and no file of the user's is replaced without --overwrite
     out = check_output_folder(args.out)
+    if getattr(args, "videocrafter", None):
+        from .videocrafter import cmd_convert_videocrafter
+
+        return cmd_convert_videocrafter(args, out)
     for given, name in ((args.unet, "videobooth_unet.safetensors"), (args.mapper, "videobooth_mapper.safetensors")):
         if given:
             check_target(out / name, overwrite=args.overwrite)
@@ -319,6 +338,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import make_tiny
 
     check_output_folder(args.out)  # the set's files are replaced, nothing else there: a folder it fills
+    if getattr(args, "family", "videobooth") != "videobooth":
+        from .videocrafter import cmd_make_tiny_videocrafter
+
+        return cmd_make_tiny_videocrafter(args)
     out = make_tiny(args.out, seed=args.seed)
     print(f"wrote a tiny RANDOM model set to {out} (for tests and demos; it generates noise)")
     return 0

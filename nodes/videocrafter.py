@@ -1,0 +1,134 @@
+"""VideoCrafter1/2 nodes: a loader for the four released kinds (``models/videocrafter``, registered by this pack) and
+a sampler that runs the official DDIM from a prompt (and, for the image-to-video model, a start IMAGE) to IMAGE
+frames.
+
+Its own sampler, not the VideoBooth Sampler: the inputs differ (no subject photo or word; an fps conditioning; for
+I2V a start image), and so does the sampler (the official DDIM with the per-timestep x0 scale of ``use_scale``
+checkpoints, which ComfyUI's ``ModelSamplingDiscrete`` cannot express). Each node validates, converts through
+``_bridge`` and makes one core call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..videobooth_core.loading.checkpoint import parse_dtype
+from ..videobooth_core.sampling.videocrafter import ddim_timesteps
+from ..videobooth_core.videocrafter_pipeline import MAX_FRAMES, VideoCrafterPipeline, VideoCrafterRequest
+from . import _bridge as bridge
+
+VIDEOCRAFTER_FOLDER = "videocrafter"
+VIDEOCRAFTER = "VIDEOCRAFTER"
+"""The socket type of a loaded VideoCrafter model."""
+AUTO = "auto"
+_CACHE: dict[tuple, VideoCrafterPipeline] = {}
+
+
+def _tokenizer_dir() -> Path:
+    """The CLIP BPE tokenizer (CLIP's vocabulary, the same for ViT-H): one in ``text_encoders``, else ComfyUI's."""
+    from ..videobooth_core.errors import CheckpointError
+    from ..videobooth_core.loading.models_dir import find_tokenizer_dir
+
+    for location in bridge.folder_locations("text_encoders"):
+        try:
+            return find_tokenizer_dir(Path(location).parent)
+        except CheckpointError:
+            continue
+    comfy = bridge.comfy_sd1_tokenizer_dir()
+    if comfy is None:
+        raise CheckpointError("no CLIP tokenizer found: put the tokenizer folder (vocab.json + merges.txt) of "
+                              "openai/clip-vit-large-patch14 in models/text_encoders/, or run inside ComfyUI")
+    return comfy
+
+
+class VideoBoothVideoCrafterLoader:
+    DESCRIPTION = ("Loads a VideoCrafter1 (text-to-video 512 or 1024, image-to-video 512) or VideoCrafter2 model.ckpt, "
+                   "or its safetensors conversion, from models/videocrafter; the kind is read from its keys, and its "
+                   "own text (and image) encoder comes with it.")
+    CATEGORY = "VideoBooth/VideoCrafter"
+    FUNCTION = "load"
+    RETURN_TYPES = (VIDEOCRAFTER,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded VideoCrafter model (UNet, VAE, text encoder; image encoder for image-to-video).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        names = bridge.list_models(VIDEOCRAFTER_FOLDER)
+        return {"required": {
+            "checkpoint": (names, {"tooltip": "A VideoCrafter model.ckpt (or `convert --videocrafter` output) in "
+                                              f"{bridge.describe_locations(VIDEOCRAFTER_FOLDER)}."}),
+            "precision": (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": (
+                "UNet weight precision: fp32 is the official numerics; bf16/fp16 halve the memory.")}),
+            "device": (["auto", "cpu"], {"default": "auto", "tooltip": "auto: ComfyUI's compute device; cpu: the CPU."}),
+        }}
+
+    def load(self, checkpoint: str, precision: str, device: str) -> tuple[VideoCrafterPipeline]:
+        compute, _ = bridge.devices_for("unet", device)
+        key = (bridge.file_signature(VIDEOCRAFTER_FOLDER, checkpoint), precision, str(compute))
+        if key not in _CACHE:
+            _CACHE.clear()  # one VideoCrafter model at a time: they are several GB each
+            _CACHE[key] = VideoCrafterPipeline.from_files(bridge.model_path(VIDEOCRAFTER_FOLDER, checkpoint),
+                                                          _tokenizer_dir(), dtype=parse_dtype(precision),
+                                                          device=compute)
+        return (_CACHE[key],)
+
+
+class VideoBoothVideoCrafterSampler:
+    DESCRIPTION = ("Generates a video with a VideoCrafter model and the official DDIM sampler (its timesteps, x0 scale "
+                   "and guidance): a prompt for the text-to-video models, a prompt and a start image for the "
+                   "image-to-video one. 0 for width, height or fps takes the model's official value.")
+    CATEGORY = "VideoBooth/VideoCrafter"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The video frames as an IMAGE batch (frames, height, width, 3) in 0..1.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": (VIDEOCRAFTER, {"tooltip": "From VideoCrafter Loader."}),
+                "prompt": ("STRING", {"multiline": True, "default": "a panda playing guitar, 4k",
+                                      "tooltip": "What the video shows."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "The unconditional branch's prompt (official: empty)."}),
+                "frames": ("INT", {"default": 16, "min": 1, "max": MAX_FRAMES, "tooltip": "Frames (trained: 16)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": (
+                    "Width in pixels, a multiple of 64; 0: the model's (512, or 1024 for T2V 1024).")}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": (
+                    "Height in pixels, a multiple of 64; 0: the model's (320, or 576 for T2V 1024).")}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 500, "tooltip": (
+                    "DDIM steps (official 50); counts the official schedule cannot run (3, 9, 27, ...) are refused.")}),
+                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                  "tooltip": "DDIM eta: 1 is the official default, 0 deterministic."}),
+                "cfg": ("FLOAT", {"default": 12.0, "min": 1.0, "max": 30.0, "step": 0.5,
+                                  "tooltip": "Classifier-free guidance scale (official 12)."}),
+                "fps": ("INT", {"default": 0, "min": 0, "max": 60, "tooltip": (
+                    "The fps conditioning of T2V 1024, VideoCrafter2 and I2V; 0: the official 28 (T2V) or 8 (I2V).")}),
+                "seed": ("INT", {"default": 123, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the run's noise (drawn on the CPU)."}),
+            },
+            "optional": {
+                "start_image": ("IMAGE", {"tooltip": "Image-to-video only: the image the video starts from."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def sample(self, model: VideoCrafterPipeline, prompt: str, negative_prompt: str, frames: int, width: int,
+               height: int, steps: int, eta: float, cfg: float, fps: int, seed: int,
+               start_image: torch.Tensor | None = None, unique_id: str | None = None) -> tuple[torch.Tensor]:
+        request = model.check(VideoCrafterRequest(
+            prompt=prompt, negative_prompt=negative_prompt, frames=frames, width=width or None, height=height or None,
+            steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed,
+            start_image=bridge.first_image(start_image) if start_image is not None else None))
+        progress = bridge.Progress(len(ddim_timesteps(request.steps)), unique_id)
+        result = model.generate(request, callback=bridge.step_reporter(progress, 0))
+        return (bridge.image_to_comfy(result.frames.float() / 255.0),)
+
+
+NODE_CLASS_MAPPINGS = {"VideoBoothVideoCrafterLoader": VideoBoothVideoCrafterLoader,
+                       "VideoBoothVideoCrafterSampler": VideoBoothVideoCrafterSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"VideoBoothVideoCrafterLoader": "VideoCrafter Loader (VideoCrafter1/2)",
+                              "VideoBoothVideoCrafterSampler": "VideoCrafter Sampler (official DDIM)"}

@@ -1,0 +1,71 @@
+"""The VideoCrafter nodes (issue 26), called directly (no ComfyUI needed) on tiny sets of ``make-tiny --family``: the
+loader reads models/videocrafter, the sampler gives the Python API's frames as an IMAGE, and the image-to-video model
+takes its start image from an IMAGE."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PACK_NAME, import_pack
+
+pack = import_pack()
+bridge = sys.modules[f"{PACK_NAME}.nodes._bridge"]
+errors = importlib.import_module(f"{PACK_NAME}.videobooth_core.errors")
+tiny = importlib.import_module(f"{PACK_NAME}.videobooth_core.app.tiny_videocrafter")
+api = importlib.import_module(f"{PACK_NAME}.videobooth_core.videocrafter_pipeline")
+MAPPINGS = pack.NODE_CLASS_MAPPINGS
+SAMPLER = dict(prompt="a cat", negative_prompt="", frames=4, width=64, height=64, steps=4, eta=1.0, cfg=12.0, fps=0,
+               seed=3)
+
+
+def run(node_id: str, **inputs):
+    cls = MAPPINGS[node_id]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videocrafter_models")
+    tiny.make_tiny_videocrafter(root, "videocrafter2")
+    tiny.make_tiny_videocrafter(root, "videocrafter1-i2v-512")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(bridge.MODELS_DIR_ENV, str(root))
+        yield root
+
+
+def test_the_loader_lists_models_videocrafter(models: Path) -> None:
+    files, options = MAPPINGS["VideoBoothVideoCrafterLoader"].INPUT_TYPES()["required"]["checkpoint"]
+    assert files == ["videocrafter1-i2v-512.ckpt", "videocrafter2.ckpt"]
+    assert "videocrafter" in options["tooltip"]
+
+
+def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
+    (model,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter2.ckpt", precision="fp32", device="cpu")
+    assert model.kind == "videocrafter2"
+    (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
+    expected = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3))
+    assert torch.equal(frames, expected.frames.float() / 255)
+    (again,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter2.ckpt", precision="fp32", device="cpu")
+    assert again is model  # loaded once while the file and settings stay the same
+    with pytest.raises(errors.SamplingError, match="breaks at this step count"):
+        run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "steps": 3})
+    with pytest.raises(errors.ImagePromptError, match="needs the image-to-video model"):
+        run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=torch.rand(1, 32, 32, 3))
+
+
+def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> None:
+    (model,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter1-i2v-512.ckpt", precision="fp32",
+                   device="cpu")
+    image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(0))
+    (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=image)
+    expected = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3,
+                                                      start_image=image[0]))
+    assert torch.equal(frames, expected.frames.float() / 255)
+    with pytest.raises(errors.ImagePromptError, match="needs a start image"):
+        run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)

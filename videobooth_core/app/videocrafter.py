@@ -1,0 +1,141 @@
+"""The command line's VideoCrafter1/2 road: ``generate --models DIR`` runs a VideoCrafter model when ``DIR`` holds
+one (``videocrafter/`` or ``checkpoints/``) and no VideoBooth UNet, or when ``--model`` names one; ``make-tiny
+--family videocrafter...`` writes a tiny set of a family.
+
+The generation flags keep their names; where a flag is left at VideoBooth's default, the VideoCrafter model's
+official value is used instead (320x512 or 576x1024, 50 DDIM steps, eta 1, guidance 12, seed 123, fps 28 / 8 as
+the conditioning). VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, other samplers,
+batch jobs) are refused by name: they are not wired to this family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..errors import OutputError, SamplingError, VideoBoothError, explain
+from ..settings import SETTINGS
+from .common import progress_callback
+
+_REFUSED = {"image": "--image", "word": "--word", "subject": "--subject", "extend": "--extend", "mask": "--mask",
+            "bbox": "--bbox", "base_checkpoint": "--base-checkpoint", "lora": "--lora", "jobs": "--jobs"}
+
+
+VIDEOCRAFTER_ONLY_FLAGS = ("model", "text_encoder", "image_encoder")
+"""``generate``'s flags that only the VideoCrafter road reads (batch jobs do not run VideoCrafter models yet, and
+refuse ``--jobs`` with one: see :func:`request_from`)."""
+
+
+def add_videocrafter_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("VideoCrafter1/2 (when --models holds one; README: VideoCrafter)")
+    group.add_argument("--model", help="the VideoCrafter checkpoint to use when --models holds several: its file name "
+                                       "or kind, e.g. videocrafter2 (default: the only one)")
+    group.add_argument("--text-encoder", help="the OpenCLIP ViT-H/14 text encoder, for a checkpoint without "
+                                              "cond_stage_model.*: SD 2.x text_encoder / ComfyUI clip_h, or "
+                                              "open_clip_pytorch_model.bin (default: the checkpoint's)")
+    group.add_argument("--image-encoder", help="image-to-video: the OpenCLIP ViT-H/14 image encoder for a checkpoint "
+                                               "without embedder.*: ComfyUI's clip_vision_h (default: the checkpoint's)")
+
+
+def uses_videocrafter(args: argparse.Namespace) -> bool:
+    """Whether ``generate`` runs a VideoCrafter model: ``--model`` was given, or ``--models`` holds a VideoCrafter
+    checkpoint and no VideoBooth UNet (a folder without ``videocrafter/`` or ``checkpoints/`` is never scanned)."""
+    if getattr(args, "model", None):
+        return True
+    models = Path(args.models)
+    if not any((models / sub).is_dir() for sub in ("videocrafter", "checkpoints")):
+        return False
+    from ..loading.weight_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+    from ..videocrafter_pipeline import find_videocrafter_models
+
+    videobooth = models / "videobooth"
+    has_videobooth = videobooth.is_dir() and any(p.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+                                                 for p in videobooth.iterdir())
+    return bool(find_videocrafter_models(models)) and not has_videobooth
+
+
+def _official_or_given(args: argparse.Namespace, key: str, official):
+    """The flag's value, or the VideoCrafter default where it was left at VideoBooth's."""
+    value = getattr(args, key)
+    return official if value == SETTINGS[key].default else value
+
+
+def request_from(args: argparse.Namespace):
+    """The VideoCrafter request of a command line, every VideoBooth-only flag refused by name."""
+    from ..videocrafter_pipeline import VideoCrafterRequest
+
+    given = [flag for key, flag in _REFUSED.items() if getattr(args, key, None)]
+    if getattr(args, "best_of", 1) and args.best_of > 1:
+        given.append("--best-of")
+    if args.sampler != SETTINGS["sampler"].default:
+        given.append("--sampler")
+    if given:
+        raise VideoBoothError(explain("these flags are VideoBooth's and do not apply to a VideoCrafter model",
+                                      " ".join(given), "leave them out (VideoCrafter runs its official DDIM sampler "
+                                      "from a prompt, and a --start-image for the image-to-video model)"))
+    if not args.prompt:
+        raise SamplingError("--prompt is required: describe the video, e.g. --prompt 'a panda playing guitar'")
+    start = None
+    if args.start_image:
+        from ..conditioning.image_prompt import load_image
+
+        start = load_image(args.start_image)
+    return VideoCrafterRequest(
+        prompt=args.prompt, negative_prompt=args.negative or "", frames=args.frames,
+        height=_official_or_given(args, "height", None), width=_official_or_given(args, "width", None),
+        steps=_official_or_given(args, "steps", 50), eta=_official_or_given(args, "eta", 1.0),
+        guidance=_official_or_given(args, "cfg", 12.0), fps=None if args.fps == SETTINGS["fps"].default else round(args.fps),
+        seed=_official_or_given(args, "seed", 123), start_image=start)
+
+
+def run_videocrafter(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..loading.checkpoint import parse_dtype
+    from ..video_io import check_output_path, write_frames
+    from ..videocrafter_pipeline import VideoCrafterPipeline, check_request, pick_videocrafter_model
+
+    if not args.out:
+        raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
+    out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
+    request = request_from(args)
+    path, kind = pick_videocrafter_model(args.models, args.model)
+    check_request(request, kind, multiple=16)  # everything but the UNet's own size multiple, before any load
+    start = time.perf_counter()
+    pipe = VideoCrafterPipeline.from_models_dir(args.models, args.model, dtype=parse_dtype(args.dtype),
+                                                device=torch.device(args.device),
+                                                text_encoder=args.text_encoder, image_encoder=args.image_encoder)
+    request = pipe.check(request)  # sizes, frames, steps and the start image against this model, before sampling
+    print(pipe.estimate_memory(request).describe(), file=sys.stderr)
+    result = pipe.generate(request, callback=progress_callback("sampling"))
+    write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
+    r = result.request
+    print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}, {r.steps} DDIM steps, eta "
+          f"{r.eta}, guidance {r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_make_tiny_videocrafter(args: argparse.Namespace) -> int:
+    from .tiny_videocrafter import make_tiny_videocrafter
+
+    path = make_tiny_videocrafter(args.out, args.family, seed=args.seed)
+    print(f"wrote a tiny RANDOM {args.family} set to {args.out} ({path.relative_to(args.out)}; for tests and demos, "
+          "it generates noise)", file=sys.stdout)
+    return 0
+
+
+def cmd_convert_videocrafter(args: argparse.Namespace, out: Path) -> int:
+    """``convert --videocrafter model.ckpt --out DIR``: ``DIR/<kind>.safetensors`` (``--dtype``, fp16 by default)."""
+    from ..loading.checkpoint import parse_dtype
+    from ..loading.videocrafter import convert_videocrafter_checkpoint, read_videocrafter_checkpoint
+
+    if args.unet or args.mapper:
+        raise VideoBoothError("convert --videocrafter converts one VideoCrafter checkpoint; run --unet/--mapper "
+                              "(VideoBooth's files) as a separate command")
+    kind, _ = read_videocrafter_checkpoint(args.videocrafter)
+    written = convert_videocrafter_checkpoint(args.videocrafter, out / f"{kind}.safetensors",
+                                              dtype=parse_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote {written} ({kind}, {args.dtype}, {written.stat().st_size / 1e9:.2f} GB)")
+    return 0
