@@ -148,6 +148,38 @@ def test_the_videocrafter_table_is_its_requests_defaults_with_videobooths_flags(
     assert all(spec.flag == SETTINGS[key].flag for key, spec in VIDEOCRAFTER_SETTINGS.items())
 
 
+def test_batch_jobs_run_a_videocrafter_folder_as_the_api_does(sets: Path, tmp_path: Path, capsys) -> None:
+    """A jobs file for a VideoCrafter models folder: every line through the one request builder, the command
+    line's flags as every line's default, the outputs the API's frames; a rerun redoes nothing; VideoBooth-only
+    keys and flags refused before anything is written."""
+    import json
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "a cat", "out": "a"}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "a dog", "seed": 5, "cfg": 7.5, "out": "b"}) + "\n")
+    out = tmp_path / "out"
+    command = ["generate", "--models", str(sets / "vc2"), "--jobs", str(jobs), "--out-dir", str(out),
+               "--frames", "4", "--width", "64", "--height", "64", "--steps", "4"]
+    assert main(command) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [item["id"] for item in manifest["items"]] == ["a", "b"]
+    assert manifest["items"][1]["settings"]["cfg"] == 7.5 and manifest["items"][1]["settings"]["family"] == \
+        "videocrafter2"
+    pipe = VideoCrafterPipeline.from_models_dir(sets / "vc2")
+    for job, request in (("a", VideoCrafterRequest(prompt="a cat", **SMALL)),
+                         ("b", VideoCrafterRequest(prompt="a dog", seed=5, guidance=7.5, **SMALL))):
+        assert torch.equal(read_last_frames(out / job, 4), pipe.generate(request).frames), job
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "2 already done, 0 to generate" in capsys.readouterr().err
+    jobs.write_text(json.dumps({"prompt": "a cat", "word": "cat"}) + "\n")
+    for extra, message in (([], "line 1: 'word' does not apply to a VideoCrafter model (videocrafter2)"),
+                           (["--sampler", "ddim"], "'--sampler'")):
+        assert main([*command[:6], str(tmp_path / "none"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_converted_checkpoint_generates_what_its_pickle_generates(sets: Path, tmp_path: Path, capsys) -> None:
     """``convert --videocrafter`` (fp32 here) into a models folder of its own: the same frames, bit for bit."""
     models = tmp_path / "models"

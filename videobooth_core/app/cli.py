@@ -257,17 +257,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .videocrafter import run_videocrafter, uses_videocrafter
 
-    if uses_videocrafter(args):  # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+    # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+    videocrafter = uses_videocrafter(args)
+    if videocrafter and not args.jobs:
         return run_videocrafter(args)
-    _fill_setting_defaults(args)
+    if not videocrafter:  # VideoCrafter's flags not given stay None: its own defaults (app.videocrafter)
+        _fill_setting_defaults(args)
     if args.jobs:
         from .jobs import run_jobs
 
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
         check_output_folder(args.out_dir, "--out-dir")
-        _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
-        return run_jobs(args)
+        if videocrafter:
+            from .videocrafter import refuse_videobooth_flags
+
+            refuse_videobooth_flags(args)
+        else:
+            _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
+        return run_jobs(args, videocrafter=videocrafter)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
     # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours

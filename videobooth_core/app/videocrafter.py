@@ -7,7 +7,9 @@ share VideoBooth's flags); a flag not given takes the VideoCrafter model's offic
 DDIM steps, eta 1, guidance 12, seed 123, the empty negative prompt, fps 28 / 8 as the conditioning), a given one
 is used as given (``--steps 250`` is 250 steps). The video file is written at ``--fps`` (default 8).
 VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, other samplers, any other
-VideoBooth setting) are refused by name: they are not wired to this family.
+VideoBooth setting, best of N, other attention kernels, streamed weights) are refused by name: they are not wired
+to this family. ``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes
+``prompt``, ``start_image`` and the VideoCrafter settings).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from ..settings import SETTINGS, VIDEOCRAFTER_SETTINGS
 from .common import progress_callback
 
 _REFUSED = {"image": "--image", "word": "--word", "subject": "--subject", "extend": "--extend", "mask": "--mask",
-            "bbox": "--bbox", "base_checkpoint": "--base-checkpoint", "lora": "--lora", "jobs": "--jobs"}
+            "bbox": "--bbox", "base_checkpoint": "--base-checkpoint", "lora": "--lora", "stream_weights": "--stream-weights"}
 
 
 VIDEOCRAFTER_ONLY_FLAGS = ("model", "text_encoder", "image_encoder")
-"""``generate``'s flags that only the VideoCrafter road reads (batch jobs do not run VideoCrafter models yet, and
-refuse ``--jobs`` with one: see :func:`request_from`)."""
+"""``generate``'s flags that only the VideoCrafter road reads (one video, and batch jobs of a VideoCrafter models
+folder: ``app.jobs.run``)."""
 
 
 def add_videocrafter_args(parser: argparse.ArgumentParser) -> None:
@@ -63,21 +65,31 @@ def _whole(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def request_from(args: argparse.Namespace):
-    """The VideoCrafter request of a command line through the one request builder
-    (:func:`.request.build_videocrafter_request`): a flag not given (None) takes the family's own default, a
-    given one is used as given; every VideoBooth-only flag or setting given is refused by name."""
-    from .request import build_videocrafter_request
+def refuse_videobooth_flags(args: argparse.Namespace) -> None:
+    """VideoBoothError naming every VideoBooth-only flag or setting given to a VideoCrafter run (one video or
+    ``--jobs``), before anything is read."""
+    from ..settings import DEFAULT_ATTENTION
 
     given = [flag for key, flag in _REFUSED.items() if getattr(args, key, None)]
     if getattr(args, "best_of", 1) and args.best_of > 1:
         given.append("--best-of")
+    if getattr(args, "attention", DEFAULT_ATTENTION) != DEFAULT_ATTENTION:
+        given.append("--attention")
     given += [spec.flag for key, spec in SETTINGS.items()
               if key not in VIDEOCRAFTER_SETTINGS and getattr(args, key, None) is not None]
     if given:
         raise VideoBoothError(explain("these flags are VideoBooth's and do not apply to a VideoCrafter model",
                                       " ".join(given), "leave them out (VideoCrafter runs its official DDIM sampler "
                                       "from a prompt, and a --start-image for the image-to-video model)"))
+
+
+def request_from(args: argparse.Namespace):
+    """The VideoCrafter request of a command line through the one request builder
+    (:func:`.request.build_videocrafter_request`): a flag not given (None) takes the family's own default, a
+    given one is used as given; every VideoBooth-only flag or setting given is refused by name."""
+    from .request import build_videocrafter_request
+
+    refuse_videobooth_flags(args)
     values = {key: getattr(args, key, None) for key in VIDEOCRAFTER_SETTINGS}
     values["fps"] = _whole(values["fps"])
     return build_videocrafter_request({**values, "prompt": args.prompt, "start_image": args.start_image})
