@@ -57,6 +57,12 @@ def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
         run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "steps": 3})
     with pytest.raises(errors.ImagePromptError, match="needs the image-to-video model"):
         run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=torch.rand(1, 32, 32, 3))
+    # the settings table's ranges, named by the widget, before any step runs
+    for change, words in (({"frames": 65}, "frames must be between 1 and 64, got 65; the default is 16"),
+                          ({"cfg": 0.5}, "cfg must be at least 1 and at most 30, got 0.5; the default is 12"),
+                          ({"negative_prompt": 5}, "negative_prompt must be a string, got 5")):
+        with pytest.raises(errors.SamplingError, match=words):
+            run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, **change})
 
 
 def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> None:

@@ -33,7 +33,11 @@ folder: ``app.jobs.run``)."""
 
 
 def add_videocrafter_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("VideoCrafter1/2 (when --models holds one; README: VideoCrafter)")
+    official = "; ".join(f"{spec.flag} {spec.describe_default()}" for spec in VIDEOCRAFTER_SETTINGS.values())
+    group = parser.add_argument_group(
+        "VideoCrafter1/2 (when --models holds one; README: VideoCrafter)",
+        f"The generation flags not given take the VideoCrafter model's official values ({official}), not the "
+        "defaults shown above; VideoBooth-only flags are refused.")
     group.add_argument("--model", help="the VideoCrafter checkpoint to use when --models holds several: its file name "
                                        "or kind, e.g. videocrafter2 (default: the only one)")
     group.add_argument("--text-encoder", help="the OpenCLIP ViT-H/14 text encoder, for a checkpoint without "
