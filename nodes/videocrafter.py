@@ -16,14 +16,29 @@ import torch
 
 from ..videobooth_core.loading.checkpoint import parse_dtype
 from ..videobooth_core.sampling.videocrafter import ddim_timesteps
-from ..videobooth_core.videocrafter_pipeline import MAX_FRAMES, VideoCrafterPipeline, VideoCrafterRequest
+from ..videobooth_core.settings import (
+    DEFAULT_PRECISION,
+    VIDEOCRAFTER_SETTINGS,
+    VIDEOCRAFTER_SIZE_STEP,
+    widget,
+)
+from ..videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoCrafterRequest
 from . import _bridge as bridge
+from .loaders import DEVICES, PRECISIONS, precision_tooltip
 
 VIDEOCRAFTER_FOLDER = "videocrafter"
 VIDEOCRAFTER = "VIDEOCRAFTER"
 """The socket type of a loaded VideoCrafter model."""
 AUTO = "auto"
 _CACHE: dict[tuple, VideoCrafterPipeline] = {}
+_WIDGET_NAMES = {"negative": "negative_prompt"}.get
+"""How the sampler's messages name a setting: by its widget (the others share the settings' keys)."""
+
+
+def _widget(key: str) -> dict:
+    """A sampler widget's default and range from the VideoCrafter settings table (0 where the default is the
+    model's own value)."""
+    return widget(key, VIDEOCRAFTER_SETTINGS)
 
 
 def _tokenizer_dir() -> Path:
@@ -57,20 +72,22 @@ class VideoBoothVideoCrafterLoader:
     def INPUT_TYPES(cls) -> dict:
         names = bridge.list_models(VIDEOCRAFTER_FOLDER)
         return {"required": {
-            "checkpoint": (names, {"tooltip": "A VideoCrafter model.ckpt (or `convert --videocrafter` output) in "
+            "ckpt_name": (names, {"tooltip": "A VideoCrafter model.ckpt (or `convert --videocrafter` output) in "
                                               f"{bridge.describe_locations(VIDEOCRAFTER_FOLDER)}."}),
-            "precision": (["fp32", "bf16", "fp16"], {"default": "fp32", "tooltip": (
-                "UNet weight precision: fp32 is the official numerics; bf16/fp16 halve the memory.")}),
-            "device": (["auto", "cpu"], {"default": "auto", "tooltip": "auto: ComfyUI's compute device; cpu: the CPU."}),
+            "precision": (PRECISIONS, {"default": AUTO, "tooltip": precision_tooltip(
+                f"{DEFAULT_PRECISION}, the official numerics; bf16/fp16 halve the UNet's memory")}),
+            "device": (DEVICES, {"default": AUTO, "tooltip": "auto: ComfyUI's compute device; cpu: the CPU."}),
         }}
 
-    def load(self, checkpoint: str, precision: str, device: str) -> tuple[VideoCrafterPipeline]:
+    def load(self, ckpt_name: str, precision: str, device: str) -> tuple[VideoCrafterPipeline]:
         compute, _ = bridge.devices_for("unet", device)
-        key = (bridge.file_signature(VIDEOCRAFTER_FOLDER, checkpoint), precision, str(compute))
+        key = (bridge.file_signature(VIDEOCRAFTER_FOLDER, ckpt_name), precision, str(compute))
         if key not in _CACHE:
             _CACHE.clear()  # one VideoCrafter model at a time: they are several GB each
-            _CACHE[key] = VideoCrafterPipeline.from_files(bridge.model_path(VIDEOCRAFTER_FOLDER, checkpoint),
-                                                          _tokenizer_dir(), dtype=parse_dtype(precision),
+            _CACHE[key] = VideoCrafterPipeline.from_files(bridge.model_path(VIDEOCRAFTER_FOLDER, ckpt_name),
+                                                          _tokenizer_dir(),
+                                                          dtype=parse_dtype(DEFAULT_PRECISION if precision == AUTO
+                                                                            else precision),
                                                           device=compute)
         return (_CACHE[key],)
 
@@ -92,23 +109,22 @@ class VideoBoothVideoCrafterSampler:
                 "model": (VIDEOCRAFTER, {"tooltip": "From VideoCrafter Loader."}),
                 "prompt": ("STRING", {"multiline": True, "default": "a panda playing guitar, 4k",
                                       "tooltip": "What the video shows."}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                "negative_prompt": ("STRING", {"multiline": True, "default": VIDEOCRAFTER_SETTINGS["negative"].default,
                                                "tooltip": "The unconditional branch's prompt (official: empty)."}),
-                "frames": ("INT", {"default": 16, "min": 1, "max": MAX_FRAMES, "tooltip": "Frames (trained: 16)."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": (
+                "frames": ("INT", {**_widget("frames"), "tooltip": "Frames (trained: 16)."}),
+                "width": ("INT", {**_widget("width"), "step": VIDEOCRAFTER_SIZE_STEP, "tooltip": (
                     "Width in pixels, a multiple of 64; 0: the model's (512, or 1024 for T2V 1024).")}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip": (
+                "height": ("INT", {**_widget("height"), "step": VIDEOCRAFTER_SIZE_STEP, "tooltip": (
                     "Height in pixels, a multiple of 64; 0: the model's (320, or 576 for T2V 1024).")}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 500, "tooltip": (
+                "steps": ("INT", {**_widget("steps"), "tooltip": (
                     "DDIM steps (official 50); counts the official schedule cannot run (3, 9, 27, ...) are refused.")}),
-                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                "eta": ("FLOAT", {**_widget("eta"), "step": 0.05,
                                   "tooltip": "DDIM eta: 1 is the official default, 0 deterministic."}),
-                "cfg": ("FLOAT", {"default": 12.0, "min": 1.0, "max": 30.0, "step": 0.5,
+                "cfg": ("FLOAT", {**_widget("cfg"), "step": 0.5,
                                   "tooltip": "Classifier-free guidance scale (official 12)."}),
-                "fps": ("INT", {"default": 0, "min": 0, "max": 60, "tooltip": (
+                "fps": ("INT", {**_widget("fps"), "tooltip": (
                     "The fps conditioning of T2V 1024, VideoCrafter2 and I2V; 0: the official 28 (T2V) or 8 (I2V).")}),
-                "seed": ("INT", {"default": 123, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seed of the run's noise (drawn on the CPU)."}),
+                "seed": ("INT", {**_widget("seed"), "tooltip": "Seed of the run's noise (drawn on the CPU)."}),
             },
             "optional": {
                 "start_image": ("IMAGE", {"tooltip": "Image-to-video only: the image the video starts from."}),
@@ -119,10 +135,10 @@ class VideoBoothVideoCrafterSampler:
     def sample(self, model: VideoCrafterPipeline, prompt: str, negative_prompt: str, frames: int, width: int,
                height: int, steps: int, eta: float, cfg: float, fps: int, seed: int,
                start_image: torch.Tensor | None = None, unique_id: str | None = None) -> tuple[torch.Tensor]:
-        request = model.check(VideoCrafterRequest(
+        request = model.check(VideoCrafterRequest(  # 0: not set, the model's value
             prompt=prompt, negative_prompt=negative_prompt, frames=frames, width=width or None, height=height or None,
             steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed,
-            start_image=bridge.first_image(start_image) if start_image is not None else None))
+            start_image=bridge.first_image(start_image) if start_image is not None else None), names=_WIDGET_NAMES)
         progress = bridge.Progress(len(ddim_timesteps(request.steps)), unique_id)
         result = model.generate(request, callback=bridge.step_reporter(progress, 0))
         return (bridge.image_to_comfy(result.frames.float() / 255.0),)

@@ -466,6 +466,7 @@ WIDGET_SETTINGS = {
     ("VideoBoothStartFrames", "last_frames"): "extend_frames",
     ("VideoBoothBestOfN", "frames_per_video"): "frames",
     ("VideoBoothNativeContextWindows", "fuse"): "context_fuse",
+    ("VideoBoothVideoCrafterSampler", "negative_prompt"): "negative",
 }
 WIDGET_DEFAULTS = {("VideoBoothStartFrames", "last_frames"): 1}
 """Widgets whose default differs from their setting's, on purpose (a start image is one frame)."""
@@ -482,12 +483,14 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
     from conftest import import_pack
 
     from videobooth_core.settings import (
-        CONVERT_PRECISION, DEFAULT_DEVICE, LORA_STRENGTH_RANGE, PRECISIONS, SAMPLER_BATCH,
+        CONVERT_PRECISION, DEFAULT_DEVICE, LORA_STRENGTH_RANGE, PRECISIONS, SAMPLER_BATCH, VIDEOCRAFTER_SETTINGS,
     )
 
-    table = {**SETTINGS, "batch": SAMPLER_BATCH}
     checked = set()
     for node, cls in import_pack().NODE_CLASS_MAPPINGS.items():
+        # a VideoCrafter node's widgets come from the VideoCrafter table (its own defaults and ranges)
+        table = VIDEOCRAFTER_SETTINGS if node.startswith("VideoBoothVideoCrafter") else \
+            {**SETTINGS, "batch": SAMPLER_BATCH}
         schema = cls.INPUT_TYPES()
         for name, spec in {**schema["required"], **schema.get("optional", {})}.items():
             kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
@@ -516,12 +519,14 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
                 continue
             setting = table[key]
             checked.add((node, name))
-            assert options["default"] == WIDGET_DEFAULTS.get((node, name), setting.default), (node, name)
+            unset = setting.default is None  # the model's own value: the widget's 0 stands for it
+            assert options["default"] == WIDGET_DEFAULTS.get((node, name), 0 if unset else setting.default), \
+                (node, name)
             if setting.choices is not None:
                 assert tuple(kind) == setting.choices, (node, name)
             elif setting.kind in ("int", "float"):
                 assert kind == setting.kind.upper(), (node, name)
-                low = setting.minimum if setting.minimum is not None else setting.above
+                low = 0 if unset else setting.minimum if setting.minimum is not None else setting.above
                 assert (options["min"], options.get("max")) == (low, setting.maximum), (node, name)
                 if setting.multiple_of:
                     assert options["step"] == setting.multiple_of, (node, name)
@@ -532,6 +537,8 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
             ("VideoBoothStartFrames", "last_frames"),
             ("VideoBoothNativeContextWindows", "context_overlap"), ("VideoBoothImagePrompt", "padding"),
             ("VideoBoothTextEncode", "negative_prompt")} <= checked
+    videocrafter = {"frames", "width", "height", "steps", "eta", "cfg", "fps", "seed", "negative_prompt"}
+    assert {("VideoBoothVideoCrafterSampler", name) for name in videocrafter} <= checked
 
 
 def test_the_shared_constants_have_one_home() -> None:

@@ -12,7 +12,7 @@ import torch
 from videobooth_core.app.cli import main
 from videobooth_core.app.tiny_videocrafter import make_tiny_videocrafter
 from videobooth_core.conditioning.openclip_text import encode_penultimate, tokenize_openclip
-from videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError
+from videobooth_core.errors import CheckpointError, ImagePromptError, SamplingError, VideoBoothError
 from videobooth_core.sampling.noise import GeneratorNoise
 from videobooth_core.sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim
 from videobooth_core.video_io import read_last_frames
@@ -105,6 +105,79 @@ def test_the_command_line_runs_the_family_it_finds(sets: Path, tmp_path: Path, c
                  "--out", str(tmp_path / "no.gif")]) == 2
     assert "needs a start image" in capsys.readouterr().err
     assert not (tmp_path / "no.gif").exists()
+
+
+def _command_line_request(*flags: str) -> VideoCrafterRequest:
+    from videobooth_core.app.cli import build_parser
+    from videobooth_core.app.videocrafter import request_from
+
+    return request_from(build_parser().parse_args(["generate", "--models", "m", "--prompt", "a cat", *flags]))
+
+
+def test_a_given_flag_is_used_as_given_and_only_a_missing_one_takes_the_familys_default() -> None:
+    """Issue 26 follow-up: a flag equal to VideoBooth's default (--steps 250, --width 256, --seed 10, --negative
+    None...) was silently replaced by VideoCrafter's official value; the flags now default to 'not given'."""
+    plain = _command_line_request()
+    assert (plain.frames, plain.steps, plain.eta, plain.guidance, plain.seed, plain.negative_prompt) == \
+        (16, 50, 1.0, 12.0, 123, "")
+    assert (plain.width, plain.height, plain.fps) == (None, None, None)  # the checkpoint kind's
+    resolved = check_request(plain, "videocrafter1-t2v-1024")
+    assert (resolved.width, resolved.height, resolved.fps) == (1024, 576, 28)
+    given = _command_line_request("--steps", "250", "--width", "256", "--height", "256", "--eta", "0", "--cfg", "4",
+                                  "--seed", "10", "--fps", "8", "--negative", "None", "--frames", "16")
+    assert (given.steps, given.width, given.height, given.eta, given.guidance, given.seed, given.fps,
+            given.negative_prompt) == (250, 256, 256, 0.0, 4.0, 10, 8, "None")
+    assert (check_request(given, "videocrafter2").steps, len(VideoCrafterDDIM(250))) == (250, 250)
+    for flags, words in ((["--sampler", "ddpm"], "--sampler"), (["--guidance", "all"], "--guidance"),
+                         (["--context-window", "8", "--padding", "0"], "'--padding --context-window'"),
+                         (["--fps", "7.5"], "--fps must be a whole number, got 7.5"),
+                         (["--frames", "65"], "--frames must be between 1 and 64, got 65"),
+                         (["--cfg", "0.5"], "--cfg must be at least 1 and at most 30, got 0.5; the default is 12")):
+        with pytest.raises(VideoBoothError) as caught:
+            _command_line_request(*flags)
+        assert words in str(caught.value), str(caught.value)
+
+
+def test_the_videocrafter_table_is_its_requests_defaults_with_videobooths_flags() -> None:
+    from videobooth_core.settings import SETTINGS, VIDEOCRAFTER_SETTINGS
+
+    request = VideoCrafterRequest(prompt="x")
+    assert {key: getattr(request, spec.name) for key, spec in VIDEOCRAFTER_SETTINGS.items()} == {
+        "negative": "", "frames": 16, "width": None, "height": None, "steps": 50, "eta": 1.0, "cfg": 12.0,
+        "fps": None, "seed": 123}
+    assert all(spec.flag == SETTINGS[key].flag for key, spec in VIDEOCRAFTER_SETTINGS.items())
+
+
+def test_batch_jobs_run_a_videocrafter_folder_as_the_api_does(sets: Path, tmp_path: Path, capsys) -> None:
+    """A jobs file for a VideoCrafter models folder: every line through the one request builder, the command
+    line's flags as every line's default, the outputs the API's frames; a rerun redoes nothing; VideoBooth-only
+    keys and flags refused before anything is written."""
+    import json
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "a cat", "out": "a"}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "a dog", "seed": 5, "cfg": 7.5, "out": "b"}) + "\n")
+    out = tmp_path / "out"
+    command = ["generate", "--models", str(sets / "vc2"), "--jobs", str(jobs), "--out-dir", str(out),
+               "--frames", "4", "--width", "64", "--height", "64", "--steps", "4"]
+    assert main(command) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [item["id"] for item in manifest["items"]] == ["a", "b"]
+    assert manifest["items"][1]["settings"]["cfg"] == 7.5 and manifest["items"][1]["settings"]["family"] == \
+        "videocrafter2"
+    pipe = VideoCrafterPipeline.from_models_dir(sets / "vc2")
+    for job, request in (("a", VideoCrafterRequest(prompt="a cat", **SMALL)),
+                         ("b", VideoCrafterRequest(prompt="a dog", seed=5, guidance=7.5, **SMALL))):
+        assert torch.equal(read_last_frames(out / job, 4), pipe.generate(request).frames), job
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "2 already done, 0 to generate" in capsys.readouterr().err
+    jobs.write_text(json.dumps({"prompt": "a cat", "word": "cat"}) + "\n")
+    for extra, message in (([], "line 1: 'word' does not apply to a VideoCrafter model (videocrafter2)"),
+                           (["--sampler", "ddim"], "'--sampler'")):
+        assert main([*command[:6], str(tmp_path / "none"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_converted_checkpoint_generates_what_its_pickle_generates(sets: Path, tmp_path: Path, capsys) -> None:

@@ -39,28 +39,34 @@ def models(tmp_path_factory) -> Path:
 
 
 def test_the_loader_lists_models_videocrafter(models: Path) -> None:
-    files, options = MAPPINGS["VideoBoothVideoCrafterLoader"].INPUT_TYPES()["required"]["checkpoint"]
+    files, options = MAPPINGS["VideoBoothVideoCrafterLoader"].INPUT_TYPES()["required"]["ckpt_name"]
     assert files == ["videocrafter1-i2v-512.ckpt", "videocrafter2.ckpt"]
     assert "videocrafter" in options["tooltip"]
 
 
 def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
-    (model,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter2.ckpt", precision="fp32", device="cpu")
+    (model,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter2.ckpt", precision="fp32", device="cpu")
     assert model.kind == "videocrafter2"
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)
     assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
     expected = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3))
     assert torch.equal(frames, expected.frames.float() / 255)
-    (again,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter2.ckpt", precision="fp32", device="cpu")
+    (again,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter2.ckpt", precision="fp32", device="cpu")
     assert again is model  # loaded once while the file and settings stay the same
     with pytest.raises(errors.SamplingError, match="breaks at this step count"):
         run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "steps": 3})
     with pytest.raises(errors.ImagePromptError, match="needs the image-to-video model"):
         run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=torch.rand(1, 32, 32, 3))
+    # the settings table's ranges, named by the widget, before any step runs
+    for change, words in (({"frames": 65}, "frames must be between 1 and 64, got 65; the default is 16"),
+                          ({"cfg": 0.5}, "cfg must be at least 1 and at most 30, got 0.5; the default is 12"),
+                          ({"negative_prompt": 5}, "negative_prompt must be a string, got 5")):
+        with pytest.raises(errors.SamplingError, match=words):
+            run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, **change})
 
 
 def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> None:
-    (model,) = run("VideoBoothVideoCrafterLoader", checkpoint="videocrafter1-i2v-512.ckpt", precision="fp32",
+    (model,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter1-i2v-512.ckpt", precision="fp32",
                    device="cpu")
     image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(0))
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=image)

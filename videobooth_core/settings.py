@@ -318,6 +318,50 @@ SETTINGS: dict[str, Setting] = _table()
 """Every user-facing setting by its jobs key (also the command line's dest), in help order."""
 
 
+# -- VideoCrafter1/2 ------------------------------------------------------------------------------------------
+VIDEOCRAFTER_MAX_FRAMES = 64
+"""VideoCrafter frames at most (trained on 16; VC1's relative positions clamp beyond 16)."""
+VIDEOCRAFTER_SIZE_STEP = 64
+"""The released VideoCrafter UNets take sizes in multiples of 64 (8 x 2^3): the widgets' step. The model's own
+multiple is checked by ``videocrafter_pipeline.check_request``."""
+
+
+@dataclass(kw_only=True)
+class VideoCrafterSettings:
+    """The settings of one VideoCrafter1/2 generation (the official DDIM's defaults of ``scripts/run_*.sh``).
+    ``None`` (height, width, fps) takes the checkpoint kind's official value
+    (``models.videocrafter.config.RELEASED_SAMPLING``); the nodes' 0 and an absent flag mean the same."""
+
+    negative_prompt: str = _setting("str", "", "VideoCrafter: the unconditional branch's prompt (official: empty)",
+                                    key="negative")
+    frames: int = _setting("int", TRAINED_FRAMES, "VideoCrafter: frames per video (trained: 16)", minimum=1,
+                           maximum=VIDEOCRAFTER_MAX_FRAMES)
+    width: int | None = _setting("int", None, "VideoCrafter: width in pixels, a multiple of 64", minimum=VAE_SCALE,
+                                 maximum=2048, shown_default="the model's: 512, 1024 for T2V 1024")
+    height: int | None = _setting("int", None, "VideoCrafter: height in pixels, a multiple of 64",
+                                  minimum=VAE_SCALE, maximum=2048, shown_default="the model's: 320, 576 for T2V 1024")
+    steps: int = _setting("int", 50, "VideoCrafter: DDIM steps (official 50; counts the official schedule cannot "
+                          "run, 3, 9, 27..., are refused)", minimum=1, maximum=500)
+    eta: float = _setting("float", 1.0, "VideoCrafter: DDIM eta (1 official, 0 deterministic)", minimum=0.0,
+                          maximum=1.0)
+    guidance: float = _setting("float", 12.0, "VideoCrafter: classifier-free guidance scale (official 12)", key="cfg",
+                               minimum=1.0, maximum=30.0)
+    fps: int | None = _setting("int", None, "VideoCrafter: the fps conditioning of T2V 1024, VideoCrafter2 and I2V",
+                               minimum=1, maximum=60, shown_default="the model's: 28 T2V, 8 I2V")
+    seed: int = _setting("int", 123, "VideoCrafter: seed of the run's noise (drawn on the CPU)", minimum=0,
+                         maximum=MAX_SEED)
+
+    def check(self, names: Names | None = None) -> None:
+        """Every setting's type and range (SamplingError naming the value, as ``names`` calls it, and the fix);
+        None passes where it means the model's value."""
+        for key, spec in VIDEOCRAFTER_SETTINGS.items():
+            spec.check(getattr(self, spec.name), names(key) if names else None)
+
+
+VIDEOCRAFTER_SETTINGS: dict[str, Setting] = settings_table(("videocrafter", VideoCrafterSettings))
+"""Every VideoCrafter setting by its key (the same keys and flags as VideoBooth's where they mean the same)."""
+
+
 def settings_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     """GenerationSettings keyword arguments (with ``options``) from ``{jobs key: value}``; absent keys keep
     their defaults, unknown keys are an error."""
@@ -418,11 +462,15 @@ def add_setting_flags(parser: Any, table: Mapping[str, Setting], *, unset: bool 
                            help=f"{spec.help} ({shown})", **extra)
 
 
-def widget(key: str, **extra: Any) -> dict[str, Any]:
-    """ComfyUI widget options (default, min, max, step for multiples) of a numeric setting, plus ``extra``."""
-    spec = WIDGET_SETTINGS[key]
+def widget(key: str, table: Mapping[str, Setting] | None = None, **extra: Any) -> dict[str, Any]:
+    """ComfyUI widget options (default, min, max, step for multiples) of a numeric setting of ``table`` (default
+    :data:`WIDGET_SETTINGS`), plus ``extra``. A setting whose default is None gets default and min 0: 0 is "not
+    set" (the node passes None)."""
+    spec = table[key] if table is not None else WIDGET_SETTINGS[key]
     options: dict[str, Any] = {"default": spec.default}
     low = spec.minimum if spec.minimum is not None else spec.above
+    if spec.default is None:  # a number ComfyUI cannot leave empty: 0 stands for "not set" (the model's value)
+        options["default"], low = 0, 0
     if low is not None:
         options["min"] = low
     if spec.maximum is not None:

@@ -39,30 +39,23 @@ from .loading.videocrafter import (
 from .models.videocrafter.config import KIND_I2V_512_V1, RELEASED_SAMPLING, SamplingDefaults
 from .sampling.noise import GeneratorNoise, NoiseSource
 from .sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim
+from .settings import VIDEOCRAFTER_MAX_FRAMES, Names, VideoCrafterSettings
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAMES = 64
+MAX_FRAMES = VIDEOCRAFTER_MAX_FRAMES
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_ENCODER_SIZE = 224
 
 
 @dataclass
-class VideoCrafterRequest:
-    """One generation. ``None`` takes the kind's official value (:data:`RELEASED_SAMPLING`)."""
+class VideoCrafterRequest(VideoCrafterSettings):
+    """One generation: a prompt (and for image-to-video a start image) and the settings of
+    :class:`~.settings.VideoCrafterSettings` (defaults, ranges: :data:`~.settings.VIDEOCRAFTER_SETTINGS`); ``None``
+    takes the kind's official value (:data:`RELEASED_SAMPLING`)."""
 
     prompt: str
-    negative_prompt: str = ""
-    """The unconditional branch's prompt (official: the empty prompt)."""
-    frames: int = 16
-    height: int | None = None
-    width: int | None = None
-    steps: int = 50
-    eta: float = 1.0
-    guidance: float = 12.0
-    fps: int | None = None
-    seed: int = 123
     start_image: torch.Tensor | None = None
     """Image-to-video only: ``(H, W, 3)`` float in [0, 1] or uint8, resized to the video's size as the official
     loader does (bilinear), then encoded by the image encoder."""
@@ -166,9 +159,10 @@ class VideoCrafterPipeline:
         others = [m for m in (self.vae, self.text_encoder, self.projector, self.image_encoder) if m is not None]
         return estimate_videocrafter_step_memory(self.unet, shape, tokens, self.device, others)
 
-    def check(self, request: VideoCrafterRequest) -> VideoCrafterRequest:
-        """The request with the kind's defaults filled in, every value checked against this model."""
-        return check_request(request, self.kind, size_multiple(self.unet))
+    def check(self, request: VideoCrafterRequest, names: Names | None = None) -> VideoCrafterRequest:
+        """The request with the kind's defaults filled in, every value checked against this model (named as
+        ``names`` calls it: see :func:`check_request`)."""
+        return check_request(request, self.kind, size_multiple(self.unet), names=names)
 
     def generate(self, request: VideoCrafterRequest, callback: Callable[[int, int, Any], None] | None = None,
                  noise: NoiseSource | None = None) -> VideoCrafterResult:
@@ -207,25 +201,23 @@ class VideoCrafterPipeline:
         return VideoCrafterResult(frames=frames, latents=latents.float().cpu(), request=request)
 
 
-def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64) -> VideoCrafterRequest:
-    """``request`` with the kind's official defaults filled in, every value checked; needs no model (only the
-    size multiple depends on it: 64 for the released UNets), so a command line checks it before loading one.
+def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64, *,
+                  names: Names | None = None) -> VideoCrafterRequest:
+    """``request`` with the kind's official defaults filled in, every value checked (its range from
+    :data:`~.settings.VIDEOCRAFTER_SETTINGS`, named as ``names`` calls it: a flag, a jobs key, a widget); needs no
+    model (only the size multiple depends on it: 64 for the released UNets), so a command line checks it before
+    loading one.
 
     Raises:
         SamplingError, ImagePromptError: the value, and the fix, named.
     """
+    request.check(names)
     request = request.resolved(RELEASED_SAMPLING[kind])
     for name in ("height", "width"):
         value = getattr(request, name)
         if value < multiple or value % multiple:
             raise SamplingError(explain(f"the video {name} must be a multiple of {multiple}", value,
                                         f"use e.g. {max(multiple, round(value / multiple) * multiple)}"))
-    if not 1 <= request.frames <= MAX_FRAMES:
-        raise SamplingError(explain("frames out of range", request.frames, f"use 1 to {MAX_FRAMES} (16 trained)"))
-    if not 1.0 <= request.guidance <= 30.0:
-        raise SamplingError(explain("guidance out of range", request.guidance, "use 1 to 30 (official: 12)"))
-    if not 1 <= request.fps <= 60:
-        raise SamplingError(explain("fps out of range", request.fps, "use 1 to 60 (official: 28 T2V, 8 I2V)"))
     VideoCrafterDDIM(request.steps, request.eta)  # steps and eta, with the official schedule's own limits
     if (request.start_image is None) == (kind == KIND_I2V_512_V1):
         raise ImagePromptError(explain(

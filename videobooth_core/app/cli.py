@@ -177,7 +177,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         "are the new video's first frames, counted in --frames (default: none)")
     speed = p.add_argument_group("opt-in modes (each changes the video: speed modes and the image prompt's strength; "
                                  "measured deviations in the README)")
-    add_setting_flags(p, SETTINGS, group_of=lambda spec: speed if spec.section == "options" else p)
+    # unset: a flag not given stays None, so each family takes its own default (VideoBooth's: see
+    # _fill_setting_defaults; VideoCrafter's: app.videocrafter) and a given value is never mistaken for a default
+    add_setting_flags(p, SETTINGS, unset=True, group_of=lambda spec: speed if spec.section == "options" else p)
     p.add_argument("--dtype", default=DEFAULT_PRECISION, choices=PRECISIONS,
                    help="UNet precision: fp32 (official numerics), bf16 (about 2x faster on CPUs with AVX-512 BF16), "
                         f"fp16 (GPUs only: very slow on CPUs) (default: {DEFAULT_PRECISION})")
@@ -240,6 +242,13 @@ def _sd_model_args(args: argparse.Namespace) -> list[tuple[str, float]]:
     return loras
 
 
+def _fill_setting_defaults(args: argparse.Namespace) -> None:
+    """A VideoBooth run: every setting flag not given (None) takes its :data:`SETTINGS` default."""
+    for key, spec in SETTINGS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, spec.default)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..evaluation.best_of import check_best_of
     from ..files import check_output_folder
@@ -248,16 +257,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .videocrafter import run_videocrafter, uses_videocrafter
 
-    if uses_videocrafter(args):  # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+    # --models holds a VideoCrafter model (and no VideoBooth UNet), or --model names one
+    videocrafter = uses_videocrafter(args)
+    if videocrafter and not args.jobs:
         return run_videocrafter(args)
+    if not videocrafter:  # VideoCrafter's flags not given stay None: its own defaults (app.videocrafter)
+        _fill_setting_defaults(args)
     if args.jobs:
         from .jobs import run_jobs
 
         if not args.out_dir:
             raise VideoBoothError("--jobs needs --out-dir (the folder for the outputs and the manifest)")
         check_output_folder(args.out_dir, "--out-dir")
-        _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
-        return run_jobs(args)
+        if videocrafter:
+            from .videocrafter import refuse_videobooth_flags
+
+            refuse_videobooth_flags(args)
+        else:
+            _sd_model_args(args)  # every line's default; the lines' own best-of is checked by the jobs module
+        return run_jobs(args, videocrafter=videocrafter)
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
     # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours

@@ -76,3 +76,42 @@ def build_request(values: Mapping[str, Any], *, names: Names = flag_names,
     if validate:
         request.validate(tokenizer, device, names=names)
     return request
+
+
+VIDEOCRAFTER_INPUT_KEYS = ("prompt", "start_image")
+"""A VideoCrafter generation's inputs besides its settings (:data:`~videobooth_core.settings.VIDEOCRAFTER_SETTINGS`):
+the prompt, and for the image-to-video model the start image (a file path)."""
+
+
+def build_videocrafter_request(values: Mapping[str, Any], *, names: Names = flag_names,
+                               resolve: Callable[[str], str | Path] | None = None):
+    """The :class:`~videobooth_core.videocrafter_pipeline.VideoCrafterRequest` of ``values``
+    (:data:`VIDEOCRAFTER_INPUT_KEYS` and the VideoCrafter settings by key; a missing or None setting takes the
+    family's own default, the checkpoint kind's for width, height and fps): every setting checked by its range
+    before the start image is read (a relative path through ``resolve``). What depends on the checkpoint kind
+    (the size multiple, a start image for image-to-video only) is checked by ``videocrafter_pipeline.check_request``.
+
+    Raises:
+        VideoBoothError: naming the input as ``names`` calls it and the fix.
+    """
+    from ..settings import VIDEOCRAFTER_SETTINGS
+    from ..videocrafter_pipeline import VideoCrafterRequest
+
+    unknown = sorted(set(values) - set(VIDEOCRAFTER_INPUT_KEYS) - set(VIDEOCRAFTER_SETTINGS))
+    if unknown:
+        raise VideoBoothError(f"unknown input(s) of a VideoCrafter model {', '.join(map(names, unknown))}; its inputs "
+                              f"are {', '.join(VIDEOCRAFTER_INPUT_KEYS)} and the settings "
+                              f"{', '.join(VIDEOCRAFTER_SETTINGS)}")
+    prompt = values.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError(f"{names('prompt')} is required: describe the video, e.g. 'a panda playing guitar'")
+    settings = {VIDEOCRAFTER_SETTINGS[key].name: value for key, value in values.items()
+                if key in VIDEOCRAFTER_SETTINGS and value is not None}
+    request = VideoCrafterRequest(prompt=prompt, **settings)
+    request.check(names)
+    start = values.get("start_image")
+    if start is not None:
+        from ..conditioning.image_prompt import load_image
+
+        request.start_image = load_image(start if resolve is None else resolve(start))
+    return request

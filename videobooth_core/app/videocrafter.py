@@ -2,10 +2,14 @@
 one (``videocrafter/`` or ``checkpoints/``) and no VideoBooth UNet, or when ``--model`` names one; ``make-tiny
 --family videocrafter...`` writes a tiny set of a family.
 
-The generation flags keep their names; where a flag is left at VideoBooth's default, the VideoCrafter model's
-official value is used instead (320x512 or 576x1024, 50 DDIM steps, eta 1, guidance 12, seed 123, fps 28 / 8 as
-the conditioning). VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, other samplers,
-batch jobs) are refused by name: they are not wired to this family.
+The generation flags keep their names (the settings of :data:`~videobooth_core.settings.VIDEOCRAFTER_SETTINGS`
+share VideoBooth's flags); a flag not given takes the VideoCrafter model's official value (320x512 or 576x1024, 50
+DDIM steps, eta 1, guidance 12, seed 123, the empty negative prompt, fps 28 / 8 as the conditioning), a given one
+is used as given (``--steps 250`` is 250 steps). The video file is written at ``--fps`` (default 8).
+VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, other samplers, any other
+VideoBooth setting, best of N, other attention kernels, streamed weights) are refused by name: they are not wired
+to this family. ``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes
+``prompt``, ``start_image`` and the VideoCrafter settings).
 """
 
 from __future__ import annotations
@@ -16,20 +20,24 @@ import time
 from pathlib import Path
 
 from ..errors import OutputError, SamplingError, VideoBoothError, explain
-from ..settings import SETTINGS
+from ..settings import SETTINGS, VIDEOCRAFTER_SETTINGS
 from .common import progress_callback
 
 _REFUSED = {"image": "--image", "word": "--word", "subject": "--subject", "extend": "--extend", "mask": "--mask",
-            "bbox": "--bbox", "base_checkpoint": "--base-checkpoint", "lora": "--lora", "jobs": "--jobs"}
+            "bbox": "--bbox", "base_checkpoint": "--base-checkpoint", "lora": "--lora", "stream_weights": "--stream-weights"}
 
 
 VIDEOCRAFTER_ONLY_FLAGS = ("model", "text_encoder", "image_encoder")
-"""``generate``'s flags that only the VideoCrafter road reads (batch jobs do not run VideoCrafter models yet, and
-refuse ``--jobs`` with one: see :func:`request_from`)."""
+"""``generate``'s flags that only the VideoCrafter road reads (one video, and batch jobs of a VideoCrafter models
+folder: ``app.jobs.run``)."""
 
 
 def add_videocrafter_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("VideoCrafter1/2 (when --models holds one; README: VideoCrafter)")
+    official = "; ".join(f"{spec.flag} {spec.describe_default()}" for spec in VIDEOCRAFTER_SETTINGS.values())
+    group = parser.add_argument_group(
+        "VideoCrafter1/2 (when --models holds one; README: VideoCrafter)",
+        f"The generation flags not given take the VideoCrafter model's official values ({official}), not the "
+        "defaults shown above; VideoBooth-only flags are refused.")
     group.add_argument("--model", help="the VideoCrafter checkpoint to use when --models holds several: its file name "
                                        "or kind, e.g. videocrafter2 (default: the only one)")
     group.add_argument("--text-encoder", help="the OpenCLIP ViT-H/14 text encoder, for a checkpoint without "
@@ -56,38 +64,39 @@ def uses_videocrafter(args: argparse.Namespace) -> bool:
     return bool(find_videocrafter_models(models)) and not has_videobooth
 
 
-def _official_or_given(args: argparse.Namespace, key: str, official):
-    """The flag's value, or the VideoCrafter default where it was left at VideoBooth's."""
-    value = getattr(args, key)
-    return official if value == SETTINGS[key].default else value
+def _whole(value):
+    """``--fps`` is a float flag (VideoBooth writes any fps); VideoCrafter's fps conditioning is a whole number."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def request_from(args: argparse.Namespace):
-    """The VideoCrafter request of a command line, every VideoBooth-only flag refused by name."""
-    from ..videocrafter_pipeline import VideoCrafterRequest
+def refuse_videobooth_flags(args: argparse.Namespace) -> None:
+    """VideoBoothError naming every VideoBooth-only flag or setting given to a VideoCrafter run (one video or
+    ``--jobs``), before anything is read."""
+    from ..settings import DEFAULT_ATTENTION
 
     given = [flag for key, flag in _REFUSED.items() if getattr(args, key, None)]
     if getattr(args, "best_of", 1) and args.best_of > 1:
         given.append("--best-of")
-    if args.sampler != SETTINGS["sampler"].default:
-        given.append("--sampler")
+    if getattr(args, "attention", DEFAULT_ATTENTION) != DEFAULT_ATTENTION:
+        given.append("--attention")
+    given += [spec.flag for key, spec in SETTINGS.items()
+              if key not in VIDEOCRAFTER_SETTINGS and getattr(args, key, None) is not None]
     if given:
         raise VideoBoothError(explain("these flags are VideoBooth's and do not apply to a VideoCrafter model",
                                       " ".join(given), "leave them out (VideoCrafter runs its official DDIM sampler "
                                       "from a prompt, and a --start-image for the image-to-video model)"))
-    if not args.prompt:
-        raise SamplingError("--prompt is required: describe the video, e.g. --prompt 'a panda playing guitar'")
-    start = None
-    if args.start_image:
-        from ..conditioning.image_prompt import load_image
 
-        start = load_image(args.start_image)
-    return VideoCrafterRequest(
-        prompt=args.prompt, negative_prompt=args.negative or "", frames=args.frames,
-        height=_official_or_given(args, "height", None), width=_official_or_given(args, "width", None),
-        steps=_official_or_given(args, "steps", 50), eta=_official_or_given(args, "eta", 1.0),
-        guidance=_official_or_given(args, "cfg", 12.0), fps=None if args.fps == SETTINGS["fps"].default else round(args.fps),
-        seed=_official_or_given(args, "seed", 123), start_image=start)
+
+def request_from(args: argparse.Namespace):
+    """The VideoCrafter request of a command line through the one request builder
+    (:func:`.request.build_videocrafter_request`): a flag not given (None) takes the family's own default, a
+    given one is used as given; every VideoBooth-only flag or setting given is refused by name."""
+    from .request import build_videocrafter_request
+
+    refuse_videobooth_flags(args)
+    values = {key: getattr(args, key, None) for key in VIDEOCRAFTER_SETTINGS}
+    values["fps"] = _whole(values["fps"])
+    return build_videocrafter_request({**values, "prompt": args.prompt, "start_image": args.start_image})
 
 
 def run_videocrafter(args: argparse.Namespace) -> int:
@@ -99,7 +108,8 @@ def run_videocrafter(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
-    out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
+    write_fps = args.fps if args.fps is not None else SETTINGS["fps"].default  # the file's; not the conditioning's
+    out = check_output_path(args.out, overwrite=args.overwrite, fps=write_fps)
     request = request_from(args)
     path, kind = pick_videocrafter_model(args.models, args.model)
     check_request(request, kind, multiple=16)  # everything but the UNet's own size multiple, before any load
@@ -110,7 +120,7 @@ def run_videocrafter(args: argparse.Namespace) -> int:
     request = pipe.check(request)  # sizes, frames, steps and the start image against this model, before sampling
     print(pipe.estimate_memory(request).describe(), file=sys.stderr)
     result = pipe.generate(request, callback=progress_callback("sampling"))
-    write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
+    write_frames(result.frames, out, write_fps, overwrite=args.overwrite)
     r = result.request
     print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}, {r.steps} DDIM steps, eta "
           f"{r.eta}, guidance {r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")

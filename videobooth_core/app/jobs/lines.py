@@ -22,14 +22,18 @@ from .schema import (
     SETTINGS,
     START_KEYS,
     SUBJECT_KEYS,
+    VIDEOBOOTH,
+    VIDEOCRAFTER_KEYS,
     Job,
+    settings_of,
 )
 
 
-def _check_value(key: str, value: Any, where: str) -> Any:
+def _check_value(key: str, value: Any, where: str, table: dict | None = None) -> Any:
     """A line's JSON value checked by its setting's rule (:meth:`videobooth_core.settings.Setting.check`, the
-    message naming the key), in the setting's kind: JSON writes 16 as 16.0 and 6.0 as 6, and a pair as a list."""
-    spec = SETTINGS[key]
+    message naming the key), in the setting's kind: JSON writes 16 as 16.0 and 6.0 as 6, and a pair as a list.
+    ``table``: the family's settings (VideoBooth's by default)."""
+    spec = (table or SETTINGS)[key]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if spec.kind == "int" and isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -64,11 +68,15 @@ def _resolve(path: Any, key: str, base: Path, where: str) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
-def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, Any]) -> Job:
-    """Validate one decoded line (keys and value types; files are checked by :func:`check_job`)."""
+def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, Any], family: str = VIDEOBOOTH,
+               model: str | None = None) -> Job:
+    """Validate one decoded line (keys and value types; files are checked by :func:`check_job`). ``family``:
+    ``videobooth``, or the kind of the VideoCrafter checkpoint ``model`` (file name) that runs the lines."""
     where = f"line {line}"
     if not isinstance(obj, dict):
         raise JobsError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(obj).__name__}")
+    if family != VIDEOBOOTH:
+        return _parse_videocrafter_line(obj, index, line, base, defaults, family, model)
     allowed = ("id", "out", *SUBJECT_KEYS, *START_KEYS, *SETTINGS, *BEST_OF_KEYS, *SD_MODEL_KEYS.values())
     for key in obj:
         if key in PER_RUN_KEYS:
@@ -106,6 +114,36 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
                bbox=bbox, settings=settings, best_of=best_of, rank_by=rank_by, base_checkpoint=base_checkpoint,
                loras=loras, lora_kv=lora_kv, subjects=subjects,
                **{key: _resolve(obj[key], key, base, where) for key in START_KEYS if obj.get(key) is not None})
+
+
+def _parse_videocrafter_line(obj: dict[str, Any], index: int, line: int, base: Path, defaults: dict[str, Any],
+                             family: str, model: str | None) -> Job:
+    """A line for a VideoCrafter model: ``prompt``, ``start_image`` (image-to-video), ``id``, ``out`` and the
+    VideoCrafter settings; a VideoBooth-only key is refused by name."""
+    where = f"line {line}"
+    for key in obj:
+        if key in PER_RUN_KEYS:
+            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
+                            "line")
+        if key not in VIDEOCRAFTER_KEYS:
+            raise JobsError(f"{where}: {key!r} does not apply to a VideoCrafter model ({family}); its keys are "
+                            f"{', '.join(VIDEOCRAFTER_KEYS)}")
+    job_id = obj.get("id", f"{line:05d}")
+    if isinstance(job_id, int) and not isinstance(job_id, bool):
+        job_id = str(job_id)
+    if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
+        raise JobsError(f"{where}: 'id' must be 1-100 letters, digits, '_', '-' or '.' (not starting with "
+                        f"'.' or '-'), got {json.dumps(job_id)}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise JobsError(f"{where}: 'prompt' is required: a non-empty string describing the video")
+    table = settings_of(family)
+    settings = {key: _check_value(key, obj[key], where, table) if obj.get(key) is not None else defaults[key]
+                for key in table}
+    start = _resolve(obj["start_image"], "start_image", base, where) if obj.get("start_image") is not None else None
+    return Job(index=index, line=line, id=job_id, out=_check_out(obj.get("out", f"{job_id}{DEFAULT_SUFFIX}"), where),
+               prompt=prompt, word=None, image=None, mask=None, bbox=None, settings=settings, start_image=start,
+               family=family, model=model)
 
 
 def _check_subjects(value: Any, base: Path, where: str) -> tuple[dict[str, Any], ...]:
@@ -182,8 +220,17 @@ def _check_best_of(best_of: Any, rank_by: Any, has_image: bool, where: str) -> t
 def job_request(job: Job, tokenizer: Any = None, validate: bool = False):
     """The pipeline request of ``job``, from the one request builder (:func:`..request.build_request`, messages
     naming the line's keys); with ``validate`` checked as :meth:`GenerationRequest.validate` does (with
-    ``tokenizer``, the prompts against CLIP's 77 tokens)."""
-    from ..request import build_request
+    ``tokenizer``, the prompts against CLIP's 77 tokens). A VideoCrafter line: ``build_videocrafter_request``,
+    with ``validate`` checked against its checkpoint's kind (sizes, the start image) as the command line does."""
+    from ..request import build_request, build_videocrafter_request
+
+    if job.family != VIDEOBOOTH:
+        from ...videocrafter_pipeline import check_request
+
+        request = build_videocrafter_request(job.inputs(), names=key_names)
+        if validate:  # the kind's size multiple (64 released) is checked again by the loaded model
+            check_request(request, job.family, multiple=16, names=key_names)
+        return request
 
     return build_request(job.inputs(), names=key_names, tokenizer=tokenizer, validate=validate)
 
@@ -210,9 +257,22 @@ def check_job(job: Job, tokenizer: Any = None) -> None:
             raise JobsError(f"{where}: {error}") from None
 
 
-def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
+def _whole(value: Any) -> Any:
+    """A float flag's whole value as an int (``--fps 8`` is 8.0 on VideoBooth's command line)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _line_defaults(defaults: dict[str, Any] | None, family: str = VIDEOBOOTH) -> dict[str, Any]:
     """Every setting's default for the lines: the command line's value where given (checked, naming its flag),
-    else settings.py's."""
+    else settings.py's (a VideoCrafter family's: its own table, where None is the checkpoint kind's value)."""
+    if family != VIDEOBOOTH:
+        table = settings_of(family)
+        try:
+            return {key: spec.check(_whole(value) if spec.kind == "int" else value, spec.flag)
+                    if (value := (defaults or {}).get(key)) is not None else spec.default
+                    for key, spec in table.items()}
+        except VideoBoothError as error:
+            raise JobsError(f"{error} (the default of every job)") from None
     try:
         given = check_settings_values(defaults or {}, flag_names)
     except VideoBoothError as error:
@@ -232,15 +292,18 @@ def _line_defaults(defaults: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, check_files: bool = True,
-              tokenizer: Any = None, device: Any = None) -> list[Job]:
+              tokenizer: Any = None, device: Any = None, *, family: str = VIDEOBOOTH,
+              model: str | None = None) -> list[Job]:
     """Read and validate every line of a jobs file; JobsError names the first bad line.
 
     ``defaults``: settings by key (the command line's flags). With ``check_files`` every job is also checked as
-    :func:`check_job` does (with ``tokenizer``, the prompts against CLIP's 77 tokens); ``device`` must exist."""
+    :func:`check_job` does (with ``tokenizer``, the prompts against CLIP's 77 tokens); ``device`` must exist.
+    ``family``: ``videobooth``, or the kind of the VideoCrafter checkpoint ``model`` (its file name) that runs
+    every line (a VideoCrafter models folder)."""
     path = Path(path)
     if device is not None:
         check_device(device)
-    defaults = _line_defaults(defaults)
+    defaults = _line_defaults(defaults, family)
     if not path.is_file():
         raise JobsError(f"jobs file not found: {path}")
     try:
@@ -258,7 +321,7 @@ def load_jobs(path: str | os.PathLike, defaults: dict[str, Any] | None = None, c
             obj = json.loads(raw)
         except json.JSONDecodeError as error:
             raise JobsError(f"line {number} of {path.name} is not valid JSON ({error.msg} at column {error.colno})") from None
-        job = parse_line(obj, len(jobs), number, base, defaults)
+        job = parse_line(obj, len(jobs), number, base, defaults, family, model)
         if job.id in ids:
             raise JobsError(f"line {number}: id {job.id!r} is already used on line {ids[job.id]}; ids must be unique")
         out_key = job.out.lower()

@@ -31,7 +31,7 @@ from .records import (
     read_done_record,
     rebuild_manifest,
 )
-from .schema import BEST_OF_KEYS, CLI_ONLY_FLAGS, SETTINGS, Job
+from .schema import BEST_OF_KEYS, CLI_ONLY_FLAGS, SETTINGS, VIDEOBOOTH, Job
 
 
 @dataclass(frozen=True)
@@ -82,20 +82,29 @@ def _check_args(args: argparse.Namespace) -> None:
             raise JobsError(f"{flag} does not go with --jobs: put it on each line of the jobs file (key {attr!r})")
 
 
-def run_jobs(args: argparse.Namespace) -> int:
+def run_jobs(args: argparse.Namespace, videocrafter: bool = False) -> int:
     """Run a jobs file (the format and the rules: :mod:`videobooth_core.app.jobs`). Returns 0 when every job of this rank finished, 1 when
-    some failed (each failure is reported on its own line and retried by the next run)."""
+    some failed (each failure is reported on its own line and retried by the next run). ``videocrafter``: the
+    models folder's VideoCrafter checkpoint (``--model`` picks one) runs every line."""
     start = time.perf_counter()
     _check_args(args)
     from ...evaluation.cli import find_metric_models
+
+    family, model = VIDEOBOOTH, None
+    if videocrafter:  # the checkpoint and its kind from its keys (cheap), before any line is read
+        from ...videocrafter_pipeline import pick_videocrafter_model
+
+        path, family = pick_videocrafter_model(args.models, getattr(args, "model", None))
+        model = path.name
 
     rank, world, local_rank = rank_info()
     jobs_file = Path(args.jobs)
     out_dir = Path(args.out_dir)
     dtype = getattr(args, "dtype", None) or DEFAULT_PRECISION
     # validates every line (with the models folder's tokenizer, cheap) and the device before anything is written
-    jobs = load_jobs(jobs_file, _defaults_from(args), tokenizer=load_prompt_tokenizer(args.models),
-                     device=getattr(args, "device", None))
+    tokenizer = load_prompt_tokenizer(args.models) if family == VIDEOBOOTH else None  # VideoBooth's 77-token splice
+    jobs = load_jobs(jobs_file, _defaults_from(args), tokenizer=tokenizer, device=getattr(args, "device", None),
+                     family=family, model=model)
     # before any model loads: no output replaces what this batch did not write (unless --overwrite)
     replace = check_outputs(out_dir, jobs, dtype, overwrite=getattr(args, "overwrite", False))
     device = rank_device(getattr(args, "device", None) or DEFAULT_DEVICE, local_rank, world)
@@ -117,8 +126,13 @@ def run_jobs(args: argparse.Namespace) -> int:
         print(f"{tag}{len(jobs)} jobs, {len(mine)} on this rank ({device}): {len(skipped)} already done, "
               f"{len(todo)} to generate", file=sys.stderr, flush=True)
         # load the models before writing anything: missing or broken weights leave no trace
-        pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False)) if todo else None
-        if pipe is not None and getattr(args, "attention", DEFAULT_ATTENTION) != DEFAULT_ATTENTION:
+        if not todo:
+            pipe = None
+        elif videocrafter:
+            pipe = _load_videocrafter(args, dtype, device, tag)
+        else:
+            pipe = _load_pipeline(args.models, dtype, device, tag, getattr(args, "stream_weights", False))
+        if pipe is not None and not videocrafter and getattr(args, "attention", DEFAULT_ATTENTION) != DEFAULT_ATTENTION:
             pipe.unet.set_attention_backend(args.attention)
         scorer = _load_scorer(args, todo, device, tag)
 
@@ -157,6 +171,26 @@ def _load_pipeline(models: str, dtype: str, device: str, tag: str, stream_weight
     load_start = time.perf_counter()
     pipe = VideoBoothPipeline.from_models_dir(models, dtype=dtype, device=device, stream_weights=stream_weights)
     print(f"{tag}models loaded from {models} in {time.perf_counter() - load_start:.1f} s", file=sys.stderr, flush=True)
+    return pipe
+
+
+def _load_videocrafter(args: argparse.Namespace, dtype: str, device: str, tag: str):
+    """The models folder's VideoCrafter model (``--model``, ``--text-encoder``, ``--image-encoder`` as for one
+    video)."""
+    import torch
+
+    from ...loading.checkpoint import parse_dtype
+    from ...videocrafter_pipeline import VideoCrafterPipeline
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    load_start = time.perf_counter()
+    pipe = VideoCrafterPipeline.from_models_dir(args.models, getattr(args, "model", None), dtype=parse_dtype(dtype),
+                                                device=torch.device(device),
+                                                text_encoder=getattr(args, "text_encoder", None),
+                                                image_encoder=getattr(args, "image_encoder", None))
+    print(f"{tag}{pipe.kind} loaded from {args.models} in {time.perf_counter() - load_start:.1f} s", file=sys.stderr,
+          flush=True)
     return pipe
 
 
@@ -212,7 +246,8 @@ def _generate_all(pipe, scorer: Any, todo: list[Job], n_mine: int, run: RankRun)
         seconds = time.perf_counter() - item_start
         record = {
             "id": job.id, "line": job.line, "output": job.out, "seed": seed, **best_of,
-            "settings": job.describe(), "dtype": dtype, "prompt_used": result.prompt_used,
+            "settings": job.describe(), "dtype": dtype,
+            "prompt_used": getattr(result, "prompt_used", job.prompt),  # VideoCrafter: the prompt as given
             "seconds": round(seconds, 2), "rank": run.rank, "world_size": run.world, "device": device,
             "finished_at": now(), "fingerprint": job.fingerprint(dtype),
         }
@@ -224,11 +259,28 @@ def _generate_all(pipe, scorer: Any, todo: list[Job], n_mine: int, run: RankRun)
         done += 1
         print(f"{tag}done {job.id} ({number}/{len(todo)}, {n_mine} on this rank): " + json.dumps({
             "output": str(out_dir / job.out), "seconds": round(seconds, 2), **peak_memory(device),
-            "frames": job.settings["frames"], "size": [job.settings["width"], job.settings["height"]],
-            "steps": job.settings["steps"], "sampler": job.settings["sampler"], "cfg": job.settings["cfg"],
-            "seed": seed, **best_of, "prompt_used": result.prompt_used,
+            **_what_ran(job, result), "seed": seed, **best_of, "prompt_used": record["prompt_used"],
         }), flush=True)
     return done, failed
+
+
+def _what_ran(job: Job, result: Any) -> dict[str, Any]:
+    """A finished job's frames, size, steps, sampler and guidance, as the run's log line shows them (VideoCrafter:
+    the request as resolved for its checkpoint kind)."""
+    if job.family != VIDEOBOOTH:
+        r = result.request
+        return {"frames": r.frames, "size": [r.width, r.height], "steps": r.steps, "sampler": "ddim",
+                "cfg": r.guidance, "model": job.model}
+    return {"frames": job.settings["frames"], "size": [job.settings["width"], job.settings["height"]],
+            "steps": job.settings["steps"], "sampler": job.settings["sampler"], "cfg": job.settings["cfg"]}
+
+
+def _write_fps(job: Job) -> float:
+    """The output file's frame rate: the line's fps (VideoCrafter: its fps conditioning when given, else
+    VideoBooth's default, as ``generate`` writes a VideoCrafter video)."""
+    if job.family != VIDEOBOOTH:
+        return job.settings["fps"] or SETTINGS["fps"].default
+    return job.settings["fps"]
 
 
 def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
@@ -266,7 +318,7 @@ def _sample_and_write(pipe, job: Job, request: Any, out_dir: Path, label: str, o
     output = out_dir / job.out
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / CLAIMS_DIR / f"{job.id}.json", {"id": job.id, "output": job.out, "claimed_at": now()})
-    write_frames(result.frames, output, job.settings["fps"], overwrite=overwrite)
+    write_frames(result.frames, output, _write_fps(job), overwrite=overwrite)
     return result, seed, best_of
 
 

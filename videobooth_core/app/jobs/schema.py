@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...settings import SETTINGS as GENERATION_SETTINGS
-from ...settings import Setting
+from ...settings import VIDEOCRAFTER_SETTINGS, Setting
 
 DEFAULT_SUFFIX = ".gif"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
@@ -38,6 +38,16 @@ SD_MODEL_KEYS = {"base_checkpoint": "base_checkpoint", "lora": "loras", "lora_kv
 LORA_KV_MODES = ("mapper", "ignore")
 REFUSED_FLAGS: tuple[str, ...] = ()
 """Flags of ``generate`` that batch jobs refuse (none at present)."""
+VIDEOBOOTH = "videobooth"
+"""The family of a VideoBooth models folder; a VideoCrafter folder's jobs have its checkpoint's kind instead."""
+VIDEOCRAFTER_KEYS = ("id", "out", "prompt", "start_image", *VIDEOCRAFTER_SETTINGS)
+"""The keys of a jobs line for a VideoCrafter model: its prompt, its start image (image-to-video) and its settings
+(:data:`videobooth_core.settings.VIDEOCRAFTER_SETTINGS`)."""
+
+
+def settings_of(family: str) -> dict[str, Setting]:
+    """The settings table of a family's lines: VideoBooth's, or VideoCrafter's for any VideoCrafter kind."""
+    return SETTINGS if family == VIDEOBOOTH else VIDEOCRAFTER_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,17 @@ class Job:
     """Absolute path of the image the video starts with (image-to-video)."""
     extend: str | None = None
     """Absolute path of the video continued from its last ``extend_frames`` frames."""
+    family: str = VIDEOBOOTH
+    """``videobooth``, or the kind of the VideoCrafter checkpoint that runs the line (``videocrafter2``...)."""
+    model: str | None = None
+    """A VideoCrafter line: the checkpoint's file name (in the fingerprint: another model redoes the line)."""
 
     def inputs(self) -> dict[str, Any]:
-        """The line's inputs for the one request builder (:func:`videobooth_core.app.request.build_request`):
-        prompt, subject, start frames (absolute paths) and every setting, by key."""
+        """The line's inputs for the one request builder (:func:`videobooth_core.app.request.build_request`, or
+        ``build_videocrafter_request`` for a VideoCrafter line): prompt, subject, start frames (absolute paths)
+        and every setting, by key."""
+        if self.family != VIDEOBOOTH:
+            return {"prompt": self.prompt, "start_image": self.start_image, **self.settings}
         return {"prompt": self.prompt, "word": self.word, "image": self.image, "mask": self.mask, "bbox": self.bbox,
                 "subjects": list(self.subjects), "start_image": self.start_image, "extend": self.extend,
                 **self.settings}
@@ -89,6 +106,9 @@ class Job:
     def describe(self) -> dict[str, Any]:
         """The job's full settings, as recorded in done-records and the manifest (best of N only when N > 1,
         the SD 1.x style files only when some are set)."""
+        if self.family != VIDEOBOOTH:
+            start = {"start_image": self.start_image} if self.start_image else {}
+            return {"family": self.family, "model": self.model, "prompt": self.prompt, **start, **self.settings}
         best_of = {"best_of": self.best_of, "rank_by": self.rank_by} if self.best_of > 1 else {}
         styles = {"base_checkpoint": self.base_checkpoint, "loras": [list(lora) for lora in self.loras],
                   "lora_kv": self.lora_kv} if self.styled else {}
@@ -102,7 +122,8 @@ class Job:
         """Hash of everything that determines the output (so a changed line is redone, not skipped); a style
         file counts by its size and modification time (cheap, and a replaced file is noticed)."""
         spec = {key: value for key, value in self.describe().items()
-                if key not in SETTINGS or key in FINGERPRINT_V1_KEYS or value != SETTINGS[key].default}
+                if self.family != VIDEOBOOTH or key not in SETTINGS or key in FINGERPRINT_V1_KEYS
+                or value != SETTINGS[key].default}
         spec.update(out=self.out, dtype=dtype)
         if self.styled:
             files = [self.base_checkpoint] * bool(self.base_checkpoint) + [path for path, _ in self.loras]

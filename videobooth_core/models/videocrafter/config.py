@@ -119,18 +119,15 @@ RELEASED_UNETS: dict[str, VideoCrafterUNetConfig] = {
 class SamplingDefaults:
     """What a kind's official run uses: the size (``configs/inference_*.yaml`` / ``scripts/run_*.sh``), fps, the
     ``use_scale`` x0 scale (``scale_b``; ``scale_steps`` 1000 without ``fix_scale_bug`` gives 1400 entries of
-    which only the first 1000 are ever indexed), DDIM 50 steps, eta 1.0, guidance 12."""
+    which only the first 1000 are ever indexed). What every kind shares (16 frames, DDIM 50 steps, eta 1.0,
+    guidance 12, seed 123) is in ``settings.VIDEOCRAFTER_SETTINGS``."""
 
     height: int
     width: int
-    frames: int = 16
     fps: int = 28
     use_scale: bool = False
     scale_b: float = 0.3
     fix_scale_bug: bool = False
-    steps: int = 50
-    eta: float = 1.0
-    guidance: float = 12.0
 
 
 RELEASED_SAMPLING: dict[str, SamplingDefaults] = {
