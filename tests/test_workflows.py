@@ -300,7 +300,8 @@ TEXT_DROPPED_BELOW = 8 / 14
 # After a run the Sampler draws its preview strip under its widgets: the node grew 212 px (422 -> 634, 4 frames side
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
-# KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter)
+# KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
+# 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
 PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
