@@ -24,6 +24,7 @@ SUBJECT_PHOTO = "videobooth_subject.png"  # assets/, copied into ComfyUI/input b
 
 
 from conftest import PACK_NAME, import_pack as _import_pack  # noqa: E402
+from videobooth_core.settings import VIDEOCRAFTER_SETTINGS  # noqa: E402
 
 
 pack = _import_pack()
@@ -188,8 +189,11 @@ WORKFLOWS = {
     "long_video": "VideoBooth long video (64 frames)", "image_to_video": "VideoBooth start image to video",
     "postprocess": "VideoBooth smoother, larger MP4",
     "native": "VideoBooth native KSampler", "native_long": "VideoBooth native long video",
+    "videocrafter_t2v": "VideoBooth VideoCrafter T2V", "videocrafter_i2v": "VideoBooth VideoCrafter I2V",
 }
 NATIVE = {f"{WORKFLOWS['native']}.json", f"{WORKFLOWS['native_long']}.json"}  # KSampler, not the pack's Sampler
+# Another model family (VideoCrafter1/2): its own loader and sampler, no subject photo, its own official settings.
+VIDEOCRAFTER = {f"{WORKFLOWS['videocrafter_t2v']}.json", f"{WORKFLOWS['videocrafter_i2v']}.json"}
 UI_WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
 API_WORKFLOWS = sorted(p.name for p in API_DIR.glob("*.json"))
 
@@ -296,7 +300,9 @@ TEXT_DROPPED_BELOW = 8 / 14
 # After a run the Sampler draws its preview strip under its widgets: the node grew 212 px (422 -> 634, 4 frames side
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
-PREVIEW_NODES = {"VideoBoothSampler", "KSampler"}  # KSampler's latent preview grows it below as well
+# KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
+# 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
+PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
 # width + 146 in 1.27.10 (340 -> 486, 380 -> 526; 1.58.1's classic renderer keeps the stored size).
@@ -316,6 +322,8 @@ VUE_HEIGHT = {
     # the native road's nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
     "VideoBoothNativeLoader": 228, "VideoBoothNativeConditioning": 340, "VideoBoothNativeContextWindows": 172,
     "KSampler": 292, "EmptyLatentImage": 148, "CLIPLoader": 144, "VAELoader": 92, "VAEDecode": 84,
+    # the VideoCrafter nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
+    "VideoBoothVideoCrafterLoader": 172, "VideoBoothVideoCrafterSampler": 468,
 }
 VUE_BADGE = 26  # Best of N stored 300 high is drawn 356 high (300 + title + badge)
 VUE_MIN_WIDTH = {"VideoBoothStartFrames": 394, "VideoBoothMetricModels": 303}
@@ -406,6 +414,8 @@ FRONTEND_MIN_WIDTH = {
     "VideoBoothMetricModels": 288, "VideoBoothScore": 210, "VideoBoothBestOfN": 264, "VideoBoothDrift": 269,
     "VideoBoothSubjects": 210, "VideoBoothContextOptions": 300, "VideoBoothStartFrames": 370,
     "VideoBoothNativeLoader": 266, "VideoBoothNativeConditioning": 237, "VideoBoothNativeContextWindows": 268,
+    # 1.27.10; 1.58.1's classic renderer draws them wider (292 and 282)
+    "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 267,
 }
 
 
@@ -414,7 +424,7 @@ def frontend_min_height(node_type: str) -> int:
     (the more of socket inputs and outputs), 24 per widget (54 for a multiline text, +24 for a seed's control)
     plus 8 below the widgets, and 6 of margin. Checked against the live page for Sampler 422, Text Encode 206,
     Subjects 194, Context Options 130, Start Frames 126, Drift 142 and Best of N 268 (with invert_mask), Decode 78,
-    Image Prompt Encode 66."""
+    Image Prompt Encode 66, VideoCrafter Loader 106 and VideoCrafter Sampler 378 (the same in 1.58.1's classic)."""
     inputs, outputs = schema(node_type)
     sockets = sum(1 for _, kind, _ in inputs if not is_widget(kind))
     widgets = 0
@@ -428,7 +438,8 @@ def frontend_min_height(node_type: str) -> int:
 def test_the_minimum_height_rule_matches_the_frontend() -> None:
     measured = {"VideoBoothSampler": 422, "VideoBoothTextEncode": 206, "VideoBoothSubjects": 194,
                 "VideoBoothContextOptions": 130, "VideoBoothStartFrames": 126, "VideoBoothDrift": 142,
-                "VideoBoothDecode": 78, "VideoBoothImagePromptEncode": 66, "VideoBoothBestOfN": 268}
+                "VideoBoothDecode": 78, "VideoBoothImagePromptEncode": 66, "VideoBoothBestOfN": 268,
+                "VideoBoothVideoCrafterLoader": 106, "VideoBoothVideoCrafterSampler": 378}
     assert {name: frontend_min_height(name) for name in measured} == measured
 
 
@@ -459,6 +470,17 @@ def test_ui_workflow_uses_the_fast_sampler_and_names_the_official_one(name) -> N
     names.insert(names.index("seed") + 1, "control_after_generate")
     samplers = [dict(zip(names, n["widgets_values"])) for n in graph["nodes"] if n["type"] == "VideoBoothSampler"]
     notes = " ".join(n["widgets_values"][0] for n in graph["nodes"] if n["type"] == "Note")
+    if name in VIDEOCRAFTER:  # another model: the VideoCrafter Sampler with the official DDIM, named in the note
+        assert samplers == []
+        names = widget_names("VideoBoothVideoCrafterSampler")
+        crafters = [dict(zip(names, n["widgets_values"])) for n in graph["nodes"]
+                    if n["type"] == "VideoBoothVideoCrafterSampler"]
+        official = {k: VIDEOCRAFTER_SETTINGS[k].default for k in ("frames", "steps", "eta", "cfg", "seed")}
+        assert [{k: c[k] for k in official} for c in crafters] == [official], (name, crafters)
+        assert [(c["width"], c["height"], c["fps"], c["negative_prompt"]) for c in crafters] == [(0, 0, 0, "")], name
+        for said in ("official DDIM", "steps 50", "eta 1.0", "cfg 12.0", "seed 123", "models/videocrafter/"):
+            assert said in notes, (name, said)
+        return
     if name in NATIVE:  # KSampler with the settings that match the pack's ddim / trailing, and the note says so
         assert samplers == []
         ksamplers = [dict(zip(widget_names("KSampler"), n["widgets_values"])) for n in graph["nodes"]
@@ -487,7 +509,8 @@ def test_every_workflow_uses_the_shipped_subject_photo() -> None:
               if n["type"] == "LoadImage"]
     images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
                if n["class_type"] == "LoadImage"]
-    assert len(images) == 22 and set(images) == {SUBJECT_PHOTO}, images  # two_subjects loads it twice
+    # two_subjects loads it twice; VideoCrafter I2V starts from it; VideoCrafter T2V has no LoadImage
+    assert len(images) == 24 and set(images) == {SUBJECT_PHOTO}, images
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
@@ -522,6 +545,25 @@ def test_native_workflow_names_where_to_get_each_model(name) -> None:
     assert seen == set(sources), (name, seen)
 
 
+@pytest.mark.parametrize("name", sorted(VIDEOCRAFTER))
+def test_videocrafter_workflow_names_where_to_get_its_model(name) -> None:
+    """The VideoCrafter Loader lists its file in properties.models: the released model.ckpt of its Hugging Face
+    repository, saved under the kind's name in models/videocrafter (the four releases share the name model.ckpt)."""
+    graph = json.loads((UI_DIR / name).read_text())
+    sources = {"videocrafter2.ckpt": "VideoCrafter/VideoCrafter2",
+               "videocrafter1-i2v-512.ckpt": "VideoCrafter/Image2Video-512"}
+    loaders = [n for n in graph["nodes"] if n["type"] == "VideoBoothVideoCrafterLoader"]
+    assert len(loaders) == 1 and all("models" not in n["properties"] for n in graph["nodes"] if n not in loaders)
+    (file,) = [v for v in loaders[0]["widgets_values"] if v in sources]
+    assert loaders[0]["properties"]["models"] == [
+        {"name": file, "url": f"https://huggingface.co/{sources[file]}/resolve/main/model.ckpt",
+         "directory": "videocrafter"}], name
+    kind = "videocrafter2" if name == f"{WORKFLOWS['videocrafter_t2v']}.json" else "videocrafter1-i2v-512"
+    assert file == f"{kind}.ckpt"  # the name make-tiny --family gives it, which the API twin runs
+    starts = [n for n in graph["nodes"] if n["type"] == "VideoBoothVideoCrafterSampler" and n["inputs"][1]["link"]]
+    assert bool(starts) == (kind == "videocrafter1-i2v-512"), name  # the I2V model needs a start image
+
+
 def test_no_second_template_folder_shadows_workflows() -> None:
     # ComfyUI serves /api/workflow_templates/<pack>/ from the first of these folders that exists
     # (app/custom_node_manager.py), so another one would hide workflows/ from the template browser.
@@ -534,6 +576,17 @@ def models_dir(tiny_models):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(bridge.MODELS_DIR_ENV, str(tiny_models))
         yield tiny_models
+
+
+@pytest.fixture(scope="module")
+def videocrafter_dir(tmp_path_factory) -> Path:
+    """The tiny VideoCrafter2 and VideoCrafter1 I2V sets (``make-tiny --family``), a models folder of their own."""
+    from videobooth_core.app.tiny_videocrafter import make_tiny_videocrafter
+
+    root = tmp_path_factory.mktemp("videocrafter_models")
+    for kind in ("videocrafter2", "videocrafter1-i2v-512"):
+        make_tiny_videocrafter(root, kind)
+    return root
 
 
 def subject_image() -> tuple[torch.Tensor, torch.Tensor]:
@@ -592,8 +645,10 @@ def run_api_graph(graph: dict) -> dict[str, torch.Tensor | str | int]:
 
 
 @pytest.mark.parametrize("name", API_WORKFLOWS)
-def test_api_twin_matches_the_schemas_and_runs(models_dir, name) -> None:
+def test_api_twin_matches_the_schemas_and_runs(models_dir, name, request, monkeypatch) -> None:
     graph = json.loads((API_DIR / name).read_text())
+    if name in VIDEOCRAFTER:  # their loader lists models/videocrafter of the tiny VideoCrafter sets
+        monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(request.getfixturevalue("videocrafter_dir")))
     for node_id, spec in graph.items():
         kind = spec["class_type"]
         inputs, _ = schema(kind)  # KeyError: a node type the tables above do not know
@@ -618,6 +673,9 @@ def test_api_twin_matches_the_schemas_and_runs(models_dir, name) -> None:
                 check_value((name, node_id), input_name, input_kind, options, value)
         if kind == "VideoBoothSampler":  # kept tiny so that the test stays fast
             assert spec["inputs"]["frames"] <= 4 and spec["inputs"]["steps"] <= 3
+            assert spec["inputs"]["width"] <= 64 and spec["inputs"]["height"] <= 64
+        if kind == "VideoBoothVideoCrafterSampler":  # 4 steps, as the node tests (3 is refused)
+            assert spec["inputs"]["frames"] <= 4 and spec["inputs"]["steps"] <= 4
             assert spec["inputs"]["width"] <= 64 and spec["inputs"]["height"] <= 64
         if kind == "KSampler":
             assert spec["inputs"]["steps"] <= 3
