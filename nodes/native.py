@@ -105,15 +105,13 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: Any = None, transformer_options: dict | None = None, **conds: Any) -> torch.Tensor:
         """x: ``[(chunks f), 4, h, w]``, one chunk per conditioning in the call (``cond_or_uncond``)."""
-        if control is not None:
-            raise SamplingError("ControlNets are not applied by the VideoBooth native model yet; disconnect the "
-                                "ControlNet, or use an SD 1.x model for it")
+        residuals = _control_residuals(control)
         options = transformer_options or {}
         chunks = max(1, len(options.get("cond_or_uncond") or [0]))
         frames = x.shape[0] // chunks
         image_prompt = conds.get(IMAGE_PROMPT_KEY)
         if image_prompt is None or not self._inject_now(options, conds.get(SIGMA_RANGE_KEY)):
-            return super().forward(x, timesteps, context, frames)
+            return super().forward(x, timesteps, context, frames, **residuals)
         sigma = float(torch.as_tensor(options["sigmas"]).reshape(-1)[0])
         timestep = float(torch.as_tensor(timesteps).reshape(-1)[0])
         per_video = image_prompt[::frames]  # a cond is repeated over the frames: one row per video
@@ -136,7 +134,7 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
             image_prompt_noise=noise.repeat_interleave(videos, dim=0),
             image_prompt_alpha_cumprod=alpha_cumprod_of_sigma(sigma), null_context=conds[NULL_TEXT_KEY][::frames],
             image_prompt_strength=strength, image_prompt_regions=conds.get(REGIONS_KEY),
-            image_prompt_skip=None if skip is None else skip[::frames] > 0)
+            image_prompt_skip=None if skip is None else skip[::frames] > 0, **residuals)
 
     @staticmethod
     def _inject_now(options: dict, sigma_range: tuple[float, float] | None) -> bool:
@@ -146,6 +144,20 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
         sigma = float(torch.as_tensor(options["sigmas"]).reshape(-1)[0])
         high, low = sigma_range
         return low < sigma <= high
+
+
+def _control_residuals(control: dict | None) -> dict:
+    """ComfyUI's ControlNet output (``{"input": [...], "middle": [...], "output": [...]}``, read by SD 1.x's UNet as
+    ``openaimodel.apply_control`` does, without popping the caller's lists) as FramesAsBatchUNet's keyword arguments:
+    ``output`` are the skip connections' residuals in ``input_blocks`` order, ``middle`` the middle block's."""
+    if not control:
+        return {}
+    if any(residual is not None for residual in control.get("input") or ()):
+        raise SamplingError("this control adds residuals inside the down path (a T2I-Adapter or similar), which the "
+                            "VideoBooth native model does not take; use an SD 1.x ControlNet (ControlNet Loader, Apply "
+                            "ControlNet) or disconnect it")
+    middle = list(control.get("middle") or ())
+    return {"skip_residuals": list(control.get("output") or ()), "middle_residual": middle[-1] if middle else None}
 
 
 if comfy_model_base is not None:

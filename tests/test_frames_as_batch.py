@@ -324,3 +324,104 @@ def test_a_known_frames_latent_under_the_hosts_inpainting_rule_is_the_cores_repl
     assert torch.equal(host[2:], x[2:] / (1 + sigma**2) ** 0.5)
     with pytest.raises(SamplingError, match="leave no frame to generate"):
         known_frames_latent(known, 2)
+
+
+def _by_hand_control(unet, skips: list, middle):
+    """SD 1.x's rule (ComfyUI's openaimodel.apply_control) put into the UNet from outside: each up block's skips get
+    their residual as it takes them (popped from the end of the down path's list), the middle block's output its own;
+    only in calls of the residuals' batch size (the core's other passes of a step run as they are). Returns the undo
+    function, which returns the skip shapes seen, in down-path order."""
+    seen, remaining, handles = [], [len(skips)], []
+    for block in unet.up_blocks:
+        def up(x, block_skips, *rest, _block=block):
+            remaining[0] = remaining[0] or len(skips)  # a new UNet call starts over at the deepest skip
+            start = remaining[0] - len(block_skips)
+            remaining[0] = start
+            seen.insert(0, [tuple(s.shape) for s in block_skips])
+            block_skips = [s if skips[start + i] is None or skips[start + i].shape[0] != s.shape[0] else
+                           s + skips[start + i] for i, s in enumerate(block_skips)]
+            return type(_block).up(_block, x, block_skips, *rest)
+        block.up = up
+    if middle is not None:
+        handles.append(unet.mid_block.register_forward_hook(lambda module, args, out: out + middle))
+
+    def undo() -> list:
+        for block in unet.up_blocks:
+            del block.up
+        for handle in handles:
+            handle.remove()
+        return [shape for block in seen for shape in block]
+    return undo
+
+
+def test_a_controlnets_residuals_land_on_the_skips_and_middle_as_in_sd1x(model) -> None:
+    native, unet = model["native"], model["unet"]
+    x, t = video_to_frames(model["x_t"]), torch.tensor(300.0)
+    with torch.no_grad():
+        plain = native(x, t, model["cond"], FRAMES)
+        undo = _by_hand_control(unet, [None] * 8, None)  # the tiny UNet's 8 skips, as SD 1.x's 8 input blocks
+        native(x, t, model["cond"], FRAMES)
+        shapes = undo()
+        mid_shape = (2, 64, FRAMES, 1, 1)
+        generator = torch.Generator().manual_seed(9)
+        skips = [torch.randn(shape, generator=generator) for shape in shapes]
+        middle = torch.randn(mid_shape, generator=generator)
+        zero = native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(torch.zeros(s)) for s in shapes],
+                      middle_residual=video_to_frames(torch.zeros(mid_shape)))
+        controlled = native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s) for s in skips],
+                            middle_residual=video_to_frames(middle))
+        undo = _by_hand_control(unet, skips, middle)
+        by_hand = native(x, t, model["cond"], FRAMES)
+        undo()
+        one = native(x, t, model["cond"], FRAMES, skip_residuals=[None] * 5 + [video_to_frames(skips[5])] + [None] * 2)
+        undo = _by_hand_control(unet, [None] * 5 + [skips[5]] + [None] * 2, None)
+        one_by_hand = native(x, t, model["cond"], FRAMES)
+        undo()
+    assert len(shapes) == 8 and torch.equal(zero, plain)
+    assert torch.equal(controlled, by_hand) and not torch.equal(controlled, plain)
+    assert torch.equal(one, one_by_hand) and not torch.equal(one, plain)
+    with pytest.raises(SamplingError, match="8 skip connections; the ControlNet gives residuals for: 7"):
+        native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s) for s in skips[:7]])
+    with pytest.raises(SamplingError, match="residual for skip connection 0 has shape"):
+        native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s)[:, :1] for s in skips])
+
+
+def test_a_controlnet_in_the_call_shared_by_the_positive_and_the_negative(model) -> None:
+    """With a ControlNet the negative still shares the exemplar pass's UNet call, with its slice of the residuals (the
+    exemplar takes zeros): a zero control equals none bit for bit, and the shared call equals the core's batched passes
+    with the same residuals put in by hand."""
+    call, abar = _host_call(model, 1, [False, True]), _abar(420)
+    generator = torch.Generator().manual_seed(4)
+    undo = _by_hand_control(model["unet"], [None] * 8, None)
+    with torch.no_grad():
+        model["native"](call["x"][:FRAMES], torch.tensor(1.0), model["cond"], FRAMES)
+    shapes = [(FRAMES, *shape[1:2], *shape[3:]) for shape in undo()]
+    residuals = [torch.randn((2 * shape[0], *shape[1:]), generator=generator) for shape in shapes]
+    t = torch.tensor(420.0)
+    common = {"image_prompt_alpha_cumprod": abar, "null_context": model["null"]}
+    with torch.no_grad():
+        both = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                               image_prompt_noise=call["image_prompt_noise"], image_prompt_skip=call["image_prompt_skip"],
+                               skip_residuals=residuals, **common)
+        cond = model["native"](call["x"][:FRAMES], t, model["cond"], FRAMES, image_prompt=call["clean"],
+                               image_prompt_noise=call["noise"], skip_residuals=[r[:FRAMES] for r in residuals],
+                               **common)
+        uncond = model["native"](call["x"][FRAMES:], t, model["null"], FRAMES,
+                                 skip_residuals=[r[FRAMES:] for r in residuals])
+        plain = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                                image_prompt_noise=call["image_prompt_noise"],
+                                image_prompt_skip=call["image_prompt_skip"], **common)
+        zero = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                               image_prompt_noise=call["image_prompt_noise"], image_prompt_skip=call["image_prompt_skip"],
+                               skip_residuals=[torch.zeros_like(r) for r in residuals], **common)
+        exemplar_t = q_sample(call["clean"].expand(-1, -1, FRAMES, -1, -1), call["noise"], abar)
+        video_residuals = [frames_to_video(r[FRAMES:], FRAMES) for r in residuals]  # the negative's
+        # by hand: the exemplar rows (after the negative's in the shared call) get no residual
+        undo = _by_hand_control(model["unet"], [torch.cat([r, torch.zeros_like(r)]) for r in video_residuals], None)
+        denoiser = VideoDenoiser(model["unet"], model["cond"], model["null"], cfg_scale=4.0, batch_passes=True)
+        _, _, eps_uncond = denoiser.predict(model["x_t"][:1], 420, exemplar_t)
+        undo()
+    assert torch.equal(zero, plain) and not torch.equal(both, plain)
+    assert torch.equal(frames_to_video(both[FRAMES:], FRAMES), eps_uncond)
+    assert torch.allclose(both[:FRAMES], cond, rtol=0, atol=1e-4)  # the same positive (its own call: kernel order)
+    assert torch.allclose(both[FRAMES:], uncond, rtol=0, atol=1e-4)

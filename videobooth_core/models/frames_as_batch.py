@@ -30,7 +30,7 @@ from ..errors import SamplingError
 from ..sampling.denoiser import GuidanceRule, guide
 from ..sampling.schedule import q_sample
 from .subjects import Region
-from .unet_3d import UNet3DModel
+from .unet_3d import ControlResiduals, UNet3DModel
 
 
 def frames_to_video(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -164,6 +164,8 @@ class FramesAsBatchUNet(nn.Module):
         watermark_branch: bool = True,
         image_prompt_regions: Sequence[Region | None] | None = None,
         image_prompt_skip: torch.Tensor | None = None,
+        skip_residuals: Sequence[torch.Tensor | None] | None = None,
+        middle_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a frames-as-batch latent.
 
@@ -188,6 +190,10 @@ class FramesAsBatchUNet(nn.Module):
             image_prompt_regions: several subjects: one (x1, y1, x2, y2) box in frame fractions or None per subject.
             image_prompt_skip: ``(b,)`` bool, True for the videos of the call that run without the image prompt (the
                 unconditional pass sharing a call with the conditional one); None: every video takes it.
+            skip_residuals / middle_residual: a ControlNet's residuals ``[(b f), c, h', w']`` (or None), one per skip
+                connection in SD 1.x's ``input_blocks`` order and one for the middle block, added where SD 1.x's UNet
+                adds them (:class:`~.unet_3d.ControlResiduals`); the exemplar pass takes none (zeros where it shares a
+                call).
 
         Returns:
             ``[(b f), 4, h, w]`` noise prediction, in the weights' dtype.
@@ -197,8 +203,12 @@ class FramesAsBatchUNet(nn.Module):
         batch = video.shape[0]
         t = self._per_video(timesteps, batch, frames, x.device)
         text = self._per_video_context(context, batch, frames).to(dtype)
+        control = None
+        if skip_residuals is not None or middle_residual is not None:
+            control = ControlResiduals([None if r is None else frames_to_video(r, frames) for r in skip_residuals or ()],
+                                       None if middle_residual is None else frames_to_video(middle_residual, frames))
         if image_prompt is None:
-            return video_to_frames(self.video_unet(video, t, text, watermark_branch=watermark_branch))
+            return video_to_frames(self.video_unet(video, t, text, watermark_branch=watermark_branch, control=control))
         if image_prompt_noise is None or image_prompt_alpha_cumprod is None or null_context is None:
             raise SamplingError("an image prompt needs its noise, its alpha_cumprod and the null text states")
         subjects = not isinstance(image_prompt_strength, (int, float))
@@ -220,10 +230,11 @@ class FramesAsBatchUNet(nn.Module):
         null = null_context.to(device=x.device, dtype=dtype)
         null = null[:1].expand(rows.numel(), -1, -1) if subjects or null.shape[0] == 1 else null[rows.to(x.device)]
         t_rows = t[on.to(x.device)].repeat(streams)
+        off_, on_ = off.to(x.device), on.to(x.device)
         if off.numel():  # the videos without the image prompt share the exemplar pass's UNet call (as the core's)
-            off_, on_ = off.to(x.device), on.to(x.device)
-            eps_off, features = self.video_unet.predict_and_capture(video[off_], t[off_], text[off_], exemplar_t, t_rows,
-                                                                    null, watermark_branch=watermark_branch)
+            eps_off, features = self.video_unet.predict_and_capture(
+                video[off_], t[off_], text[off_], exemplar_t, t_rows, null, watermark_branch=watermark_branch,
+                control=None if control is None else control.select(off_))
         else:
             eps_off, on_ = None, None
             features = self.video_unet.capture_image_prompt_features(exemplar_t, t_rows, null)
@@ -235,7 +246,8 @@ class FramesAsBatchUNet(nn.Module):
         select = (lambda tensor: tensor) if on_ is None else (lambda tensor: tensor[on_])
         eps_on = self.video_unet(select(video), select(t), select(text), image_prompt_features=features,
                                  image_prompt_strength=image_prompt_strength, image_prompt_regions=image_prompt_regions,
-                                 watermark_branch=watermark_branch)
+                                 watermark_branch=watermark_branch,
+                                 control=control if control is None or on_ is None else control.select(on_))
         if eps_off is None:
             return video_to_frames(eps_on)
         eps = torch.empty((batch, *eps_on.shape[1:]), dtype=eps_on.dtype, device=eps_on.device)
