@@ -26,9 +26,12 @@ Modes:
     single-frame    opt-in: the image-prompt stream on one frame
     late-steps      opt-in: a step outside the image-prompt range (image prompt used only early in sampling)
     no-watermark    opt-in: the watermark branch skipped
-    native          the native ComfyUI road's model calls (issue 25): the conditional call (the image prompt noised,
-                    captured and injected in one call) and the unconditional call separately, frames as batch,
-                    the official guidance on the host layout (what KSampler runs per step, minus its bookkeeping)
+    native          the native ComfyUI road's model call (issue 25): KSampler batches the positive and the negative of
+                    VideoBooth Native Conditioning (which carries the exemplar flagged off) into one call, frames as
+                    batch; the model runs the negative beside the exemplar pass, then the conditional pass, and the
+                    official guidance on the host layout (what KSampler runs per step, minus its bookkeeping)
+    native-separate the native road with a negative that is not Native Conditioning's (e.g. CLIP Text Encode): the
+                    conditional call (the image prompt noised, captured and injected) and the unconditional call
 Options:
     --stream-weights  the UNet's weights stay in a safetensors file and are read block by block at every UNet call
                       (videobooth_core.loading.streaming; exact). The random weights are written to --weights-file by a
@@ -81,7 +84,7 @@ from videobooth_core.models.frames_as_batch import (  # noqa: E402
     FramesAsBatchUNet, frames_to_video, official_cfg, video_to_frames,
 )
 
-MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark", "native")
+MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark", "native", "native-separate")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
@@ -423,16 +426,24 @@ def main() -> None:
     estimate = estimate_step_memory(denoiser, shape, args.mode != "late-steps", args.device, [unet._mapper])
     flops = count_step_flops(denoiser, shape, args.mode != "late-steps")
 
-    native = FramesAsBatchUNet(unet) if args.mode == "native" else None
+    native = FramesAsBatchUNet(unet) if args.mode.startswith("native") else None
 
     def step() -> None:
-        if native is not None:  # the host's two calls and its CFG hook, frames as batch
+        if native is not None:  # the host's call(s) and its CFG hook, frames as batch
             noise = torch.randn((1, 4, args.frames, args.latent, args.latent), generator=generator).to(args.device)
             x = video_to_frames(x_t)
             t = torch.full((x.shape[0],), float(schedule.timestep_map[index]))
-            cond = native(x, t, text[:1], args.frames, image_prompt=exemplar_clean[:1], image_prompt_noise=noise,
-                          image_prompt_alpha_cumprod=float(schedule.alphas_cumprod[index]), null_context=text[1:])
-            uncond = native(x, t, text[1:], args.frames)
+            abar = float(schedule.alphas_cumprod[index])
+            if args.mode == "native":  # one call: [positive, negative], the negative flagged to skip the exemplar
+                both = native(torch.cat([x, x]), t.repeat(2), text.repeat_interleave(args.frames, dim=0), args.frames,
+                              image_prompt=exemplar_clean[:1].expand(2, -1, -1, -1, -1),
+                              image_prompt_noise=noise.expand(2, -1, -1, -1, -1), image_prompt_alpha_cumprod=abar,
+                              null_context=text[1:], image_prompt_skip=torch.tensor([False, True]))
+                cond, uncond = both[:x.shape[0]], both[x.shape[0]:]
+            else:
+                cond = native(x, t, text[:1], args.frames, image_prompt=exemplar_clean[:1], image_prompt_noise=noise,
+                              image_prompt_alpha_cumprod=abar, null_context=text[1:])
+                uncond = native(x, t, text[1:], args.frames)
             eps = frames_to_video(official_cfg(cond.float(), uncond.float(), 4.0), args.frames)
             schedule.step(eps, x_t, index, torch.randn(shape, generator=generator).to(args.device))
             return

@@ -26,6 +26,11 @@ import torch
 
 from ..videobooth_core.conditioning.embeddings import encode_image_prompt
 from ..videobooth_core.conditioning.image_prompt import PreparedImagePrompt
+from ..videobooth_core.conditioning.subjects import (
+    prepare_subjects_prompt,
+    spliced_subjects_positions,
+    subjects_fit_warnings,
+)
 from ..videobooth_core.conditioning.text import (
     NULL_PROMPT,
     prepare_subject_prompt,
@@ -41,12 +46,14 @@ from ..videobooth_core.models.frames_as_batch import (
     image_prompt_twin,
     official_cfg,
 )
+from ..videobooth_core.pipeline import VAE_SCALE, fit_exemplar
 from ..videobooth_core.sampling.schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS
 from ..videobooth_core.sampling.windows import FUSE_MODES, ContextOptions, fuse_window_predictions
 from ..videobooth_core.settings import SETTINGS, widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, EXEMPLAR, IMAGE_PROMPT, Exemplar, VideoBoothCLIPVision
 from .long_video import VideoBoothContextOptions
+from .subjects import SUBJECTS, NodeSubject, sampler_subjects
 from .loaders import DEVICES, PRECISIONS, CachingLoader, file_input, load_model_pair, precision_tooltip
 
 try:  # inside ComfyUI
@@ -69,6 +76,10 @@ STRENGTH_KEY = "videobooth_image_prompt_strength"
 STEPS_KEY = "videobooth_image_prompt_steps"
 SEED_KEY = "videobooth_seed"
 SIGMA_RANGE_KEY = "videobooth_sigma_range"
+REGIONS_KEY = "videobooth_image_prompt_regions"
+SKIP_KEY = "videobooth_image_prompt_skip"
+"""1 on the negative conditioning: it carries the positive's exemplar so ComfyUI can batch the two into one call, and
+the model runs the negative without it (the official unconditional pass)."""
 
 SAMPLING_SETTINGS = {"beta_schedule": "sqrt_linear", "linear_start": BETA_START, "linear_end": BETA_END,
                      "timesteps": TRAIN_TIMESTEPS}
@@ -94,24 +105,36 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: Any = None, transformer_options: dict | None = None, **conds: Any) -> torch.Tensor:
         """x: ``[(chunks f), 4, h, w]``, one chunk per conditioning in the call (``cond_or_uncond``)."""
-        if control is not None:
-            raise SamplingError("ControlNets are not applied by the VideoBooth native model yet; disconnect the "
-                                "ControlNet, or use an SD 1.x model for it")
+        residuals = _control_residuals(control)
         options = transformer_options or {}
         chunks = max(1, len(options.get("cond_or_uncond") or [0]))
         frames = x.shape[0] // chunks
         image_prompt = conds.get(IMAGE_PROMPT_KEY)
         if image_prompt is None or not self._inject_now(options, conds.get(SIGMA_RANGE_KEY)):
-            return super().forward(x, timesteps, context, frames)
+            return super().forward(x, timesteps, context, frames, **residuals)
         sigma = float(torch.as_tensor(options["sigmas"]).reshape(-1)[0])
         timestep = float(torch.as_tensor(timesteps).reshape(-1)[0])
-        per_video = image_prompt[::frames].unsqueeze(2)  # a cond is repeated over the frames: one row per video
-        shape = (per_video.shape[0], per_video.shape[1], frames, per_video.shape[3], per_video.shape[4])
+        per_video = image_prompt[::frames]  # a cond is repeated over the frames: one row per video
+        strength = conds.get(STRENGTH_KEY, 1.0)
+        if per_video.ndim == 5:  # several subjects: (videos, s, 4, h, w) -> subject-major streams
+            streams = per_video.shape[1]
+            per_video = per_video.transpose(0, 1).reshape(-1, *per_video.shape[2:])
+        else:
+            streams, strength = 1, float(strength)
+        # at the video's latent size, as the pack's sampler (fit_exemplar: a no-op when the sizes match)
+        per_video = fit_exemplar(per_video.unsqueeze(2), x.shape[2] * VAE_SCALE, x.shape[3] * VAE_SCALE)[:, :, 0]
+        videos = per_video.shape[0] // streams
+        skip = conds.get(SKIP_KEY)
+        # one draw per stream, the same for every video of the call: a step's exemplar does not depend on how the
+        # host batched its conditionings
+        noise = self.exemplar_noise(int(conds.get(SEED_KEY) or 0), timestep,
+                                    (streams, per_video.shape[1], frames, *per_video.shape[2:]))
         return super().forward(
-            x, timesteps, context, frames, image_prompt=per_video,
-            image_prompt_noise=self.exemplar_noise(int(conds.get(SEED_KEY) or 0), timestep, shape),
+            x, timesteps, context, frames, image_prompt=per_video.unsqueeze(2),
+            image_prompt_noise=noise.repeat_interleave(videos, dim=0),
             image_prompt_alpha_cumprod=alpha_cumprod_of_sigma(sigma), null_context=conds[NULL_TEXT_KEY][::frames],
-            image_prompt_strength=float(conds.get(STRENGTH_KEY, 1.0)))
+            image_prompt_strength=strength, image_prompt_regions=conds.get(REGIONS_KEY),
+            image_prompt_skip=None if skip is None else skip[::frames] > 0, **residuals)
 
     @staticmethod
     def _inject_now(options: dict, sigma_range: tuple[float, float] | None) -> bool:
@@ -121,6 +144,20 @@ class ComfyVideoBoothUNet(FramesAsBatchUNet):
         sigma = float(torch.as_tensor(options["sigmas"]).reshape(-1)[0])
         high, low = sigma_range
         return low < sigma <= high
+
+
+def _control_residuals(control: dict | None) -> dict:
+    """ComfyUI's ControlNet output (``{"input": [...], "middle": [...], "output": [...]}``, read by SD 1.x's UNet as
+    ``openaimodel.apply_control`` does, without popping the caller's lists) as FramesAsBatchUNet's keyword arguments:
+    ``output`` are the skip connections' residuals in ``input_blocks`` order, ``middle`` the middle block's."""
+    if not control:
+        return {}
+    if any(residual is not None for residual in control.get("input") or ()):
+        raise SamplingError("this control adds residuals inside the down path (a T2I-Adapter or similar), which the "
+                            "VideoBooth native model does not take; use an SD 1.x ControlNet (ControlNet Loader, Apply "
+                            "ControlNet) or disconnect it")
+    middle = list(control.get("middle") or ())
+    return {"skip_residuals": list(control.get("output") or ()), "middle_residual": middle[-1] if middle else None}
 
 
 if comfy_model_base is not None:
@@ -160,12 +197,19 @@ if comfy_model_base is not None:
             if latent is None:
                 return out
             start, end = kwargs.get(STEPS_KEY, (0.0, 1.0))
+            strength = kwargs.get(STRENGTH_KEY, 1.0)
             out[IMAGE_PROMPT_KEY] = comfy_conds.CONDRegular(latent)
             out[NULL_TEXT_KEY] = comfy_conds.CONDRegular(kwargs[NULL_TEXT_KEY])
-            out[STRENGTH_KEY] = comfy_conds.CONDConstant(float(kwargs.get(STRENGTH_KEY, 1.0)))
+            out[STRENGTH_KEY] = comfy_conds.CONDConstant(
+                tuple(float(s) for s in strength) if isinstance(strength, (tuple, list)) else float(strength))
             out[SEED_KEY] = comfy_conds.CONDConstant(int(kwargs.get("seed") or 0))
             out[SIGMA_RANGE_KEY] = comfy_conds.CONDConstant((float(self.model_sampling.percent_to_sigma(start)),
                                                              float(self.model_sampling.percent_to_sigma(end))))
+            if kwargs.get(REGIONS_KEY) is not None:
+                out[REGIONS_KEY] = comfy_conds.CONDConstant(kwargs[REGIONS_KEY])
+            # a flag per item, repeated over the frames and concatenated like the latent, so the positive and the
+            # negative (which carries the same exemplar with the flag set) can share one call
+            out[SKIP_KEY] = comfy_conds.CONDRegular(torch.tensor([1.0 if kwargs.get(SKIP_KEY) else 0.0]))
             return out
 
 
@@ -312,31 +356,63 @@ class VideoBoothNativeConditioning:
                 "exemplar": (EXEMPLAR, {"tooltip": (
                     "The fine path from VideoBooth Latent Injection (its latent, or the image prompt through its "
                     "VAE, and its strength, start and end); unconnected: the coarse path only.")}),
+                "subjects": (SUBJECTS, {"tooltip": (
+                    "More subjects from VideoBooth Subjects: each word is replaced by its own photo's vectors and each "
+                    "exemplar injected with its own strength and region, as on the pack's Sampler.")}),
             },
         }
 
     def encode(self, clip: Any, model: Any, clip_vision: VideoBoothCLIPVision, image_prompt: PreparedImagePrompt,
-               prompt: str, subject_word: str, negative_prompt: str,
-               exemplar: Exemplar | None = None) -> tuple[list, list]:
+               prompt: str, subject_word: str, negative_prompt: str, exemplar: Exemplar | None = None,
+               subjects: tuple[NodeSubject, ...] | None = None) -> tuple[list, list]:
         _require_comfy("VideoBooth Native Conditioning")
         mapper = _mapper_of(model)
         tokenizer, key = _hf_tokenizer(clip)
-        subject = prepare_subject_prompt(tokenizer, prompt, subject_word)  # the 77-token checks, before any model
-        for warning in prompt_fit_warnings(tokenizer, prompt, subject_word):
+        words = [subject_word, *(s.word for s in subjects or ())]
+        # the 77-token and word checks, and the fine plan, before any model runs
+        if subjects:
+            spliced = prepare_subjects_prompt(tokenizer, prompt, words)
+            warnings = subjects_fit_warnings(tokenizer, prompt, words)
+        else:
+            subject = prepare_subject_prompt(tokenizer, prompt, subject_word)
+            warnings = prompt_fit_warnings(tokenizer, prompt, subject_word)
+        planned = sampler_subjects(exemplar, tuple(subjects or ()))
+        for warning in warnings:
             logger.warning("VideoBooth Native Conditioning: %s", warning)
         bridge.activate([clip_vision.managed])
-        words = encode_image_prompt(clip_vision.vision_encoder, mapper, image_prompt).float().cpu()[0]
-        entries = _token_entries(subject.input_ids[0].tolist(), spliced_positions(
-            subject.input_ids, subject.placeholder_ids, words.shape[0]), words)
+        own = encode_image_prompt(clip_vision.vision_encoder, mapper, image_prompt).float().cpu()
+        if subjects:
+            vectors = [own, *(s.words.float().cpu() for s in subjects)]
+            positions = spliced_subjects_positions(spliced.input_ids, spliced.placeholder_ids, spliced.order,
+                                                   own.shape[1])
+            entries = _token_entries(spliced.input_ids[0].tolist(), positions, torch.cat([v[0] for v in vectors]))
+        else:
+            entries = _token_entries(subject.input_ids[0].tolist(), spliced_positions(
+                subject.input_ids, subject.placeholder_ids, own.shape[1]), own[0])
         positive = clip.encode_from_tokens({key: [entries]}, return_pooled=True, return_dict=True)
         negative = clip.encode_from_tokens(clip.tokenize(negative_prompt), return_pooled=True, return_dict=True)
         positive_conditioning = [[positive.pop("cond"), positive]]
         negative_conditioning = [[negative.pop("cond"), negative]]
-        if exemplar is not None:
-            latent = _exemplar_latent(exemplar)
-            positive_conditioning = node_helpers.conditioning_set_values(positive_conditioning, {
-                IMAGE_PROMPT_KEY: latent[:, :, 0], NULL_TEXT_KEY: negative_conditioning[0][0],
-                STRENGTH_KEY: exemplar.strength, STEPS_KEY: (exemplar.start, exemplar.end)})
+        if planned.sources:
+            if planned.vaes:
+                bridge.activate(planned.vaes)
+            latents = [_exemplar_latent(source) for source in planned.sources]
+            if planned.plan.subject_strengths is None:  # one stream: the official single-exemplar path
+                values = {IMAGE_PROMPT_KEY: latents[0][:, :, 0], STRENGTH_KEY: planned.plan.strength}
+            else:
+                sizes = sorted({tuple(latent.shape[-2:]) for latent in latents})
+                if len(sizes) > 1:
+                    raise VideoBoothError(explain(
+                        "the subjects' exemplars run as one batch and need one latent size; their (height/8, width/8) "
+                        "are", sizes, "give every VideoBooth Latent Injection an image prompt (or latent) of one size"))
+                values = {IMAGE_PROMPT_KEY: torch.stack([latent[:, :, 0] for latent in latents], dim=1),
+                          STRENGTH_KEY: planned.plan.subject_strengths, REGIONS_KEY: planned.plan.subject_regions}
+            values.update({NULL_TEXT_KEY: negative_conditioning[0][0], STEPS_KEY: planned.window})
+            positive_conditioning = node_helpers.conditioning_set_values(positive_conditioning, values)
+            # the negative carries the same exemplar, flagged: ComfyUI then batches both into one call, and the model
+            # runs the negative without it (the official unconditional pass shares the exemplar pass's UNet call)
+            negative_conditioning = node_helpers.conditioning_set_values(negative_conditioning,
+                                                                         {**values, SKIP_KEY: True})
         return positive_conditioning, negative_conditioning
 
 
@@ -357,14 +433,14 @@ def _token_entries(ids: list[int], positions: list[int], words: torch.Tensor) ->
     return entries
 
 
-def _exemplar_latent(exemplar: Exemplar) -> torch.Tensor:
-    """(1, 4, 1, h, w) clean latent at core scale: the exemplar's LATENT, or its image prompt through its VAE (the
-    posterior mean, as ComfyUI's VAE Encode; the official code samples the posterior)."""
-    if exemplar.latent is not None:
-        return exemplar.latent.float().cpu()
-    bridge.activate([exemplar.vae.managed])
+def _exemplar_latent(source: Any) -> torch.Tensor:
+    """(1, 4, 1, h, w) clean latent at core scale of one planned exemplar source: its LATENT, or (VAE, image prompt)
+    through the VAE (the posterior mean, as ComfyUI's VAE Encode; the official code samples the posterior)."""
+    if isinstance(source, torch.Tensor):
+        return source.float().cpu()
+    vae, prepared = source
     with torch.no_grad():
-        latent = vae_encode(exemplar.vae.vae, exemplar.image_prompt.vae_pixels, sample=False)
+        latent = vae_encode(vae, prepared.vae_pixels, sample=False)
     return latent.float().cpu()[:, :, None]
 
 

@@ -199,3 +199,229 @@ def test_a_calls_memory_counts_the_exemplar_pass_and_grows_with_the_frames(model
     assert with_prompt > plain > 0
     assert native.call_activation_bytes(8, SIZE, SIZE) > with_prompt
     assert all(p.device.type == "cpu" for p in native.parameters())  # measured on a twin, the model untouched
+
+
+def _abar(timestep: int) -> float:
+    return float(torch.from_numpy(base_betas()).neg().add(1).cumprod(0)[timestep])
+
+
+def _host_call(model, exemplars: int, skip: list[bool]) -> dict:
+    """The arguments of one host call on video 0 of the fixture, once per entry of ``skip`` (the chunks of the call:
+    the positive with its image prompt, the negative flagged to run without), with ``exemplars`` streams."""
+    generator = torch.Generator().manual_seed(11)
+    clean = torch.randn(exemplars, 4, 1, SIZE, SIZE, generator=generator)
+    noise = torch.randn(exemplars, 4, FRAMES, SIZE, SIZE, generator=generator)
+    videos = len(skip)
+    texts = [model["null"] if off else model["cond"] for off in skip]
+    return {"x": video_to_frames(model["x_t"][:1]).repeat(videos, 1, 1, 1),
+            "context": torch.cat([text.expand(FRAMES, -1, -1) for text in texts]),
+            "clean": clean, "noise": noise,
+            "image_prompt": clean.repeat_interleave(videos, dim=0), "image_prompt_noise":
+                noise.repeat_interleave(videos, dim=0), "image_prompt_skip": torch.tensor(skip)}
+
+
+@pytest.mark.parametrize("timestep", [999, 420])
+def test_the_positive_and_the_flagged_negative_in_one_call_equal_the_core_batched_passes(model, timestep: int) -> None:
+    """cond and uncond in one host call: the negative chunk runs without the image prompt and shares the exemplar
+    pass's UNet call, exactly as the core denoiser's default (batched) passes, bit for bit."""
+    call, abar = _host_call(model, 1, [False, True]), _abar(timestep)
+    exemplar_t = q_sample(call["clean"].expand(-1, -1, FRAMES, -1, -1), call["noise"], abar)
+    denoiser = VideoDenoiser(model["unet"], model["cond"], model["null"], cfg_scale=4.0, batch_passes=True)
+    t = torch.full((2 * FRAMES,), float(timestep))
+    with torch.no_grad():
+        guided, eps_cond, eps_uncond = denoiser.predict(model["x_t"][:1], timestep, exemplar_t)
+        out = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                              image_prompt_noise=call["image_prompt_noise"], image_prompt_alpha_cumprod=abar,
+                              null_context=model["null"], image_prompt_skip=call["image_prompt_skip"])
+        swapped = model["native"](call["x"], t, call["context"].flip(0), FRAMES, image_prompt=call["image_prompt"],
+                                  image_prompt_noise=call["image_prompt_noise"], image_prompt_alpha_cumprod=abar,
+                                  null_context=model["null"], image_prompt_skip=~call["image_prompt_skip"])
+    cond, uncond = out[:FRAMES], out[FRAMES:]
+    assert torch.equal(frames_to_video(cond, FRAMES), eps_cond)
+    assert torch.equal(frames_to_video(uncond, FRAMES), eps_uncond)
+    assert torch.equal(frames_to_video(official_cfg(cond.float(), uncond.float(), 4.0), FRAMES), guided)
+    assert torch.equal(swapped[FRAMES:], cond) and torch.equal(swapped[:FRAMES], uncond)  # chunk order is the host's
+
+
+def test_several_subjects_equal_the_core_denoiser_alone_and_batched_with_the_negative(model) -> None:
+    """Two subjects (own strengths, one with a region): the host call equals the core's several-subjects path bit for
+    bit, in a call of its own (official order) and sharing one with the flagged negative (batched passes)."""
+    timestep, strengths, regions = 420, (1.0, 0.6), (None, (0.5, 0.0, 1.0, 1.0))
+    abar = _abar(timestep)
+    alone, shared = _host_call(model, 2, [False]), _host_call(model, 2, [False, True])
+    exemplar_t = q_sample(alone["clean"].expand(-1, -1, FRAMES, -1, -1), alone["noise"], abar)
+    results = {}
+    with torch.no_grad():
+        for batched, call in ((False, alone), (True, shared)):
+            denoiser = VideoDenoiser(model["unet"], model["cond"], model["null"], cfg_scale=4.0, batch_passes=batched,
+                                     subject_strengths=strengths, subject_regions=regions)
+            expected = denoiser.predict(model["x_t"][:1], timestep, exemplar_t)
+            t = torch.tensor(float(timestep))
+            out = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                                  image_prompt_noise=call["image_prompt_noise"], image_prompt_alpha_cumprod=abar,
+                                  null_context=model["null"], image_prompt_strength=strengths,
+                                  image_prompt_regions=regions,
+                                  image_prompt_skip=call["image_prompt_skip"] if batched else None)
+            assert torch.equal(frames_to_video(out[:FRAMES], FRAMES), expected[1])
+            if batched:
+                assert torch.equal(frames_to_video(out[FRAMES:], FRAMES), expected[2])
+            results[batched] = out[:FRAMES]
+        single = model["native"](alone["x"], torch.tensor(float(timestep)), alone["context"], FRAMES,
+                                 image_prompt=alone["clean"][:1], image_prompt_noise=alone["noise"][:1],
+                                 image_prompt_alpha_cumprod=abar, null_context=model["null"])
+    assert not torch.equal(results[False], single)  # the second subject acts
+    with pytest.raises(SamplingError, match="2 image-prompt stream"):
+        model["native"](alone["x"], torch.tensor(1.0), alone["context"], FRAMES, image_prompt=alone["clean"][:1],
+                        image_prompt_noise=alone["noise"][:1], image_prompt_alpha_cumprod=abar,
+                        null_context=model["null"], image_prompt_strength=strengths)
+
+
+@pytest.mark.parametrize("prompt", ["a dog and a cat", "a cat chasing a dog and another dog",
+                                    "dog " + "very " * 55 + "cat long"], ids=["ordered", "reversed-twice", "truncated"])
+def test_subject_positions_rebuild_the_core_subjects_splice_bit_for_bit(clip_tokenizer_dir, prompt: str) -> None:
+    from videobooth_core.conditioning.subjects import (
+        prepare_subjects_prompt,
+        splice_subjects,
+        spliced_subjects_positions,
+    )
+    from videobooth_core.conditioning.tokenizer import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer(clip_tokenizer_dir)
+    spliced = prepare_subjects_prompt(tokenizer, prompt, ["dog", "cat"])
+    generator = torch.Generator().manual_seed(5)
+    table = torch.randn(49408, 6, generator=generator)
+    vectors = [torch.randn(1, 5, 6, generator=generator) for _ in range(2)]
+    expected = splice_subjects(table[spliced.input_ids], spliced.input_ids, spliced.placeholder_ids, spliced.order,
+                               vectors)
+    positions = spliced_subjects_positions(spliced.input_ids, spliced.placeholder_ids, spliced.order, 5)
+    stacked = torch.cat([v[0] for v in vectors])
+    rebuilt = torch.stack([table[spliced.input_ids[0, p]] if p >= 0 else stacked[-p - 1] for p in positions])
+    assert len(positions) == 77 and torch.equal(rebuilt[None], expected)
+    dog = [-p - 1 for p in positions if -6 < p < 0]  # the first subject's vectors, wherever the dog is
+    assert dog == list(range(5)) * prompt.split().count("dog")
+    assert sum(p <= -6 for p in positions) == 5 * prompt.split().count("cat")
+
+
+def test_a_known_frames_latent_under_the_hosts_inpainting_rule_is_the_cores_replacement() -> None:
+    """ComfyUI's inpainting sampler (KSamplerX0Inpaint) sets ``x = x * m + (latent + sigma * noise) * (1 - m)`` before
+    each call (k-diffusion scale; the model sees x / sqrt(1 + sigma^2)): with the latent and mask of
+    known_frames_latent that is KnownFrames.at_level on the first frames, the rest untouched."""
+    from videobooth_core.models.frames_as_batch import known_frames_latent
+    from videobooth_core.sampling.known_frames import KnownFrames
+
+    generator = torch.Generator().manual_seed(2)
+    frames, known = 5, torch.randn(2, 4, SIZE, SIZE, generator=generator)
+    noise, x = torch.randn(2, frames, 4, SIZE, SIZE, generator=generator)
+    samples, mask = known_frames_latent(known, frames)
+    assert samples.shape == (frames, 4, SIZE, SIZE) and mask.shape == (frames, 1, SIZE, SIZE)
+    assert mask[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] and bool((samples[2:] == 0).all())
+    abar = _abar(600)
+    sigma = ((1 - abar) / abar) ** 0.5
+    host = (x * mask + (samples + sigma * noise) * (1 - mask)) / (1 + sigma**2) ** 0.5
+    core = KnownFrames(frames_to_video(known, 2), frames_to_video(noise, frames)).at_level(
+        frames_to_video(x / (1 + sigma**2) ** 0.5, frames), abar)
+    torch.testing.assert_close(host, video_to_frames(core), rtol=1e-6, atol=1e-6)
+    assert torch.equal(host[2:], x[2:] / (1 + sigma**2) ** 0.5)
+    with pytest.raises(SamplingError, match="leave no frame to generate"):
+        known_frames_latent(known, 2)
+
+
+def _by_hand_control(unet, skips: list, middle):
+    """SD 1.x's rule (ComfyUI's openaimodel.apply_control) put into the UNet from outside: each up block's skips get
+    their residual as it takes them (popped from the end of the down path's list), the middle block's output its own;
+    only in calls of the residuals' batch size (the core's other passes of a step run as they are). Returns the undo
+    function, which returns the skip shapes seen, in down-path order."""
+    seen, remaining, handles = [], [len(skips)], []
+    for block in unet.up_blocks:
+        def up(x, block_skips, *rest, _block=block):
+            remaining[0] = remaining[0] or len(skips)  # a new UNet call starts over at the deepest skip
+            start = remaining[0] - len(block_skips)
+            remaining[0] = start
+            seen.insert(0, [tuple(s.shape) for s in block_skips])
+            block_skips = [s if skips[start + i] is None or skips[start + i].shape[0] != s.shape[0] else
+                           s + skips[start + i] for i, s in enumerate(block_skips)]
+            return type(_block).up(_block, x, block_skips, *rest)
+        block.up = up
+    if middle is not None:
+        handles.append(unet.mid_block.register_forward_hook(lambda module, args, out: out + middle))
+
+    def undo() -> list:
+        for block in unet.up_blocks:
+            del block.up
+        for handle in handles:
+            handle.remove()
+        return [shape for block in seen for shape in block]
+    return undo
+
+
+def test_a_controlnets_residuals_land_on_the_skips_and_middle_as_in_sd1x(model) -> None:
+    native, unet = model["native"], model["unet"]
+    x, t = video_to_frames(model["x_t"]), torch.tensor(300.0)
+    with torch.no_grad():
+        plain = native(x, t, model["cond"], FRAMES)
+        undo = _by_hand_control(unet, [None] * 8, None)  # the tiny UNet's 8 skips, as SD 1.x's 8 input blocks
+        native(x, t, model["cond"], FRAMES)
+        shapes = undo()
+        mid_shape = (2, 64, FRAMES, 1, 1)
+        generator = torch.Generator().manual_seed(9)
+        skips = [torch.randn(shape, generator=generator) for shape in shapes]
+        middle = torch.randn(mid_shape, generator=generator)
+        zero = native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(torch.zeros(s)) for s in shapes],
+                      middle_residual=video_to_frames(torch.zeros(mid_shape)))
+        controlled = native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s) for s in skips],
+                            middle_residual=video_to_frames(middle))
+        undo = _by_hand_control(unet, skips, middle)
+        by_hand = native(x, t, model["cond"], FRAMES)
+        undo()
+        one = native(x, t, model["cond"], FRAMES, skip_residuals=[None] * 5 + [video_to_frames(skips[5])] + [None] * 2)
+        undo = _by_hand_control(unet, [None] * 5 + [skips[5]] + [None] * 2, None)
+        one_by_hand = native(x, t, model["cond"], FRAMES)
+        undo()
+    assert len(shapes) == 8 and torch.equal(zero, plain)
+    assert torch.equal(controlled, by_hand) and not torch.equal(controlled, plain)
+    assert torch.equal(one, one_by_hand) and not torch.equal(one, plain)
+    with pytest.raises(SamplingError, match="8 skip connections; the ControlNet gives residuals for: 7"):
+        native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s) for s in skips[:7]])
+    with pytest.raises(SamplingError, match="residual for skip connection 0 has shape"):
+        native(x, t, model["cond"], FRAMES, skip_residuals=[video_to_frames(s)[:, :1] for s in skips])
+
+
+def test_a_controlnet_in_the_call_shared_by_the_positive_and_the_negative(model) -> None:
+    """With a ControlNet the negative still shares the exemplar pass's UNet call, with its slice of the residuals (the
+    exemplar takes zeros): a zero control equals none bit for bit, and the shared call equals the core's batched passes
+    with the same residuals put in by hand."""
+    call, abar = _host_call(model, 1, [False, True]), _abar(420)
+    generator = torch.Generator().manual_seed(4)
+    undo = _by_hand_control(model["unet"], [None] * 8, None)
+    with torch.no_grad():
+        model["native"](call["x"][:FRAMES], torch.tensor(1.0), model["cond"], FRAMES)
+    shapes = [(FRAMES, *shape[1:2], *shape[3:]) for shape in undo()]
+    residuals = [torch.randn((2 * shape[0], *shape[1:]), generator=generator) for shape in shapes]
+    t = torch.tensor(420.0)
+    common = {"image_prompt_alpha_cumprod": abar, "null_context": model["null"]}
+    with torch.no_grad():
+        both = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                               image_prompt_noise=call["image_prompt_noise"], image_prompt_skip=call["image_prompt_skip"],
+                               skip_residuals=residuals, **common)
+        cond = model["native"](call["x"][:FRAMES], t, model["cond"], FRAMES, image_prompt=call["clean"],
+                               image_prompt_noise=call["noise"], skip_residuals=[r[:FRAMES] for r in residuals],
+                               **common)
+        uncond = model["native"](call["x"][FRAMES:], t, model["null"], FRAMES,
+                                 skip_residuals=[r[FRAMES:] for r in residuals])
+        plain = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                                image_prompt_noise=call["image_prompt_noise"],
+                                image_prompt_skip=call["image_prompt_skip"], **common)
+        zero = model["native"](call["x"], t, call["context"], FRAMES, image_prompt=call["image_prompt"],
+                               image_prompt_noise=call["image_prompt_noise"], image_prompt_skip=call["image_prompt_skip"],
+                               skip_residuals=[torch.zeros_like(r) for r in residuals], **common)
+        exemplar_t = q_sample(call["clean"].expand(-1, -1, FRAMES, -1, -1), call["noise"], abar)
+        video_residuals = [frames_to_video(r[FRAMES:], FRAMES) for r in residuals]  # the negative's
+        # by hand: the exemplar rows (after the negative's in the shared call) get no residual
+        undo = _by_hand_control(model["unet"], [torch.cat([r, torch.zeros_like(r)]) for r in video_residuals], None)
+        denoiser = VideoDenoiser(model["unet"], model["cond"], model["null"], cfg_scale=4.0, batch_passes=True)
+        _, _, eps_uncond = denoiser.predict(model["x_t"][:1], 420, exemplar_t)
+        undo()
+    assert torch.equal(zero, plain) and not torch.equal(both, plain)
+    assert torch.equal(frames_to_video(both[FRAMES:], FRAMES), eps_uncond)
+    assert torch.allclose(both[:FRAMES], cond, rtol=0, atol=1e-4)  # the same positive (its own call: kernel order)
+    assert torch.allclose(both[FRAMES:], uncond, rtol=0, atol=1e-4)

@@ -100,6 +100,7 @@ EXPECTED_IDS = {
     "VideoBoothSubjects", "VideoBoothDrift",
     "VideoBoothContextOptions", "VideoBoothStartFrames",
     "VideoBoothNativeLoader", "VideoBoothNativeConditioning", "VideoBoothNativeContextWindows",
+    "VideoBoothNativeStartFrames", "VideoBoothNativeImagePromptEncode",
     "VideoBoothVideoCrafterLoader", "VideoBoothVideoCrafterSampler",
 }
 
@@ -694,3 +695,17 @@ def test_native_context_windows_follow_the_context_options_rules() -> None:
     handler = patched.model_options["context_handler"]
     assert patched is not original and "context_handler" not in original.model_options
     assert (handler.options.window, handler.options.overlap, handler.options.fuse) == (16, 4, "flat")
+
+
+def test_native_start_frames_make_an_inpainting_latent_that_keeps_the_start_frames() -> None:
+    """The start frames first, zeros after, and ComfyUI's noise_mask 0 on them (kept) and 1 on the frames to make;
+    refused in the widgets' words when no frame is left to generate."""
+    node = MAPPINGS["VideoBoothNativeStartFrames"]()
+    start = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(1))
+    (latent,) = node.make({"samples": start}, 6)
+    assert torch.equal(latent["samples"][:2], start) and not latent["samples"][2:].any()
+    assert latent["noise_mask"].shape == (6, 1, 3, 5)
+    assert latent["noise_mask"][:, 0].flatten(1).amax(1).tolist() == [0, 0, 1, 1, 1, 1]
+    assert latent["noise_mask"][:, 0].flatten(1).amin(1).tolist() == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(errors.SamplingError, match="raise frames above 2"):
+        node.make({"samples": start}, 2)

@@ -249,6 +249,22 @@ def splice_subjects(token_embeds: torch.Tensor, input_ids: torch.Tensor, placeho
     return torch.stack(rows)
 
 
+def spliced_subjects_positions(input_ids: torch.Tensor, placeholder_ids: Sequence[int], order: Sequence[int],
+                               vectors: int) -> list[int]:
+    """Where each of the 77 positions of the several-subjects splice comes from, by :func:`splice_subjects` itself:
+    ``p >= 0`` the token at position ``p`` of ``input_ids``, ``-(i * vectors + j + 1)`` word vector ``j`` of subject
+    ``i`` (the several-subjects twin of :func:`.text.spliced_positions`, for hosts that splice by token lists).
+
+    Args:
+        input_ids: (77,) or (1, 77) token ids of the substituted prompt; order: the subject of each placeholder.
+    """
+    ids = input_ids.reshape(1, -1)
+    positions = torch.arange(ids.shape[1], dtype=torch.float64).view(1, -1, 1)
+    markers = [-(torch.arange(vectors, dtype=torch.float64) + i * vectors + 1).view(1, vectors, 1)
+               for i in range(max(order, default=-1) + 1)]
+    return [int(p) for p in splice_subjects(positions, ids, placeholder_ids, order, markers).flatten().tolist()]
+
+
 @torch.no_grad()
 def encode_subjects_prompt(text_encoder: Any, tokenizer: Any, prompt: str, words: Sequence[str],
                            image_words: Sequence[torch.Tensor], match: str = WHOLE_WORD) -> tuple[torch.Tensor, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -28,7 +29,8 @@ from torch import nn
 from ..errors import SamplingError
 from ..sampling.denoiser import GuidanceRule, guide
 from ..sampling.schedule import q_sample
-from .unet_3d import UNet3DModel
+from .subjects import Region
+from .unet_3d import ControlResiduals, UNet3DModel
 
 
 def frames_to_video(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -86,6 +88,34 @@ def image_prompt_noise(seed: int, timestep: float, shape: tuple[int, ...]) -> to
     return torch.randn(shape, generator=torch.Generator().manual_seed(key), dtype=torch.float32)
 
 
+def known_frames_latent(known: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host latent whose first frames are known (a start image, a video's last frames) and a mask of the rest.
+
+    Host samplers with inpainting (ComfyUI's ``noise_mask``) replace the masked-out part of ``x`` before every call by
+    the latent noised with the run's own initial noise to the call's level, and the prediction there by the latent:
+    along the frames axis that is the core's :class:`~..sampling.known_frames.KnownFrames` replacement.
+
+    Args:
+        known: ``[k, 4, h, w]`` latents of frames ``0..k-1`` (any scale; the host's own).
+        frames: the video's frame count ``f > k``.
+
+    Returns:
+        (``[f, 4, h, w]`` the known frames then zeros, ``[f, 1, h, w]`` float32 mask: 0 on the known frames, 1 on those
+        to generate).
+    """
+    from ..sampling.known_frames import check_known_frames
+
+    if known.ndim != 4 or known.shape[1] != 4:
+        raise SamplingError(f"known frames must be SD 1.x latents (frames, 4, h, w); got {tuple(known.shape)}")
+    count = known.shape[0]
+    check_known_frames(count, frames)
+    samples = torch.zeros((frames, *known.shape[1:]), dtype=known.dtype, device=known.device)
+    samples[:count] = known
+    mask = torch.ones((frames, 1, *known.shape[2:]), dtype=torch.float32, device=known.device)
+    mask[:count] = 0.0
+    return samples, mask
+
+
 class FramesAsBatchUNet(nn.Module):
     """The VideoBooth UNet with the frames-as-batch interface of host samplers.
 
@@ -130,8 +160,12 @@ class FramesAsBatchUNet(nn.Module):
         image_prompt_noise: torch.Tensor | None = None,
         image_prompt_alpha_cumprod: float | None = None,
         null_context: torch.Tensor | None = None,
-        image_prompt_strength: float = 1.0,
+        image_prompt_strength: float | Sequence[float] = 1.0,
         watermark_branch: bool = True,
+        image_prompt_regions: Sequence[Region | None] | None = None,
+        image_prompt_skip: torch.Tensor | None = None,
+        skip_residuals: Sequence[torch.Tensor | None] | None = None,
+        middle_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a frames-as-batch latent.
 
@@ -149,8 +183,17 @@ class FramesAsBatchUNet(nn.Module):
             image_prompt_alpha_cumprod: ``abar`` of this call's timestep (float64 as the schedule computes it);
                 required with ``image_prompt``.
             null_context: ``(1 or b, 77, d)`` the null prompt's text states, for the exemplar pass.
-            image_prompt_strength: scales the injection (1 = official).
+            image_prompt_strength: scales the injection (1 = official). Several subjects: one strength per subject
+                (a sequence of s), and then ``image_prompt`` / ``image_prompt_noise`` hold s streams per video stacked
+                subject-major on the batch axis (``(s b)``), as the core denoiser's several-subjects path.
             watermark_branch: False skips the watermark-removal branch (opt-in speed mode).
+            image_prompt_regions: several subjects: one (x1, y1, x2, y2) box in frame fractions or None per subject.
+            image_prompt_skip: ``(b,)`` bool, True for the videos of the call that run without the image prompt (the
+                unconditional pass sharing a call with the conditional one); None: every video takes it.
+            skip_residuals / middle_residual: a ControlNet's residuals ``[(b f), c, h', w']`` (or None), one per skip
+                connection in SD 1.x's ``input_blocks`` order and one for the middle block, added where SD 1.x's UNet
+                adds them (:class:`~.unet_3d.ControlResiduals`); the exemplar pass takes none (zeros where it shares a
+                call).
 
         Returns:
             ``[(b f), 4, h, w]`` noise prediction, in the weights' dtype.
@@ -160,21 +203,55 @@ class FramesAsBatchUNet(nn.Module):
         batch = video.shape[0]
         t = self._per_video(timesteps, batch, frames, x.device)
         text = self._per_video_context(context, batch, frames).to(dtype)
-        features = None
-        if image_prompt is not None:
-            if image_prompt_noise is None or image_prompt_alpha_cumprod is None or null_context is None:
-                raise SamplingError("an image prompt needs its noise, its alpha_cumprod and the null text states")
-            clean = image_prompt.to(device=x.device, dtype=torch.float32).expand(-1, -1, frames, -1, -1)
-            if tuple(image_prompt_noise.shape) != tuple(clean.shape):
-                raise SamplingError(f"image-prompt noise has shape {tuple(image_prompt_noise.shape)}, expected "
-                                    f"{tuple(clean.shape)}")
-            exemplar_t = q_sample(clean, image_prompt_noise.to(device=x.device, dtype=torch.float32),
-                                  image_prompt_alpha_cumprod)
-            null = null_context.to(device=x.device, dtype=dtype).expand(batch, -1, -1)
-            features = self.video_unet.capture_image_prompt_features(exemplar_t.to(dtype), t, null)
-        eps = self.video_unet(video, t, text, image_prompt_features=features,
-                              image_prompt_strength=image_prompt_strength,
-                        watermark_branch=watermark_branch)
+        control = None
+        if skip_residuals is not None or middle_residual is not None:
+            control = ControlResiduals([None if r is None else frames_to_video(r, frames) for r in skip_residuals or ()],
+                                       None if middle_residual is None else frames_to_video(middle_residual, frames))
+        if image_prompt is None:
+            return video_to_frames(self.video_unet(video, t, text, watermark_branch=watermark_branch, control=control))
+        if image_prompt_noise is None or image_prompt_alpha_cumprod is None or null_context is None:
+            raise SamplingError("an image prompt needs its noise, its alpha_cumprod and the null text states")
+        subjects = not isinstance(image_prompt_strength, (int, float))
+        streams = len(image_prompt_strength) if subjects else 1
+        skip = torch.zeros(batch, dtype=torch.bool) if image_prompt_skip is None else \
+            image_prompt_skip.reshape(-1).to(device="cpu", dtype=torch.bool)
+        if skip.shape[0] != batch:
+            raise SamplingError(f"image_prompt_skip has {skip.shape[0]} entries for {batch} videos; give one per video")
+        on = torch.nonzero(~skip).flatten()
+        off = torch.nonzero(skip).flatten()
+        rows = (torch.arange(streams).view(-1, 1) * batch + on.view(1, -1)).flatten()  # subject-major, on videos
+        clean = image_prompt.to(device=x.device, dtype=torch.float32).expand(-1, -1, frames, -1, -1)
+        if tuple(image_prompt_noise.shape) != tuple(clean.shape) or clean.shape[0] != streams * batch:
+            raise SamplingError(f"{streams} image-prompt stream(s) per video for {batch} videos of {frames} frames "
+                                f"need image-prompt latents and noise of {streams * batch} rows of {frames} frames; got "
+                                f"{tuple(clean.shape)} and {tuple(image_prompt_noise.shape)}")
+        exemplar_t = q_sample(clean[rows.to(x.device)], image_prompt_noise.to(device=x.device, dtype=torch.float32)[
+            rows.to(x.device)], image_prompt_alpha_cumprod).to(dtype)
+        null = null_context.to(device=x.device, dtype=dtype)
+        null = null[:1].expand(rows.numel(), -1, -1) if subjects or null.shape[0] == 1 else null[rows.to(x.device)]
+        t_rows = t[on.to(x.device)].repeat(streams)
+        off_, on_ = off.to(x.device), on.to(x.device)
+        if off.numel():  # the videos without the image prompt share the exemplar pass's UNet call (as the core's)
+            eps_off, features = self.video_unet.predict_and_capture(
+                video[off_], t[off_], text[off_], exemplar_t, t_rows, null, watermark_branch=watermark_branch,
+                control=None if control is None else control.select(off_))
+        else:
+            eps_off, on_ = None, None
+            features = self.video_unet.capture_image_prompt_features(exemplar_t, t_rows, null)
+        count = on.numel()
+        if subjects:
+            features = [{site: f[i * count:(i + 1) * count] for site, f in features.items()} for i in range(streams)]
+        if count == 0:
+            return video_to_frames(eps_off)
+        select = (lambda tensor: tensor) if on_ is None else (lambda tensor: tensor[on_])
+        eps_on = self.video_unet(select(video), select(t), select(text), image_prompt_features=features,
+                                 image_prompt_strength=image_prompt_strength, image_prompt_regions=image_prompt_regions,
+                                 watermark_branch=watermark_branch,
+                                 control=control if control is None or on_ is None else control.select(on_))
+        if eps_off is None:
+            return video_to_frames(eps_on)
+        eps = torch.empty((batch, *eps_on.shape[1:]), dtype=eps_on.dtype, device=eps_on.device)
+        eps[on_], eps[off.to(x.device)] = eps_on, eps_off
         return video_to_frames(eps)
 
     def call_activation_bytes(self, batch: int, height: int, width: int, image_prompt: bool = True) -> int:

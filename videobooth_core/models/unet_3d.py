@@ -65,6 +65,50 @@ def _up_block_inputs(widths: list[int], layers: int, index: int, prev_out: int) 
     return ins, out
 
 
+class ControlResiduals:
+    """A ControlNet's residuals in the UNet's layout: one per skip connection (``skips[i]`` (b, c, f, h, w) or None,
+    in the down path's order: conv_in's output, then every resnet/attention and downsampler output, which is SD 1.x's
+    ``input_blocks`` order) and one for the middle block's output (or None).
+
+    SD 1.x's UNet (ComfyUI's ``openaimodel.apply_control``) adds ``output`` residuals to the skips as the up path
+    pops them and the ``middle`` one after the middle block; adding them all right after the middle block is the
+    same sum, since no skip is read before."""
+
+    def __init__(self, skips: Sequence[torch.Tensor | None], middle: torch.Tensor | None) -> None:
+        self.skips, self.middle = list(skips), middle
+
+    def select(self, index: torch.Tensor) -> ControlResiduals:
+        """The residuals of the videos ``index`` (batch axis)."""
+        return ControlResiduals([None if r is None else r[index] for r in self.skips],
+                                None if self.middle is None else self.middle[index])
+
+    def padded(self, rows: int) -> ControlResiduals:
+        """These residuals followed by zeros for ``rows`` more batch elements (inputs that share the call without a
+        ControlNet, e.g. the exemplar pass: ``x + 0`` is ``x``, so their results are unchanged)."""
+        def pad(residual: torch.Tensor | None) -> torch.Tensor | None:
+            if residual is None:
+                return None
+            return torch.cat([residual, residual.new_zeros((rows, *residual.shape[1:]))])
+        return ControlResiduals([pad(r) for r in self.skips], pad(self.middle))
+
+    def apply(self, middle: torch.Tensor, skips: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the middle block's output, the skips) with the residuals added."""
+        residuals = self.skips or [None] * len(skips)  # a control with the middle residual alone
+        if len(residuals) != len(skips):
+            raise SamplingError(explain(
+                f"the VideoBooth UNet has {len(skips)} skip connections; the ControlNet gives residuals for",
+                len(self.skips), "use an SD 1.x ControlNet (the UNet's widths and block layout)"))
+        for number, (skip, residual) in enumerate(zip([*skips, middle], [*residuals, self.middle])):
+            if residual is not None and residual.shape != skip.shape:
+                where = "the middle block" if number == len(skips) else f"skip connection {number}"
+                raise SamplingError(explain(f"the ControlNet's residual for {where} has shape {tuple(residual.shape)}, "
+                                            "the UNet's state there", tuple(skip.shape),
+                                            "use an SD 1.x ControlNet (the UNet's widths and block layout)"))
+        added = [skip if residual is None else skip + residual.to(skip.dtype)
+                 for skip, residual in zip(skips, residuals)]
+        return (middle if self.middle is None else middle + self.middle.to(middle.dtype)), added
+
+
 class UNet3DModel(nn.Module):
     """``UNet3DConditionModelWaterMark`` of the official code, inputs and outputs ``(b, c, f, h, w)``."""
 
@@ -244,6 +288,7 @@ class UNet3DModel(nn.Module):
         image_prompt_strength: float | Sequence[float] = 1.0,
         watermark_branch: bool = True,
         image_prompt_regions: Sequence[Region | None] | None = None,
+        control: ControlResiduals | None = None,
     ) -> torch.Tensor:
         """Predict the noise of a video latent.
 
@@ -260,6 +305,8 @@ class UNet3DModel(nn.Module):
                 fractions, or None, per subject (see :mod:`.subjects`).
             watermark_branch: False skips the watermark-removal branch (an opt-in speed mode that changes
                 the output; the released model always runs it).
+            control: a ControlNet's residuals, added where SD 1.x's UNet adds them (:class:`ControlResiduals`);
+                None: none (the default path, unchanged).
 
         Returns:
             (b, 4, f, h, w) noise prediction, in the weights' dtype.
@@ -269,7 +316,7 @@ class UNet3DModel(nn.Module):
         else:
             self._check_image_prompt_features(image_prompt_features)
             ctx = SiteContext(image_prompt_features=image_prompt_features, image_prompt_strength=image_prompt_strength)
-        hidden, temb = self._down_mid_up(sample, self._timesteps(timestep, sample), text_states, ctx)
+        hidden, temb = self._down_mid_up(sample, self._timesteps(timestep, sample), text_states, ctx, control)
         return self._output_head(hidden, temb, watermark_branch)
 
     def capture_image_prompt_features(
@@ -299,12 +346,14 @@ class UNet3DModel(nn.Module):
         exemplar_timestep: torch.Tensor | int,
         exemplar_text_states: torch.Tensor,
         watermark_branch: bool = True,
+        control: ControlResiduals | None = None,
     ) -> tuple[torch.Tensor, ImagePromptFeatures]:
         """``forward(sample, timestep, text_states)`` and ``capture_image_prompt_features(exemplar, ...)`` in one
         batched call (same math; batching changes only kernel choice). The output head runs on ``sample`` only.
 
         Args:
             sample: (b, 4, f, h, w); exemplar: (b2, 4, f, h, w), same frames and size.
+            control: a ControlNet's residuals for ``sample`` (the exemplar takes none), or None.
 
         Returns:
             ((b, 4, f, h, w) prediction for ``sample``, site → (b2, tokens, channels) features of ``exemplar``).
@@ -313,7 +362,8 @@ class UNet3DModel(nn.Module):
         timesteps = torch.cat([self._timesteps(timestep, sample), self._timesteps(exemplar_timestep, exemplar)])
         ctx = SiteContext(capture=True)
         hidden, temb = self._down_mid_up(
-            torch.cat([sample, exemplar]), timesteps, torch.cat([text_states, exemplar_text_states]), ctx
+            torch.cat([sample, exemplar]), timesteps, torch.cat([text_states, exemplar_text_states]), ctx,
+            None if control is None else control.padded(exemplar.shape[0]),
         )
         prediction = self._output_head(hidden[:batch], temb[:batch], watermark_branch)
         return prediction, {site: features[batch:] for site, features in ctx.captured.items()}
@@ -357,7 +407,8 @@ class UNet3DModel(nn.Module):
                 "site", differing, "capture them with this UNet's capture_image_prompt_features"))
 
     def _down_mid_up(
-        self, sample: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor, ctx: SiteContext
+        self, sample: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor, ctx: SiteContext,
+        control: ControlResiduals | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 1-4: (b, 4, f, h, w) → (the up path's output (b, c0, f, h, w), time embedding (b, temb))."""
         height, width = sample.shape[3:]
@@ -377,6 +428,8 @@ class UNet3DModel(nn.Module):
 
         # 3. middle
         x = self._run(self.mid_block, x, temb, text_states, ctx)
+        if control is not None:  # before the up path reads a skip: as SD 1.x adds them when it pops each one
+            x, skips = control.apply(x, skips)
 
         # 4. up path; explicit upsample sizes only when the latent is not a multiple of 2**downsamples
         force_size = any(s % (2 ** self.config.num_downsamples) for s in (height, width))
