@@ -46,10 +46,10 @@ from ..videobooth_core.models.frames_as_batch import (
     image_prompt_twin,
     official_cfg,
 )
-from ..videobooth_core.pipeline import VAE_SCALE, fit_exemplar
 from ..videobooth_core.sampling.schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS
+from ..videobooth_core.sampling.seeded import fit_exemplar
 from ..videobooth_core.sampling.windows import FUSE_MODES, ContextOptions, fuse_window_predictions
-from ..videobooth_core.settings import SETTINGS, widget
+from ..videobooth_core.settings import SETTINGS, VAE_SCALE, widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, EXEMPLAR, IMAGE_PROMPT, Exemplar, VideoBoothCLIPVision
 from .long_video import VideoBoothContextOptions
@@ -299,7 +299,7 @@ class VideoBoothNativeLoader(CachingLoader):
                                    official_guidance),)
 
 
-def _mapper_of(model: Any) -> torch.nn.Module:
+def mapper_of(model: Any) -> torch.nn.Module:
     mapper = getattr(getattr(model, "model", None), "videobooth_mapper", None)
     if mapper is None:
         raise VideoBoothError(explain("VideoBooth Native Conditioning needs the MODEL of VideoBooth Native Loader "
@@ -366,7 +366,7 @@ class VideoBoothNativeConditioning:
                prompt: str, subject_word: str, negative_prompt: str, exemplar: Exemplar | None = None,
                subjects: tuple[NodeSubject, ...] | None = None) -> tuple[list, list]:
         _require_comfy("VideoBooth Native Conditioning")
-        mapper = _mapper_of(model)
+        mapper = mapper_of(model)
         tokenizer, key = _hf_tokenizer(clip)
         words = [subject_word, *(s.word for s in subjects or ())]
         # the 77-token and word checks, and the fine plan, before any model runs
@@ -506,7 +506,7 @@ class VideoBoothNativeContextWindows:
         }}
 
     def apply(self, model: Any, context_window: int, context_overlap: int, fuse: str) -> tuple[Any]:
-        _mapper_of(model)  # a VideoBooth native model, or a clear error
+        mapper_of(model)  # a VideoBooth native model, or a clear error
         # the pack's Context Options rules and messages (in these widgets' words), one home for both roads
         (options,) = VideoBoothContextOptions().options(int(context_window), int(context_overlap), fuse, False)
         patched = model.clone()

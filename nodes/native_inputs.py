@@ -23,7 +23,7 @@ from ..videobooth_core.models.frames_as_batch import known_frames_latent
 from ..videobooth_core.settings import widget
 from . import _bridge as bridge
 from ._types import CLIP_VISION, IMAGE_EMBEDS, IMAGE_PROMPT, ImageEmbeds, VideoBoothCLIPVision
-from .native import _mapper_of
+from .native import mapper_of
 
 
 class VideoBoothNativeImagePromptEncode:
@@ -46,7 +46,7 @@ class VideoBoothNativeImagePromptEncode:
 
     def encode(self, model: Any, clip_vision: VideoBoothCLIPVision,
                image_prompt: PreparedImagePrompt) -> tuple[ImageEmbeds]:
-        mapper = _mapper_of(model)
+        mapper = mapper_of(model)
         bridge.activate([clip_vision.managed])
         return (ImageEmbeds(encode_image_prompt(clip_vision.vision_encoder, mapper, image_prompt).float().cpu()),)
 
