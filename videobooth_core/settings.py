@@ -26,6 +26,7 @@ from .conditioning.text import NULL_PROMPT, SUBJECT_MATCHES, WHOLE_WORD
 from .errors import DeviceError, ImagePromptError, SamplingError, VideoBoothError
 from .sampling.denoiser import GUIDANCE_RULES
 from .sampling.known_frames import check_long_video
+from .sampling.lcm import LCM_SAMPLER, lcm_timesteps
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,10 @@ class GenerationSettings:
                           minimum=0.0, maximum=1.0)
     cfg_scale: float = _setting("float", 4.0, "classifier-free guidance scale (4 is official)", key="cfg",
                                 minimum=0.0, maximum=30.0)
+    lcm_cfg: float = _setting(
+        "float", 1.0, "guidance scale of --sampler lcm (a distilled LoRA): 1 is guidance-free, one conditional pass "
+        "per step (the teacher's guidance is distilled in); a little more (1.5) adds the unconditional pass",
+        minimum=1.0, maximum=8.0)
     guidance: str = _setting(
         "str", "official", "official: channels 0-2 guided, channel 3 conditional (as released); all: every channel",
         choices=GUIDANCE_RULES)
@@ -217,6 +222,8 @@ class GenerationSettings:
     def check(self) -> None:
         """Every setting's type, range and choice (SamplingError naming the value and the fix)."""
         _check_fields(self)
+        if self.sampler == LCM_SAMPLER:  # the consistency sampler visits at most the skipping grid's points
+            lcm_timesteps(self.steps)
         if self.options is not None and not isinstance(self.options, SamplingOptions):
             raise SamplingError(f"options must be a SamplingOptions, got {type(self.options).__name__}")
 
