@@ -19,6 +19,8 @@ from videobooth_core.sampling.noise import GeneratorNoise
 from videobooth_core.sampling.run import run_sampler
 from videobooth_core.sampling.schedule import respaced_timesteps
 
+from training_helpers import one_thread, synth  # noqa: F401  (module fixtures)
+
 SHAPE = (1, 4, 3, 8, 8)
 
 
@@ -149,3 +151,147 @@ def test_the_teachers_ode_step_is_the_packs_ddim_step(pair) -> None:
     table = alphas_cumprod()
     ours64 = ddim_step(x, eps, torch.tensor(table[t]), torch.tensor(table[s]))
     torch.testing.assert_close(ours64, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_huber_loss() -> None:
+    from videobooth_core.training.distill import huber_loss
+
+    a, b = torch.tensor([0.0, 3.0]), torch.tensor([4.0, 3.0])
+    assert huber_loss(a, b, 3.0).item() == pytest.approx((5.0 - 3.0 + 0.0) / 2)
+    assert huber_loss(a, b, 0.0).item() == pytest.approx(2.0)  # c = 0: the mean absolute error
+    assert huber_loss(a, a, 0.001).item() == 0.0
+
+
+@torch.no_grad()
+def test_the_teacher_is_the_core_denoiser_with_the_official_guidance(model) -> None:
+    from videobooth_core.sampling.denoiser import guide
+    from videobooth_core.training.distill import teacher_solver_step
+
+    unet, _, cond, null, exemplar = model
+    x_t = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    exemplar_t = exemplar.expand(-1, -1, 3, -1, -1)
+    teacher = VideoDenoiser(unet, cond, null, 4.0, "official")
+    x_s = teacher_solver_step(teacher, x_t, 519, 499, exemplar_t)
+    eps_cond = unet(x_t, torch.tensor([519]), cond, image_prompt_features=unet.capture_image_prompt_features(
+        exemplar_t, torch.tensor([519]), null))
+    eps_uncond = unet(x_t, torch.tensor([519]), null)  # the unconditional pass has no image prompt
+    eps = guide(eps_cond, eps_uncond, 4.0, "official")
+    assert torch.equal(eps[:, 3], eps_cond[:, 3]) and not torch.equal(eps[:, :3], eps_cond[:, :3])
+    table = alphas_cumprod()
+    # the denoiser batches the unconditional pass with the capture: the same maths to float rounding
+    torch.testing.assert_close(x_s, ddim_step(x_t, eps, torch.tensor(table[519]), torch.tensor(table[499])),
+                               rtol=1e-4, atol=1e-4)
+
+
+# -- the LoRA and the stage -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_lora_strength_0_is_the_teacher_bit_for_bit_and_the_loader_reads_the_file(model, tmp_path) -> None:
+    from videobooth_core.loading.lora import LoraSpec, apply_loras
+    from videobooth_core.training.config import DEFAULT_LORA_TARGETS
+    from videobooth_core.training.lora_train import LoraHooks, LoraLayers, save_kohya
+
+    unet, _, cond, null, exemplar = model
+    generator = torch.Generator().manual_seed(5)
+    layers = LoraLayers(unet, DEFAULT_LORA_TARGETS, rank=4, alpha=2.0)
+    for layer in layers.layers.values():
+        layer.up.copy_(0.05 * torch.randn(layer.up.shape, generator=generator))
+    x_t = torch.randn(SHAPE, generator=generator)
+    exemplar_t = exemplar.expand(-1, -1, 3, -1, -1)
+
+    def predict() -> torch.Tensor:
+        return VideoDenoiser(unet, cond, null, 4.0).predict(x_t, 500, exemplar_t)[0]
+
+    teacher = predict()
+    hooks = LoraHooks(unet, layers)
+    try:
+        with hooks.use(layers, strength=0.0):
+            assert torch.equal(predict(), teacher)
+        with hooks.use(None):
+            assert torch.equal(predict(), teacher)
+        student = predict()
+    finally:
+        hooks.remove()
+    assert not torch.allclose(student, teacher, atol=1e-3)
+    assert torch.equal(predict(), teacher)  # no hook left behind
+
+    path = save_kohya(layers, tmp_path / "videobooth_lcm_lora.safetensors")
+    sites = len(unet.attention_sites)
+    patch, report = apply_loras(unet, [LoraSpec(path, 0.0)])
+    assert report.layers == 0 and torch.equal(predict(), teacher)
+    patch.undo()
+    patch, report = apply_loras(unet, [LoraSpec(path, 1.0)])  # kv="mapper", the loader's default
+    try:
+        merged = predict()
+    finally:
+        patch.undo()
+    assert report.kv_layers == 4 * sites and report.kv_applied == 6 * sites  # attn1 K/V: video and image-prompt
+    assert report.unet_layers == len(layers.names) - 4 * sites
+    # merged weights (the loader) vs an added branch (training): the same update to float rounding
+    torch.testing.assert_close(merged, student, rtol=1e-4, atol=1e-4)
+    assert torch.equal(predict(), teacher)
+
+
+def _distill_config(tiny_models, synth, out, **kwargs):
+    from videobooth_core.training.config import TrainConfig
+
+    settings = {"size": 64, "frames": 2, "batch_size": 1, "progress": False, "tensorboard": False, "log_every": 1,
+                "memory_check": False, "cpu": True, "lora_rank": 4, "lora_alpha": 4.0, "steps": 2,
+                "checkpoint_every": 1, **kwargs}
+    return TrainConfig(stage="distill", data=str(synth), models=str(tiny_models), out=str(out), **settings)
+
+
+def test_a_short_distillation_runs_and_resumes_after_sigkill_bit_identically(tiny_models, synth, tmp_path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from videobooth_core.training.distill_loop import RESULT_NAME, train_distill
+    from videobooth_core.training.loop import KILL_AFTER_CHECKPOINT_ENV, list_checkpoints
+
+    uninterrupted = train_distill(_distill_config(tiny_models, synth, tmp_path / "a"))
+    assert uninterrupted == tmp_path / "a" / RESULT_NAME
+    command = [sys.executable, "-m", "videobooth_core", "train", "--stage", "distill", "--data", str(synth),
+               "--models", str(tiny_models), "--out", str(tmp_path / "b"), "--size", "64", "--frames", "2",
+               "--batch-size", "1", "--steps", "2", "--checkpoint-every", "1", "--lora-rank", "4", "--lora-alpha", "4",
+               "--cpu", "--no-progress", "--no-tensorboard", "--no-memory-check", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           KILL_AFTER_CHECKPOINT_ENV: "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    resumed_config = _distill_config(tiny_models, synth, tmp_path / "b", resume="latest")
+    assert [p.name for p in list_checkpoints(resumed_config)] == ["step_00000001.pt"]
+    resumed = train_distill(resumed_config)
+
+    a, b = load_file(uninterrupted), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if k.endswith(".lora_up.weight"))  # it trained (up starts at 0)
+    with safe_open(str(uninterrupted), "pt") as handle:
+        assert handle.metadata()["videobooth_sampler"] == "lcm"
+    final_a = torch.load(list_checkpoints(resumed_config)[-1], weights_only=True)
+    final_b = torch.load(sorted((tmp_path / "a" / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    assert all(torch.equal(final_a["ema"][k], final_b["ema"][k]) for k in final_a["ema"]) and final_a["ema"]
+    losses = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2] and [r["loss"] for r in losses] == [r["loss"] for r in reference]
+
+
+def test_distillation_settings_are_checked_in_one_line(tiny_models, synth, tmp_path) -> None:
+    from videobooth_core.training.config import TrainingError
+
+    for change, words in (({"lora_rank": 0}, "lora_rank"), ({"target_ema": 1.0}, "target_ema"),
+                          ({"distill_skip": 251}, "distill_skip"), ({"huber_c": -1.0}, "huber_c"),
+                          ({"distill_cfg": math.nan}, "distill_cfg"), ({"lora_targets": ()}, "lora_targets")):
+        with pytest.raises(TrainingError, match=words):
+            _distill_config(tiny_models, synth, tmp_path, **change).check()
+    with pytest.raises(TrainingError, match="match no layer"):
+        from videobooth_core.training.lora_train import target_names
+        from videobooth_core.app.tiny import tiny_unet_and_mapper as tiny
+
+        target_names(tiny(32, 32)[0], ("no_such_layer",))

@@ -7,7 +7,8 @@ import os
 from typing import Any
 
 from ..errors import explain
-from .config import (DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig, TrainingError,
+from .config import (DISTILL_STAGE, DTYPES, FIELDS, GREY_EXEMPLARS, MIXED_PRECISIONS, TIMESTEP_GRIDS, TrainConfig,
+                     TrainingError,
                      make_config,
                      read_config_file)
 
@@ -58,7 +59,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                     "OUT/metrics.jsonl, OUT/loss.png and OUT/videobooth_mapper.safetensors (the EMA "
                                     "weights; copy it into models/videobooth/ for generate and the ComfyUI loader, which prefer that name).")
     tr.add_argument("--config", help="YAML or TOML file of settings (keys: the flag names); flags override it")
-    tr.add_argument("--stage", type=int, choices=(1, 2), help="1 (coarse) or 2 (fine); required")
+    tr.add_argument("--stage", type=_stage, choices=(1, 2, DISTILL_STAGE),
+                    help="1 (coarse), 2 (fine), or distill (a LoRA for --sampler lcm: 1-8 steps); required")
     tr.add_argument("--data", help="dataset folder (dataset build / dataset synthetic); required")
     tr.add_argument("--models", help="models folder (UNet, VAE, CLIP, tokenizer); required")
     tr.add_argument("--out", help="output folder; required")
@@ -87,6 +89,17 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                     "the loss is unchanged (the image prompt's random augmentations stay live)")
     for name, (flag, value, text) in _BOOLEAN_FLAGS.items():
         tr.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
+    distill = tr.add_argument_group("--stage distill (consistency distillation into a LoRA; README: Distillation)")
+    for name, kind in (("lora_rank", int), ("lora_alpha", float), ("distill_cfg", float), ("distill_skip", int),
+                       ("huber_c", float), ("target_ema", float)):
+        distill.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {getattr(defaults, name)})")
+    distill.add_argument("--lora-targets", nargs="+", help="module-path endings of the LoRA's layers (default: every "
+                                                           "attention projection and the feed-forward layers)")
+
+
+def _stage(value: str) -> int | str:
+    """``--stage``: 1 and 2 as numbers, ``distill`` as itself (argparse checks the choices)."""
+    return int(value) if value in ("1", "2") else value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -130,7 +143,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_inputs(config)
-    result = train(config)
+    if config.stage == DISTILL_STAGE:
+        from .distill_loop import train_distill
+
+        result = train_distill(config)
+    else:
+        result = train(config)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per data-parallel process
         print(f"wrote {result} (stage {config.stage}, {config.steps} steps; "
               f"metrics in {config.out}/metrics.jsonl)")

@@ -21,14 +21,26 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "float64")
 GREY_EXEMPLARS = ("shared", "per-clip")
 TIMESTEP_GRIDS = (250, 1000)
+DISTILL_STAGE = "distill"
+"""The consistency-distillation stage (:mod:`.distill_loop`): a LoRA for the ``lcm`` sampler."""
+STAGES = (1, 2, DISTILL_STAGE)
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0",
+    "ff.net.0.proj", "ff.net.2",
+)
+"""The distillation LoRA's layers (module-path endings): every attention projection (spatial, text, temporal; K/V
+through the mapper's projections, which VideoBooth attends with) and the transformer blocks' feed-forward layers."""
 
 
 @dataclass
 class TrainConfig:
     """One training run. Fields marked *official* default to the released recipe (reference §7.1-7.4)."""
 
-    stage: int
-    """1 (coarse: mapper MLPs + attn2 K/V) or 2 (fine: every mapper parameter, with the image-prompt branch)."""
+    stage: int | str
+    """1 (coarse: mapper MLPs + attn2 K/V), 2 (fine: every mapper parameter, with the image-prompt branch) or
+    ``"distill"`` (consistency distillation of the whole model into a LoRA, :mod:`.distill_loop`)."""
     data: str
     """A dataset folder in our layout (``dataset build`` / ``dataset synthetic``)."""
     models: str
@@ -119,6 +131,20 @@ class TrainConfig:
     overfit: bool = False
     """Every epoch repeats the first one exactly (same augmentations, timesteps, noise, dropout): a check that the
     model can memorise a few clips. Never for real training."""
+    lora_rank: int = 64
+    """Distillation: the LoRA's rank (LCM-LoRA's 64)."""
+    lora_alpha: float = 64.0
+    """Distillation: the LoRA's alpha (its update is scaled by alpha / rank)."""
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Distillation: the UNet layers the LoRA trains, as module-path endings (:data:`DEFAULT_LORA_TARGETS`)."""
+    distill_cfg: float = 4.0
+    """Distillation: the teacher's guidance scale (the official rule; 4 is the released model's setting)."""
+    distill_skip: int = 5
+    """Distillation: points of the 250-step training grid per DDIM solver step (5: a 50-point skipping grid)."""
+    huber_c: float = 0.001
+    """Distillation: ``c`` of the pseudo-Huber loss (LCM's 0.001)."""
+    target_ema: float = 0.95
+    """Distillation: EMA decay of the target LoRA (LCM's 0.95); 0: no EMA, the student's own weights are the target."""
     resume: str | None = None
 
     """``latest`` (newest checkpoint in OUT/checkpoints) or a checkpoint file."""
@@ -138,9 +164,11 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raise :class:`TrainingError` naming the first bad value and the fix."""
-        if self.stage not in (1, 2):
-            raise TrainingError(explain("the training stage must be 1 (coarse) or 2 (fine)", self.stage,
+        if self.stage not in STAGES or isinstance(self.stage, bool):
+            raise TrainingError(explain("the training stage must be 1 (coarse), 2 (fine) or distill", self.stage,
                                         "pass --stage 1 first, then --stage 2 --mapper OUT1/videobooth_mapper.safetensors"))
+        if self.stage == DISTILL_STAGE:
+            self._check_distill()
         for name in ("lr", "weight_decay", "max_grad_norm", "reg_weight", "cond_dropout", "ema_decay"):
             value = getattr(self, name)  # NaN passes every comparison below: named here instead
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -198,6 +226,33 @@ class TrainConfig:
                                                                          "one)" if name == "data" else "")))
         if self.mapper is not None and not Path(self.mapper).is_file():
             raise TrainingError(explain("the --mapper file does not exist", self.mapper, "give a mapper .safetensors/.pt"))
+
+    def _check_distill(self) -> None:
+        """The distillation settings (one line naming the value and the fix)."""
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise TrainingError(explain("lora_rank must be a whole number of at least 1", self.lora_rank,
+                                        "use --lora-rank 64 (LCM-LoRA's) or smaller for a smaller file"))
+        for name, low, fix in (("lora_alpha", 0.0, "use --lora-alpha equal to the rank (scale 1)"),
+                               ("distill_cfg", 1.0, "use --distill-cfg 4 (the official guidance scale)"),
+                               ("huber_c", 0.0, "use --huber-c 0.001 (LCM's)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (name == "lora_alpha" and value == 0):
+                raise TrainingError(explain(f"{name} must be a finite number of at least {low:g}"
+                                            + (" (not 0)" if name == "lora_alpha" else ""), value, fix))
+        if isinstance(self.distill_skip, bool) or not isinstance(self.distill_skip, int) \
+                or not 1 <= self.distill_skip <= 250:
+            raise TrainingError(explain("distill_skip must be a whole number from 1 to 250", self.distill_skip,
+                                        "use --distill-skip 5 (a 50-point solver grid on the 250-step training grid)"))
+        if isinstance(self.target_ema, bool) or not isinstance(self.target_ema, (int, float)) \
+                or not 0.0 <= self.target_ema < 1.0:
+            raise TrainingError(explain("target_ema must be in [0, 1)", self.target_ema,
+                                        "use --target-ema 0.95 (LCM's), or 0 for no EMA target"))
+        if isinstance(self.lora_targets, str) or not self.lora_targets or \
+                not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise TrainingError(explain("lora_targets must be a list of module-path endings", self.lora_targets,
+                                        "e.g. --lora-targets attn1.to_q attn1.to_k attn1.to_v"))
+        self.lora_targets = tuple(self.lora_targets)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
