@@ -190,12 +190,17 @@ def test_lora_strength_0_is_the_teacher_bit_for_bit_and_the_loader_reads_the_fil
     from videobooth_core.training.config import DEFAULT_LORA_TARGETS
     from videobooth_core.training.lora_train import LoraHooks, LoraLayers, save_kohya
 
-    unet, _, cond, null, exemplar = model
+    # float64, a checking precision: in float32 the random tiny model amplifies the rounding difference between a
+    # merged weight and an added branch to ~1e-2 (measured), which would hide a real mismatch
+    unet, mapper = tiny_unet_and_mapper(vision_width=32, text_width=32)
+    unet, mapper = unet.double(), mapper.double()
+    unet.attach_projections(mapper.site_projections())
+    _, _, cond, null, exemplar = (t.double() if isinstance(t, torch.Tensor) else t for t in model)
     generator = torch.Generator().manual_seed(5)
-    layers = LoraLayers(unet, DEFAULT_LORA_TARGETS, rank=4, alpha=2.0)
+    layers = LoraLayers(unet, DEFAULT_LORA_TARGETS, rank=4, alpha=2.0).double()
     for layer in layers.layers.values():
         layer.up.copy_(0.05 * torch.randn(layer.up.shape, generator=generator))
-    x_t = torch.randn(SHAPE, generator=generator)
+    x_t = torch.randn(SHAPE, generator=generator).double()
     exemplar_t = exemplar.expand(-1, -1, 3, -1, -1)
 
     def predict() -> torch.Tensor:
@@ -226,8 +231,8 @@ def test_lora_strength_0_is_the_teacher_bit_for_bit_and_the_loader_reads_the_fil
         patch.undo()
     assert report.kv_layers == 4 * sites and report.kv_applied == 6 * sites  # attn1 K/V: video and image-prompt
     assert report.unet_layers == len(layers.names) - 4 * sites
-    # merged weights (the loader) vs an added branch (training): the same update to float rounding
-    torch.testing.assert_close(merged, student, rtol=1e-4, atol=1e-4)
+    # merged weights (the loader) vs an added branch (training): the same update (the file holds float32 halves)
+    torch.testing.assert_close(merged, student, rtol=1e-5, atol=1e-5)
     assert torch.equal(predict(), teacher)
 
 
