@@ -62,5 +62,6 @@ def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any)
         "seed": request.seed, "dtype": getattr(args, "dtype", "fp32"), "prompt_used": result.prompt_used,
         "stream_weights": getattr(args, "stream_weights", False), "attention": getattr(args, "attention", "sdpa"),
         "speed_modes": speed_modes(request.options),
+        **({"lcm_cfg": request.lcm_cfg} if getattr(args, "sampler", "ddpm") == "lcm" else {}),
         **result.info,
     })
