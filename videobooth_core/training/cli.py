@@ -28,6 +28,11 @@ TRAIN_EXAMPLES = """examples:
   torchrun --nproc_per_node 8 -m videobooth_core train --stage 2 ... --mixed-precision bf16 --gradient-checkpointing
   accelerate launch -m videobooth_core train --stage 2 ...
 
+  # consistency distillation into a LoRA for the lcm sampler (1-8 steps), then generate with it
+  python -m videobooth_core train --stage distill --data my_dataset --models models --out runs/lcm
+  python -m videobooth_core generate --models models --lora runs/lcm/videobooth_lcm_lora.safetensors \\
+      --sampler lcm --steps 4 ...
+
   # a tiny run on the CPU with the tiny models and a synthetic dataset
   python -m videobooth_core make-tiny --out tiny && python -m videobooth_core dataset synthetic --out synth
   python -m videobooth_core train --stage 1 --data synth --models tiny --out run --steps 20 --size 64 --frames 4
@@ -90,9 +95,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     for name, (flag, value, text) in _BOOLEAN_FLAGS.items():
         tr.add_argument(flag, dest=name, action="store_const", const=value, default=None, help=text)
     distill = tr.add_argument_group("--stage distill (consistency distillation into a LoRA; README: Distillation)")
-    for name, kind in (("lora_rank", int), ("lora_alpha", float), ("distill_cfg", float), ("distill_skip", int),
-                       ("huber_c", float), ("target_ema", float)):
-        distill.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default: {getattr(defaults, name)})")
+    for name, kind, text in (
+            ("lora_rank", int, "the LoRA's rank"), ("lora_alpha", float, "the LoRA's alpha (scale alpha / rank)"),
+            ("distill_cfg", float, "the teacher's guidance scale, official rule"),
+            ("distill_skip", int, "points of the 250-step training grid per solver step (5: 50 solver points)"),
+            ("huber_c", float, "c of the pseudo-Huber loss"),
+            ("target_ema", float, "EMA decay of the target LoRA; 0: none, the student is its own target")):
+        distill.add_argument("--" + name.replace("_", "-"), type=kind,
+                             help=f"{text} (default: {getattr(defaults, name)})")
     distill.add_argument("--lora-targets", nargs="+", help="module-path endings of the LoRA's layers (default: every "
                                                            "attention projection and the feed-forward layers)")
 

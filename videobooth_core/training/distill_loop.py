@@ -169,6 +169,8 @@ def train_distill(config: TrainConfig, on_step: StepHook | None = None, models: 
     if config.resume is None and list_checkpoints(config):
         raise TrainingError(explain("the output folder already holds a run's checkpoints", str(checkpoint_dir(config)),
                                     "pass --resume latest to continue it, or another --out"))
+    if config.memory_check:
+        logger.info("the distillation stage has no memory estimate yet; training without the check")
     batches_config = batch_config(config)
     models = models if models is not None else load_distill_models(config, device)
     unet, mapper = models["unet"], models["mapper"]
