@@ -135,6 +135,23 @@ def test_an_optional_cfg_runs_the_official_guidance(model) -> None:
         sample_lcm(recording, 2, SHAPE, GeneratorNoise(torch.Generator().manual_seed(3)), exemplar, cfg=0.5)
 
 
+@torch.no_grad()
+def test_long_videos_keep_their_windows_with_the_lcm_sampler(model) -> None:
+    from videobooth_core.sampling.lcm import with_guidance
+    from videobooth_core.sampling.run import prepare_denoiser
+    from videobooth_core.sampling.windows import ContextOptions
+
+    unet, _, cond, null, exemplar = model
+    shape = (1, 4, 6, 8, 8)
+    windowed, _ = prepare_denoiser(unet, cond, null, shape, "cpu", image_prompt=True,
+                                   context=ContextOptions(window=4, overlap=1))
+    free = with_guidance(windowed, 1.0)
+    assert free.options is windowed.options and free.inner is not windowed.inner
+    assert (free.cfg_scale, free.guidance, windowed.cfg_scale, windowed.guidance) == (1.0, "all", 4.0, "official")
+    out = run_sampler(windowed, "lcm", 2, shape, torch.Generator().manual_seed(4), "cpu", exemplar_clean=exemplar)
+    assert out.shape == shape and torch.isfinite(out).all()
+
+
 # -- the distillation maths ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pair", [(999, 979), (519, 499), (36, 16)])
 def test_the_teachers_ode_step_is_the_packs_ddim_step(pair) -> None:
