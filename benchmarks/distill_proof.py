@@ -19,6 +19,11 @@ What it does.
 4. Per configuration the latent MSE to the reference, averaged over the cases, and relative to the reference's
    mean square (rel = MSE / mean(ref^2)); the margin = teacher DDIM MSE / student MSE at the same step count.
 
+``--evaluate`` adds the ``evaluate`` readout: every held-out case decoded as the teacher's recommended sampler
+(dpmpp_2m, 25 steps, cfg 4) and the student's lcm 1/2/4/8-step videos, scored by ``python -m videobooth_core
+evaluate --set`` (CLIP-T, CLIP-I, DINO, consistency; its table, charts and report in OUT/eval_<run>/) with the tiny
+random metric models (so the scores exercise the path, they measure nothing), and the means per configuration.
+
 Caveat (see benchmarks/sampler_convergence.py): a random tiny network is a poor stand-in for a trained denoiser (its
 epsilon is far from the noise at high noise levels, so its final latents are large and its ODE is rough). The
 numbers show that the distillation machinery does what it should (learns the teacher's guided ODE endpoint in a few
@@ -71,6 +76,44 @@ def latents(pipe: VideoBoothPipeline, case: dict, **settings) -> torch.Tensor:
     return pipe.generate(request, decode=False).latents.double()
 
 
+def evaluate_readout(pipe: VideoBoothPipeline, cases: list[dict], videos: dict[str, list[torch.Tensor]],
+                     models: Path, folder: Path) -> None:
+    """Decode ``videos`` (configuration -> one latent per case), score them with ``evaluate --set`` and print the
+    mean of each metric per configuration."""
+    import subprocess
+
+    from PIL import Image
+
+    from videobooth_core.app.tiny import METRIC_CLIP_DIR, write_tiny_metric_models
+    from videobooth_core.video_io import write_frames
+
+    if not (models / METRIC_CLIP_DIR).is_dir():
+        write_tiny_metric_models(models)
+    (folder / "videos").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, case in enumerate(cases):
+        image, mask = folder / f"case{index}.png", folder / f"case{index}_mask.png"
+        Image.fromarray(case["image"].numpy()).save(image)
+        Image.fromarray(case["mask"].numpy().astype("uint8") * 255).save(mask)
+        for name, results in videos.items():
+            video = write_frames(pipe.decode(results[index].float()), folder / "videos" / f"case{index}_{name}.gif",
+                                 overwrite=True)
+            lines.append(json.dumps({"id": f"case{index}_{name}", "video": str(video), "prompt": case["prompt"],
+                                     "word": case["subject_word"], "image": str(image), "mask": str(mask),
+                                     "seed": case["seed"]}))
+    (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, "-m", "videobooth_core", "evaluate", "--set", str(folder / "eval.jsonl"),
+                    "--models", str(models), "--out", str(folder / "report")], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    rows = json.loads((folder / "report" / "scores.json").read_text())["videos"]
+    print(f"\nevaluate readout ({folder / 'report'}; tiny random metric models):")
+    print(f"{'configuration':>22} | {'clip_t':>8} | {'clip_i':>8} | {'dino':>8} | {'consistency':>11}")
+    for name in videos:
+        mine = [r for r in rows if r["id"].split("_", 1)[1] == name]
+        means = [sum(r[k] for r in mine) / len(mine) for k in ("clip_t", "clip_i", "dino", "consistency")]
+        print(f"{name:>22} | " + " | ".join(f"{m:8.3f}" for m in means[:3]) + f" | {means[3]:11.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="work folder (models, dataset, run)")
@@ -88,6 +131,7 @@ def main() -> None:
     parser.add_argument("--huber-c", type=float, default=0.001)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluate", action="store_true", help="also the evaluate readout (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -118,10 +162,13 @@ def main() -> None:
     rows: dict[str, dict[int, float]] = {"teacher_ddim": {}, "teacher_lcm_no_lora": {}, "student_lcm": {}}
     relative: dict[str, dict[int, float]] = {name: {} for name in rows}
 
+    kept: dict[str, list[torch.Tensor]] = {}
+
     def measure(name: str, steps: int, **settings) -> None:
         errors, scales = [], []
         for case, reference in zip(cases, references):
             result = latents(pipe, case, steps=steps, **settings)
+            kept.setdefault(f"{name}{steps}", []).append(result)
             errors.append(float(((result - reference) ** 2).mean()))
             scales.append(float((reference ** 2).mean()))
         rows[name][steps] = sum(errors) / len(errors)
@@ -130,11 +177,16 @@ def main() -> None:
     for steps in STEPS:
         measure("teacher_ddim", steps, sampler="ddim", **common)
         measure("teacher_lcm_no_lora", steps, sampler="lcm")
+    if args.evaluate:  # the teacher's recommended sampler, before the LoRA is merged
+        kept["teacher_dpmpp_2m25"] = [latents(pipe, case, sampler="dpmpp_2m", steps=25, **common) for case in cases]
     for line in pipe.use_sd_models(loras=[(str(lora), 1.0)]):
         print(line)
     for steps in STEPS:
         measure("student_lcm", steps, sampler="lcm")
 
+    if args.evaluate:  # the videos are decoded with the VAE alone, which the LoRA does not touch
+        evaluate_readout(pipe, cases, {k: v for k, v in kept.items() if k.startswith(("student", "teacher_dpmpp"))},
+                         models, out / f"eval_{tag}")
     print(f"\ntrained {args.train_steps} steps in {train_s:.0f} s ({tag}); {len(cases)} held-out cases; "
           f"reference: teacher DDIM {REFERENCE_STEPS} steps, cfg {args.distill_cfg:g} official")
     print(f"{'steps':>5} | {'teacher DDIM MSE (rel)':>24} | {'teacher lcm, no LoRA (rel)':>27} | "
