@@ -317,3 +317,28 @@ def test_distillation_settings_are_checked_in_one_line(tiny_models, synth, tmp_p
         from videobooth_core.app.tiny import tiny_unet_and_mapper as tiny
 
         target_names(tiny(32, 32)[0], ("no_such_layer",))
+
+
+def test_generate_with_the_lcm_sampler_and_a_distilled_lora(tiny_models, tmp_path) -> None:
+    """``generate --sampler lcm --steps 4 --lora OUT/videobooth_lcm_lora.safetensors``, as a user runs it."""
+    import json
+
+    from cli_helpers import SMALL, ok, run_cli
+
+    from videobooth_core.loading.checkpoint import load_mapper, load_unet
+    from videobooth_core.loading.models_dir import ModelFiles
+    from videobooth_core.training.config import DEFAULT_LORA_TARGETS
+    from videobooth_core.training.lora_train import LoraLayers, save_kohya
+
+    files = ModelFiles.from_models_dir(tiny_models)
+    unet, mapper = load_unet(files.unet), load_mapper(files.mapper)
+    unet.attach_projections(mapper.site_projections())
+    layers = LoraLayers(unet, DEFAULT_LORA_TARGETS, rank=2, alpha=2.0)
+    lora = save_kohya(layers, tmp_path / "videobooth_lcm_lora.safetensors")
+    result = ok(run_cli(["generate", "--models", tiny_models, "--prompt", "a ball rolling", *SMALL, "--sampler", "lcm",
+                         "--steps", "4", "--lora", lora, "--out", tmp_path / "lcm.gif"], tmp_path / "home"))
+    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith("done: ")][0][6:])
+    assert (summary["sampler"], summary["steps"], summary["lcm_cfg"]) == ("lcm", 4, 1.0)
+    sites = len(unet.attention_sites)
+    assert f"{4 * sites} key/value layers on {6 * sites} mapper projections" in result.stdout + result.stderr
+    assert (tmp_path / "lcm.gif").is_file()
