@@ -124,6 +124,7 @@ class DistillStage(Stage):
         super().__init__(config)
         self._batch_config: TrainConfig | None = None
         self.ema: Any = None
+        self.hooks: LoraHooks | None = None
 
     @property
     def batch_config(self) -> TrainConfig:
@@ -191,7 +192,9 @@ class DistillStage(Stage):
                            "videobooth_distill_cfg": f"{config.distill_cfg:g}"})
 
     def close(self) -> None:
-        self.hooks.remove()  # the caller's UNet is the plain teacher again
+        if self.hooks is not None:
+            self.hooks.remove()  # the caller's UNet is the plain teacher again
+            self.hooks = None
 
 
 def train_distill(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None) -> Path:

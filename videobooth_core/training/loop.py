@@ -244,7 +244,7 @@ class Stage:
         raise NotImplementedError
 
     def close(self) -> None:
-        """At the run's end, however it ends."""
+        """At the run's end, however it ends (also when it fails before :meth:`trainable`)."""
 
 
 class MapperStage(Stage):
@@ -326,15 +326,22 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     at the end, and on Ctrl-C or SIGTERM (KeyboardInterrupt / Terminated, re-raised after the checkpoint is
     written). Metrics go through ``Accelerator.log`` to OUT/metrics.jsonl and TensorBoard (OUT/tensorboard).
     """
+    config.check()
+    if stage is None:
+        stage = stage_of(config)
+    try:
+        return _run(config, on_step, models, stage)
+    finally:  # however the run ends (an error before the loop included): the stage lets go of the models
+        stage.close()
+
+
+def _run(config: TrainConfig, on_step: StepHook | None, models: dict[str, Any] | None, stage: Stage) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     from ..dataset.reader import OurDataset
     from .watch import JsonlMetrics, tensorboard_available
 
-    config.check()
-    if stage is None:
-        stage = stage_of(config)
     out = Path(config.out)
     metrics = JsonlMetrics(out)
     trackers: list[Any] = [metrics]
@@ -492,7 +499,6 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
             signal.signal(signal.SIGTERM, previous_sigterm)
         if bar is not None:
             bar.close()
-        stage.close()
     checkpoint(step)
     result = stage.save_result(step) if main else stage.result_path()
     accelerator.wait_for_everyone()
