@@ -323,6 +323,31 @@ def test_a_short_distillation_runs_and_resumes_after_sigkill_bit_identically(tin
     assert [r["step"] for r in losses] == [1, 2, 3] and [r["loss"] for r in losses] == [r["loss"] for r in reference]
 
 
+def test_a_failed_distillation_leaves_the_callers_unet_without_the_lora(tiny_models, synth, tmp_path) -> None:
+    """The one loop closes the stage however the run ends: a dataset entry refused after the LoRA's hooks were put
+    on the caller's UNet (its caption lacks its word) leaves the UNet with no hook, as it came."""
+    import json
+    import shutil
+
+    from videobooth_core.dataset.layout import list_entries
+    from videobooth_core.training.config import TrainingError
+    from videobooth_core.training.distill_loop import load_distill_models, train_distill
+
+    broken = tmp_path / "broken"
+    shutil.copytree(synth, broken)
+    entry = list_entries(broken)[0]
+    info = json.loads((entry / "entry.json").read_text())
+    info["caption"] = "a shape moving"
+    (entry / "entry.json").write_text(json.dumps(info))
+    config = _distill_config(tiny_models, broken, tmp_path / "run")
+    models = load_distill_models(config, torch.device("cpu"))
+    hooked = lambda: sum(len(m._forward_hooks) for m in models["unet"].modules())  # noqa: E731
+    before = hooked()
+    with pytest.raises(TrainingError, match=info["id"]):
+        train_distill(config, models=models)
+    assert hooked() == before
+
+
 def test_distillation_settings_are_checked_in_one_line(tiny_models, synth, tmp_path) -> None:
     from videobooth_core.training.config import TrainingError, make_config
 
