@@ -32,6 +32,8 @@ Modes:
                     official guidance on the host layout (what KSampler runs per step, minus its bookkeeping)
     native-separate the native road with a negative that is not Native Conditioning's (e.g. CLIP Text Encode): the
                     conditional call (the image prompt noised, captured and injected) and the unconditional call
+    lcm             a step of the consistency sampler with a distilled LoRA (issue 27): guidance-free, the image-prompt
+                    capture and the conditional pass only (merged LoRA weights cost nothing per step)
 Options:
     --stream-weights  the UNet's weights stay in a safetensors file and are read block by block at every UNet call
                       (videobooth_core.loading.streaming; exact). The random weights are written to --weights-file by a
@@ -84,7 +86,7 @@ from videobooth_core.models.frames_as_batch import (  # noqa: E402
     FramesAsBatchUNet, frames_to_video, official_cfg, video_to_frames,
 )
 
-MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark", "native", "native-separate")
+MODES = ("exact", "official-order", "single-frame", "late-steps", "no-watermark", "native", "native-separate", "lcm")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
@@ -415,8 +417,9 @@ def main() -> None:
     exemplar_clean = torch.randn((args.subjects, 4, 1, args.latent, args.latent), generator=generator).to(args.device)
     text = torch.randn((2, 77, unet.config.cross_attention_dim), generator=generator).to(args.device)
     schedule = RespacedDDPM(250)
+    lcm = args.mode == "lcm"  # guidance-free: no unconditional pass
     denoiser = VideoDenoiser(
-        unet, text[:1], text[1:], 4.0, "official",
+        unet, text[:1], text[1:], 1.0 if lcm else 4.0, "all" if lcm else "official",
         batch_passes=args.mode != "official-order",
         single_frame_image_prompt=args.mode == "single-frame",
         watermark_branch=args.mode != "no-watermark",

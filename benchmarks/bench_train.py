@@ -14,6 +14,14 @@ process (a clean peak-memory figure) and first reports the trainer's own memory 
 exceeds the free memory is skipped rather than run into the out-of-memory killer. Configurations run in the
 order official fp32 first, then checkpointing, then bf16, batch 1 before 2, until ``--budget-s`` is spent. Every
 line is ``RESULT {json}``, the last one the whole table.
+
+``--stage distill`` measures a consistency-distillation step instead (issue 27, ``training.distill``: the student's
+guidance-free pass with the LoRA (rank 64, every default target) and its backward, the teacher's guided pass and
+DDIM step, the EMA target's pass, pseudo-Huber loss, AdamW on the LoRA, the EMA update), with the solver pair fixed
+at (519, 499) so every pass runs. The skip decision uses the stage-2 step's estimate, a lower bound here (the
+student's pass is that step's; the teacher's and target's passes run without gradient).
+
+    python benchmarks/bench_train.py --stage distill --batches 1 --steps 1 --budget-s 1500
 """
 
 from __future__ import annotations
@@ -87,6 +95,25 @@ def one(args: argparse.Namespace) -> dict:
     if free is not None and needed > free:  # the trainer's own check: the step would add more than is free
         row.update(skipped=f"the step adds an estimated {needed / 2**30:.2f} GiB, free {free / 2**30:.2f} GiB")
         return row
+    ema = None
+    if args.stage == "distill":  # the LoRA trains; the mapper is the frozen teacher's
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        from videobooth_core.training.config import DEFAULT_LORA_TARGETS
+        from videobooth_core.training.distill import DistillLoss
+        from videobooth_core.training.distill_loop import DistillModule
+        from videobooth_core.training.lora_train import LoraHooks, LoraLayers
+
+        mapper.requires_grad_(False)
+        layers = LoraLayers(unet, DEFAULT_LORA_TARGETS, 64, 64.0).to(device)
+        ema = AveragedModel(layers, multi_avg_fn=get_ema_multi_avg_fn(0.95), use_buffers=False)
+        loss_fn = DistillLoss(unet, LoraHooks(unet, layers), layers, ema.module, 4.0, 5, 0.001)
+        loss_fn.pairs = [(519, 499)]  # a middle pair: teacher, student and target all run
+        distilling = DistillModule(layers, loss_fn, mapper, text, seed=0)
+        params = list(layers.parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        batch.clean, batch.exemplar_clean = torch.randn(latent, device=device), torch.randn(latent, device=device)
+        row.update(stage="distill", lora_parameters=sum(p.numel() for p in params))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = []
     for _ in range(args.steps):
@@ -94,11 +121,13 @@ def one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with autocast:
-            loss = module(batch)[0]
+            loss = distilling(batch, list(range(b))) if ema is not None else module(batch)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(layers)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -119,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--budget-s", type=float, default=0, help="stop starting configurations after this many "
                                                                   "seconds (0: no limit); a running one is cut there")
+    parser.add_argument("--stage", default="2", choices=("2", "distill"), help="the step measured (see above)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -139,7 +169,7 @@ def main() -> None:
             continue
         command = [sys.executable, __file__, "--one", "--device", args.device, "--frames", str(args.frames),
                    "--size", str(args.size), "--steps", str(args.steps), "--batch", str(batch),
-                   "--precision", precision] + ["--tiny"] * args.tiny + ["--checkpointing"] * checkpointing
+                   "--precision", precision, "--stage", args.stage] + ["--tiny"] * args.tiny + ["--checkpointing"] * checkpointing
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=left)
         except subprocess.TimeoutExpired:
@@ -150,7 +180,8 @@ def main() -> None:
             "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
         print("RESULT " + json.dumps(row), flush=True)
         rows.append(row)
-    print("RESULT " + json.dumps({"bench": "train_step_stage2", "rows": rows}))
+    print("RESULT " + json.dumps({"bench": "train_step_distill" if args.stage == "distill" else "train_step_stage2",
+                                  "rows": rows}))
 
 
 if __name__ == "__main__":

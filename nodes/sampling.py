@@ -87,7 +87,9 @@ class VideoBoothSampler:
                 "sampler": (SAMPLERS, {"default": "ddpm", "tooltip": (
                     "ddpm: the official respaced ancestral DDPM sampler (the reference, 250 steps). ddim, dpmpp_2m, "
                     "euler, euler_ancestral, unipc: diffusers' samplers on VideoBooth's own linear-beta schedule "
-                    "(never SD's), the image prompt re-noised to every step's timestep.")}),
+                    "(never SD's), the image prompt re-noised to every step's timestep. lcm: the consistency sampler "
+                    "for a distilled LCM LoRA (train --stage distill; load it with the LoRA loader), 1-8 steps, "
+                    "guidance-free (the cfg input is not used).")}),
                 "guidance": (list(GUIDANCE_RULES), {"default": "official", "tooltip": (
                     "official: guidance on latent channels 0-2 and the conditional prediction on channel 3, as "
                     "released; all: guidance on every channel.")}),

@@ -150,7 +150,7 @@ def test_sampler_schema_defaults() -> None:
     assert required["seed"][1]["control_after_generate"] is True
     assert required["steps"][1]["default"] == 250 and "250" in required["steps"][1]["tooltip"]
     assert required["cfg"][1]["default"] == 4.0
-    assert required["sampler"][0] == ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "unipc"]
+    assert required["sampler"][0] == ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "unipc", "lcm"]
     assert required["sampler"][1]["default"] == "ddpm" and required["guidance"][0] == ["official", "all"]
     optional = MAPPINGS["VideoBoothSampler"].INPUT_TYPES()["optional"]
     assert optional["spacing"][0] == ["trailing", "leading"] and optional["eta"][1]["default"] == 0.0

@@ -403,6 +403,13 @@ def test_exported_mapper_loads_and_changes_generation(tiny_models, synth, tmp_pa
     video = validation_frames(models, pipe.mapper, request.prompt, request.subject_word, request.image, request.mask,
                               frames=2, size=64, steps=2, seed=1)
     assert video.dtype == torch.uint8 and torch.equal(video, pipe.generate(request).frames)
+    # and the distillation stage's (the lcm sampler): the pipeline's video of the lcm request
+    lcm = GenerationRequest(prompt=info["caption"], subject_word=info["word"], image=image,
+                            mask=load_mask(entry / "mask_1.png"), frames=2, width=64, height=64, steps=2, seed=1,
+                            sampler="lcm")
+    video = validation_frames(models, pipe.mapper, lcm.prompt, lcm.subject_word, lcm.image, lcm.mask, frames=2,
+                              size=64, steps=2, seed=1, sampler="lcm")
+    assert torch.equal(video, pipe.generate(lcm).frames)
 
 
 def test_config_file_flags_and_one_line_errors(tiny_models, synth, tmp_path):
@@ -454,6 +461,8 @@ OLD_TRAIN_FLAGS = (
     "--no-flip --no-tf32 --gradient-checkpointing --overfit --cpu --no-progress --no-memory-check --no-tensorboard"
 ).split()
 """The train command's flags before its settings moved onto the settings table (all still accepted)."""
+DISTILL_FLAGS = "--lora-rank --lora-alpha --lora-targets --distill-cfg --distill-skip --huber-c --target-ema".split()
+"""``--stage distill``'s flags (issue 27), from the same table."""
 
 
 def test_train_settings_are_one_table_of_the_generation_kind(tmp_path, tiny_models, synth):
@@ -471,7 +480,7 @@ def test_train_settings_are_one_table_of_the_generation_kind(tmp_path, tiny_mode
                                                                       __import__("dataclasses").fields(TrainConfig)}
     train_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     flags = [o for action in train_parser._actions for o in action.option_strings if o not in ("-h", "--help")]
-    assert sorted(flags) == sorted(OLD_TRAIN_FLAGS)
+    assert sorted(flags) == sorted(OLD_TRAIN_FLAGS + DISTILL_FLAGS)
     defaults = TrainConfig(stage=1, data="", models="", out="")
     for spec in TRAIN_SETTINGS.values():  # every default is valid, and is TrainConfig's
         assert spec.required or spec.check(spec.default) == getattr(defaults, spec.name), spec.key

@@ -322,7 +322,7 @@ class VideoBoothPipeline:
                 denoiser, request.seed, shape, self.device, sampler=request.sampler, steps=request.steps,
                 spacing=request.spacing, eta=request.eta, image_prompt_steps=options.image_prompt_steps,
                 callback=report, vae=self.vae, image_prompt=conditioning.image_prompt, context=context,
-                start_latents=start_latents,
+                start_latents=start_latents, lcm_cfg=request.lcm_cfg,
             )
         frames = self.decode(latents) if decode else torch.empty(0)
         info = self.last_memory_estimate.as_dict() if self.last_memory_estimate else {}

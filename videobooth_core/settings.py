@@ -31,6 +31,7 @@ from .loading.checkpoint import DTYPES
 from .models.attention import ATTENTION_BACKENDS
 from .sampling.denoiser import GUIDANCE_RULES
 from .sampling.known_frames import check_long_video
+from .sampling.lcm import LCM_SAMPLER, lcm_timesteps
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ DEFAULT_DEVICE = "cpu"
 
 @dataclass(frozen=True)
 class Setting:
-    """What is known about one setting. ``kind``: ``int``, ``float``, ``str``, ``bool`` or ``pair`` (two
-    floats, start < end). Bounds are inclusive except ``above`` and ``below`` (value must exceed / stay under it).
+    """What is known about one setting. ``kind``: ``int``, ``float``, ``str``, ``bool``, ``pair`` (two
+    floats, start < end), ``choice`` (one of ``choices``, of any type; the command line reads it with ``parse``)
+    or ``strs`` (a non-empty list of non-empty strings; ``nargs="+"`` on the command line). Bounds are inclusive
+    except ``above`` and ``below`` (value must exceed / stay under it).
     A setting whose default is None may also be None (not set)."""
 
     kind: str
@@ -96,6 +99,8 @@ class Setting:
     """The error a bad value raises (the trainer's: TrainingError)."""
     shown_default: str = ""
     """The default as the help shows it, when the value alone would not say it."""
+    parse: Callable[[str], Any] | None = None
+    """A ``choice`` setting's command-line type: the typed text to the value (e.g. ``"1"`` to 1)."""
 
     def check(self, value: Any, name: str | None = None) -> Any:
         """``value`` if it is valid for this setting; otherwise ``error`` naming it (as ``name``, how the caller's
@@ -115,6 +120,16 @@ class Setting:
             return value
         if self.kind == "pair":
             return self._check_pair(value, what)
+        if self.kind == "choice":  # any type; True is not 1 here
+            if isinstance(value, bool) or value not in self.choices:
+                raise self.error(f"{what} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            return value
+        if self.kind == "strs":
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
+                    or not all(isinstance(item, str) and item for item in value):
+                raise self.error(f"{what} must be a list of one or more non-empty strings, got {value!r}; "
+                                 f"the default is {self.describe_default()}")
+            return tuple(value)
         whole = self.kind == "int"
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             raise self.error(f"{what} must be {'a whole number' if whole else 'a number'}, got {value!r}")
@@ -247,6 +262,10 @@ class GenerationSettings:
                           minimum=0.0, maximum=1.0)
     cfg_scale: float = _setting("float", 4.0, "classifier-free guidance scale (4 is official)", key="cfg",
                                 minimum=0.0, maximum=30.0)
+    lcm_cfg: float = _setting(
+        "float", 1.0, "guidance scale of --sampler lcm (a distilled LoRA): 1 is guidance-free, one conditional pass "
+        "per step (the teacher's guidance is distilled in); a little more (1.5) adds the unconditional pass",
+        minimum=1.0, maximum=8.0)
     guidance: str = _setting(
         "str", "official", "official: channels 0-2 guided, channel 3 conditional (as released); all: every channel",
         choices=GUIDANCE_RULES)
@@ -278,6 +297,8 @@ class GenerationSettings:
         """Every setting's type, range and choice (SamplingError naming the value, as ``names`` calls it, and
         the fix)."""
         _check_fields(self, names)
+        if self.sampler == LCM_SAMPLER:  # the consistency sampler visits at most the skipping grid's points
+            lcm_timesteps(self.steps)
         if self.options is not None and not isinstance(self.options, SamplingOptions):
             raise SamplingError(f"options must be a SamplingOptions, got {type(self.options).__name__}")
         if self.options is not None:
@@ -453,8 +474,11 @@ def add_setting_flags(parser: Any, table: Mapping[str, Setting], *, unset: bool 
             group.add_argument(spec.flag, dest=spec.key, action="store_const", const=not spec.default,
                                default=None if unset else spec.default, help=f"{spec.help} (default: {state})")
             continue
-        kind = {"int": int, "float": float, "pair": float, "str": str}[spec.kind]
+        kind = spec.parse or {"int": int, "float": float, "pair": float, "str": str, "strs": str,
+                              "choice": str}[spec.kind]
         extra: dict[str, Any] = {"nargs": 2, "metavar": ("START", "END")} if spec.kind == "pair" else {}
+        if spec.kind == "strs":
+            extra["nargs"] = "+"
         if spec.choices:
             extra["choices"] = spec.choices
         shown = "required" if spec.required else f"default: {spec.describe_default()}"

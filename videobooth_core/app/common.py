@@ -65,5 +65,6 @@ def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any)
         "stream_weights": getattr(args, "stream_weights", False),
         "attention": getattr(args, "attention", DEFAULT_ATTENTION),
         "speed_modes": speed_modes(request.options),
+        **({"lcm_cfg": request.lcm_cfg} if getattr(args, "sampler", "ddpm") == "lcm" else {}),
         **result.info,
     })

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import PromptError
 from .ddpm import sample_ddpm
+from .lcm import LCM_SAMPLER, sample_lcm
 from .denoiser import GuidanceRule, StepCallback, VideoDenoiser
 from .memory import MemoryEstimate, estimate_step_memory, estimate_windowed_memory
 from .noise import GeneratorNoise
@@ -89,9 +90,11 @@ def run_sampler(
     eta: float = 0.0,
     image_prompt_steps: tuple[float, float] = (0.0, 1.0),
     known_latents: torch.Tensor | None = None,
+    lcm_cfg: float = 1.0,
 ) -> torch.Tensor:
     """Denoise from noise to a clean video latent with ``sampler``: ``ddpm`` is the official respaced
-    ancestral DDPM (:func:`.ddpm.sample_ddpm`), the others diffusers samplers on the same training schedule
+    ancestral DDPM (:func:`.ddpm.sample_ddpm`), ``lcm`` the consistency sampler of a distilled LoRA
+    (:func:`.lcm.sample_lcm`), the others diffusers samplers on the same training schedule
     (:func:`.schedulers.sample_with_scheduler`).
 
     Args:
@@ -103,6 +106,8 @@ def run_sampler(
         callback: called after every step with (step, total, StepOutput); raising from it cancels.
         known_latents: (b, 4, k, h, w) clean latents of frames 0..k-1 (a start image, a video's last frames),
             held at every step and exact at the end (:mod:`.known_frames`); None: plain sampling.
+        lcm_cfg: the ``lcm`` sampler's guidance scale in place of the denoiser's (1: guidance-free, one
+            conditional pass per step, as distilled); the other samplers ignore it.
 
     Returns:
         (b, 4, frames, h, w) float32 latent on ``device`` (VAE latents x 0.18215).
@@ -112,5 +117,8 @@ def run_sampler(
         if sampler == OFFICIAL_SAMPLER:
             return sample_ddpm(denoiser, RespacedDDPM(steps), shape, noise, exemplar_clean, callback, device,
                                image_prompt_steps=image_prompt_steps, known_latents=known_latents)
+        if sampler == LCM_SAMPLER:
+            return sample_lcm(denoiser, steps, shape, noise, exemplar_clean, callback, device, image_prompt_steps,
+                              known_latents, cfg=lcm_cfg)
         return sample_with_scheduler(denoiser, sampler, steps, shape, noise, generator, exemplar_clean, callback,
                                      device, spacing, eta, image_prompt_steps, known_latents=known_latents)

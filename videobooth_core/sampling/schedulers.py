@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import SamplingError
 from .denoiser import StepCallback, StepOutput, VideoDenoiser
 from .known_frames import KnownFrames
+from .lcm import LCM_SAMPLER
 from .noise import ImagePromptNoising, NoiseSource
 from .schedule import BETA_END, BETA_START, TRAIN_TIMESTEPS, base_betas
 
@@ -29,7 +30,8 @@ DIFFUSERS_SAMPLERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-SAMPLERS: tuple[str, ...] = (OFFICIAL_SAMPLER, *DIFFUSERS_SAMPLERS)
+SAMPLERS: tuple[str, ...] = (OFFICIAL_SAMPLER, *DIFFUSERS_SAMPLERS, LCM_SAMPLER)
+"""Every sampler by name; ``lcm`` is the consistency sampler of distilled LoRAs (:mod:`.lcm`)."""
 SPACINGS: tuple[str, ...] = ("trailing", "leading")
 
 

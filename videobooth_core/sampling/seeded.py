@@ -52,6 +52,7 @@ def sample_seeded(
     exemplar_latent: torch.Tensor | None = None,
     context: ContextOptions | None = None,
     start_latents: torch.Tensor | None = None,
+    lcm_cfg: float = 1.0,
 ) -> torch.Tensor:
     """One video latent from ``seed``, with the official order of random draws, written once so that the
     pipeline and the ComfyUI sampler give the same video for a seed: one CPU generator draws the initial noise
@@ -68,6 +69,7 @@ def sample_seeded(
             later windows becomes shuffled copies of earlier frames' (a separate generator seeded with ``seed``
             draws the permutations, so the main stream is unchanged).
         start_latents: (1, 4, k, h, w) clean latents of the first k frames (start image, extension anchors).
+        lcm_cfg: the guidance scale of ``sampler="lcm"`` (1: guidance-free; see :func:`.lcm.sample_lcm`).
 
     Returns:
         (1, 4, frames, h, w) float32 latent on ``device``.
@@ -90,4 +92,4 @@ def sample_seeded(
     return run_sampler(denoiser, sampler, steps, shape, generator, device, initial_noise=initial_noise,
                        exemplar_clean=exemplar, callback=callback, spacing=spacing, eta=eta,
                        image_prompt_steps=image_prompt_steps,
-                       known_latents=None if start_latents is None else start_latents.to(device))
+                       known_latents=None if start_latents is None else start_latents.to(device), lcm_cfg=lcm_cfg)

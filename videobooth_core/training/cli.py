@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import explain
 from ..settings import add_setting_flags
-from .config import TRAIN_SETTINGS, TrainConfig, TrainingError, make_config, read_config_file
+from .config import DISTILL_SETTINGS, TRAIN_SETTINGS, TrainConfig, TrainingError, make_config, read_config_file
 
 TRAIN_EXAMPLES = """examples:
   # stage 1 (coarse), then stage 2 (fine) from its result - the official recipe (AdamW 1e-4, clip 0.1, EMA ...)
@@ -27,6 +27,11 @@ TRAIN_EXAMPLES = """examples:
   torchrun --nproc_per_node 8 -m videobooth_core train --stage 2 ... --mixed-precision bf16 --gradient-checkpointing
   accelerate launch -m videobooth_core train --stage 2 ...
 
+  # consistency distillation into a LoRA for the lcm sampler (1-8 steps), then generate with it
+  python -m videobooth_core train --stage distill --data my_dataset --models models --out runs/lcm
+  python -m videobooth_core generate --models models --lora runs/lcm/videobooth_lcm_lora.safetensors \\
+      --sampler lcm --steps 4 ...
+
   # a tiny run on the CPU with the tiny models and a synthetic dataset
   python -m videobooth_core make-tiny --out tiny && python -m videobooth_core dataset synthetic --out synth
   python -m videobooth_core train --stage 1 --data synth --models tiny --out run --steps 20 --size 64 --frames 4
@@ -36,7 +41,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` command to the main parser's sub-parsers: one flag per setting of
     :data:`.config.TRAIN_SETTINGS` (flag, type, choices and help with the default come from there). Every flag
     defaults to None (= the config file's value, else the setting's default)."""
-    tr = sub.add_parser("train", help="train the mapper: stage 1 (coarse) or stage 2 (fine), official recipe",
+    tr = sub.add_parser("train", help="train the mapper: stage 1 (coarse) or stage 2 (fine), official recipe; "
+                                      "or distil a LoRA for --sampler lcm (--stage distill)",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
                         description="Coarse-to-fine training of the VideoBooth mapper on your dataset. The defaults "
                                     "are the official recipe; every deviation is a flag. Writes OUT/checkpoints/, "
@@ -45,7 +51,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                     "which prefer that name).")
     tr.add_argument("--config", help="YAML or TOML file of settings (keys: the flags' names, - or _); flags "
                                      "override it")
-    add_setting_flags(tr, TRAIN_SETTINGS, unset=True)
+    distill = tr.add_argument_group("--stage distill (consistency distillation into a LoRA; README: Distillation)")
+    add_setting_flags(tr, TRAIN_SETTINGS, unset=True,
+                      group_of=lambda spec: distill if spec.key in DISTILL_SETTINGS else tr)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -90,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_inputs(config)
-    result = train(config)
+    result = train(config)  # the one loop; the config's stage picks what it trains (.loop.stage_of)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per data-parallel process
         print(f"wrote {result} (stage {config.stage}, {config.steps} steps; "
               f"metrics in {config.out}/metrics.jsonl)")

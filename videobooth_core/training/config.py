@@ -24,6 +24,24 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "float64")
 GREY_EXEMPLARS = ("shared", "per-clip")
 TIMESTEP_GRIDS = (250, 1000)
+DISTILL_STAGE = "distill"
+"""The consistency-distillation stage (:mod:`.distill_loop`): a LoRA for the ``lcm`` sampler."""
+STAGES = (1, 2, DISTILL_STAGE)
+DISTILL_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets", "distill_cfg", "distill_skip", "huber_c", "target_ema")
+"""The settings only ``--stage distill`` reads (their own group in ``train --help``)."""
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "attn_temp.to_q", "attn_temp.to_k", "attn_temp.to_v", "attn_temp.to_out.0",
+    "ff.net.0.proj", "ff.net.2",
+)
+"""The distillation LoRA's layers (module-path endings): every attention projection (spatial, text, temporal; K/V
+through the mapper's projections, which VideoBooth attends with) and the transformer blocks' feed-forward layers."""
+
+
+def parse_stage(value: str) -> int | str:
+    """``--stage``: 1 and 2 as numbers, ``distill`` as itself (argparse then checks the choices)."""
+    return int(value) if value in ("1", "2") else value
 
 
 @dataclass
@@ -31,8 +49,10 @@ class TrainConfig:
     """One training run. Settings marked *official* default to the released recipe (reference §7.1-7.4); each
     field's help is its :class:`~videobooth_core.settings.Setting` (``TRAIN_SETTINGS[name].help``)."""
 
-    stage: int = _setting("int", REQUIRED, "1 (coarse: the mapper's MLPs and attn2 K/V) or 2 (fine: every mapper "
-                          "weight, with the image-prompt branch)", choices=(1, 2))
+    stage: int | str = _setting(
+        "choice", REQUIRED, "1 (coarse: the mapper's MLPs and attn2 K/V), 2 (fine: every mapper weight, with the "
+        "image-prompt branch) or distill (consistency distillation into a LoRA for --sampler lcm: 1-8 steps)",
+        choices=STAGES, parse=parse_stage)
     data: str = _setting("str", REQUIRED, "dataset folder in our layout (dataset build / dataset synthetic)")
     models: str = _setting("str", REQUIRED, "models folder (UNet, VAE, CLIP towers, tokenizer), laid out as for "
                            "generate --models")
@@ -109,6 +129,19 @@ class TrainConfig:
                                   "EMA and a dry run of the step against the device's free memory)")
     tensorboard: bool = _setting("bool", True, "no TensorBoard scalars in OUT/tensorboard (written when tensorboard "
                                  "is installed)")
+    lora_rank: int = _setting("int", 64, "the LoRA's rank (LCM-LoRA's 64)", minimum=1)
+    lora_alpha: float = _setting("float", 64.0, "the LoRA's alpha (its update is scaled by alpha / "
+                                 "rank)", above=0.0)
+    lora_targets: tuple[str, ...] = _setting(
+        "strs", DEFAULT_LORA_TARGETS, "module-path endings of the UNet layers the LoRA trains",
+        shown_default="every attention projection and the feed-forward layers")
+    distill_cfg: float = _setting("float", 4.0, "the teacher's guidance scale (the official rule; 4 "
+                                  "is the released model's setting)", minimum=1.0)
+    distill_skip: int = _setting("int", 5, "points of the 250-step training grid per DDIM solver "
+                                 "step (5: a 50-point skipping grid)", minimum=1, maximum=250)
+    huber_c: float = _setting("float", 0.001, "c of the pseudo-Huber loss (LCM's 0.001)", minimum=0.0)
+    target_ema: float = _setting("float", 0.95, "EMA decay of the target LoRA (LCM's 0.95); 0: no "
+                                 "EMA, the student's own weights are the target", minimum=0.0, below=1.0)
     resume: str | None = _setting("str", None, "'latest' (the newest checkpoint in OUT/checkpoints) or a checkpoint "
                                   "folder: continue a run", shown_default="none")
 
@@ -124,6 +157,7 @@ class TrainConfig:
         choice (:data:`TRAIN_SETTINGS`), then the rules between settings and the folders."""
         for spec in TRAIN_SETTINGS.values():
             spec.check(getattr(self, spec.name))
+        self.lora_targets = tuple(self.lora_targets)  # a config file's list, kept as the hashable default's type
         if self.dtype == "float64" and self.mixed_precision != "no":
             raise TrainingError(explain("float64 is a checking precision; it cannot be mixed with",
                                         self.mixed_precision, "use --mixed-precision no with --dtype float64"))

@@ -184,25 +184,164 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, terminate)
 
 
-def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None) -> Path:
-    """Train one stage; returns OUT/videobooth_mapper.safetensors (the EMA mapper, released key layout).
+class Stage:
+    """What a run trains, plugged into the one loop (:func:`train`), which owns everything around it: the data
+    order, the batches, accelerate, the optimizer and schedule, checkpoints and exact resume, metrics, SIGTERM and
+    Ctrl-C. :func:`train` calls these hooks at fixed points; :class:`MapperStage` is stages 1 and 2,
+    :class:`.distill_loop.DistillStage` the consistency distillation."""
 
-    ``models``: the result of :func:`load_training_models` (default: loaded here); the mapper in it is trained in
-    place.
+    label = "stage"
+    """The progress bar's name."""
+    part_count = 0
+    """How many loss parts :meth:`forward` returns beside the loss (averaged over micro-batches, then ranks)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    @property
+    def batch_config(self) -> TrainConfig:
+        """The settings the dataset reader and the batches are made with."""
+        return self.config
+
+    def load_models(self, device: torch.device) -> dict[str, Any]:
+        """The models of the run (:func:`load_training_models`'s dictionary)."""
+        raise NotImplementedError
+
+    def trainable(self, models: dict[str, Any], device: torch.device) -> list[torch.nn.Parameter]:
+        """Set up what is trained; returns its parameters (the optimizer's), in order."""
+        raise NotImplementedError
+
+    def check_memory(self, models: dict[str, Any], params: list[torch.nn.Parameter], device: torch.device) -> None:
+        """Stop before training when the device lacks the memory (the memory_check setting)."""
+
+    def make_ema(self) -> Any:
+        """The EMA of the trained weights (a torch AveragedModel, registered for checkpointing), or None."""
+        return None
+
+    def module(self) -> torch.nn.Module:
+        """The module accelerate prepares (its state_dict is the checkpoint's model.safetensors)."""
+        raise NotImplementedError
+
+    def forward(self, module: torch.nn.Module, batch: Any, numbers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the ``part_count`` parts) of one micro-batch (``numbers``: its global sample numbers)."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After each optimizer step (the EMA's update)."""
+
+    def record(self, loss: float, parts: list[float], lr: float, speed: float) -> dict[str, float]:
+        """One metrics record (keys without the tag group)."""
+        return {"loss": loss, "lr": lr, "steps_per_s": speed}
+
+    def validate(self, dataset: Any, step: int) -> None:
+        """Validation videos (main process only)."""
+
+    def save_result(self, step: int) -> Path:
+        """Write the run's result file (main process only); returns its path."""
+        raise NotImplementedError
+
+    def result_path(self) -> Path:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """At the run's end, however it ends (also when it fails before :meth:`trainable`)."""
+
+
+class MapperStage(Stage):
+    """Stages 1 and 2: the mapper (the stage's parameters, :func:`set_trainable`) with the official loss and EMA;
+    the result is the EMA mapper in the released key layout."""
+
+    part_count = 3  # mse, reg, reg_text
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"stage {self.config.stage}"
+
+    def load_models(self, device: torch.device) -> dict[str, Any]:
+        return load_training_models(self.config, device)
+
+    def trainable(self, models: dict[str, Any], device: torch.device) -> list[torch.nn.Parameter]:
+        self.models = models
+        return set_trainable(models["mapper"], self.config.stage)
+
+    def check_memory(self, models: dict[str, Any], params: list[torch.nn.Parameter], device: torch.device) -> None:
+        from .memory import check_training_memory
+
+        check_training_memory(self.config, models, params, device)
+
+    def make_ema(self) -> Any:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        mapper = self.models["mapper"]
+        self.ema = AveragedModel(mapper, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema_decay), use_buffers=False)
+        self.ema.requires_grad_(False)
+        self.ema.update_parameters(mapper)  # the official EMA starts as a copy (update with decay 0)
+        return self.ema
+
+    def module(self) -> torch.nn.Module:
+        self.training_module = TrainingModule(self.models["mapper"], self.models["unet"], self.models["text"],
+                                              self.config.reg_weight, self.config.reg_text_weight)
+        return self.training_module
+
+    def forward(self, module: torch.nn.Module, batch: Any, numbers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, mse, reg = module(batch)
+        reg_text = self.training_module.last_reg_text if self.config.reg_text_weight > 0 else torch.zeros_like(reg)
+        return loss, torch.stack([mse, reg, reg_text.to(reg)])
+
+    def after_step(self) -> None:
+        self.ema.update_parameters(self.models["mapper"])
+
+    def record(self, loss: float, parts: list[float], lr: float, speed: float) -> dict[str, float]:
+        record = {"loss": loss, "mse": parts[0], "reg": parts[1], "lr": lr, "steps_per_s": speed}
+        if self.config.reg_text_weight > 0:
+            record["reg_text"] = parts[2]
+        return record
+
+    def validate(self, dataset: Any, step: int) -> None:
+        from .watch import write_validation_videos
+
+        write_validation_videos(self.config, self.models, self.ema.module, self.models["mapper"], dataset, step)
+
+    def result_path(self) -> Path:
+        return Path(self.config.out) / RESULT_NAME
+
+    def save_result(self, step: int) -> Path:
+        from ..loading.weight_files import KIND_METADATA_KEY, save_safetensors
+
+        save_safetensors(self.ema.module.state_dict(), self.result_path(),
+                         {KIND_METADATA_KEY: "videobooth_mapper", "videobooth_training_stage": str(self.config.stage),
+                          "videobooth_training_steps": str(step)})
+        return self.result_path()
+
+
+def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str, Any] | None = None,
+          stage: Stage | None = None) -> Path:
+    """Train one stage; returns its result file (stages 1 and 2: OUT/videobooth_mapper.safetensors, the EMA
+    mapper, released key layout; ``--stage distill``: :mod:`.distill_loop`'s LoRA).
+
+    ``models``: the stage's models (:func:`load_training_models`'s result for stages 1 and 2, default: loaded
+    here); the weights in it are trained in place. ``stage``: what is trained (default: the config's stage).
 
     The state is ``accelerate``'s (:mod:`.state`): a checkpoint folder is written every ``checkpoint_every`` steps,
     at the end, and on Ctrl-C or SIGTERM (KeyboardInterrupt / Terminated, re-raised after the checkpoint is
     written). Metrics go through ``Accelerator.log`` to OUT/metrics.jsonl and TensorBoard (OUT/tensorboard).
     """
+    config.check()
+    if stage is None:
+        stage = stage_of(config)
+    try:
+        return _run(config, on_step, models, stage)
+    finally:  # however the run ends (an error before the loop included): the stage lets go of the models
+        stage.close()
+
+
+def _run(config: TrainConfig, on_step: StepHook | None, models: dict[str, Any] | None, stage: Stage) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from ..dataset.reader import OurDataset
-    from ..loading.weight_files import KIND_METADATA_KEY, save_safetensors
-    from .watch import JsonlMetrics, tensorboard_available, write_validation_videos
+    from .watch import JsonlMetrics, tensorboard_available
 
-    config.check()
     out = Path(config.out)
     metrics = JsonlMetrics(out)
     trackers: list[Any] = [metrics]
@@ -223,25 +362,24 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                                     "pass --resume latest to continue it, or another --out"))
     resume = resume_folder(config)  # before any model loads: a legacy or foreign --resume is refused here
 
-    models = models if models is not None else load_training_models(config, device)
-    mapper, unet = models["mapper"], models["unet"]
-    params = set_trainable(mapper, config.stage)
+    models = models if models is not None else stage.load_models(device)
+    params = stage.trainable(models, device)
+    batches_config = stage.batch_config
     # with a cache the reader makes the same draws but decodes only frame 0 (the clip's VAE posteriors are cached)
-    dataset = OurDataset(config.data, stage=config.stage, flip=config.flip, seed=None, clip_frames=config.frames,
-                         window=config.window, size=config.size, read_clip=config.cache is None)
+    dataset = OurDataset(config.data, stage=batches_config.stage, flip=config.flip, seed=None,
+                         clip_frames=config.frames, window=config.window, size=config.size,
+                         read_clip=config.cache is None)
     cache = None
     if config.cache is not None:
         from .cache import EncoderCache
 
         cache = EncoderCache(config.cache, config.size, config.frames, models.get("vae_file", "unknown"))
         cache.check_index()
-    batch_maker = BatchMaker(config, models["vae"], models["vision"], models["text"], models["tokenizer"], device,
-                             cache=cache)
-    check_dataset_entries(config, dataset, batch_maker)
+    batch_maker = BatchMaker(batches_config, models["vae"], models["vision"], models["text"], models["tokenizer"],
+                             device, cache=cache)
+    check_dataset_entries(batches_config, dataset, batch_maker)
     if config.memory_check:
-        from .memory import check_training_memory
-
-        check_training_memory(config, models, params, device)
+        stage.check_memory(models, params, device)
     if cache is not None:
         if accelerator.is_main_process:
             built = cache.build(dataset.records, models["vae"], config.flip)
@@ -252,16 +390,15 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    ema = AveragedModel(mapper, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
-    ema.requires_grad_(False)
-    ema.update_parameters(mapper)  # the official EMA starts as a copy (update with decay 0)
+    ema = stage.make_ema()
 
-    training_module = TrainingModule(mapper, unet, models["text"], config.reg_weight, config.reg_text_weight)
+    training_module = stage.module()
     # the scheduler is registered, not prepared: accelerate would step it once per process
     module, optimizer = accelerator.prepare(training_module, optimizer)
     progress = TrainingProgress(config.stage, accelerator.num_processes, config.batch_size, config.grad_accum,
                                 json.dumps(dataclasses.asdict(config)))
-    accelerator.register_for_checkpointing(progress, ema, scheduler)  # progress first: state.PROGRESS_FILE
+    # progress first: state.PROGRESS_FILE
+    accelerator.register_for_checkpointing(progress, *(() if ema is None else (ema,)), scheduler)
     weights_hooks(accelerator)
     if resume is not None:
         read_checkpoint_info(resume, config, training_module)  # stage and sizes, named, before accelerate reads it
@@ -293,43 +430,43 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
     if main and config.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=start_step, desc=f"VideoBooth stage {config.stage}", unit="step",
+        bar = tqdm(total=config.steps, initial=start_step, desc=f"VideoBooth {stage.label}", unit="step",
                    file=sys.stderr)
     step = start_step
     # overfit: no loader iterator (its workers would read ahead what the repeated batches never need)
     batches, numbers_left = (None if config.overfit else iter(loader)), iter(numbers)
     repeated: dict[tuple[int, ...], Any] = {}
 
-    def next_batch() -> Any:
+    def next_batch() -> tuple[Any, list[int]]:
         if config.overfit:  # the first epoch again and again: each batch read and encoded once
             key = tuple(next(numbers_left) % len(dataset) for _ in range(config.batch_size))
             if key not in repeated:
                 repeated[key] = batch_maker([samples[n][1] for n in key], list(key), step=step)
-            return repeated[key]
+            return repeated[key], list(key)
         items = next(batches)
-        return batch_maker([sample for _, sample in items], [number for number, _ in items], step=step)
+        drawn = [number for number, _ in items]
+        return batch_maker([sample for _, sample in items], drawn, step=step), drawn
 
     started = time.perf_counter()
     previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < config.steps:
             total = torch.zeros((), device=device)
-            parts = torch.zeros(3, device=device)  # mse, reg, reg_text
+            parts = torch.zeros(stage.part_count, device=device)
             for micro in range(config.grad_accum):
-                batch = next_batch()
+                batch, batch_numbers = next_batch()
                 sync = micro == config.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(module):
-                    loss, mse, reg = module(batch)
+                    loss, loss_parts = stage.forward(module, batch, batch_numbers)
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.detach() / config.grad_accum
-                reg_text = training_module.last_reg_text if config.reg_text_weight > 0 else torch.zeros_like(reg)
-                parts += torch.stack([mse, reg, reg_text.to(reg)]) / config.grad_accum
+                parts += loss_parts.detach() / config.grad_accum
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update_parameters(mapper)
+            stage.after_step()
             step += 1
             loss_value = float(accelerator.reduce(total, reduction="mean"))
             if not math.isfinite(loss_value):
@@ -339,19 +476,15 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % config.log_every == 0 or step == config.steps:
-                reduced = accelerator.reduce(parts, reduction="mean")
-                mse_value, reg_value, reg_text_value = (float(v) for v in reduced)
+                reduced = [float(v) for v in accelerator.reduce(parts, reduction="mean")] if stage.part_count else []
                 elapsed = time.perf_counter() - started
-                record = {"loss": loss_value, "mse": mse_value, "reg": reg_value,
-                          "lr": scheduler.get_last_lr()[0], "steps_per_s": (step - start_step) / elapsed}
-                if config.reg_text_weight > 0:
-                    record["reg_text"] = reg_text_value
+                record = stage.record(loss_value, reduced, scheduler.get_last_lr()[0], (step - start_step) / elapsed)
                 accelerator.log({f"{SCALARS}/{key}": value for key, value in record.items()}, step=step)
             if step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
             if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
                 if main:
-                    write_validation_videos(config, models, ema.module, mapper, dataset, step)
+                    stage.validate(dataset, step)
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(step, loss_value)
@@ -367,11 +500,18 @@ def train(config: TrainConfig, on_step: StepHook | None = None, models: dict[str
         if bar is not None:
             bar.close()
     checkpoint(step)
-    result = out / RESULT_NAME
-    if main:
-        save_safetensors(ema.module.state_dict(), result, {KIND_METADATA_KEY: "videobooth_mapper",
-                                                           "videobooth_training_stage": str(config.stage),
-                                                           "videobooth_training_steps": str(step)})
+    result = stage.save_result(step) if main else stage.result_path()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def stage_of(config: TrainConfig) -> Stage:
+    """The :class:`Stage` that ``config.stage`` names."""
+    from .config import DISTILL_STAGE
+
+    if config.stage == DISTILL_STAGE:
+        from .distill_loop import DistillStage
+
+        return DistillStage(config)
+    return MapperStage(config)

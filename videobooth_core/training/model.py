@@ -153,6 +153,10 @@ class TrainBatch:
     """(b, 4, f, h, w) the noised image-prompt latent (stage 2), else None."""
     original_states: torch.Tensor | None = None
     """(b, 77, text width) the captions' plain text states (no splice), for the text regulariser; else None."""
+    clean: torch.Tensor | None = None
+    """(b, 4, f, h, w) the clean video latent (the distillation stage noises it itself)."""
+    exemplar_clean: torch.Tensor | None = None
+    """(b, 4, f, h, w) the clean image-prompt latent over the frames (stage 2 batches), else None."""
 
 
 def spliced_text(text_encoder: Any, input_ids: torch.Tensor,
@@ -297,7 +301,7 @@ class BatchMaker:
         shared_grey: torch.Tensor | None = None
         clip_pixels = torch.stack([s["image_prompt_clip_augmented"] for s in samples]).to(device)
         features = [f.to(dtype) for f in clip_vision_features(self.vision, clip_pixels)]
-        keep, noisy, timesteps, noise, exemplars = [], [], [], [], []
+        keep, noisy, timesteps, noise, exemplars, cleans, exemplar_cleans = [], [], [], [], [], [], []
         for sample, number in zip(samples, sample_numbers):
             generator = torch.Generator().manual_seed(sample_seed(cfg.seed, number, NOISE_PURPOSE))
             index = int(torch.randint(0, self.schedule.num_steps, (1,), generator=generator))
@@ -316,6 +320,7 @@ class BatchMaker:
             latent = latent.to(dtype).permute(1, 0, 2, 3)  # (4, f, h, w)
             eps = torch.randn(latent.shape, generator=generator).to(device, dtype)
             noisy.append(q_sample(latent, eps, alpha_cumprod))
+            cleans.append(latent)
             noise.append(eps)
             timesteps.append(self.schedule.timestep_map[index])
             keep.append(not dropped)
@@ -336,6 +341,7 @@ class BatchMaker:
                     clean = fit_exemplar(one, height, width)[0].expand(-1, frames, -1, -1)
                 exemplar_noise = torch.randn(clean.shape, generator=generator).to(device, dtype)
                 exemplars.append(q_sample(clean, exemplar_noise, alpha_cumprod))
+                exemplar_cleans.append(clean)
         batch = len(samples)
         input_ids = torch.cat(ids).to(device)
         original = None
@@ -353,6 +359,8 @@ class BatchMaker:
             noise=torch.stack(noise),
             exemplar=torch.stack(exemplars) if exemplars else None,
             original_states=original,
+            clean=torch.stack(cleans),
+            exemplar_clean=torch.stack(exemplar_cleans) if exemplar_cleans else None,
         )
 
 

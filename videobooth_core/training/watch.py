@@ -87,10 +87,11 @@ def tensorboard_available() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validation_frames(models: dict[str, Any], mapper: Any, caption: str, word: str, image: Any, mask: Any,
-                      frames: int, size: int, steps: int, seed: int) -> torch.Tensor:
+                      frames: int, size: int, steps: int, seed: int, sampler: str | None = None) -> torch.Tensor:
     """One video of ``mapper`` with the generation defaults (official sampler, guidance and options) at
     ``steps`` steps: the core's stages in the pipeline's order, so it equals ``VideoBoothPipeline.generate`` of
-    the same request (tested). Returns (frames, size, size, 3) uint8.
+    the same request (tested). ``sampler``: another sampler (the distillation stage's ``lcm``). Returns (frames,
+    size, size, 3) uint8.
 
     The UNet must have ``mapper``'s projections attached."""
     from ..conditioning.embeddings import encode_image_prompt, encode_prompt
@@ -101,7 +102,8 @@ def validation_frames(models: dict[str, Any], mapper: Any, caption: str, word: s
     from ..settings import GenerationSettings
 
     unet, device = models["unet"], next(models["unet"].parameters()).device
-    settings = GenerationSettings(frames=frames, width=size, height=size, steps=steps, seed=seed)
+    settings = GenerationSettings(frames=frames, width=size, height=size, steps=steps, seed=seed,
+                                  **({} if sampler is None else {"sampler": sampler}))
     options = settings.options
     prepared = prepare_image_prompt(image, mask, None, settings.image_prompt_padding)
     null_text, _ = encode_prompt(models["text"], models["tokenizer"], settings.negative_prompt)
