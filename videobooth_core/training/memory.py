@@ -20,6 +20,7 @@ import torch
 from ..errors import explain
 from ..sampling.memory import (CPU_RUNTIME_BYTES, LiveTensorTracker, MemoryEstimate, current_rss_bytes,
                                available_memory_bytes, meta_twin, resident_weight_bytes)
+from ..settings import VAE_SCALE
 from .config import TrainConfig, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def estimate_training_memory(config: TrainConfig, models: dict[str, Any], params
             linear = getattr(projections, name).to(dtype)
             linear.weight.requires_grad_(id(getattr(source, name).weight) in trained)
     meta = torch.device("meta")
-    b, size, frames = config.batch_size, config.size // 8, config.frames
+    b, size, frames = config.batch_size, config.size // VAE_SCALE, config.frames
     width = twin.config.cross_attention_dim
     latent = (b, twin.config.in_channels, frames, size, size)
     noisy, noise = torch.empty(latent, device=meta, dtype=dtype), torch.empty(latent, device=meta, dtype=dtype)
