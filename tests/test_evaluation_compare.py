@@ -107,3 +107,19 @@ def test_latents_of_another_shape_than_the_reference_are_refused(tmp_path) -> No
 
     with pytest.raises(EvaluationError, match=r"\(4, 2, 4, 4\) differs from its reference's \(4, 3, 4, 4\)"):
         latent_mse(torch.zeros(4, 2, 4, 4), torch.zeros(4, 3, 4, 4))
+
+
+def test_a_video_or_reference_without_latents_keeps_an_empty_latent_mse_and_says_so(tmp_path, caplog) -> None:
+    from videobooth_core.evaluation.compare import latent_columns, match_references
+    from videobooth_core.evaluation.media import read_set
+
+    _write_sets(tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "student.jsonl").read_text().splitlines()]
+    del lines[0]["latents"]
+    (tmp_path / "student.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    items, references = read_set(tmp_path / "student.jsonl"), read_set(tmp_path / "teacher.jsonl")
+    with caplog.at_level("WARNING"):
+        columns = latent_columns(items, match_references(items, references, "teacher.jsonl"))
+    assert columns["student1_0"] == {"latent_mse": None, "latent_rel_mse": None}
+    assert columns["student1_1"]["latent_mse"] > 0
+    assert "student1_0: it has no 'latents' file" in caplog.text

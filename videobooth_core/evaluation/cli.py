@@ -37,7 +37,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                         description="Score videos as the paper does (CLIP-T, CLIP-I on the x100 scale, DINO ViT-S/16) "
                                     "plus VBench's subject consistency, and each video's drift (likeness to the "
                                     "image prompt frame by frame: DINO, else CLIP-I); writes scores.csv, scores.json, "
-                                    "report.html, sheet.png, a chart per metric and drift.png into --out.")
+                                    "report.html, sheet.png, a chart per metric and drift.png into --out; with --reference also "
+                                    "compare.csv, compare.md and chart_compare.png.")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest.json of a `generate --jobs` output (or its folder)")
     source.add_argument("--set", dest="eval_set", help="a .jsonl evaluation set (see README: Evaluation)")
