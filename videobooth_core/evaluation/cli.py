@@ -134,8 +134,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     strips: dict[str, Any] = {}
     rows = _score(items, scorer, strips, out)
-    for row in rows:
-        row.update(latent.get(row["id"], {}))
+    if references is not None:  # the comparison's columns; without --reference the rows stay as they were
+        for row, item in zip(rows, items):
+            row.update(config=item.config or "all", **latent[item.id])
     mean = mean_scores(rows)
     models = {"clip": scorer.clip.source if scorer.clip else None, "dino": scorer.dino.source if scorer.dino else None}
     extra = None
@@ -194,8 +195,6 @@ def _score(items: list, scorer: Any, strips: dict[str, Any] | None, out: Path) -
         rows.append({"id": item.id, "video": str(item.video), "seed": item.seed, "prompt": item.prompt,
                      "frames": int(frames.shape[0]), **video_scores(curves),
                      "drift": None if drift is None else drift.as_dict()})
-        if item.config is not None:
-            rows[-1]["config"] = item.config
         if strips is not None:
             strips[item.id] = thumbnail_strip(item.id, frames, reference)
             strips[item.id].save(out / "thumbs" / f"{item.id}.png")
