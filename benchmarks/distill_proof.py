@@ -20,9 +20,11 @@ What it does.
    mean square (rel = MSE / mean(ref^2)); the margin = teacher DDIM MSE / student MSE at the same step count.
 
 ``--evaluate`` adds the ``evaluate`` readout: every held-out case decoded as the teacher's recommended sampler
-(dpmpp_2m, 25 steps, cfg 4) and the student's lcm 1/2/4/8-step videos, scored by ``python -m videobooth_core
-evaluate --set`` (CLIP-T, CLIP-I, DINO, consistency; its table, charts and report in OUT/eval_<run>/) with the tiny
-random metric models (so the scores exercise the path, they measure nothing), and the means per configuration.
+(dpmpp_2m, 25 steps, cfg 4) and the student's lcm 1/2/4/8-step videos, with their latents, scored by ``python -m
+videobooth_core evaluate --set student.jsonl --reference teacher.jsonl`` (CLIP-T, CLIP-I, DINO, consistency and the
+latent MSE to the teacher's video of the same case, per configuration; compare.md, chart_compare.png and the report
+in OUT/eval_<run>/report/) with the tiny random metric models (so the scores exercise the path, they measure
+nothing; the latent MSE is real).
 
 Caveat (see benchmarks/sampler_convergence.py): a random tiny network is a poor stand-in for a trained denoiser (its
 epsilon is far from the noise at high noise levels, so its final latents are large and its ODE is rough). The
@@ -50,6 +52,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from videobooth_core.app.tiny import MARKER_FILE, make_tiny  # noqa: E402
 from videobooth_core.dataset.synthetic import make_synthetic, synthetic_video  # noqa: E402
+from videobooth_core.evaluation.compare import latent_mse  # noqa: E402
 from videobooth_core.pipeline import GenerationRequest, VideoBoothPipeline  # noqa: E402
 from videobooth_core.training.config import TrainConfig  # noqa: E402
 from videobooth_core.training.distill_loop import train_distill  # noqa: E402
@@ -77,41 +80,49 @@ def latents(pipe: VideoBoothPipeline, case: dict, **settings) -> torch.Tensor:
 
 
 def evaluate_readout(pipe: VideoBoothPipeline, cases: list[dict], videos: dict[str, list[torch.Tensor]],
-                     models: Path, folder: Path) -> None:
-    """Decode ``videos`` (configuration -> one latent per case), score them with ``evaluate --set`` and print the
-    mean of each metric per configuration."""
+                     reference: str, models: Path, folder: Path) -> None:
+    """Decode ``videos`` (configuration -> one latent per case), write each one's latents beside it and score them
+    with ``evaluate --set student.jsonl --reference teacher.jsonl`` (the ``reference`` configuration is the
+    teacher's set); print its comparison table (the scores and the latent MSE to the teacher's video of the same
+    case, per configuration)."""
+    import csv
     import subprocess
 
     from PIL import Image
 
     from videobooth_core.app.tiny import METRIC_CLIP_DIR, write_tiny_metric_models
+    from videobooth_core.evaluation.compare import save_latents
     from videobooth_core.video_io import write_frames
 
     if not (models / METRIC_CLIP_DIR).is_dir():
         write_tiny_metric_models(models)
     (folder / "videos").mkdir(parents=True, exist_ok=True)
-    lines = []
+    sets: dict[str, list[str]] = {"teacher": [], "student": []}
     for index, case in enumerate(cases):
         image, mask = folder / f"case{index}.png", folder / f"case{index}_mask.png"
         Image.fromarray(case["image"].numpy()).save(image)
         Image.fromarray(case["mask"].numpy().astype("uint8") * 255).save(mask)
         for name, results in videos.items():
-            video = write_frames(pipe.decode(results[index].float()), folder / "videos" / f"case{index}_{name}.gif",
-                                 overwrite=True)
-            lines.append(json.dumps({"id": f"case{index}_{name}", "video": str(video), "prompt": case["prompt"],
-                                     "word": case["subject_word"], "image": str(image), "mask": str(mask),
-                                     "seed": case["seed"]}))
-    (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
-    subprocess.run([sys.executable, "-m", "videobooth_core", "evaluate", "--set", str(folder / "eval.jsonl"),
-                    "--models", str(models), "--out", str(folder / "report")], check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-    rows = json.loads((folder / "report" / "scores.json").read_text())["videos"]
-    print(f"\nevaluate readout ({folder / 'report'}; tiny random metric models):")
-    print(f"{'configuration':>22} | {'clip_t':>8} | {'clip_i':>8} | {'dino':>8} | {'consistency':>11}")
-    for name in videos:
-        mine = [r for r in rows if r["id"].split("_", 1)[1] == name]
-        means = [sum(r[k] for r in mine) / len(mine) for k in ("clip_t", "clip_i", "dino", "consistency")]
-        print(f"{name:>22} | " + " | ".join(f"{m:8.3f}" for m in means[:3]) + f" | {means[3]:11.4f}")
+            stem = folder / "videos" / f"case{index}_{name}"
+            video = write_frames(pipe.decode(results[index].float()), stem.with_suffix(".gif"), overwrite=True)
+            latents = save_latents(stem.with_suffix(".safetensors"), results[index])
+            sets["teacher" if name == reference else "student"].append(json.dumps(
+                {"id": f"case{index}_{name}", "config": name, "video": str(video), "latents": str(latents),
+                 "prompt": case["prompt"], "word": case["subject_word"], "image": str(image), "mask": str(mask),
+                 "seed": case["seed"]}))
+    for kind, lines in sets.items():
+        (folder / f"{kind}.jsonl").write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, "-m", "videobooth_core", "evaluate", "--set", str(folder / "student.jsonl"),
+                    "--reference", str(folder / "teacher.jsonl"), "--models", str(models),
+                    "--out", str(folder / "report")], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    print(f"\nevaluate readout ({folder / 'report'}/compare.md; reference: {reference}; tiny random metric models):")
+    print(f"{'configuration':>22} | {'clip_t':>8} | {'clip_i':>8} | {'dino':>8} | {'consistency':>11} | "
+          f"{'latent MSE (rel)':>20}")
+    with open(folder / "report" / "compare.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            scores = [float(row[k]) for k in ("clip_t", "clip_i", "dino", "consistency")]
+            print(f"{row['config']:>22} | " + " | ".join(f"{m:8.3f}" for m in scores[:3]) + f" | {scores[3]:11.4f} | "
+                  f"{float(row['latent_mse']):10.4g} ({float(row['latent_rel_mse']):.3f})")
 
 
 def main() -> None:
@@ -165,14 +176,13 @@ def main() -> None:
     kept: dict[str, list[torch.Tensor]] = {}
 
     def measure(name: str, steps: int, **settings) -> None:
-        errors, scales = [], []
+        errors = []
         for case, reference in zip(cases, references):
             result = latents(pipe, case, steps=steps, **settings)
             kept.setdefault(f"{name}{steps}", []).append(result)
-            errors.append(float(((result - reference) ** 2).mean()))
-            scales.append(float((reference ** 2).mean()))
-        rows[name][steps] = sum(errors) / len(errors)
-        relative[name][steps] = sum(e / s for e, s in zip(errors, scales)) / len(errors)
+            errors.append(latent_mse(result, reference))  # (MSE, MSE / mean(reference^2)), as `evaluate` reports
+        rows[name][steps] = sum(mse for mse, _ in errors) / len(errors)
+        relative[name][steps] = sum(rel for _, rel in errors) / len(errors)
 
     for steps in STEPS:
         measure("teacher_ddim", steps, sampler="ddim", **common)
@@ -186,7 +196,7 @@ def main() -> None:
 
     if args.evaluate:  # the videos are decoded with the VAE alone, which the LoRA does not touch
         evaluate_readout(pipe, cases, {k: v for k, v in kept.items() if k.startswith(("student", "teacher_dpmpp"))},
-                         models, out / f"eval_{tag}")
+                         "teacher_dpmpp_2m25", models, out / f"eval_{tag}")
     print(f"\ntrained {args.train_steps} steps in {train_s:.0f} s ({tag}); {len(cases)} held-out cases; "
           f"reference: teacher DDIM {REFERENCE_STEPS} steps, cfg {args.distill_cfg:g} official")
     print(f"{'steps':>5} | {'teacher DDIM MSE (rel)':>24} | {'teacher lcm, no LoRA (rel)':>27} | "

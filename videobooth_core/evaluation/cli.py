@@ -23,6 +23,10 @@ EVALUATE_EXAMPLES = """examples:
 
   # your own set: one {"video", "prompt", "word", "image", "mask"} object per line, paths relative to the file
   python -m videobooth_core evaluate --set eval_set.jsonl --models models --out eval
+
+  # a distilled student's videos against the teacher's of the same seed, prompt and image prompt: the scores of
+  # both and the latent MSE (lines with "latents") per "config", in compare.csv, compare.md, chart_compare.png
+  python -m videobooth_core evaluate --set student.jsonl --reference teacher.jsonl --models models --out eval
 """
 
 
@@ -33,10 +37,14 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
                         description="Score videos as the paper does (CLIP-T, CLIP-I on the x100 scale, DINO ViT-S/16) "
                                     "plus VBench's subject consistency, and each video's drift (likeness to the "
                                     "image prompt frame by frame: DINO, else CLIP-I); writes scores.csv, scores.json, "
-                                    "report.html, sheet.png, a chart per metric and drift.png into --out.")
+                                    "report.html, sheet.png, a chart per metric and drift.png into --out; with --reference also "
+                                    "compare.csv, compare.md and chart_compare.png.")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--manifest", help="manifest.json of a `generate --jobs` output (or its folder)")
     source.add_argument("--set", dest="eval_set", help="a .jsonl evaluation set (see README: Evaluation)")
+    ev.add_argument("--reference", help="a reference set (.jsonl, or a jobs manifest.json or its folder), e.g. the "
+                                        "teacher's videos: each video is compared with the one of the same seed, "
+                                        "prompt and image prompt (scores + latent MSE per configuration)")
     ev.add_argument("--out", required=True, help="output folder (created; its score and report files are replaced)")
     _add_model_args(ev)
 
@@ -106,15 +114,61 @@ def load_scorer(args: argparse.Namespace, need: tuple[str, ...] = ("clip", "dino
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .drift import Drift, drift_metric
-    from .media import prepared_image_prompt, read_manifest, read_set, read_video
-    from .metrics import mean_scores, video_scores
-    from .report import thumbnail_strip, write_charts, write_drift_chart, write_html, write_scores, write_sheet
+    from .media import read_manifest, read_set
+    from .metrics import mean_scores
+    from .report import write_charts, write_drift_chart, write_html, write_scores, write_sheet
 
     items = read_manifest(args.manifest) if args.manifest else read_set(args.eval_set)
     out = Path(args.out)
     check_output_folder(out)  # writable and not a file, before any metric model loads
-    for item in items:  # every video present and readable, every score that will stay empty said now
+    _check_items(items)
+    references, latent = None, {}
+    if args.reference:  # matched and their latent MSEs computed before any metric model loads
+        from .compare import latent_columns, match_references
+
+        where = Path(args.reference)
+        references = read_manifest(where) if where.is_dir() or where.suffix == ".json" else read_set(where)
+        _check_items(references)
+        latent = latent_columns(items, match_references(items, references, str(where)))
+    scorer = load_scorer(args)
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    strips: dict[str, Any] = {}
+    rows = _score(items, scorer, strips, out)
+    if references is not None:  # the comparison's columns; without --reference the rows stay as they were
+        for row, item in zip(rows, items):
+            row.update(config=item.config or "all", **latent[item.id])
+    mean = mean_scores(rows)
+    models = {"clip": scorer.clip.source if scorer.clip else None, "dino": scorer.dino.source if scorer.dino else None}
+    extra = None
+    if references is not None:
+        from .compare import LATENT_COLUMNS, compare_table, write_compare
+
+        print(f"the reference set {args.reference}:", flush=True)
+        reference_rows = _score(references, scorer, None, out)
+        table = compare_table(rows, reference_rows)
+        write_compare(out, table, args.reference)
+        mean.update({c: _mean_of(rows, c) for c in LATENT_COLUMNS})
+        extra = {"reference": {"set": str(args.reference), "videos": reference_rows, "comparison": table}}
+        for row in table:
+            print("compare: " + json.dumps(row), flush=True)
+    write_scores(out, rows, mean, models, extra)
+    write_sheet(out, rows, strips)
+    charts = write_charts(out, rows)
+    drift_chart = write_drift_chart(out, rows)
+    compare_chart = [out / "chart_compare.png"] if (out / "chart_compare.png").is_file() and extra else []
+    write_html(out, rows, mean, charts + ([drift_chart] if drift_chart else []) + compare_chart)
+    print("mean: " + json.dumps(mean))
+    return 0
+
+
+def _mean_of(rows: list[dict[str, Any]], column: str) -> float | None:
+    values = [row[column] for row in rows if row.get(column) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _check_items(items: list) -> None:
+    """Every video present and readable, every score that will stay empty said now (before models load)."""
+    for item in items:
         check_video(item.video)
         if item.prompt is None:
             print(f"warning: {item.id}: no 'prompt', so its clip_t stays empty (give each line a \"prompt\")",
@@ -122,10 +176,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if item.image is None:
             print(f"warning: {item.id}: no 'image', so its clip_i, dino and drift stay empty (give each line an "
                   "\"image\")", file=sys.stderr)
-    scorer = load_scorer(args)
-    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+
+
+def _score(items: list, scorer: Any, strips: dict[str, Any] | None, out: Path) -> list[dict[str, Any]]:
+    """Each item's row (scores, drift); with ``strips`` its thumbnail strip kept there and saved in out/thumbs."""
+    from .drift import Drift, drift_metric
+    from .media import prepared_image_prompt, read_video
+    from .metrics import video_scores
+    from .report import thumbnail_strip
+
     likeness = drift_metric(scorer)  # the drift curve: DINO when loaded, else CLIP-I
-    rows, strips = [], {}
+    rows = []
     for item in items:
         frames = read_video(item.video)
         reference = prepared_image_prompt(item)
@@ -134,20 +195,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows.append({"id": item.id, "video": str(item.video), "seed": item.seed, "prompt": item.prompt,
                      "frames": int(frames.shape[0]), **video_scores(curves),
                      "drift": None if drift is None else drift.as_dict()})
-        strips[item.id] = thumbnail_strip(item.id, frames, reference)
-        strips[item.id].save(out / "thumbs" / f"{item.id}.png")
+        if strips is not None:
+            strips[item.id] = thumbnail_strip(item.id, frames, reference)
+            strips[item.id].save(out / "thumbs" / f"{item.id}.png")
         print(json.dumps({k: rows[-1][k] for k in ("id", "clip_t", "clip_i", "dino", "consistency")}), flush=True)
         if drift is not None:
             print(f"  drift: {drift.summary()}", flush=True)
-    mean = mean_scores(rows)
-    models = {"clip": scorer.clip.source if scorer.clip else None, "dino": scorer.dino.source if scorer.dino else None}
-    write_scores(out, rows, mean, models)
-    write_sheet(out, rows, strips)
-    charts = write_charts(out, rows)
-    drift_chart = write_drift_chart(out, rows)
-    write_html(out, rows, mean, charts + ([drift_chart] if drift_chart else []))
-    print("mean: " + json.dumps(mean))
-    return 0
+    return rows
 
 
 def check_video(path: Path) -> None:

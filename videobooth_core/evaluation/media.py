@@ -7,7 +7,9 @@ Evaluation set (``--set FILE.jsonl``), one JSON object per line, paths relative 
 ``video`` (required): .mp4/.mov/.mkv/.webm..., .gif/.webp or a folder of PNG frames (read by
 :mod:`videobooth_core.video_io`); ``prompt`` (required for CLIP-T); ``image`` (required for CLIP-I and DINO; a
 cut-out PNG's alpha is its mask); ``mask``, ``bbox`` [x1, y1, x2, y2], ``word`` and ``id`` (default: the video's
-name) are optional. A batch-jobs output is
+name) are optional; with ``evaluate --reference`` (compare.py) also ``seed``, ``config`` (the configuration the
+video belongs to in the comparison table, e.g. ``lcm 4 steps``) and ``latents`` (a .safetensors of the video's
+latents, for the latent MSE). A batch-jobs output is
 read from its ``manifest.json`` (``--manifest``): every finished item with its prompt, word, image and mask.
 """
 
@@ -35,6 +37,8 @@ class EvalItem:
     mask: Path | None = None
     bbox: tuple[float, float, float, float] | None = None
     seed: int | None = None
+    config: str | None = None
+    latents: Path | None = None
 
 
 def read_video(path: str | Path) -> torch.Tensor:
@@ -77,10 +81,13 @@ def _item(obj: dict, base: Path, where: str, default_id: str | None = None) -> E
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise EvaluationError(f"{where}: 'prompt' must be a string, got {json.dumps(prompt)}")
+    config = obj.get("config")
+    if config is not None and (not isinstance(config, str) or not config):
+        raise EvaluationError(f"{where}: 'config' must be a name like \"lcm 4 steps\", got {json.dumps(config)}")
     return EvalItem(id=str(obj.get("id") or default_id or video.stem), video=video, prompt=prompt,
                     word=obj.get("word"), image=_path(obj.get("image"), base, "image", where),
                     mask=_path(obj.get("mask"), base, "mask", where), bbox=tuple(bbox) if bbox else None,
-                    seed=obj.get("seed"))
+                    seed=obj.get("seed"), config=config, latents=_path(obj.get("latents"), base, "latents", where))
 
 
 def read_set(path: str | Path) -> list[EvalItem]:
@@ -117,7 +124,9 @@ def read_manifest(path: str | Path) -> list[EvalItem]:
     items = []
     for entry in manifest.get("items", []):
         settings = entry.get("settings", {})
-        obj = {"id": entry.get("id"), "video": entry.get("output"), "seed": entry.get("seed"),
+        steps, sampler = settings.get("steps"), settings.get("sampler")
+        config = f"{sampler} {steps} steps" if sampler and steps else None  # the comparison's configuration
+        obj = {"id": entry.get("id"), "video": entry.get("output"), "seed": entry.get("seed"), "config": config,
                **{k: settings.get(k) for k in ("prompt", "word", "image", "mask", "bbox")}}
         items.append(_item(obj, path.parent, f"{path} item {entry.get('id')!r}"))
     if not items:

@@ -7,6 +7,8 @@
     sheet.png      every video's row of thumbnails with its scores (PIL only)
     report.html    the same rows as a page, with the charts
     chart_<metric>.png   one bar per video (named on its axis and in the PNG's metadata); needs matplotlib
+    compare.csv, compare.md, chart_compare.png   with ``--reference``: the means per configuration and the
+                   reference's, latent MSE included (compare.py)
     drift.png      the per-frame likeness curve of every video with an image prompt; needs matplotlib
 """
 
@@ -34,8 +36,11 @@ LABELS = {"clip_t": "CLIP-T (x100)", "clip_i": "CLIP-I (x100)", "dino": "DINO (c
           "consistency": "subject consistency (VBench)"}
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, column: str | None = None) -> str:
+    """A score with 4 decimals; a latent MSE (any magnitude) with 6 significant digits."""
+    if value is None:
+        return ""
+    return f"{value:.6g}" if column in ("latent_mse", "latent_rel_mse") else f"{value:.4f}"
 
 
 def _drift_text(drift: dict[str, Any]) -> str:
@@ -58,20 +63,24 @@ def thumbnail_strip(video_id: str, frames: torch.Tensor, image_prompt: torch.Ten
     return strip
 
 
-def write_scores(out: Path, rows: list[dict[str, Any]], mean: dict[str, float | None], models: dict[str, str]) -> None:
-    """scores.csv and scores.json (see the module docstring)."""
-    columns = ["id", "video", "seed", "prompt", *METRICS]
+def write_scores(out: Path, rows: list[dict[str, Any]], mean: dict[str, float | None], models: dict[str, str],
+                 reference: dict[str, Any] | None = None) -> None:
+    """scores.csv and scores.json (see the module docstring); with ``reference`` (``evaluate --reference``, see
+    compare.py) the CSV gains the columns config, latent_mse and latent_rel_mse and the JSON a ``reference`` key."""
+    figures = [*METRICS, *(("latent_mse", "latent_rel_mse") if reference else ())]
+    columns = ["id", "video", "seed", "prompt", *(("config",) if reference else ()), *figures]
     with atomic_path(out / "scores.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([row.get(c) if c not in METRICS else _fmt(row.get(c)) for c in columns])
-        writer.writerow(["mean", "", "", "", *(_fmt(mean[m]) for m in METRICS)])
+            writer.writerow([row.get(c) if c not in figures else _fmt(row.get(c), c) for c in columns])
+        writer.writerow(["mean", *[""] * (len(columns) - len(figures) - 1), *(_fmt(mean.get(m), m) for m in figures)])
     paper = {"clip_t": mean["clip_t"], "clip_i": mean["clip_i"],
              "dino": None if mean["dino"] is None else 100 * mean["dino"]}
     write_json_atomic(out / "scores.json", {"videos": rows, "mean": mean, "models": models,
                                             "paper_scale": paper,
-                                            "paper_videobooth": {"clip_t": 30.10, "clip_i": 74.80, "dino": 65.10}})
+                                            "paper_videobooth": {"clip_t": 30.10, "clip_i": 74.80, "dino": 65.10},
+                                            **(reference or {})})
 
 
 def write_sheet(out: Path, rows: list[dict[str, Any]], strips: dict[str, Any]) -> Path:
