@@ -425,3 +425,72 @@ def test_a_controlnet_in_the_call_shared_by_the_positive_and_the_negative(model)
     assert torch.equal(frames_to_video(both[FRAMES:], FRAMES), eps_uncond)
     assert torch.allclose(both[:FRAMES], cond, rtol=0, atol=1e-4)  # the same positive (its own call: kernel order)
     assert torch.allclose(both[FRAMES:], uncond, rtol=0, atol=1e-4)
+
+
+def _comfy_lcm_denoised(x: torch.Tensor, eps: torch.Tensor, sigma: float, timestep: int) -> torch.Tensor:
+    """ComfyUI 0.3.64's ``ModelSamplingDiscrete(lcm)`` boundary (``nodes_model_advanced.LCM``), written out: in the
+    host's scale ``x = x0 + sigma * noise``, with ``c_skip`` on that unscaled ``x`` (diffusers puts it on ``x_t``)."""
+    scaled = timestep * 10.0
+    c_skip = 0.25 / (scaled ** 2 + 0.25)
+    c_out = scaled / (scaled ** 2 + 0.25) ** 0.5
+    return c_out * (x - eps * sigma) + c_skip * x
+
+
+class _Replay:
+    """The core's noise source with fixed draws, so the host loop below can use the same ones."""
+
+    def __init__(self, draws: dict) -> None:
+        self.draws = draws
+
+    def initial(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.draws["z"]
+
+    def exemplar(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.draws["exemplar"][step]
+
+    def step(self, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.draws["step"][step]
+
+
+def test_comfyuis_lcm_sampler_on_the_native_model_is_the_core_lcm_sampler(model, monkeypatch) -> None:
+    """KSampler ``lcm`` after ``ModelSamplingDiscrete(lcm)`` on the native model (its loop, input scaling, boundary and
+    re-noising, written out as ComfyUI 0.3.64 computes them) equals the core's ``sample_lcm`` at the same timesteps
+    with the same draws, within float rounding and ComfyUI's ``c_skip`` convention (at most ``c_skip * (1/sqrt(abar)
+    - 1) * |x_t|``: 4e-7 relative at t = 999). ComfyUI visits 999, 759, 499, 259 at 4 steps (its 50-point grid is
+    every 20th timestep, ``simple`` picks every 12.5th point); the core 999, 758, 518, 277 (the LoRA's grid)."""
+    from videobooth_core.sampling import lcm
+
+    host_steps = [999, 759, 499, 259]
+    monkeypatch.setattr(lcm, "lcm_timesteps", lambda steps, skip=lcm.DEFAULT_SKIP: host_steps)
+    generator = torch.Generator().manual_seed(11)
+    shape = (1, 4, FRAMES, SIZE, SIZE)
+    draws = {"z": torch.randn(shape, generator=generator),
+             "exemplar": [torch.randn(shape, generator=generator) for _ in host_steps],
+             "step": [torch.randn(shape, generator=generator) for _ in host_steps]}
+    cond, null, clean = model["cond"], model["null"], model["clean"][:1]
+    denoiser = VideoDenoiser(model["unet"], cond, null, cfg_scale=4.0, batch_passes=False)
+    table = torch.from_numpy(base_betas()).neg().add(1).cumprod(0)
+    with torch.no_grad():
+        core = lcm.sample_lcm(denoiser, 4, shape, _Replay(draws), exemplar_clean=clean)  # cfg 1: one pass a step
+        sigmas = [float(((1 - table[t]) / table[t]) ** 0.5) for t in host_steps] + [0.0]
+        x = video_to_frames(draws["z"]) * (1 + sigmas[0] ** 2) ** 0.5  # noise_scaling at the model's sigma_max
+        for i, timestep in enumerate(host_steps):
+            x_t = x / (sigmas[i] ** 2 + 1) ** 0.5  # EPS.calculate_input
+            eps = model["native"](x_t, torch.full((x.shape[0],), float(timestep)), cond.expand(x.shape[0], -1, -1),
+                                  FRAMES, image_prompt=clean, image_prompt_noise=draws["exemplar"][i],
+                                  image_prompt_alpha_cumprod=alpha_cumprod_of_sigma(sigmas[i]), null_context=null)
+            x = _comfy_lcm_denoised(x, eps, sigmas[i], timestep)
+            if sigmas[i + 1] > 0:  # sample_lcm re-noises with the sampler's noise (here the core's draw)
+                x = x + sigmas[i + 1] * video_to_frames(draws["step"][i])
+    host = frames_to_video(x, FRAMES)
+    scale = core.abs().max().item()
+    assert scale > 1.0 and host.shape == core.shape
+    torch.testing.assert_close(host, core, rtol=0, atol=1e-5 * scale)
+    # the boundary's one convention difference, exactly where it is: c_skip multiplies x_t / sqrt(abar) in ComfyUI
+    abar = float(table[999])
+    x_t, eps = draws["z"].double(), torch.randn(shape, generator=generator).double()  # float64: the term is 4e-7
+    comfy = _comfy_lcm_denoised(x_t / abar ** 0.5, eps, ((1 - abar) / abar) ** 0.5, 999)
+    c_skip = lcm.consistency_coefficients(999)[0]
+    core_f = lcm.consistency_output(x_t, eps, 999, abar)
+    torch.testing.assert_close(comfy, core_f + c_skip * (abar ** -0.5 - 1) * x_t, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(comfy, core_f) and 0 < c_skip * (abar ** -0.5 - 1) < 5e-7
