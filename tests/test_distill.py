@@ -408,3 +408,30 @@ def test_generate_with_the_lcm_sampler_and_a_distilled_lora(tiny_models, tmp_pat
     sites = len(unet.attention_sites)
     assert f"{4 * sites} key/value layers on {6 * sites} mapper projections" in result.stdout + result.stderr
     assert (tmp_path / "lcm.gif").is_file()
+
+
+def test_the_distillation_stage_checks_memory_before_training(tiny_models, synth, tmp_path, monkeypatch) -> None:
+    """Stage 2's estimate with the LoRA as the trained parameters: refused on a device reporting too little, before
+    any step (no metrics written), and the estimate's trained bytes are the LoRA's."""
+    import videobooth_core.training.memory as memory
+    from videobooth_core.training.config import TrainingError
+    from videobooth_core.training.distill_loop import DistillStage, load_distill_models, train_distill
+
+    config = _distill_config(tiny_models, synth, tmp_path / "run", memory_check=True)
+    models = load_distill_models(config, torch.device("cpu"))
+    stage = DistillStage(config)
+    params = stage.trainable(models, torch.device("cpu"))
+    try:
+        estimate = memory.estimate_training_memory(stage.batch_config, models, params, "cpu")
+        lora_bytes = sum(p.numel() * p.element_size() for p in params)
+        assert estimate.activations_bytes > 0
+        with pytest.raises(TrainingError, match="too little memory"):
+            memory.check_training_memory(stage.batch_config, models, params, "cpu",
+                                         available=memory.added_bytes(estimate, params) - 1)
+        assert memory.added_bytes(estimate, params) == estimate.activations_bytes + 4 * lora_bytes
+    finally:
+        stage.close()
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 2**20)
+    with pytest.raises(TrainingError, match="too little memory"):
+        train_distill(config, models=models)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

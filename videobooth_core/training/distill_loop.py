@@ -146,7 +146,13 @@ class DistillStage(Stage):
         return list(self.layers.parameters())
 
     def check_memory(self, models: dict[str, Any], params: list[nn.Parameter], device: torch.device) -> None:
-        logger.info("the distillation stage has no memory estimate yet; training without the check")
+        """Stage 2's estimate with the LoRA as the trained parameters: the student's backward runs through the
+        whole UNet with the image prompt, as stage 2's does, so its activations are the step's peak (the teacher's
+        and the target's passes run without gradients and hold less); the LoRA's weights, gradients, AdamW moments
+        and EMA target are the trained bytes. The LoRA's own rank-r activations are not counted (a few % at most)."""
+        from .memory import check_training_memory
+
+        check_training_memory(self.batch_config, models, params, device)
 
     def make_ema(self) -> Any:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
