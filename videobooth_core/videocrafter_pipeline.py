@@ -1,7 +1,7 @@
 """VideoCrafter1/2 generation, the Python API: a checkpoint of any of the four released kinds, a prompt (and for
-image-to-video a start image) in, frames out, with the official sampler and defaults.
+image-to-video a start image) in, frames out, with the official sampler and defaults (README: VideoCrafter1
+and VideoCrafter2 has the import line):
 
-    from videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoCrafterRequest
     pipe = VideoCrafterPipeline.from_models_dir("models")            # finds models/videocrafter/*.ckpt
     result = pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", seed=123))
     result.frames  # (frames, height, width, 3) uint8

@@ -3,8 +3,7 @@ dests name them, become a validated :class:`~videobooth_core.pipeline.Generation
 jobs and the Python API build their requests here, so they read the same files the same way and refuse the same
 things before any model loads; only the words of their messages differ (``names``: flags, jobs keys).
 
-    from videobooth_core.app.request import build_request
-
+    # this module's build_request, as the README's Python API section imports it
     request = build_request({"prompt": "a dog running on the beach", "word": "dog", "image": "dog.png", "cfg": 6,
                              "subjects": [{"word": "cat", "image": "cat.png", "strength": 0.8}]})
     pipe.generate(request)
