@@ -46,15 +46,18 @@ class ContextOptions:
     """How a long video is split: ``window`` frames per UNet call (frame 0 included), ``overlap`` frames shared
     by neighbouring windows (besides frame 0), ``fuse`` the weights of overlapping predictions (``pyramid``:
     highest at a window's middle, so seams fade; ``flat``: equal), ``noise_reuse``: FreeNoise-style initial
-    noise (later windows start from shuffled copies of earlier windows' noise, which keeps the content closer)."""
+    noise (later windows start from shuffled copies of earlier windows' noise, which keeps the content closer).
+    ``schedule``: :data:`FRAME0` (VideoBooth) or :data:`CONTIGUOUS` (VideoCrafter: windows of consecutive frames,
+    no frame 0, so ``overlap`` counts every shared frame)."""
 
     window: int = CONTEXT_WINDOW
     overlap: int = CONTEXT_OVERLAP
     fuse: str = FUSE_MODES[0]
     noise_reuse: bool = False
+    schedule: str = FRAME0
 
     def __post_init__(self) -> None:
-        check_context(self.window, self.overlap, self.fuse)
+        check_context(self.window, self.overlap, self.fuse, schedule=self.schedule)
 
     def applies(self, frames: int) -> bool:
         """True when a video of ``frames`` frames is denoised by windows (more frames than one window)."""
