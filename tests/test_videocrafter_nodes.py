@@ -94,5 +94,6 @@ def test_the_sampler_takes_the_context_options_as_windows_of_consecutive_frames(
     assert not torch.equal(expected.frames, plain.frames)
     (reuse,) = run("VideoBoothContextOptions", context_window=4, context_overlap=2, context_fuse="flat",
                    noise_reuse=True)
-    with pytest.raises(errors.SamplingError, match="noise_reuse .* does not apply to VideoCrafter.*turn noise_reuse off"):
+    with pytest.raises(errors.SamplingError,
+                       match="noise_reuse .* does not apply to VideoCrafter.*turn noise_reuse off"):
         run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "frames": 7}, context=reuse)

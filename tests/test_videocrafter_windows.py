@@ -137,7 +137,8 @@ def test_the_command_line_and_jobs_run_more_frames_than_a_window(sets: Path, tmp
     (["--context-window", "4", "--context-overlap", "4"], "--context-overlap must be at most --context-window - 1 = 3"),
     (["--context-window", "4", "--noise-reuse"], "'--noise-reuse'"),
 ])
-def test_bad_window_settings_are_refused_by_name_before_loading(sets: Path, tmp_path: Path, capsys, flags, words) -> None:
+def test_bad_window_settings_are_refused_by_name_before_loading(sets: Path, tmp_path: Path, capsys, flags,
+                                                                words) -> None:
     assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags,
                  "--out", str(tmp_path / "no.gif")]) == 2
     err = capsys.readouterr().err

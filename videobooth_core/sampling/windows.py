@@ -71,7 +71,8 @@ def check_context(window: int, overlap: int, fuse: str = FUSE_MODES[0],
     Each window needs at least one frame its predecessor lacks: ``overlap`` at most ``window - 2`` with
     :data:`FRAME0` (frame 0 is in every window), ``window - 1`` with :data:`CONTIGUOUS`."""
     if schedule not in SCHEDULES:
-        raise SamplingError(explain("unknown context window schedule", schedule, f"choose one of {', '.join(SCHEDULES)}"))
+        raise SamplingError(explain("unknown context window schedule", schedule,
+                                    f"choose one of {', '.join(SCHEDULES)}"))
     shared = 1 if schedule == FRAME0 else 0  # frames every window holds besides its overlap: frame 0
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise SamplingError(explain("the context window must be a whole number of at least 2 frames", window,
