@@ -5,6 +5,7 @@ and VideoCrafter2 has the import line):
     pipe = VideoCrafterPipeline.from_models_dir("models")            # finds models/videocrafter/*.ckpt
     result = pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", seed=123))
     result.frames  # (frames, height, width, 3) uint8
+    pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", frames=64, context_window=16))  # long video
 
 Every stage is the one the tests compare with the official code: :mod:`.loading.videocrafter` (checkpoint, UNet,
 projector), :mod:`.conditioning.openclip_text` (prompt -> context), :mod:`.sampling.videocrafter` (DDIM), the SD VAE
