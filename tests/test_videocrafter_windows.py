@@ -175,3 +175,21 @@ def test_with_windows_the_memory_estimate_is_one_windows_step(sets: Path) -> Non
     assert covered.activations_bytes == window  # no windows: the plain estimate
     request = VideoCrafterRequest(prompt="x", frames=32, context_window=4, context_overlap=1, **SMALL)
     assert pipe.estimate_memory(request).activations_bytes == windowed  # the pipeline passes its window
+
+
+def test_default_window_settings_leave_a_videocrafter_jobs_fingerprint_as_it_was() -> None:
+    """Done-records of VideoCrafter jobs written before the window settings existed stay valid (a resume redoes
+    nothing); a window given is part of the fingerprint."""
+    from videobooth_core.app.jobs.schema import Job
+
+    first = {"negative": "", "frames": 16, "width": None, "height": None, "steps": 50, "eta": 1.0, "cfg": 12.0,
+             "fps": None, "seed": 123}  # the first format's settings
+    now = {**first, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid"}
+
+    def job(settings: dict) -> Job:
+        return Job(index=0, line=1, id="a", out="a.gif", prompt="a cat", word=None, image=None, mask=None, bbox=None,
+                   settings=settings, family="videocrafter2", model="videocrafter2.ckpt")
+
+    assert job(now).fingerprint("fp32") == job(first).fingerprint("fp32")
+    assert job({**now, "context_window": 16}).fingerprint("fp32") != job(first).fingerprint("fp32")
+    assert job({**now, "context_fuse": "flat"}).fingerprint("fp32") != job(first).fingerprint("fp32")
