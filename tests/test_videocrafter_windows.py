@@ -59,6 +59,8 @@ def test_the_contiguous_schedule_is_consecutive_frames_the_last_window_at_the_en
         check_context(4, 4, schedule=CONTIGUOUS)
     with pytest.raises(SamplingError, match="unknown context window schedule: 'loop'"):
         ContextOptions(4, 1, schedule="loop")
+    with pytest.raises(SamplingError, match="frame-0 windows only; the schedule is: 'contiguous'; leave noise reuse"):
+        ContextOptions(4, 1, noise_reuse=True, schedule=CONTIGUOUS)
     with pytest.raises(SamplingError, match="consecutive frames; got the schedule: 'frame0'"):
         windowed_eps(lambda x, t: (x, x), ContextOptions(4, 1))
 

@@ -58,6 +58,9 @@ class ContextOptions:
 
     def __post_init__(self) -> None:
         check_context(self.window, self.overlap, self.fuse, schedule=self.schedule)
+        if self.noise_reuse and self.schedule != FRAME0:  # reuse_noise's shuffle is laid out for frame-0 windows
+            raise SamplingError(explain("noise reuse (FreeNoise) works with the frame-0 windows only; the schedule is",
+                                        self.schedule, "leave noise reuse off"))
 
     def applies(self, frames: int) -> bool:
         """True when a video of ``frames`` frames is denoised by windows (more frames than one window)."""
