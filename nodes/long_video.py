@@ -23,7 +23,8 @@ class VideoBoothContextOptions:
                    "overlapping windows whose predictions are fused at every step. Every window holds the video's "
                    "frame 0 and the image prompt, so the subject stays the same across the video; memory stays that "
                    "of one window and time grows linearly with the frames. Videos no longer than the window are "
-                   "unchanged.")
+                   "unchanged. The VideoCrafter Sampler takes the same options as windows of consecutive frames "
+                   "(no frame 0; noise_reuse off).")
     CATEGORY = "VideoBooth/sampling"
     FUNCTION = "options"
     RETURN_TYPES = (CONTEXT,)

@@ -25,14 +25,22 @@ from ..videobooth_core.settings import (
 from ..videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoCrafterRequest
 from . import _bridge as bridge
 from .loaders import DEVICES, PRECISIONS, precision_tooltip
+from .long_video import CONTEXT, ContextOptions
 
 VIDEOCRAFTER_FOLDER = "videocrafter"
 VIDEOCRAFTER = "VIDEOCRAFTER"
 """The socket type of a loaded VideoCrafter model."""
 AUTO = "auto"
 _CACHE: dict[tuple, VideoCrafterPipeline] = {}
-_WIDGET_NAMES = {"negative": "negative_prompt"}.get
-"""How the sampler's messages name a setting: by its widget (the others share the settings' keys)."""
+_OTHER_NAMES = {"negative": "negative_prompt", "context_window": "context_window (VideoBooth Context Options)",
+                "context_overlap": "context_overlap (VideoBooth Context Options)",
+                "context_fuse": "context_fuse (VideoBooth Context Options)"}
+
+
+def _widget_names(key: str) -> str:
+    """How the sampler's messages name a setting: by its widget, or the Context Options node's (the widgets share
+    the settings' keys)."""
+    return _OTHER_NAMES.get(key, key)
 
 
 def _widget(key: str) -> dict:
@@ -128,20 +136,39 @@ class VideoBoothVideoCrafterSampler:
             },
             "optional": {
                 "start_image": ("IMAGE", {"tooltip": "Image-to-video only: the image the video starts from."}),
+                "context": (CONTEXT, {"tooltip": (
+                    "Long videos: from VideoBooth Context Options (noise_reuse off). More frames than its window "
+                    "are denoised by overlapping windows of consecutive frames, fused at every step (memory of one "
+                    "window); needed beyond 64 frames.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model: VideoCrafterPipeline, prompt: str, negative_prompt: str, frames: int, width: int,
                height: int, steps: int, eta: float, cfg: float, fps: int, seed: int,
-               start_image: torch.Tensor | None = None, unique_id: str | None = None) -> tuple[torch.Tensor]:
+               start_image: torch.Tensor | None = None, context: ContextOptions | None = None,
+               unique_id: str | None = None) -> tuple[torch.Tensor]:
         request = model.check(VideoCrafterRequest(  # 0: not set, the model's value
             prompt=prompt, negative_prompt=negative_prompt, frames=frames, width=width or None, height=height or None,
-            steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed,
-            start_image=bridge.first_image(start_image) if start_image is not None else None), names=_WIDGET_NAMES)
+            steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed, **_context_settings(context),
+            start_image=bridge.first_image(start_image) if start_image is not None else None), names=_widget_names)
         progress = bridge.Progress(len(ddim_timesteps(request.steps)), unique_id)
         result = model.generate(request, callback=bridge.step_reporter(progress, 0))
         return (bridge.image_to_comfy(result.frames.float() / 255.0),)
+
+
+def _context_settings(context: ContextOptions | None) -> dict:
+    """The request's context settings from the Context Options node's output (none: every frame in one call);
+    its FreeNoise ``noise_reuse`` is VideoBooth's (the official noise order has no window layout) and refused."""
+    from ..videobooth_core.errors import SamplingError, explain
+
+    if context is None:
+        return {}
+    if context.noise_reuse:
+        raise SamplingError(explain("noise_reuse (VideoBooth Context Options) is VideoBooth's FreeNoise and does not "
+                                    "apply to VideoCrafter, whose noise is drawn in the official order", True,
+                                    "turn noise_reuse off"))
+    return {"context_window": context.window, "context_overlap": context.overlap, "context_fuse": context.fuse}
 
 
 NODE_CLASS_MAPPINGS = {"VideoBoothVideoCrafterLoader": VideoBoothVideoCrafterLoader,

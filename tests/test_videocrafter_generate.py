@@ -129,9 +129,10 @@ def test_a_given_flag_is_used_as_given_and_only_a_missing_one_takes_the_familys_
             given.negative_prompt) == (250, 256, 256, 0.0, 4.0, 10, 8, "None")
     assert (check_request(given, "videocrafter2").steps, len(VideoCrafterDDIM(250))) == (250, 250)
     for flags, words in ((["--sampler", "ddpm"], "--sampler"), (["--guidance", "all"], "--guidance"),
-                         (["--context-window", "8", "--padding", "0"], "'--padding --context-window'"),
+                         (["--noise-reuse", "--padding", "0"], "'--padding --noise-reuse'"),
                          (["--fps", "7.5"], "--fps must be a whole number, got 7.5"),
-                         (["--frames", "65"], "--frames must be between 1 and 64, got 65"),
+                         (["--frames", "257"], "--frames must be between 1 and 256, got 257"),
+                         (["--context-window", "1"], "--context-window must be at least 2 and at most 64, got 1"),
                          (["--cfg", "0.5"], "--cfg must be at least 1 and at most 30, got 0.5; the default is 12")):
         with pytest.raises(VideoBoothError) as caught:
             _command_line_request(*flags)
@@ -144,7 +145,7 @@ def test_the_videocrafter_table_is_its_requests_defaults_with_videobooths_flags(
     request = VideoCrafterRequest(prompt="x")
     assert {key: getattr(request, spec.name) for key, spec in VIDEOCRAFTER_SETTINGS.items()} == {
         "negative": "", "frames": 16, "width": None, "height": None, "steps": 50, "eta": 1.0, "cfg": 12.0,
-        "fps": None, "seed": 123}
+        "fps": None, "seed": 123, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid"}
     assert all(spec.flag == SETTINGS[key].flag for key, spec in VIDEOCRAFTER_SETTINGS.items())
 
 

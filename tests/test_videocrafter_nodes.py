@@ -58,7 +58,10 @@ def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
     with pytest.raises(errors.ImagePromptError, match="needs the image-to-video model"):
         run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=torch.rand(1, 32, 32, 3))
     # the settings table's ranges, named by the widget, before any step runs
-    for change, words in (({"frames": 65}, "frames must be between 1 and 64, got 65; the default is 16"),
+    for change, words in (({"frames": 257}, "frames must be between 1 and 256, got 257; the default is 16"),
+                          ({"frames": 65}, r"more than 64 frames need context windows: 65; give context_window "
+                                           r"\(VideoBooth Context Options\) 16 \(the trained length\), or at most 64 "
+                                           "frames"),
                           ({"cfg": 0.5}, "cfg must be at least 1 and at most 30, got 0.5; the default is 12"),
                           ({"negative_prompt": 5}, "negative_prompt must be a string, got 5")):
         with pytest.raises(errors.SamplingError, match=words):
@@ -75,3 +78,22 @@ def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> Non
     assert torch.equal(frames, expected.frames.float() / 255)
     with pytest.raises(errors.ImagePromptError, match="needs a start image"):
         run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)
+
+
+def test_the_sampler_takes_the_context_options_as_windows_of_consecutive_frames(models: Path) -> None:
+    """VideoBooth Context Options into the VideoCrafter Sampler: the API's windowed video (contiguous windows);
+    FreeNoise's noise_reuse is VideoBooth's and refused by name."""
+    (model,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter2.ckpt", precision="fp32", device="cpu")
+    (context,) = run("VideoBoothContextOptions", context_window=4, context_overlap=2, context_fuse="flat",
+                     noise_reuse=False)
+    (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "frames": 7}, context=context)
+    expected = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3,
+                                                      context_window=4, context_overlap=2, context_fuse="flat"))
+    plain = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3))
+    assert frames.shape == (7, 64, 64, 3) and torch.equal(frames, expected.frames.float() / 255)
+    assert not torch.equal(expected.frames, plain.frames)
+    (reuse,) = run("VideoBoothContextOptions", context_window=4, context_overlap=2, context_fuse="flat",
+                   noise_reuse=True)
+    with pytest.raises(errors.SamplingError,
+                       match="noise_reuse .* does not apply to VideoCrafter.*turn noise_reuse off"):
+        run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "frames": 7}, context=reuse)

@@ -341,7 +341,9 @@ SETTINGS: dict[str, Setting] = _table()
 
 # -- VideoCrafter1/2 ------------------------------------------------------------------------------------------
 VIDEOCRAFTER_MAX_FRAMES = 64
-"""VideoCrafter frames at most (trained on 16; VC1's relative positions clamp beyond 16)."""
+"""VideoCrafter frames at most in one UNet call (trained on 16; VC1's relative positions clamp beyond 16)."""
+VIDEOCRAFTER_MAX_LONG_FRAMES = 256
+"""VideoCrafter frames at most with context windows (``context_window``), as VideoBooth's ``frames``."""
 VIDEOCRAFTER_SIZE_STEP = 64
 """The released VideoCrafter UNets take sizes in multiples of 64 (8 x 2^3): the widgets' step. The model's own
 multiple is checked by ``videocrafter_pipeline.check_request``."""
@@ -355,8 +357,8 @@ class VideoCrafterSettings:
 
     negative_prompt: str = _setting("str", "", "VideoCrafter: the unconditional branch's prompt (official: empty)",
                                     key="negative")
-    frames: int = _setting("int", TRAINED_FRAMES, "VideoCrafter: frames per video (trained: 16)", minimum=1,
-                           maximum=VIDEOCRAFTER_MAX_FRAMES)
+    frames: int = _setting("int", TRAINED_FRAMES, "VideoCrafter: frames per video (trained: 16; more than 64 need "
+                           "--context-window)", minimum=1, maximum=VIDEOCRAFTER_MAX_LONG_FRAMES)
     width: int | None = _setting("int", None, "VideoCrafter: width in pixels, a multiple of 64", minimum=VAE_SCALE,
                                  maximum=2048, shown_default="the model's: 512, 1024 for T2V 1024")
     height: int | None = _setting("int", None, "VideoCrafter: height in pixels, a multiple of 64",
@@ -371,6 +373,15 @@ class VideoCrafterSettings:
                                minimum=1, maximum=60, shown_default="the model's: 28 T2V, 8 I2V")
     seed: int = _setting("int", 123, "VideoCrafter: seed of the run's noise (drawn on the CPU)", minimum=0,
                          maximum=MAX_SEED)
+    context_window: int | None = _setting(
+        "int", None, "VideoCrafter long videos: frames per UNet call; more frames are denoised by overlapping windows "
+        "of consecutive frames whose predictions are fused at every step (memory of one window)", minimum=2,
+        maximum=VIDEOCRAFTER_MAX_FRAMES, shown_default="none: every frame in one call")
+    context_overlap: int = _setting("int", CONTEXT_OVERLAP, "VideoCrafter long videos: frames shared by neighbouring "
+                                    "windows (at most the window minus 1)", minimum=0,
+                                    maximum=VIDEOCRAFTER_MAX_FRAMES - 1)
+    context_fuse: str = _setting("str", FUSE_MODES[0], "VideoCrafter long videos: weights of overlapping windows' "
+                                 "predictions (pyramid: highest at a window's middle; flat: equal)", choices=FUSE_MODES)
 
     def check(self, names: Names | None = None) -> None:
         """Every setting's type and range (SamplingError naming the value, as ``names`` calls it, and the fix);

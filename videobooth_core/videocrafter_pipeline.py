@@ -5,6 +5,7 @@ and VideoCrafter2 has the import line):
     pipe = VideoCrafterPipeline.from_models_dir("models")            # finds models/videocrafter/*.ckpt
     result = pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", seed=123))
     result.frames  # (frames, height, width, 3) uint8
+    pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", frames=64, context_window=16))  # long video
 
 Every stage is the one the tests compare with the official code: :mod:`.loading.videocrafter` (checkpoint, UNet,
 projector), :mod:`.conditioning.openclip_text` (prompt -> context), :mod:`.sampling.videocrafter` (DDIM), the SD VAE
@@ -12,8 +13,9 @@ of :mod:`.loading.vae` (decoded frame by frame, ``z / 0.18215``). Frames are tur
 ``save_videos`` does: clamp to [-1, 1], ``(x + 1) / 2 * 255`` truncated.
 
 Sizes: any height and width the UNet accepts (multiples of 8 x 2^(levels-1): 64 for the released models), not
-only the released 320x512 / 576x1024; frames from 1 to 64 (the released models were trained on 16; temporal
-attention has no positional limit except VC1's relative positions, which clamp beyond 16).
+only the released 320x512 / 576x1024; frames from 1 to 64 in one UNet call (the released models were trained on 16;
+temporal attention has no positional limit except VC1's relative positions, which clamp beyond 16), up to 256 with
+context windows (``context_window``: windows of consecutive frames fused at every step, :func:`context_options`).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from .loading.videocrafter import (
 )
 from .models.videocrafter.config import KIND_I2V_512_V1, RELEASED_SAMPLING, SamplingDefaults
 from .sampling.noise import GeneratorNoise, NoiseSource
-from .sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim
-from .settings import VIDEOCRAFTER_MAX_FRAMES, Names, VideoCrafterSettings
+from .sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim, windowed_eps
+from .sampling.windows import CONTIGUOUS, ContextOptions, check_context
+from .settings import VIDEOCRAFTER_MAX_FRAMES, Names, VideoCrafterSettings, flag_names
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +160,8 @@ class VideoCrafterPipeline:
         shape = (1, 4, request.frames, request.height // 8, request.width // 8)
         tokens = 77 + (self.projector.config.num_queries if self.projector is not None else 0)
         others = [m for m in (self.vae, self.text_encoder, self.projector, self.image_encoder) if m is not None]
-        return estimate_videocrafter_step_memory(self.unet, shape, tokens, self.device, others)
+        return estimate_videocrafter_step_memory(self.unet, shape, tokens, self.device, others,
+                                                 context_window=request.context_window)
 
     def check(self, request: VideoCrafterRequest, names: Names | None = None) -> VideoCrafterRequest:
         """The request with the kind's defaults filled in, every value checked against this model (named as
@@ -194,7 +198,8 @@ class VideoCrafterPipeline:
         total = len(schedule)
         on_step = (lambda record: callback(record.index, total, record)) if callback else None
         with torch.no_grad():
-            latents = sample_videocrafter_ddim(guided_unet(self.unet, context, uncond, fps), schedule, shape, noise,
+            eps = windowed_eps(guided_unet(self.unet, context, uncond, fps), context_options(request))
+            latents = sample_videocrafter_ddim(eps, schedule, shape, noise,
                                                guidance=request.guidance, device=self.device, on_step=on_step)
             pixels = vae_decode(self.vae, latents.float()[0].permute(1, 0, 2, 3))  # (f, 3, H, W) in about [-1, 1]
         frames = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -212,6 +217,7 @@ def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64, *
         SamplingError, ImagePromptError: the value, and the fix, named.
     """
     request.check(names)
+    check_videocrafter_context(request, names)
     request = request.resolved(RELEASED_SAMPLING[kind])
     for name in ("height", "width"):
         value = getattr(request, name)
@@ -226,6 +232,27 @@ def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64, *
             KIND_NAMES[kind], "give --start-image" if kind == KIND_I2V_512_V1 else
             "use the Image2Video-512 checkpoint, or leave the start image out"))
     return request
+
+
+def context_options(request: VideoCrafterRequest) -> ContextOptions | None:
+    """The context windows of ``request`` (windows of consecutive frames, :data:`~.sampling.windows.CONTIGUOUS`),
+    or None without ``context_window`` (every frame in one UNet call, the official path)."""
+    if request.context_window is None:
+        return None
+    return ContextOptions(request.context_window, request.context_overlap, request.context_fuse, schedule=CONTIGUOUS)
+
+
+def check_videocrafter_context(request: VideoCrafterRequest, names: Names | None = None) -> None:
+    """The context window, overlap and fuse mode together (overlap below the window), named as ``names`` calls
+    them; videos of more than :data:`MAX_FRAMES` frames need windows (one UNet call over all of them would hold
+    the attention of every frame at once, and VC1's relative positions clamp beyond 16 frames)."""
+    say = (lambda key: names(key) or flag_names(key)) if names is not None else flag_names
+    if request.context_window is not None:
+        check_context(request.context_window, request.context_overlap, request.context_fuse, say, schedule=CONTIGUOUS)
+    elif request.frames > MAX_FRAMES:
+        raise SamplingError(explain(f"more than {MAX_FRAMES} frames need context windows", request.frames,
+                                    f"give {say('context_window')} 16 (the trained length), or at most {MAX_FRAMES} "
+                                    f"{say('frames')}"))
 
 
 def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:

@@ -6,7 +6,9 @@ The generation flags keep their names (the settings of :data:`~videobooth_core.s
 share VideoBooth's flags); a flag not given takes the VideoCrafter model's official value (320x512 or 576x1024, 50
 DDIM steps, eta 1, guidance 12, seed 123, the empty negative prompt, fps 28 / 8 as the conditioning), a given one
 is used as given (``--steps 250`` is 250 steps). The video file is written at ``--fps`` (default 8).
-VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, other samplers, any other
+Long videos: ``--context-window/--context-overlap/--context-fuse`` denoise the frames in windows of consecutive
+frames fused at every step (``videocrafter_pipeline.context_options``; every kind, README: VideoCrafter).
+VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, ``--noise-reuse``, other samplers, any other
 VideoBooth setting, best of N, other attention kernels, streamed weights) are refused by name: they are not wired
 to this family. ``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes
 ``prompt``, ``start_image`` and the VideoCrafter settings).
@@ -122,9 +124,22 @@ def run_videocrafter(args: argparse.Namespace) -> int:
     result = pipe.generate(request, callback=progress_callback("sampling"))
     write_frames(result.frames, out, write_fps, overwrite=args.overwrite)
     r = result.request
-    print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}, {r.steps} DDIM steps, eta "
-          f"{r.eta}, guidance {r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
+    windows = _windows_note(r)
+    print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}{windows}, {r.steps} DDIM steps, "
+          f"eta {r.eta}, guidance {r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _windows_note(request) -> str:
+    """``" in 3 windows of 16 (overlap 4, pyramid)"`` when context windows split the video, else empty."""
+    from ..sampling.windows import context_windows
+    from ..videocrafter_pipeline import context_options
+
+    options = context_options(request)
+    if options is None or not options.applies(request.frames):
+        return ""
+    count = len(context_windows(request.frames, options.window, options.overlap, options.schedule))
+    return f" in {count} windows of {options.window} (overlap {options.overlap}, {options.fuse})"
 
 
 def cmd_make_tiny_videocrafter(args: argparse.Namespace) -> int:

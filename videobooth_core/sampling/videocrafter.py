@@ -22,14 +22,19 @@ float32 rounding only, ~1e-6 of the output's size).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import SamplingError, explain
 from .noise import NoiseSource
+
+if TYPE_CHECKING:
+    from .windows import ContextOptions
 
 TRAIN_TIMESTEPS = 1000
 LINEAR_START = 0.00085
@@ -177,6 +182,39 @@ def guided_unet(unet: torch.nn.Module, context: torch.Tensor, uncond_context: to
     return eps
 
 
+def windowed_eps(eps_function: EpsFunction, options: "ContextOptions | None") -> EpsFunction:
+    """``eps_function`` run window by window (long videos): the latent's frames are split into the
+    :data:`~.windows.CONTIGUOUS` windows of ``options`` (consecutive frames: the temporal convolutions and relative
+    positions see neighbours side by side, as in a trained 16-frame video), each window's two guidance branches
+    computed as :func:`guided_unet` computes them (the same context, image tokens and fps for every window), and
+    each branch fused with :func:`~.windows.fuse_window_predictions` (the house's weights). The DDIM arithmetic is
+    untouched: only how eps is predicted changes. With ``options`` None, or a latent no longer than one window,
+    ``eps_function`` itself runs (bit for bit the plain path).
+
+    Raises:
+        SamplingError: ``options`` of the frame-0 schedule (VideoBooth's; VideoCrafter has no frame-0 attention).
+    """
+    from .windows import CONTIGUOUS, fuse_window_predictions
+
+    if options is None:
+        return eps_function
+    if options.schedule != CONTIGUOUS:
+        raise SamplingError(explain("VideoCrafter's context windows are windows of consecutive frames; got the "
+                                    "schedule", options.schedule, f"use ContextOptions(..., schedule='{CONTIGUOUS}')"))
+
+    def eps(x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = x.shape[2]
+        if not options.applies(frames):
+            return eps_function(x, timesteps)
+
+        def predict(window: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return eps_function(x[:, :, window[0]:window[-1] + 1], timesteps)  # consecutive frames: a slice
+
+        eps_cond, eps_uncond = fuse_window_predictions(frames, options, predict, dim=2)
+        return eps_cond, eps_uncond
+    return eps
+
+
 @dataclass
 class StepRecord:
     """What one step saw and produced (for callbacks, previews and the parity tests)."""
@@ -231,6 +269,7 @@ def estimate_videocrafter_step_memory(
     context_tokens: int,
     device: torch.device | str,
     extra_modules: list[torch.nn.Module] | None = None,
+    context_window: int | None = None,
 ):
     """The peak memory of one guided step (the batch-2 UNet call of :func:`guided_unet`), estimated before sampling
     by a dry run of the same code on a storage-free twin of ``unet`` (:mod:`.memory`): the live activations'
@@ -240,6 +279,9 @@ def estimate_videocrafter_step_memory(
         unet: a :class:`~..models.videocrafter.unet.VideoCrafterUNet` (its config and dtype are what count).
         shape: the latent ``(b, 4, frames, h, w)``.
         context_tokens: 77, or 77 + 16 with the I2V image tokens.
+        context_window: with fewer frames than ``shape`` has (:func:`windowed_eps`), the dry run is one window's
+            (windows run one after another), plus what the step holds for the whole video in float32: the sample,
+            the fused cond and uncond, the guided eps, the noise draw and the next sample.
 
     Returns:
         A :class:`~.memory.MemoryEstimate` (``describe()`` gives the one-line summary).
@@ -247,6 +289,10 @@ def estimate_videocrafter_step_memory(
     from ..models.videocrafter.unet import VideoCrafterUNet
     from .memory import CPU_RUNTIME_BYTES, MemoryEstimate, current_rss_bytes, peak_activation_bytes, resident_weight_bytes
 
+    held = 0
+    if context_window is not None and shape[2] > context_window:
+        held = 6 * math.prod(shape) * 4
+        shape = (shape[0], shape[1], context_window, shape[3], shape[4])
     meta = torch.device("meta")
     with meta:
         twin = VideoCrafterUNet(unet.config).to(unet.dtype)
@@ -255,7 +301,7 @@ def estimate_videocrafter_step_memory(
         timesteps = torch.full((shape[0],), 501, dtype=torch.long)
         fps = torch.full((shape[0],), 28, dtype=torch.long)
     eps = guided_unet(twin, context, context, fps)
-    activations = peak_activation_bytes(lambda: eps(x, timesteps))
+    activations = peak_activation_bytes(lambda: eps(x, timesteps)) + held
     weights = resident_weight_bytes([unet, *(extra_modules or [])])
     runtime = 0
     if torch.device(device).type == "cpu":

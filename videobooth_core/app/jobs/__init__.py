@@ -29,9 +29,10 @@ frames), paths like ``image``.
 A VideoCrafter models folder (``generate`` picks the family as for one video; ``--model`` when it holds several)
 runs every line with its checkpoint: a line holds ``prompt``, ``start_image`` (the image-to-video model), ``id``,
 ``out`` and the settings of :data:`videobooth_core.settings.VIDEOCRAFTER_SETTINGS` (``negative``, ``frames``,
-``width``, ``height``, ``steps``, ``eta``, ``cfg``, ``fps``, ``seed``; width, height and fps left out: the
-checkpoint kind's), through the one request builder (``app.request.build_videocrafter_request``); other keys are
-refused by name, and the checkpoint's kind and file name enter the resume fingerprint.
+``width``, ``height``, ``steps``, ``eta``, ``cfg``, ``fps``, ``seed``, ``context_window``, ``context_overlap``,
+``context_fuse``; width, height and fps left out: the checkpoint kind's), through the one request builder
+(``app.request.build_videocrafter_request``); other keys are refused by name, and the checkpoint's kind and file
+name enter the resume fingerprint.
 
 Every line is validated (JSON, keys, values, images, masks, style files' existence, subject words, the
 prompt's fit in CLIP's 77 tokens with the models folder's tokenizer) and the device checked before anything is

@@ -43,6 +43,9 @@ VIDEOBOOTH = "videobooth"
 VIDEOCRAFTER_KEYS = ("id", "out", "prompt", "start_image", *VIDEOCRAFTER_SETTINGS)
 """The keys of a jobs line for a VideoCrafter model: its prompt, its start image (image-to-video) and its settings
 (:data:`videobooth_core.settings.VIDEOCRAFTER_SETTINGS`)."""
+VIDEOCRAFTER_LATER_KEYS = ("context_window", "context_overlap", "context_fuse")
+"""VideoCrafter settings added after its first jobs format: in a fingerprint only when they differ from their
+default (as :data:`FINGERPRINT_V1_KEYS` for VideoBooth), so earlier runs' done-records stay valid."""
 
 
 def settings_of(family: str) -> dict[str, Setting]:
@@ -124,6 +127,9 @@ class Job:
         spec = {key: value for key, value in self.describe().items()
                 if self.family != VIDEOBOOTH or key not in SETTINGS or key in FINGERPRINT_V1_KEYS
                 or value != SETTINGS[key].default}
+        if self.family != VIDEOBOOTH:
+            spec = {key: value for key, value in spec.items()
+                    if key not in VIDEOCRAFTER_LATER_KEYS or value != VIDEOCRAFTER_SETTINGS[key].default}
         spec.update(out=self.out, dtype=dtype)
         if self.styled:
             files = [self.base_checkpoint] * bool(self.base_checkpoint) + [path for path, _ in self.loras]
