@@ -8,7 +8,7 @@ Why every window starts with the *global* frame 0. VideoBooth's cross-frame atte
 same image prompt as the first window: the subject is held across the whole video. Frame 0's prediction is taken
 from the first window alone (the later windows only attend to it).
 
-    windows = context_windows(frames=40, window=16, overlap=4)   # [[0..15], [0, 12..26], [0, 24..38], [0, 25..39]]
+    windows = context_windows(frames=40, window=16, overlap=4)   # [[0..15], [0, 12..26], [0, 23..37], [0, 25..39]]
     weights = fuse_weights(windows, 40, "pyramid")              # per window, per frame; they sum to 1 at each frame
     denoiser = WindowedDenoiser(inner, ContextOptions(window=16, overlap=4))
 
