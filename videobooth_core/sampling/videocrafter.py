@@ -317,7 +317,7 @@ def sample_videocrafter_scheduler(
     vp_alphas, norms = variance_preserving_schedule(use_scale, scale_b, fix_scale_bug)
     scheduler = prepare_scheduler(name, steps, spacing, device, scheduler_schedule(vp_alphas))
     # the official x_T (a standard-normal draw in the trained space) seen in the scheduler's space: divided by n at
-    # the first timestep (n_T is 0.9987 for scale_b 0.7), then the scheduler's own initial scaling
+    # the first timestep (0.9988 at timestep 999 for scale_b 0.7), then the scheduler's own initial scaling
     first = int(round(float(scheduler.timesteps[0])))
     x = noise.initial(tuple(shape)).to(device) / float(norms[first]) * scheduler.init_noise_sigma
 
