@@ -143,7 +143,8 @@ def test_unknown_and_other_family_samplers_are_refused_before_any_model_loads(vc
                                                                             monkeypatch) -> None:
     for name, words in (("lcm", r"sampler 'lcm' is not available: .*LoRA, and none exists for VideoCrafter.*dpmpp_2m"),
                         ("ddpm", r"sampler 'ddpm' is not available: that is VideoBooth's official sampler.*ddim"),
-                        ("heun", r"unknown sampler 'heun'; choose one of ddim, dpmpp_2m, euler, euler_ancestral, unipc")):
+                        ("heun", r"unknown sampler 'heun'; choose one of ddim, dpmpp_2m, euler, euler_ancestral, "
+                                 "unipc")):
         with pytest.raises(SamplingError, match=words):
             check_request(VideoCrafterRequest(prompt="x", sampler=name), "videocrafter2")
     # the official schedule's step limits are the official DDIM's only
@@ -161,3 +162,33 @@ def test_unknown_and_other_family_samplers_are_refused_before_any_model_loads(vc
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
     assert not (tmp_path / "no.gif").exists()
+
+
+def test_the_command_line_and_batch_jobs_run_a_fast_sampler_as_the_api_does(vc2: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    """``--sampler unipc`` on one video, and a jobs line's ``sampler`` (the flag as every line's default): the API's
+    frames; a jobs line's lcm is refused by name before anything is written."""
+    import json
+
+    from videobooth_core.video_io import read_last_frames
+
+    flags = ["--frames", "2", "--width", "64", "--height", "64", "--steps", "3"]
+    assert main(["generate", "--models", str(vc2), "--prompt", "a cat", *flags, "--sampler", "unipc",
+                 "--out", str(tmp_path / "one")]) == 0
+    assert "2 frames 64x64, 3 unipc steps, guidance 12.0" in capsys.readouterr().out
+    pipe = VideoCrafterPipeline.from_models_dir(vc2)
+    small = dict(frames=2, width=64, height=64, steps=3)
+    expected = {name: pipe.generate(VideoCrafterRequest(prompt="a cat", sampler=name, **small)).frames
+                for name in ("unipc", "euler")}
+    assert torch.equal(read_last_frames(tmp_path / "one", 2), expected["unipc"])
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "a cat", "out": "a"}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "a cat", "sampler": "euler", "out": "b"}) + "\n")
+    batch = ["generate", "--models", str(vc2), "--jobs", str(jobs), *flags, "--sampler", "unipc"]
+    assert main([*batch, "--out-dir", str(tmp_path / "out")]) == 0
+    for job, name in (("a", "unipc"), ("b", "euler")):
+        assert torch.equal(read_last_frames(tmp_path / "out" / job, 2), expected[name]), job
+    jobs.write_text(json.dumps({"prompt": "a cat", "sampler": "lcm"}) + "\n")
+    assert main([*batch, "--out-dir", str(tmp_path / "none")]) == 2
+    assert "line 1" in (err := capsys.readouterr().err) and "'sampler' 'lcm' is not available" in err, err
+    assert not (tmp_path / "none").exists()

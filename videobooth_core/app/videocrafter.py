@@ -9,8 +9,9 @@ is used as given (``--steps 250`` is 250 steps). ``--sampler`` picks the officia
 one of the pack's fast samplers on the model's own schedule (``dpmpp_2m``, ``euler``, ``euler_ancestral``,
 ``unipc``; ``lcm`` and ``ddpm`` are refused by name). The video file is written at ``--fps`` (default 8).
 VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, context windows, any other VideoBooth setting, best
-of N, other attention kernels, streamed weights) are refused by name: they are not wired to this family. ``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes
-``prompt``, ``start_image`` and the VideoCrafter settings).
+of N, other attention kernels, streamed weights) are refused by name: they are not wired to this family.
+``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes ``prompt``,
+``start_image`` and the VideoCrafter settings).
 """
 
 from __future__ import annotations
