@@ -1,6 +1,6 @@
 """VideoCrafter1/2 nodes: a loader for the four released kinds (``models/videocrafter``, registered by this pack) and
-a sampler that runs the official DDIM from a prompt (and, for the image-to-video model, a start IMAGE) to IMAGE
-frames.
+a sampler that runs the official DDIM (or one of the pack's fast samplers on the model's own schedule) from a prompt
+(and, for the image-to-video model, a start IMAGE) to IMAGE frames.
 
 Its own sampler, not the VideoBooth Sampler: the inputs differ (no subject photo or word; an fps conditioning; for
 I2V a start image), and so does the sampler (the official DDIM with the per-timestep x0 scale of ``use_scale``
@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from ..videobooth_core.loading.checkpoint import parse_dtype
-from ..videobooth_core.sampling.videocrafter import ddim_timesteps
 from ..videobooth_core.settings import (
     DEFAULT_PRECISION,
     VIDEOCRAFTER_SETTINGS,
     VIDEOCRAFTER_SIZE_STEP,
     widget,
 )
-from ..videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoCrafterRequest
+from ..videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoCrafterRequest, step_count
 from . import _bridge as bridge
 from .loaders import DEVICES, PRECISIONS, precision_tooltip
 from .long_video import CONTEXT, ContextOptions
@@ -102,8 +101,9 @@ class VideoBoothVideoCrafterLoader:
 
 class VideoBoothVideoCrafterSampler:
     DESCRIPTION = ("Generates a video with a VideoCrafter model and the official DDIM sampler (its timesteps, x0 scale "
-                   "and guidance): a prompt for the text-to-video models, a prompt and a start image for the "
-                   "image-to-video one. 0 for width, height or fps takes the model's official value.")
+                   "and guidance), or a fast one (dpmpp_2m at 25 steps) on the same schedule: a prompt for the "
+                   "text-to-video models, a prompt and a start image for the image-to-video one. 0 for width, height "
+                   "or fps takes the model's official value.")
     CATEGORY = "VideoBooth/VideoCrafter"
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE",)
@@ -124,10 +124,15 @@ class VideoBoothVideoCrafterSampler:
                     "Width in pixels, a multiple of 64; 0: the model's (512, or 1024 for T2V 1024).")}),
                 "height": ("INT", {**_widget("height"), "step": VIDEOCRAFTER_SIZE_STEP, "tooltip": (
                     "Height in pixels, a multiple of 64; 0: the model's (320, or 576 for T2V 1024).")}),
+                "sampler": (list(VIDEOCRAFTER_SETTINGS["sampler"].choices), {
+                    "default": VIDEOCRAFTER_SETTINGS["sampler"].default, "tooltip": (
+                        "ddim: the official DDIM, exact; dpmpp_2m, euler, euler_ancestral, unipc: the pack's fast "
+                        "samplers on the model's own schedule (dpmpp_2m: about 25 steps).")}),
                 "steps": ("INT", {**_widget("steps"), "tooltip": (
-                    "DDIM steps (official 50); counts the official schedule cannot run (3, 9, 27, ...) are refused.")}),
+                    "Sampling steps (official DDIM 50); counts the official schedule cannot run (3, 9, 27, ...) are "
+                    "refused for ddim.")}),
                 "eta": ("FLOAT", {**_widget("eta"), "step": 0.05,
-                                  "tooltip": "DDIM eta: 1 is the official default, 0 deterministic."}),
+                                  "tooltip": "DDIM eta: 1 is the official default, 0 deterministic (ddim only)."}),
                 "cfg": ("FLOAT", {**_widget("cfg"), "step": 0.5,
                                   "tooltip": "Classifier-free guidance scale (official 12)."}),
                 "fps": ("INT", {**_widget("fps"), "tooltip": (
@@ -145,14 +150,14 @@ class VideoBoothVideoCrafterSampler:
         }
 
     def sample(self, model: VideoCrafterPipeline, prompt: str, negative_prompt: str, frames: int, width: int,
-               height: int, steps: int, eta: float, cfg: float, fps: int, seed: int,
+               height: int, sampler: str, steps: int, eta: float, cfg: float, fps: int, seed: int,
                start_image: torch.Tensor | None = None, context: ContextOptions | None = None,
                unique_id: str | None = None) -> tuple[torch.Tensor]:
         request = model.check(VideoCrafterRequest(  # 0: not set, the model's value
             prompt=prompt, negative_prompt=negative_prompt, frames=frames, width=width or None, height=height or None,
-            steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed, **_context_settings(context),
+            sampler=sampler, steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed, **_context_settings(context),
             start_image=bridge.first_image(start_image) if start_image is not None else None), names=_widget_names)
-        progress = bridge.Progress(len(ddim_timesteps(request.steps)), unique_id)
+        progress = bridge.Progress(step_count(request), unique_id)
         result = model.generate(request, callback=bridge.step_reporter(progress, 0))
         return (bridge.image_to_comfy(result.frames.float() / 255.0),)
 
@@ -174,4 +179,4 @@ def _context_settings(context: ContextOptions | None) -> dict:
 NODE_CLASS_MAPPINGS = {"VideoBoothVideoCrafterLoader": VideoBoothVideoCrafterLoader,
                        "VideoBoothVideoCrafterSampler": VideoBoothVideoCrafterSampler}
 NODE_DISPLAY_NAME_MAPPINGS = {"VideoBoothVideoCrafterLoader": "VideoCrafter Loader (VideoCrafter1/2)",
-                              "VideoBoothVideoCrafterSampler": "VideoCrafter Sampler (official DDIM)"}
+                              "VideoBoothVideoCrafterSampler": "VideoCrafter Sampler"}

@@ -537,7 +537,7 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
             ("VideoBoothStartFrames", "last_frames"),
             ("VideoBoothNativeContextWindows", "context_overlap"), ("VideoBoothImagePrompt", "padding"),
             ("VideoBoothTextEncode", "negative_prompt")} <= checked
-    videocrafter = {"frames", "width", "height", "steps", "eta", "cfg", "fps", "seed", "negative_prompt"}
+    videocrafter = {"frames", "width", "height", "sampler", "steps", "eta", "cfg", "fps", "seed", "negative_prompt"}
     assert {("VideoBoothVideoCrafterSampler", name) for name in videocrafter} <= checked
 
 

@@ -144,8 +144,8 @@ def test_the_videocrafter_table_is_its_requests_defaults_with_videobooths_flags(
 
     request = VideoCrafterRequest(prompt="x")
     assert {key: getattr(request, spec.name) for key, spec in VIDEOCRAFTER_SETTINGS.items()} == {
-        "negative": "", "frames": 16, "width": None, "height": None, "steps": 50, "eta": 1.0, "cfg": 12.0,
-        "fps": None, "seed": 123, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid"}
+        "negative": "", "frames": 16, "width": None, "height": None, "sampler": "ddim", "steps": 50, "eta": 1.0,
+        "cfg": 12.0, "fps": None, "seed": 123, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid"}
     assert all(spec.flag == SETTINGS[key].flag for key, spec in VIDEOCRAFTER_SETTINGS.items())
 
 
@@ -175,7 +175,7 @@ def test_batch_jobs_run_a_videocrafter_folder_as_the_api_does(sets: Path, tmp_pa
     assert "2 already done, 0 to generate" in capsys.readouterr().err
     jobs.write_text(json.dumps({"prompt": "a cat", "word": "cat"}) + "\n")
     for extra, message in (([], "line 1: 'word' does not apply to a VideoCrafter model (videocrafter2)"),
-                           (["--sampler", "ddim"], "'--sampler'")):
+                           (["--sampler", "lcm"], "--sampler 'lcm' is not available")):
         assert main([*command[:6], str(tmp_path / "none"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "none").exists()

@@ -19,8 +19,8 @@ errors = importlib.import_module(f"{PACK_NAME}.videobooth_core.errors")
 tiny = importlib.import_module(f"{PACK_NAME}.videobooth_core.app.tiny_videocrafter")
 api = importlib.import_module(f"{PACK_NAME}.videobooth_core.videocrafter_pipeline")
 MAPPINGS = pack.NODE_CLASS_MAPPINGS
-SAMPLER = dict(prompt="a cat", negative_prompt="", frames=4, width=64, height=64, steps=4, eta=1.0, cfg=12.0, fps=0,
-               seed=3)
+SAMPLER = dict(prompt="a cat", negative_prompt="", frames=4, width=64, height=64, sampler="ddim", steps=4, eta=1.0,
+               cfg=12.0, fps=0, seed=3)
 
 
 def run(node_id: str, **inputs):
@@ -66,6 +66,23 @@ def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
                           ({"negative_prompt": 5}, "negative_prompt must be a string, got 5")):
         with pytest.raises(errors.SamplingError, match=words):
             run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, **change})
+
+
+def test_the_sampler_widget_runs_the_fast_samplers_as_the_api_does(models: Path, monkeypatch) -> None:
+    """``sampler`` dpmpp_2m: the API's frames, the progress bar sized to its steps (the official DDIM's count
+    differs: 30 steps are 31 timesteps there); lcm refused by name, naming the widget, before any step."""
+    (model,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter2.ckpt", precision="fp32", device="cpu")
+    totals = []
+    monkeypatch.setattr(bridge.Progress, "__init__", lambda self, total, node=None: totals.append(total))
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, value, preview=None: None)
+    (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "sampler": "dpmpp_2m", "steps": 3})
+    expected = model.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, sampler="dpmpp_2m",
+                                                      steps=3, seed=3))
+    assert torch.equal(frames, expected.frames.float() / 255)
+    assert totals == [3]
+    assert api.step_count(api.VideoCrafterRequest(prompt="x", steps=30)) == 31
+    with pytest.raises(errors.SamplingError, match=r"^sampler 'lcm' is not available: .*distilled"):
+        run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "sampler": "lcm"})
 
 
 def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> None:

@@ -33,6 +33,8 @@ from .sampling.denoiser import GUIDANCE_RULES
 from .sampling.known_frames import check_long_video
 from .sampling.lcm import LCM_SAMPLER, lcm_timesteps
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
+from .sampling.videocrafter import REFUSED_SAMPLERS as VIDEOCRAFTER_REFUSED_SAMPLERS
+from .sampling.videocrafter import SAMPLERS as VIDEOCRAFTER_SAMPLERS
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class Setting:
     """The default as the help shows it, when the value alone would not say it."""
     parse: Callable[[str], Any] | None = None
     """A ``choice`` setting's command-line type: the typed text to the value (e.g. ``"1"`` to 1)."""
+    refused: tuple[tuple[Any, str], ...] = ()
+    """Values refused with their own reason, as ``(value, why and the fix)`` pairs (another family's sampler)."""
 
     def check(self, value: Any, name: str | None = None) -> Any:
         """``value`` if it is valid for this setting; otherwise ``error`` naming it (as ``name``, how the caller's
@@ -115,6 +119,9 @@ class Setting:
         if self.kind == "str":
             if not isinstance(value, str):
                 raise self.error(f"{what} must be a string, got {value!r}")
+            for refused, why in self.refused:
+                if value == refused:
+                    raise self.error(f"{what} {value!r} is not available: {why}")
             if self.choices is not None and value not in self.choices:
                 raise self.error(f"unknown {what} {value!r}; choose one of {', '.join(self.choices)}")
             return value
@@ -363,10 +370,14 @@ class VideoCrafterSettings:
                                  maximum=2048, shown_default="the model's: 512, 1024 for T2V 1024")
     height: int | None = _setting("int", None, "VideoCrafter: height in pixels, a multiple of 64",
                                   minimum=VAE_SCALE, maximum=2048, shown_default="the model's: 320, 576 for T2V 1024")
-    steps: int = _setting("int", 50, "VideoCrafter: DDIM steps (official 50; counts the official schedule cannot "
-                          "run, 3, 9, 27..., are refused)", minimum=1, maximum=500)
-    eta: float = _setting("float", 1.0, "VideoCrafter: DDIM eta (1 official, 0 deterministic)", minimum=0.0,
-                          maximum=1.0)
+    sampler: str = _setting(
+        "str", VIDEOCRAFTER_SAMPLERS[0], "VideoCrafter: ddim, the official DDIM (exact); dpmpp_2m, euler, "
+        "euler_ancestral, unipc: the pack's diffusers samplers on the model's own schedule (dpmpp_2m: about 25 steps)",
+        choices=VIDEOCRAFTER_SAMPLERS, refused=VIDEOCRAFTER_REFUSED_SAMPLERS)
+    steps: int = _setting("int", 50, "VideoCrafter: sampling steps (official DDIM 50; counts the official schedule "
+                          "cannot run, 3, 9, 27..., are refused for ddim)", minimum=1, maximum=500)
+    eta: float = _setting("float", 1.0, "VideoCrafter: DDIM eta (1 official, 0 deterministic; the fast samplers have "
+                          "none)", minimum=0.0, maximum=1.0)
     guidance: float = _setting("float", 12.0, "VideoCrafter: classifier-free guidance scale (official 12)", key="cfg",
                                minimum=1.0, maximum=30.0)
     fps: int | None = _setting("int", None, "VideoCrafter: the fps conditioning of T2V 1024, VideoCrafter2 and I2V",

@@ -1,6 +1,6 @@
 """VideoCrafter1/2 generation, the Python API: a checkpoint of any of the four released kinds, a prompt (and for
-image-to-video a start image) in, frames out, with the official sampler and defaults (README: VideoCrafter1
-and VideoCrafter2 has the import line):
+image-to-video a start image) in, frames out, with the official sampler and defaults, or one of the pack's fast
+samplers (``sampler="dpmpp_2m", steps=25``; README: VideoCrafter1 and VideoCrafter2 has the import line):
 
     pipe = VideoCrafterPipeline.from_models_dir("models")            # finds models/videocrafter/*.ckpt
     result = pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", seed=123))
@@ -8,7 +8,8 @@ and VideoCrafter2 has the import line):
     pipe.generate(VideoCrafterRequest(prompt="a panda playing guitar", frames=64, context_window=16))  # long video
 
 Every stage is the one the tests compare with the official code: :mod:`.loading.videocrafter` (checkpoint, UNet,
-projector), :mod:`.conditioning.openclip_text` (prompt -> context), :mod:`.sampling.videocrafter` (DDIM), the SD VAE
+projector), :mod:`.conditioning.openclip_text` (prompt -> context), :mod:`.sampling.videocrafter` (the official DDIM,
+the fast samplers on the same schedule), the SD VAE
 of :mod:`.loading.vae` (decoded frame by frame, ``z / 0.18215``). Frames are turned to uint8 as the official
 ``save_videos`` does: clamp to [-1, 1], ``(x + 1) / 2 * 255`` truncated.
 
@@ -40,7 +41,14 @@ from .loading.videocrafter import (
 )
 from .models.videocrafter.config import KIND_I2V_512_V1, RELEASED_SAMPLING, SamplingDefaults
 from .sampling.noise import GeneratorNoise, NoiseSource
-from .sampling.videocrafter import VideoCrafterDDIM, guided_unet, sample_videocrafter_ddim, windowed_eps
+from .sampling.videocrafter import (
+    OFFICIAL_SAMPLER,
+    VideoCrafterDDIM,
+    guided_unet,
+    sample_videocrafter_ddim,
+    sample_videocrafter_scheduler,
+    windowed_eps,
+)
 from .sampling.windows import CONTIGUOUS, ContextOptions, check_context
 from .settings import VIDEOCRAFTER_MAX_FRAMES, Names, VideoCrafterSettings, flag_names
 
@@ -189,18 +197,15 @@ class VideoCrafterPipeline:
             context = torch.cat([context, self.image_tokens(image)], dim=1)
             uncond = torch.cat([uncond, self.image_tokens(torch.zeros(1, 3, IMAGE_ENCODER_SIZE, IMAGE_ENCODER_SIZE))],
                                dim=1)
-        schedule = VideoCrafterDDIM(request.steps, request.eta, use_scale=defaults.use_scale,
-                                    scale_b=defaults.scale_b, fix_scale_bug=defaults.fix_scale_bug)
         fps = torch.tensor([request.fps], device=self.device)
         shape = (1, 4, request.frames, request.height // 8, request.width // 8)
         if noise is None:
             noise = GeneratorNoise(torch.Generator().manual_seed(request.seed), self.device)
-        total = len(schedule)
+        total = step_count(request)
         on_step = (lambda record: callback(record.index, total, record)) if callback else None
         with torch.no_grad():
             eps = windowed_eps(guided_unet(self.unet, context, uncond, fps), context_options(request))
-            latents = sample_videocrafter_ddim(eps, schedule, shape, noise,
-                                               guidance=request.guidance, device=self.device, on_step=on_step)
+            latents = _sample(request, defaults, eps, shape, noise, self.device, on_step)
             pixels = vae_decode(self.vae, latents.float()[0].permute(1, 0, 2, 3))  # (f, 3, H, W) in about [-1, 1]
         frames = ((pixels.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         return VideoCrafterResult(frames=frames, latents=latents.float().cpu(), request=request)
@@ -224,7 +229,8 @@ def check_request(request: VideoCrafterRequest, kind: str, multiple: int = 64, *
         if value < multiple or value % multiple:
             raise SamplingError(explain(f"the video {name} must be a multiple of {multiple}", value,
                                         f"use e.g. {max(multiple, round(value / multiple) * multiple)}"))
-    VideoCrafterDDIM(request.steps, request.eta)  # steps and eta, with the official schedule's own limits
+    if request.sampler == OFFICIAL_SAMPLER:  # steps and eta, with the official schedule's own limits
+        VideoCrafterDDIM(request.steps, request.eta)
     if (request.start_image is None) == (kind == KIND_I2V_512_V1):
         raise ImagePromptError(explain(
             "the image-to-video model needs a start image" if kind == KIND_I2V_512_V1 else
@@ -253,6 +259,24 @@ def check_videocrafter_context(request: VideoCrafterRequest, names: Names | None
         raise SamplingError(explain(f"more than {MAX_FRAMES} frames need context windows", request.frames,
                                     f"give {say('context_window')} 16 (the trained length), or at most {MAX_FRAMES} "
                                     f"{say('frames')}"))
+def step_count(request: VideoCrafterRequest) -> int:
+    """The UNet steps ``request`` runs: ``steps`` for a fast sampler; the official DDIM's timesteps, which are not
+    always ``steps`` (30 gives 31: :func:`.sampling.videocrafter.ddim_timesteps`)."""
+    if request.sampler == OFFICIAL_SAMPLER:
+        return len(VideoCrafterDDIM(request.steps, request.eta))
+    return request.steps
+
+
+def _sample(request: VideoCrafterRequest, defaults: SamplingDefaults, eps_function, shape: tuple[int, ...],
+            noise: NoiseSource, device: torch.device, on_step) -> torch.Tensor:
+    """The request's sampler from noise to the clean latent: the official DDIM, or a fast one on the same model
+    (the kind's ``use_scale`` schedule either way, the same guidance and ``x_T``)."""
+    scale = dict(use_scale=defaults.use_scale, scale_b=defaults.scale_b, fix_scale_bug=defaults.fix_scale_bug)
+    if request.sampler == OFFICIAL_SAMPLER:
+        return sample_videocrafter_ddim(eps_function, VideoCrafterDDIM(request.steps, request.eta, **scale), shape,
+                                        noise, guidance=request.guidance, device=device, on_step=on_step)
+    return sample_videocrafter_scheduler(eps_function, request.sampler, request.steps, shape, noise,
+                                         guidance=request.guidance, device=device, on_step=on_step, **scale)
 
 
 def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:

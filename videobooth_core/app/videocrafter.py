@@ -5,13 +5,15 @@ one (``videocrafter/`` or ``checkpoints/``) and no VideoBooth UNet, or when ``--
 The generation flags keep their names (the settings of :data:`~videobooth_core.settings.VIDEOCRAFTER_SETTINGS`
 share VideoBooth's flags); a flag not given takes the VideoCrafter model's official value (320x512 or 576x1024, 50
 DDIM steps, eta 1, guidance 12, seed 123, the empty negative prompt, fps 28 / 8 as the conditioning), a given one
-is used as given (``--steps 250`` is 250 steps). The video file is written at ``--fps`` (default 8).
+is used as given (``--steps 250`` is 250 steps). ``--sampler`` picks the official DDIM (``ddim``, the default) or
+one of the pack's fast samplers on the model's own schedule (``dpmpp_2m``, ``euler``, ``euler_ancestral``,
+``unipc``; ``lcm`` and ``ddpm`` are refused by name). The video file is written at ``--fps`` (default 8).
 Long videos: ``--context-window/--context-overlap/--context-fuse`` denoise the frames in windows of consecutive
 frames fused at every step (``videocrafter_pipeline.context_options``; every kind, README: VideoCrafter).
-VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, ``--noise-reuse``, other samplers, any other
-VideoBooth setting, best of N, other attention kernels, streamed weights) are refused by name: they are not wired
-to this family. ``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes
-``prompt``, ``start_image`` and the VideoCrafter settings).
+VideoBooth-only inputs (subject photos, LoRAs, SD checkpoints, ``--noise-reuse``, any other VideoBooth setting,
+best of N, other attention kernels, streamed weights) are refused by name: they are not wired to this family.
+``--jobs`` runs a jobs file with the folder's VideoCrafter model (``app.jobs``: a line takes ``prompt``,
+``start_image`` and the VideoCrafter settings).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def add_videocrafter_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "VideoCrafter1/2 (when --models holds one; README: VideoCrafter)",
         f"The generation flags not given take the VideoCrafter model's official values ({official}), not the "
-        "defaults shown above; VideoBooth-only flags are refused.")
+        "defaults shown above; VideoBooth-only flags are refused. --sampler: ddim is the official DDIM (exact); "
+        "dpmpp_2m, euler, euler_ancestral, unipc the pack's fast samplers on the model's schedule (e.g. --sampler "
+        "dpmpp_2m --steps 25); lcm and ddpm do not apply.")
     group.add_argument("--model", help="the VideoCrafter checkpoint to use when --models holds several: its file name "
                                        "or kind, e.g. videocrafter2 (default: the only one)")
     group.add_argument("--text-encoder", help="the OpenCLIP ViT-H/14 text encoder, for a checkpoint without "
@@ -85,8 +89,8 @@ def refuse_videobooth_flags(args: argparse.Namespace) -> None:
               if key not in VIDEOCRAFTER_SETTINGS and getattr(args, key, None) is not None]
     if given:
         raise VideoBoothError(explain("these flags are VideoBooth's and do not apply to a VideoCrafter model",
-                                      " ".join(given), "leave them out (VideoCrafter runs its official DDIM sampler "
-                                      "from a prompt, and a --start-image for the image-to-video model)"))
+                                      " ".join(given), "leave them out (VideoCrafter runs from a prompt, and a "
+                                      "--start-image for the image-to-video model)"))
 
 
 def request_from(args: argparse.Namespace):
@@ -125,8 +129,9 @@ def run_videocrafter(args: argparse.Namespace) -> int:
     write_frames(result.frames, out, write_fps, overwrite=args.overwrite)
     r = result.request
     windows = _windows_note(r)
-    print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}{windows}, {r.steps} DDIM steps, "
-          f"eta {r.eta}, guidance {r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
+    sampler = f"{r.steps} DDIM steps, eta {r.eta}" if r.sampler == "ddim" else f"{r.steps} {r.sampler} steps"
+    print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}{windows}, {sampler}, guidance "
+          f"{r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -18,6 +18,15 @@ What it does, and this code does the same (file:line in the official repository 
 
 The two guidance branches run as one batch-2 UNet call (the official code makes two calls; the results differ by
 float32 rounding only, ~1e-6 of the output's size).
+
+The pack's fast samplers (:data:`FAST_SAMPLERS`, diffusers schedulers through :func:`.schedulers.run_scheduler`)
+run on the same model through a variance-preserving view of its process (:func:`variance_preserving_schedule`):
+a ``use_scale`` checkpoint was trained on ``x_t = sqrt(a_t) s_t x0 + sqrt(1 - a_t) eps``, whose variance is
+``n_t^2 = a_t s_t^2 + 1 - a_t``, not 1; ``x_t / n_t = sqrt(a~_t) x0 + sqrt(1 - a~_t) eps`` with
+``a~_t = a_t s_t^2 / n_t^2`` is an ordinary DDPM process with the same ``x0`` and the same ``eps``, so any
+eps-prediction scheduler runs on it with betas from ``a~`` while the UNet is fed ``n_t`` times its sample. Without
+``use_scale`` (``s = 1``, ``n = 1``) this is SD's plain schedule. Proof in the tests: the diffusers DDIM on this
+schedule (eta 0, the official timesteps) reproduces :func:`sample_videocrafter_ddim` up to float rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 
 from ..errors import SamplingError, explain
 from .noise import NoiseSource
+from .schedulers import DIFFUSERS_SAMPLERS
 
 if TYPE_CHECKING:
     from .windows import ContextOptions
@@ -41,6 +51,22 @@ LINEAR_START = 0.00085
 LINEAR_END = 0.012
 SCALE_MID_STEP = 400
 """``use_scale``: the x0 scale goes linearly from 1 to ``scale_b`` over the first 400 timesteps, then stays."""
+OFFICIAL_SAMPLER = "ddim"
+"""VideoCrafter's exact sampler is the official DDIM (VideoBooth's is its DDPM, ``ddpm``): the name of the
+algorithm each paper's code runs. The diffusers DDIM would be the same sampler again, so it is not offered."""
+FAST_SAMPLERS: tuple[str, ...] = tuple(name for name in DIFFUSERS_SAMPLERS if name != OFFICIAL_SAMPLER)
+"""The pack's diffusers samplers that apply to VideoCrafter (on its schedule: :func:`variance_preserving_schedule`)."""
+SAMPLERS: tuple[str, ...] = (OFFICIAL_SAMPLER, *FAST_SAMPLERS)
+REFUSED_SAMPLERS: tuple[tuple[str, str], ...] = (
+    ("lcm", "the consistency sampler needs a distilled (LCM) LoRA, and none exists for VideoCrafter; for a fast "
+            "run use dpmpp_2m with 25 steps"),
+    ("ddpm", "that is VideoBooth's official sampler; VideoCrafter's official one is ddim (the default), its fast "
+             "ones dpmpp_2m, euler, euler_ancestral and unipc"),
+)
+"""The pack's other sampler names, refused for VideoCrafter with their reason (``settings.Setting.refused``)."""
+FAST_SPACING = "trailing"
+"""The fast samplers' timesteps: the pack's spacing (from timestep 999 down; the official DDIM's grid starts lower,
+at 1000 - 1000 // steps + 1)."""
 
 
 def alphas_cumprod(linear_start: float = LINEAR_START, linear_end: float = LINEAR_END,
@@ -213,6 +239,9 @@ def windowed_eps(eps_function: EpsFunction, options: "ContextOptions | None") ->
         eps_cond, eps_uncond = fuse_window_predictions(frames, options, predict, dim=2)
         return eps_cond, eps_uncond
     return eps
+def guide(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The official classifier-free guidance ``e_u + s (e_c - e_u)`` (every sampler's)."""
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 @dataclass
@@ -255,12 +284,93 @@ def sample_videocrafter_ddim(
     for i, step in enumerate(schedule.steps()):
         timesteps = torch.full((shape[0],), step.timestep, dtype=torch.long, device=device)
         eps_cond, eps_uncond = eps_function(x, timesteps)
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        eps = guide(eps_cond, eps_uncond, guidance)
         x_prev, pred_x0 = ddim_update(x, eps, step, noise.step(i, tuple(shape)))
         if on_step is not None:
             on_step(StepRecord(i, step.timestep, x, eps_cond, eps_uncond, x_prev, pred_x0))
         x = x_prev
     return x
+
+
+def variance_preserving_schedule(use_scale: bool = False, scale_b: float = 0.3,
+                                 fix_scale_bug: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The model's process seen as a variance-preserving one: ``(a~, n)``, float64 ``(1000,)`` each, with
+    ``x_t = n_t * (sqrt(a~_t) x0 + sqrt(1 - a~_t) eps)`` (module docstring). ``a`` is the official float32 buffer's
+    values and ``s`` its ``scale_arr``'s; without ``use_scale``, ``a~ = a`` and ``n = 1`` exactly.
+
+    ``a~`` decreases strictly (its signal-to-noise ratio ``a s^2 / (1 - a)`` does: ``a / (1 - a)`` strictly and ``s``
+    never grows), so it is a valid cumulative-alpha schedule."""
+    alphas = alphas_cumprod().double().numpy()
+    if not use_scale:
+        return alphas, np.ones_like(alphas)
+    scale2 = x0_scale_array(scale_b, fix_scale_bug)[:TRAIN_TIMESTEPS].double().numpy() ** 2
+    norm2 = alphas * scale2 + 1.0 - alphas
+    return alphas * scale2 / norm2, np.sqrt(norm2)
+
+
+def scheduler_schedule(vp_alphas: np.ndarray) -> dict[str, object]:
+    """:func:`.schedulers.make_scheduler`'s ``schedule`` for cumulative alphas ``vp_alphas``: the betas
+    ``1 - a~_t / a~_{t-1}``, the official timestep offset (``leading`` spacing gives ``range(0, 1000, 1000 // S) +
+    1``) and, for DDIM, the official last step to ``a~_0`` (not 1)."""
+    betas = 1.0 - vp_alphas / np.concatenate([[1.0], vp_alphas[:-1]])
+    return {"trained_betas": betas, "steps_offset": 1, "set_alpha_to_one": False}
+
+
+def sample_videocrafter_scheduler(
+    eps_function: EpsFunction,
+    name: str,
+    steps: int,
+    shape: tuple[int, ...],
+    noise: NoiseSource,
+    *,
+    guidance: float = 12.0,
+    use_scale: bool = False,
+    scale_b: float = 0.3,
+    fix_scale_bug: bool = False,
+    spacing: str = FAST_SPACING,
+    eta: float = 0.0,
+    device: str | torch.device = "cpu",
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> torch.Tensor:
+    """A diffusers sampler ``name`` on the model's variance-preserving schedule (:func:`variance_preserving_schedule`),
+    same contract as :func:`sample_videocrafter_ddim`: the same guidance, the same ``x_T`` (then Euler ancestral's
+    per-step noise from the same generator), the clean latent out. The UNet sees the trained
+    process's ``x_t = n_t * x~_t``; its eps is the scheduler's.
+
+    Args:
+        name: one of :data:`FAST_SAMPLERS` (or ``ddim``: the diffusers DDIM, the tests' proof of the schedule).
+        spacing: the scheduler's timestep spacing (:data:`FAST_SPACING`; ``leading`` is the official grid).
+        eta: the diffusers DDIM's (the other schedulers have none).
+        on_step: called after every step; its record's ``x_in`` is the UNet's input ``x_t``, ``x_prev`` the
+            scheduler's next sample (in its own space) and ``pred_x0`` the official ``(x_t - sqrt(1 - a_t) e) /
+            (sqrt(a_t) s_t)``.
+
+    Returns:
+        The final latent ``shape`` float32 (``n_0 = 1``: the scheduler's last sample is the model's).
+    """
+    from .schedulers import prepare_scheduler, run_scheduler
+
+    vp_alphas, norms = variance_preserving_schedule(use_scale, scale_b, fix_scale_bug)
+    scheduler = prepare_scheduler(name, steps, spacing, device, scheduler_schedule(vp_alphas))
+    # the official x_T (a standard-normal draw in the trained space) seen in the scheduler's space: divided by n at
+    # the first timestep (0.9988 at timestep 999 for scale_b 0.7), then the scheduler's own initial scaling
+    first = int(round(float(scheduler.timesteps[0])))
+    x = noise.initial(tuple(shape)).to(device) / float(norms[first]) * scheduler.init_noise_sigma
+
+    def predict(model_input: torch.Tensor, timestep: int, step: int, total: int):
+        x_t = model_input * float(norms[timestep])  # the trained process's sample (times 1.0 without use_scale)
+        eps_cond, eps_uncond = eps_function(x_t, torch.full((shape[0],), timestep, dtype=torch.long, device=device))
+        return guide(eps_cond, eps_uncond, guidance), (timestep, x_t, eps_cond, eps_uncond)
+
+    def after(step: int, total: int, x_prev: torch.Tensor, pred_x0, eps: torch.Tensor, kept) -> torch.Tensor:
+        if on_step is not None:
+            timestep, x_t, eps_cond, eps_uncond = kept
+            signal, level = (float(v) for v in (np.sqrt(vp_alphas[timestep]) * norms[timestep],
+                                                np.sqrt(1.0 - vp_alphas[timestep]) * norms[timestep]))
+            on_step(StepRecord(step, timestep, x_t, eps_cond, eps_uncond, x_prev, (x_t - level * eps) / signal))
+        return x_prev
+
+    return run_scheduler(scheduler, name, x, predict, after, eta=eta, generator=getattr(noise, "generator", None))
 
 
 def estimate_videocrafter_step_memory(

@@ -269,7 +269,7 @@ def _what_ran(job: Job, result: Any) -> dict[str, Any]:
     the request as resolved for its checkpoint kind)."""
     if job.family != VIDEOBOOTH:
         r = result.request
-        return {"frames": r.frames, "size": [r.width, r.height], "steps": r.steps, "sampler": "ddim",
+        return {"frames": r.frames, "size": [r.width, r.height], "steps": r.steps, "sampler": r.sampler,
                 "cfg": r.guidance, "model": job.model}
     return {"frames": job.settings["frames"], "size": [job.settings["width"], job.settings["height"]],
             "steps": job.settings["steps"], "sampler": job.settings["sampler"], "cfg": job.settings["cfg"]}
