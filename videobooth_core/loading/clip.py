@@ -262,12 +262,39 @@ def _load_clip_tower(
             raise CheckpointError(explain(
                 f"invalid CLIP {kind} config ({e}; {spec['config_class']} values are expected)", source,
                 f"correct the '{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred")) from e
+    return build_clip_tower(kind, config, component, source=source, expected=expected, file_prefix=prefix,
+                            dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def build_clip_tower(
+    kind: str,
+    config: transformers.CLIPTextConfig | transformers.CLIPVisionConfig,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    source: PathLike,
+    expected: str,
+    file_prefix: str,
+    dtype: torch.dtype,
+    device: Device,
+    attn_implementation: str,
+) -> torch.nn.Module:
+    """A ``CLIPTextModel`` (``kind="text"``) or ``CLIPVisionModel`` (``"vision"``) built on the meta device from
+    ``config``, with ``weights`` (transformers names without the ``text_model.`` / ``vision_model.`` wrapper)
+    strictly assigned; errors name a key as the file has it, ``file_prefix`` + the key. Also builds the OpenCLIP
+    towers of :mod:`..conditioning.openclip_text` once their weights are renamed.
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped weights.
+    """
+    import transformers
+
+    spec = _CLIP_TOWERS[kind]
     model_class = getattr(transformers, spec["model_class"])
     model = build_on_meta(lambda: model_class._from_config(config, attn_implementation=attn_implementation),
                           source=source, expected=expected)
     model_prefix = _model_key_prefix(model, spec["wrapper"])
-    assign_weights(model, {model_prefix + k: v for k, v in component.items()}, source=source, expected=expected,
-                   dtype=dtype, device=device, file_name=lambda k: prefix + k[len(model_prefix):])
+    assign_weights(model, {model_prefix + k: v for k, v in weights.items()}, source=source, expected=expected,
+                   dtype=dtype, device=device, file_name=lambda k: file_prefix + k[len(model_prefix):])
     return model
 
 
