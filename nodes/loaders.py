@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..videobooth_core.loading.checkpoint import convert_released_weights, parse_dtype
 from ..videobooth_core.errors import CheckpointError
@@ -34,6 +34,9 @@ from ._types import (
     VideoBoothModel,
     VideoBoothVAE,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,14 @@ def load_checked(kinds: str | tuple[str, ...], folder: str, load: Callable[[], T
         where = bridge.describe_locations(folder)
         expected = " and ".join(EXPECTED_FILES[kind] for kind in ((kinds,) if isinstance(kinds, str) else kinds))
         raise type(error)(f"{error}\n{where[:1].upper()}{where[1:]} should hold {expected}.") from error
+
+
+def placement(role: str, device: str, precision: str) -> tuple[torch.device, torch.device, torch.dtype]:
+    """(compute device, offload device, dtype) of a model of ``role`` (``unet``, ``vae``, ``text``, ``vision``)
+    from a loader's device and precision widgets (``auto`` precision: :func:`._bridge.auto_dtype`)."""
+    load_device, offload_device = bridge.devices_for(role, device)
+    dtype = bridge.auto_dtype(role, load_device) if precision == "auto" else parse_dtype(precision)
+    return load_device, offload_device, dtype
 
 
 class CachingLoader:
@@ -154,8 +165,7 @@ def load_model_pair(unet_name: str, mapper_name: str, precision: str, device: st
     in the chosen precision; a wrong, broken or unsafe file is an error naming the folder and what belongs there."""
     folder = bridge.VIDEOBOOTH_FOLDER
     unet_path, mapper_path = bridge.model_path(folder, unet_name), bridge.model_path(folder, mapper_name)
-    load_device, offload_device = bridge.devices_for("unet", device)
-    dtype = bridge.auto_dtype("unet", load_device) if precision == "auto" else parse_dtype(precision)
+    load_device, offload_device, dtype = placement("unet", device, precision)
     # the mapper's projections are attached to the UNet, which checks that the two belong together
     unet, mapper = load_checked(("videobooth_unet", "videobooth_mapper"), folder,
                                 lambda: load_unet_and_mapper(unet_path, mapper_path, dtype, offload_device))
@@ -192,8 +202,7 @@ class VideoBoothVAELoader(CachingLoader):
         from ..videobooth_core.loading.vae import load_vae
 
         path = bridge.model_path("vae", vae_name)
-        load_device, offload_device = bridge.devices_for("vae", device)
-        dtype = bridge.auto_dtype("vae", load_device) if precision == "auto" else parse_dtype(precision)
+        load_device, offload_device, dtype = placement("vae", device, precision)
         vae = load_checked("vae", "vae", lambda: load_vae(path, dtype=dtype, device=offload_device))
         levels = len(vae.config.block_out_channels)
         if vae.config.latent_channels != 4 or levels != 4:
@@ -287,8 +296,7 @@ class VideoBoothCLIPLoader(CachingLoader):
 
         path = bridge.model_path("text_encoders", clip_name)
         tokenizer_path = _choose_tokenizer(tokenizer, path)
-        load_device, offload_device = bridge.devices_for("text", device)
-        dtype = bridge.auto_dtype("text", load_device) if precision == "auto" else parse_dtype(precision)
+        load_device, offload_device, dtype = placement("text", device, precision)
         text_encoder = load_checked("clip_text", "text_encoders",
                                      lambda: load_clip_text_encoder(path, dtype=dtype, device=offload_device))
         loaded_tokenizer = load_clip_tokenizer(tokenizer_path)
@@ -330,8 +338,7 @@ class VideoBoothCLIPVisionLoader(CachingLoader):
         from ..videobooth_core.loading.clip import load_clip_vision_encoder
 
         path = bridge.model_path("clip_vision", clip_name)
-        load_device, offload_device = bridge.devices_for("vision", device)
-        dtype = bridge.auto_dtype("vision", load_device) if precision == "auto" else parse_dtype(precision)
+        load_device, offload_device, dtype = placement("vision", device, precision)
         vision = load_checked("clip_vision", "clip_vision",
                                lambda: load_clip_vision_encoder(path, dtype=dtype, device=offload_device))
         if vision.config.num_hidden_layers < 16:

@@ -13,15 +13,14 @@ split into q/k/v), from a separate OpenCLIP-layout file, or from a transformers-
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CheckpointError, explain
 from ..files import PathLike
-from ..loading.clip import infer_clip_text_config
-from ..loading.strict import assign_weights, build_on_meta
+from ..loading.clip import build_clip_tower, infer_clip_text_config, infer_clip_vision_config
 
 if TYPE_CHECKING:
     import transformers
@@ -60,9 +59,51 @@ def _convert_block(key: str, value: torch.Tensor, out: dict[str, torch.Tensor]) 
     out[f"{layer}{_BLOCK_NAMES[module]}.{leaf}"] = value
 
 
-def _nested_prefix(model: torch.nn.Module, wrapper: str) -> str:
-    """``wrapper + '.'`` when the installed transformers nests the tower (4.x: ``text_model.*``), else ``''``."""
-    return f"{wrapper}." if any(k.startswith(f"{wrapper}.") for k in model.state_dict()) else ""
+def _convert_tower(
+    tower: Mapping[str, torch.Tensor], names: Mapping[str, str], *, skip: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
+    """An OpenCLIP tower's tensors under transformers' names: ``names`` for the tensors outside the blocks, the
+    block table for ``transformer.resblocks.N.*``; the keys ``skip`` accepts are dropped.
+
+    Raises:
+        CheckpointError: a key neither table knows (named), so nothing is silently dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tower.items():
+        if skip(key):
+            continue
+        if key in names:
+            out[names[key]] = value
+        else:
+            _convert_block(key, value, out)
+    return out
+
+
+_TOWERS = {"text": ("CLIPTextConfig", "the OpenCLIP ViT-H/14 text encoder", OPENCLIP_TEXT_PREFIX),
+           "vision": ("CLIPVisionConfig", "the OpenCLIP ViT-H/14 image encoder", "embedder.model.visual.")}
+"""Per tower: its transformers config class, what it is in messages, its weights' prefix in the checkpoint."""
+
+
+def _build_tower(
+    kind: str,
+    weights: Mapping[str, torch.Tensor],
+    values: dict[str, Any],
+    *,
+    source: PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    num_attention_heads: int | None,
+) -> torch.nn.Module:
+    """The OpenCLIP ``kind`` tower as a transformers model (sdpa attention) from its renamed weights and its config
+    ``values``; ``num_attention_heads`` replaces the count read from the width (tiny test towers)."""
+    import transformers
+
+    if num_attention_heads is not None:
+        values["num_attention_heads"] = num_attention_heads
+    config_class, expected, file_prefix = _TOWERS[kind]
+    config = getattr(transformers, config_class)(**values)
+    return build_clip_tower(kind, config, weights, source=source, expected=expected, file_prefix=file_prefix,
+                            dtype=dtype, device=device, attn_implementation="sdpa")
 
 
 def openclip_text_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,15 +113,7 @@ def openclip_text_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str
     Raises:
         CheckpointError: a key the table does not know (named), so nothing is silently dropped.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tower.items():
-        if key in _UNUSED or key.startswith("visual."):
-            continue
-        if key in _TOP_NAMES:
-            out[_TOP_NAMES[key]] = value
-            continue
-        _convert_block(key, value, out)
-    return out
+    return _convert_tower(tower, _TOP_NAMES, skip=lambda key: key in _UNUSED or key.startswith("visual."))
 
 
 def build_openclip_text_encoder(
@@ -93,22 +126,12 @@ def build_openclip_text_encoder(
 ) -> "transformers.CLIPTextModel":
     """A ``CLIPTextModel`` holding an OpenCLIP text tower (keys without prefix), strictly loaded. The head count
     is read from the width (16 for ViT-H's 1024) unless given (tiny test towers)."""
-    import transformers
-
     weights = openclip_text_to_transformers(tower)
     values = {**infer_clip_text_config(weights, source=str(source)), "hidden_act": "gelu"}  # OpenCLIP: exact GELU
     if values["vocab_size"] < 49408:  # a tiny vocabulary: its own last two ids are start and end (make-tiny's)
         values.update(bos_token_id=values["vocab_size"] - 2, eos_token_id=values["vocab_size"] - 1)
-    if num_attention_heads is not None:
-        values["num_attention_heads"] = num_attention_heads
-    config = transformers.CLIPTextConfig(**values)
-    model = build_on_meta(lambda: transformers.CLIPTextModel._from_config(config, attn_implementation="sdpa"),
-                          source=source, expected="the OpenCLIP ViT-H/14 text encoder")
-    prefix = _nested_prefix(model, "text_model")
-    assign_weights(model, {prefix + k: v for k, v in weights.items()}, source=source,
-                   expected="the OpenCLIP ViT-H/14 text encoder", dtype=dtype, device=device,
-                   file_name=lambda key: OPENCLIP_TEXT_PREFIX + key[len(prefix):])
-    return model
+    return _build_tower("text", weights, values, source=source, dtype=dtype, device=device,
+                        num_attention_heads=num_attention_heads)
 
 
 def tokenize_openclip(tokenizer: "transformers.CLIPTokenizer", prompts: Sequence[str]) -> torch.Tensor:
@@ -177,15 +200,7 @@ _VISION_NAMES = {"conv1.weight": "embeddings.patch_embedding.weight", "class_emb
 def openclip_vision_to_transformers(tower: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An OpenCLIP visual tower (keys under ``visual.``, prefix removed) under ``CLIPVisionModel``'s names; the
     output projection ``proj`` is dropped (the I2V projector reads the last layer's tokens)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tower.items():
-        if key == "proj":
-            continue
-        if key in _VISION_NAMES:
-            out[_VISION_NAMES[key]] = value
-        else:
-            _convert_block(key, value, out)
-    return out
+    return _convert_tower(tower, _VISION_NAMES, skip=lambda key: key == "proj")
 
 
 def build_openclip_vision_encoder(
@@ -199,19 +214,7 @@ def build_openclip_vision_encoder(
     """A ``CLIPVisionModel`` holding an OpenCLIP visual tower (``embedder.model.visual.*`` of the I2V checkpoint,
     prefix removed), strictly loaded; ``last_hidden_state`` is the official image embedder's output (after
     ``ln_pre`` and every block, without ``ln_post``)."""
-    import transformers
-
-    from ..loading.clip import infer_clip_vision_config
-
     weights = openclip_vision_to_transformers(tower)
     values = {**infer_clip_vision_config(weights, source=str(source)), "hidden_act": "gelu"}
-    if num_attention_heads is not None:
-        values["num_attention_heads"] = num_attention_heads
-    config = transformers.CLIPVisionConfig(**values)
-    model = build_on_meta(lambda: transformers.CLIPVisionModel._from_config(config, attn_implementation="sdpa"),
-                          source=source, expected="the OpenCLIP ViT-H/14 image encoder")
-    prefix = _nested_prefix(model, "vision_model")
-    assign_weights(model, {prefix + k: v for k, v in weights.items()}, source=source,
-                   expected="the OpenCLIP ViT-H/14 image encoder", dtype=dtype, device=device,
-                   file_name=lambda key: "embedder.model.visual." + key[len(prefix):])
-    return model
+    return _build_tower("vision", weights, values, source=source, dtype=dtype, device=device,
+                        num_attention_heads=num_attention_heads)

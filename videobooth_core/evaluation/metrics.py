@@ -17,7 +17,7 @@ the mean of its frames.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,19 @@ def _images(frames: torch.Tensor) -> list:
     return [frame.numpy() for frame in frames]
 
 
+def _unit_image_embeddings(
+    frames: torch.Tensor, image_processor: Any, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """(n, H, W, 3) uint8 -> (n, d) float32 unit embeddings, ``FRAME_CHUNK`` frames a model call: the model's own
+    ``image_processor`` prepares them, ``embed`` maps (chunk, 3, h, w) pixels on ``device`` to (chunk, d)."""
+    parts = []
+    for start in range(0, frames.shape[0], FRAME_CHUNK):
+        pixels = image_processor(images=_images(frames[start:start + FRAME_CHUNK]), return_tensors="pt")["pixel_values"]
+        parts.append(embed(pixels.to(device)).float().cpu())
+    embeddings = torch.cat(parts)
+    return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+
 class Scorer:
     """Scores videos with whichever metric models it was given (a metric whose model is absent is ``None``)."""
 
@@ -65,14 +78,9 @@ class Scorer:
     def clip_image_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> (n, d) unit CLIP image embeddings (projected)."""
         model = self._need("clip").model
-        device = next(model.parameters()).device
-        parts = []
-        for start in range(0, frames.shape[0], FRAME_CHUNK):
-            pixels = self.clip.image_processor(images=_images(frames[start:start + FRAME_CHUNK]),
-                                               return_tensors="pt")["pixel_values"]
-            parts.append(_features(model.get_image_features(pixel_values=pixels.to(device))).float().cpu())
-        embeddings = torch.cat(parts)
-        return embeddings / embeddings.norm(dim=-1, keepdim=True)
+        return _unit_image_embeddings(frames, self.clip.image_processor,
+                                      lambda pixels: _features(model.get_image_features(pixel_values=pixels)),
+                                      next(model.parameters()).device)
 
     @torch.no_grad()
     def clip_text_embedding(self, prompt: str) -> torch.Tensor:
@@ -90,14 +98,9 @@ class Scorer:
     def dino_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> (n, d) unit DINO CLS embeddings (after the final layer norm)."""
         model = self._need("dino").model
-        device = next(model.parameters()).device
-        parts = []
-        for start in range(0, frames.shape[0], FRAME_CHUNK):
-            pixels = self.dino.image_processor(images=_images(frames[start:start + FRAME_CHUNK]),
-                                               return_tensors="pt")["pixel_values"]
-            parts.append(model(pixel_values=pixels.to(device)).last_hidden_state[:, 0].float().cpu())
-        embeddings = torch.cat(parts)
-        return embeddings / embeddings.norm(dim=-1, keepdim=True)
+        return _unit_image_embeddings(frames, self.dino.image_processor,
+                                      lambda pixels: model(pixel_values=pixels).last_hidden_state[:, 0],
+                                      next(model.parameters()).device)
 
     def _need(self, which: str) -> Any:
         model = getattr(self, which)

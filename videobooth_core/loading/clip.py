@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,25 +32,14 @@ import torch
 
 from ..errors import CheckpointError, VideoBoothError, explain
 from ..files import PathLike
-from .kinds import select_component
-from .strict import assign_weights, build_on_meta
-from .weight_files import (
-    CONFIG_METADATA_KEY,
-    read_config_metadata,
-    read_folder_weights,
-    read_json,
-    read_state_dict,
-    resolve_model_folder,
-    save_safetensors,
-    unwrap_state_dict,
-)
+from .component import count_indices, read_component, require_tensor
+from .strict import Device, assign_weights, build_on_meta
+from .weight_files import CONFIG_METADATA_KEY, read_config_metadata, read_json, save_safetensors
 
 if TYPE_CHECKING:
     import transformers
 
 logger = logging.getLogger(__name__)
-
-Device = str | torch.device
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -76,19 +64,6 @@ _VISION_MARKER = "embeddings.patch_embedding.weight"
 _CLIP_HEAD_EXTRAS = ("text_projection.weight", "visual_projection.weight", "logit_scale")
 
 
-def _count_indices(keys: Sequence[str], pattern: str) -> int:
-    """Number of distinct integers captured by ``pattern`` (one group) among ``keys``."""
-    return len({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
-
-
-def _require(component: Mapping[str, torch.Tensor], key: str, *, source: str, prefix: str, what: str) -> torch.Tensor:
-    if key not in component:
-        raise CheckpointError(explain(
-            f"'{prefix}{key}', needed to infer the {what} config, is missing from", source,
-            f"use a complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata"))
-    return component[key]
-
-
 def infer_clip_text_config(
     component: Mapping[str, torch.Tensor], projection: torch.Tensor | None = None, *, source: str = "the file",
     prefix: str = "",
@@ -102,15 +77,15 @@ def infer_clip_text_config(
     ``videobooth_config`` metadata instead.
     """
     what = "CLIP text encoder"
-    tok = _require(component, _TEXT_MARKER, source=source, prefix=prefix, what=what)
-    pos = _require(component, "embeddings.position_embedding.weight", source=source, prefix=prefix, what=what)
-    fc1 = _require(component, "encoder.layers.0.mlp.fc1.weight", source=source, prefix=prefix, what=what)
+    tok = require_tensor(component, _TEXT_MARKER, source=source, prefix=prefix, what=what)
+    pos = require_tensor(component, "embeddings.position_embedding.weight", source=source, prefix=prefix, what=what)
+    fc1 = require_tensor(component, "encoder.layers.0.mlp.fc1.weight", source=source, prefix=prefix, what=what)
     vocab_size, hidden = (int(s) for s in tok.shape)
     config: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(fc1.shape[0]),
-        "num_hidden_layers": _count_indices(list(component), r"encoder\.layers\.(\d+)\."),
+        "num_hidden_layers": count_indices(list(component), r"encoder\.layers\.(\d+)\."),
         "num_attention_heads": _TEXT_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
         "max_position_embeddings": int(pos.shape[0]),
         "hidden_act": _TEXT_ACT_BY_WIDTH.get(hidden, "quick_gelu"),
@@ -134,10 +109,10 @@ def infer_clip_vision_config(
     projection_dim from ``visual_projection.weight`` when present.
     """
     what = "CLIP vision encoder"
-    cls_emb = _require(component, "embeddings.class_embedding", source=source, prefix=prefix, what=what)
-    patch = _require(component, _VISION_MARKER, source=source, prefix=prefix, what=what)
-    pos = _require(component, "embeddings.position_embedding.weight", source=source, prefix=prefix, what=what)
-    fc1 = _require(component, "encoder.layers.0.mlp.fc1.weight", source=source, prefix=prefix, what=what)
+    cls_emb = require_tensor(component, "embeddings.class_embedding", source=source, prefix=prefix, what=what)
+    patch = require_tensor(component, _VISION_MARKER, source=source, prefix=prefix, what=what)
+    pos = require_tensor(component, "embeddings.position_embedding.weight", source=source, prefix=prefix, what=what)
+    fc1 = require_tensor(component, "encoder.layers.0.mlp.fc1.weight", source=source, prefix=prefix, what=what)
     hidden = int(cls_emb.shape[0])
     patch_size = int(patch.shape[-1])
     grid = math.isqrt(int(pos.shape[0]) - 1)
@@ -149,7 +124,7 @@ def infer_clip_vision_config(
     config: dict[str, Any] = {
         "hidden_size": hidden,
         "intermediate_size": int(fc1.shape[0]),
-        "num_hidden_layers": _count_indices(list(component), r"encoder\.layers\.(\d+)\."),
+        "num_hidden_layers": count_indices(list(component), r"encoder\.layers\.(\d+)\."),
         "num_attention_heads": _VISION_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)),
         "num_channels": int(patch.shape[1]),
         "image_size": grid * patch_size,
@@ -266,19 +241,11 @@ def _load_clip_tower(
         raise VideoBoothError(explain(
             "unsupported attn_implementation", attn_implementation,
             f"pass one of {', '.join(ATTN_IMPLEMENTATIONS)} ('eager' matches the official transformers 4.28 math)"))
-    p = Path(path)
     expected = f"a CLIP {kind} encoder"
-    config = None
-    if p.is_dir():
-        folder = resolve_model_folder(p, (spec["subfolder"],), expected)
-        config = _folder_config(folder, kind)
-        sd = read_folder_weights(folder, "transformers")
-        source = str(folder)
-    else:
-        sd = unwrap_state_dict(read_state_dict(p), source=p)
-        source = str(p)
-    prefix, component = select_component(sd, spec["marker"], source=source, expected=expected,
-                                         example_key=spec["example_key"])
+    found = read_component(path, subfolder=spec["subfolder"], flavour="transformers", marker=spec["marker"],
+                           example_key=spec["example_key"], expected=expected,
+                           folder_config=lambda folder: _folder_config(folder, kind))
+    config, source, prefix, component = found.config, found.source, found.prefix, found.weights
     ignored = [k for k in component if k.endswith("position_ids") or k in _CLIP_HEAD_EXTRAS]
     for key in ignored:
         del component[key]
@@ -286,8 +253,8 @@ def _load_clip_tower(
         logger.debug("%s: ignoring %s", source, ", ".join(ignored))
     if config is None:
         parent = prefix[: -len(spec["wrapper"]) - 1] if prefix.endswith(spec["wrapper"] + ".") else prefix
-        kwargs = read_config_metadata(p) or spec["infer"](
-            component, sd.get(parent + spec["projection"]), source=source, prefix=prefix,
+        kwargs = read_config_metadata(path) or spec["infer"](
+            component, found.state_dict.get(parent + spec["projection"]), source=source, prefix=prefix,
         )
         try:
             config = getattr(transformers, spec["config_class"]).from_dict(dict(kwargs))
@@ -295,12 +262,39 @@ def _load_clip_tower(
             raise CheckpointError(explain(
                 f"invalid CLIP {kind} config ({e}; {spec['config_class']} values are expected)", source,
                 f"correct the '{CONFIG_METADATA_KEY}' metadata or remove it so the config is inferred")) from e
+    return build_clip_tower(kind, config, component, source=source, expected=expected, file_prefix=prefix,
+                            dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+
+def build_clip_tower(
+    kind: str,
+    config: transformers.CLIPTextConfig | transformers.CLIPVisionConfig,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    source: PathLike,
+    expected: str,
+    file_prefix: str,
+    dtype: torch.dtype,
+    device: Device,
+    attn_implementation: str,
+) -> torch.nn.Module:
+    """A ``CLIPTextModel`` (``kind="text"``) or ``CLIPVisionModel`` (``"vision"``) built on the meta device from
+    ``config``, with ``weights`` (transformers names without the ``text_model.`` / ``vision_model.`` wrapper)
+    strictly assigned; errors name a key as the file has it, ``file_prefix`` + the key. Also builds the OpenCLIP
+    towers of :mod:`..conditioning.openclip_text` once their weights are renamed.
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped weights.
+    """
+    import transformers
+
+    spec = _CLIP_TOWERS[kind]
     model_class = getattr(transformers, spec["model_class"])
     model = build_on_meta(lambda: model_class._from_config(config, attn_implementation=attn_implementation),
                           source=source, expected=expected)
     model_prefix = _model_key_prefix(model, spec["wrapper"])
-    assign_weights(model, {model_prefix + k: v for k, v in component.items()}, source=source, expected=expected,
-                   dtype=dtype, device=device, file_name=lambda k: prefix + k[len(model_prefix):])
+    assign_weights(model, {model_prefix + k: v for k, v in weights.items()}, source=source, expected=expected,
+                   dtype=dtype, device=device, file_name=lambda k: file_prefix + k[len(model_prefix):])
     return model
 
 

@@ -30,25 +30,14 @@ import torch
 
 from ..errors import CheckpointError, VideoBoothError, explain
 from ..files import PathLike
-from .kinds import select_component
-from .strict import assign_weights, build_on_meta, format_keys
-from .weight_files import (
-    CONFIG_METADATA_KEY,
-    read_config_metadata,
-    read_folder_weights,
-    read_json,
-    read_state_dict,
-    resolve_model_folder,
-    save_safetensors,
-    unwrap_state_dict,
-)
+from .component import count_indices, read_component, require_tensor
+from .strict import Device, assign_weights, build_on_meta, format_keys
+from .weight_files import CONFIG_METADATA_KEY, read_config_metadata, read_json, save_safetensors
 
 if TYPE_CHECKING:
     import diffusers
 
 logger = logging.getLogger(__name__)
-
-Device = str | torch.device
 
 #: Latent scaling factor of the Stable Diffusion 1.x VAE used by VideoBooth.
 SD_VAE_SCALING_FACTOR = 0.18215
@@ -85,19 +74,6 @@ _VAE_DEPRECATED_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", 
 # diffusers attention weights that are 1x1 convolutions (out, in, 1, 1) in LDM files and Linear (out, in) here.
 _VAE_ATTN_LINEAR = re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 _VAE_LDM_IGNORED_PREFIXES = ("loss.", "model_ema.")
-
-
-def _count_indices(keys: Sequence[str], pattern: str) -> int:
-    """Number of distinct integers captured by ``pattern`` (one group) among ``keys``."""
-    return len({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
-
-
-def _require(sd: Mapping[str, torch.Tensor], key: str, *, source: str) -> torch.Tensor:
-    if key not in sd:
-        raise CheckpointError(explain(
-            f"'{key}', needed to infer the VAE config, is missing from", source,
-            f"use a complete file, or one with the config in its '{CONFIG_METADATA_KEY}' metadata"))
-    return sd[key]
 
 
 def _conv1x1_to_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -137,7 +113,7 @@ def _rename_vae_key(key: str, num_levels: int, to_diffusers: bool) -> str | None
 
 def _vae_num_levels(keys: Sequence[str], ldm: bool) -> int:
     pattern = r"encoder\.down\.(\d+)\." if ldm else r"encoder\.down_blocks\.(\d+)\."
-    return _count_indices(keys, pattern)
+    return count_indices(keys, pattern)
 
 
 def convert_ldm_vae_to_diffusers(
@@ -220,21 +196,21 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], *, source: str = "the file"
     levels = _vae_num_levels(keys, ldm=False)
     block_out = []
     for i in range(levels):
-        w = _require(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", source=source)
+        w = require_tensor(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", source=source, what="VAE")
         block_out.append(int(w.shape[0]))
-    conv_in = _require(sd, "encoder.conv_in.weight", source=source)
-    conv_out = _require(sd, "decoder.conv_out.weight", source=source)
+    conv_in = require_tensor(sd, "encoder.conv_in.weight", source=source, what="VAE")
+    conv_out = require_tensor(sd, "decoder.conv_out.weight", source=source, what="VAE")
     if "post_quant_conv.weight" in sd:
         latent = int(sd["post_quant_conv.weight"].shape[0])
     else:
-        latent = int(_require(sd, "decoder.conv_in.weight", source=source).shape[1])
+        latent = int(require_tensor(sd, "decoder.conv_in.weight", source=source, what="VAE").shape[1])
     config: dict[str, Any] = {
         "in_channels": int(conv_in.shape[1]),
         "out_channels": int(conv_out.shape[0]),
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": block_out,
-        "layers_per_block": _count_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+        "layers_per_block": count_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
         "act_fn": "silu",
         "latent_channels": latent,
         "norm_num_groups": 32,
@@ -250,6 +226,17 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], *, source: str = "the file"
 
 def _vae_ldm_name(key: str, num_levels: int) -> str:
     return _rename_vae_key(key, num_levels, to_diffusers=False) or key
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """A diffusers VAE folder's ``config.json``, refused when it is another model's (a pipeline's UNet folder)."""
+    config = read_json(folder / "config.json")
+    class_name = config.get("_class_name", "AutoencoderKL")
+    if class_name != "AutoencoderKL":
+        raise CheckpointError(explain(
+            f"the folder holds a {class_name} (config.json _class_name), but a VAE (AutoencoderKL) was expected",
+            folder, "pass the VAE folder (the 'vae' sub-folder of a pipeline) or a VAE file"))
+    return config
 
 
 def load_vae(
@@ -274,26 +261,11 @@ def load_vae(
     """
     import diffusers
 
-    p = Path(path)
     expected = "a VAE (AutoencoderKL)"
-    config: dict[str, Any] | None
-    if p.is_dir():
-        folder = resolve_model_folder(p, ("vae",), expected)
-        config = read_json(folder / "config.json")
-        class_name = config.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise CheckpointError(explain(
-                f"the folder holds a {class_name} (config.json _class_name), but {expected} was expected", folder,
-                "pass the VAE folder (the 'vae' sub-folder of a pipeline) or a VAE file"))
-        sd = read_folder_weights(folder, "diffusers")
-        source = str(folder)
-    else:
-        sd = unwrap_state_dict(read_state_dict(p), source=p)
-        source = str(p)
-        config = read_config_metadata(p)
-    prefix, component = select_component(
-        sd, "encoder.conv_in.weight", source=source, expected=expected, example_key="encoder.conv_in.weight"
-    )
+    found = read_component(path, subfolder="vae", flavour="diffusers", marker="encoder.conv_in.weight",
+                           example_key="encoder.conv_in.weight", expected=expected, folder_config=_folder_config)
+    source, prefix, component = found.source, found.prefix, found.weights
+    config = found.config if found.config is not None else read_config_metadata(path)
     is_ldm = any(k.startswith("encoder.down.") for k in component)
     num_levels = _vae_num_levels(list(component), ldm=is_ldm)
     if is_ldm:

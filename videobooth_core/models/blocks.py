@@ -119,6 +119,8 @@ class Upsample3D(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """The gated GELU input of the feed-forward (key ``proj``), as LDM writes it; the VideoCrafter UNet's too."""
+
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from .denoiser import StepCallback, StepOutput, VideoDenoiser
-from .known_frames import KnownFrames
-from .noise import ImagePromptNoising, NoiseSource
+from .noise import NoiseSource, start_sampling
 from .schedule import RespacedDDPM
 
 
@@ -41,12 +40,9 @@ def sample_ddpm(
     Returns:
         (b, 4, frames, h, w) float32 latent (unscaled, i.e. still x 0.18215 VAE space).
     """
-    x = noise.initial(shape).to(device)
-    image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
     total = schedule.num_steps
-    known = None if known_latents is None else KnownFrames(known_latents, x)
-    if known is not None:
-        x = known.at_level(x, float(schedule.alphas_cumprod[total - 1]))
+    x, image_prompt, known = start_sampling(shape, noise, device, exemplar_clean, image_prompt_steps, known_latents,
+                                            float(schedule.alphas_cumprod[total - 1]))
     for step, index in enumerate(reversed(range(total))):
         timestep = schedule.timestep_map[index]
         exemplar_t = image_prompt.at(step, total, float(schedule.alphas_cumprod[index]))

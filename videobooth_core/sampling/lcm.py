@@ -31,8 +31,7 @@ import torch
 
 from ..errors import SamplingError, explain
 from .denoiser import StepCallback, StepOutput, VideoDenoiser
-from .known_frames import KnownFrames
-from .noise import ImagePromptNoising, NoiseSource
+from .noise import NoiseSource, start_sampling
 from .schedule import TRAIN_TIMESTEPS, base_betas, respaced_timesteps
 
 LCM_SAMPLER = "lcm"
@@ -158,11 +157,8 @@ def sample_lcm(
     timesteps = lcm_timesteps(steps, skip)
     table = alphas_cumprod()
     guided = with_guidance(denoiser, cfg)
-    x = noise.initial(shape).to(device)
-    image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
-    known = None if known_latents is None else KnownFrames(known_latents, x)
-    if known is not None:
-        x = known.at_level(x, float(table[timesteps[0]]))
+    x, image_prompt, known = start_sampling(shape, noise, device, exemplar_clean, image_prompt_steps, known_latents,
+                                            float(table[timesteps[0]]))
     total = len(timesteps)
     denoised = x
     for step, timestep in enumerate(timesteps):

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from ..errors import SamplingError
+from .known_frames import KnownFrames
 from .schedule import q_sample
 
 
@@ -94,3 +95,33 @@ class ImagePromptNoising:
         if not start <= step / total < end:
             return None
         return q_sample(self.clean, drawn, alpha_cumprod)
+
+
+def start_sampling(
+    shape: tuple[int, int, int, int, int],
+    noise: NoiseSource,
+    device: torch.device | str,
+    exemplar_clean: torch.Tensor | None,
+    image_prompt_steps: tuple[float, float],
+    known_latents: torch.Tensor | None,
+    first_alpha_cumprod: float,
+) -> tuple[torch.Tensor, ImagePromptNoising, KnownFrames | None]:
+    """The start the respaced DDPM and the consistency loops share: the initial latent (the run's first draw), the
+    image prompt's per-step noising, and the known frames put into the initial latent at the first step's level.
+
+    Args:
+        shape: (b, 4, frames, h, w) of the video latent.
+        exemplar_clean: (b, 4, 1, h, w) clean image-prompt latent, or None.
+        known_latents: (b, 4, k, h, w) clean latents of frames 0..k-1, or None.
+        first_alpha_cumprod: the cumulative product of the first (noisiest) step's timestep.
+
+    Returns:
+        The initial x (b, 4, frames, h, w) on ``device``, the image prompt's noising, the known frames (None
+        without ``known_latents``).
+    """
+    x = noise.initial(shape).to(device)
+    image_prompt = ImagePromptNoising(exemplar_clean, shape[2], noise, device, image_prompt_steps)
+    known = None if known_latents is None else KnownFrames(known_latents, x)
+    if known is not None:
+        x = known.at_level(x, first_alpha_cumprod)
+    return x, image_prompt, known

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..blocks import GEGLU
 from .config import GROUPS, TEXT_TOKENS
 
 
@@ -98,16 +99,6 @@ class CrossAttention(nn.Module):
         scores = scores + torch.einsum("bhid,ijd->bhij", query, table_k) * self.scale
         weights = scores.softmax(dim=-1)
         return torch.einsum("bhij,bhjd->bhid", weights, value) + torch.einsum("bhij,ijd->bhid", weights, table_v)
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
