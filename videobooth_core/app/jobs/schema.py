@@ -100,6 +100,16 @@ class Job:
                 **self.settings}
 
     @property
+    def latents(self) -> str | None:
+        """The latents file the job writes beside its output (``save_latents``; posix, relative to --out-dir), or
+        None."""
+        if not self.settings.get("save_latents"):
+            return None
+        from ...latents_file import latents_path
+
+        return latents_path(self.out).as_posix()
+
+    @property
     def styled(self) -> bool:
         return self.base_checkpoint is not None or bool(self.loras)
 
