@@ -374,6 +374,8 @@ class VideoCrafterSettings:
                                minimum=1, maximum=60, shown_default="the model's: 28 T2V, 8 I2V")
     seed: int = _setting("int", 123, "VideoCrafter: seed of the run's noise (drawn on the CPU)", minimum=0,
                          maximum=MAX_SEED)
+    save_latents: bool = _setting("bool", False, "VideoCrafter: also write the sampler's final latents next to the "
+                                  "video as OUT.latents.safetensors (as VideoBooth's --save-latents)")
 
     def check(self, names: Names | None = None) -> None:
         """Every setting's type and range (SamplingError naming the value, as ``names`` calls it, and the fix);
