@@ -9,9 +9,9 @@ the relative MSE (that over the reference's mean square), the figures ``benchmar
 Latents come from the ``latents`` file a set line (or a jobs manifest's item) names (a ``.safetensors`` holding one
 tensor ``latents``, (1, 4, f, h, w) or (4, f, h, w), raw SD latents as ``result.latents`` of ``generate``;
 ``generate --save-latents`` writes one beside the video, :func:`save_latents` any tensor: both
-:mod:`videobooth_core.latents_file`). They are the sampler's own result; the decoded frames are NOT re-encoded with the VAE: a VAE round
-trip of uint8 frames adds its own error (and needs the VAE loaded), so it would measure the VAE as much as the
-sampler. A video or reference without latents keeps an empty latent MSE (a warning says so).
+:mod:`videobooth_core.latents_file`). They are the sampler's own result; the decoded frames are NOT re-encoded with
+the VAE: a VAE round trip of uint8 frames adds its own error (and needs the VAE loaded), so it would measure the VAE
+as much as the sampler. A video or reference without latents keeps an empty latent MSE (a warning says so).
 
 Results, per configuration (a set line's ``config``; default ``all``): the mean of each score and of the latent
 MSEs, the reference set first, in ``compare.csv``, ``compare.md`` and ``chart_compare.png`` (one panel per column).

@@ -51,8 +51,9 @@ only when it holds nothing but PNG frames, so other jobs' and the user's files a
 
 Resuming. Before writing its output an item records a claim ``OUT/.videobooth/claims/<id>.json``; the output
 is written atomically by :func:`videobooth_core.video_io.write_frames`, then the done-record
-``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item is skipped when its output (with ``save_latents``, also its latents
-file) and its done-record both exist and the record's settings match the job's, so a killed run restarted with the same command redoes
+``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item is skipped when
+its output (with ``save_latents``, also its latents file) and its done-record both exist and the record's settings
+match the job's (a job whose latents file is gone is redone), so a killed run restarted with the same command redoes
 only unfinished items; a job whose line changed is redone (replacing its own earlier output).
 ``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank; for
 best of N, ``seed`` is the winner's, which alone reproduces the output, and ``best_of`` lists every candidate's
