@@ -314,6 +314,44 @@ def test_api_load_once_generate_many(tiny_models, subject, one_thread) -> None:
     assert not torch.equal(first.frames, pipe.generate(dataclasses.replace(with_image, seed=6)).frames)
 
 
+def test_save_latents_writes_the_final_latents_beside_the_video_and_off_changes_no_byte(tiny_models, subject, tmp_path,
+                                                                                     one_thread, capsys) -> None:
+    """``generate --save-latents`` (in-process ``main``): ``OUT.latents.safetensors`` holds the latents the video was
+    decoded from, the Python API's ``result.latents`` of the same request, written by the same function; the done
+    summary names it. Without the flag: the same video, byte for byte, and no latents file."""
+    from safetensors.torch import load_file
+
+    from videobooth_core.app.cli import main
+    from videobooth_core.app.request import build_request
+    from videobooth_core.latents_file import latents_path, write_result
+    from videobooth_core.pipeline import VideoBoothPipeline
+
+    argv = ["generate", "--models", str(tiny_models), "--image", str(subject["image"]), "--mask", str(subject["mask"]),
+            "--prompt", PROMPT, "--word", "ball", *SMALL, "--seed", "7"]
+    summaries = {}
+    for name, extra in (("plain.gif", []), ("saved.gif", ["--save-latents"])):
+        assert main([*argv, *extra, "--out", str(tmp_path / name)]) == 0
+        done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done: ")]
+        summaries[name] = json.loads(done[0][len("done: "):])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.gif", "saved.gif", "saved.gif.latents.safetensors"]
+    assert "latents" not in summaries["plain.gif"]
+    assert summaries["saved.gif"]["latents"] == str(tmp_path / "saved.gif.latents.safetensors")
+    assert (tmp_path / "plain.gif").read_bytes() == (tmp_path / "saved.gif").read_bytes()
+    saved = load_file(tmp_path / "saved.gif.latents.safetensors")["latents"]
+    assert saved.dtype == torch.float32 and saved.shape == (1, 4, 4, 8, 8)
+
+    pipe = VideoBoothPipeline.from_models_dir(str(tiny_models), dtype="fp32", device="cpu")
+    request = build_request({"prompt": PROMPT, "word": "ball", "image": str(subject["image"]),
+                             "mask": str(subject["mask"]), "frames": 4, "width": 64, "height": 64, "steps": 2,
+                             "seed": 7, "save_latents": True})
+    result = pipe.generate(request)
+    assert torch.equal(result.latents, saved)
+    written = write_result(result, tmp_path / "api.gif", request.fps, save=request.save_latents)
+    assert written == latents_path(tmp_path / "api.gif") == tmp_path / "api.gif.latents.safetensors"
+    assert torch.equal(load_file(written)["latents"], saved)
+    assert (tmp_path / "api.gif").read_bytes() == (tmp_path / "saved.gif").read_bytes()
+
+
 @pytest.mark.parametrize(("argv", "allocator"), [
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif"], "fast"),  # fast by default: measured faster
     (["generate", "--models", "m", "--prompt", "p", "--out", "o.gif", "--stream-weights"], "lean"),

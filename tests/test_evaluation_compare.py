@@ -123,3 +123,82 @@ def test_a_video_or_reference_without_latents_keeps_an_empty_latent_mse_and_says
     assert columns["student1_0"] == {"latent_mse": None, "latent_rel_mse": None}
     assert columns["student1_1"]["latent_mse"] > 0
     assert "student1_0: it has no 'latents' file" in caplog.text
+
+
+# -- the command-line road: generate --save-latents (batch jobs) -> evaluate --manifest --reference ----------------
+@pytest.fixture(scope="module")
+def latent_runs(tiny_models, tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """Issue 27's readout from the command line on the tiny models: a "teacher" (ddim, 3 steps) and a "student"
+    (ddim, 1 step) jobs run of the same two seeds, prompt and image prompt, both saving their latents: the teacher
+    by ``--save-latents`` (every line's default), the student by its lines' ``save_latents`` key.
+    -> (the folder, each run's command line)."""
+    from PIL import Image
+
+    from videobooth_core.app.cli import main
+
+    folder = tmp_path_factory.mktemp("latent_runs")
+    Image.fromarray(_picture(1, 64).numpy()).save(folder / "dog.png")
+    case = {"prompt": "a dog running", "word": "dog", "image": "dog.png"}
+    for run, extra in (("teacher", {}), ("student", {"save_latents": True})):
+        (folder / f"{run}.jsonl").write_text("".join(json.dumps({"id": f"seed{seed}", **case, "seed": seed, **extra})
+                                                     + "\n" for seed in (7, 8)))
+    small = ["--frames", "2", "--width", "64", "--height", "64", "--sampler", "ddim"]
+    commands = {run: ["generate", "--models", str(tiny_models), "--jobs", str(folder / f"{run}.jsonl"), "--out-dir",
+                      str(folder / run), *small, *flags]
+                for run, flags in (("teacher", ["--steps", "3", "--save-latents"]), ("student", ["--steps", "1"]))}
+    for command in commands.values():
+        assert main(command) == 0
+    return folder, commands
+
+
+def test_latents_saved_by_two_jobs_runs_give_evaluate_reference_the_latent_mse_by_hand(latent_runs,
+                                                                                        tiny_models) -> None:
+    from safetensors.torch import load_file
+
+    from videobooth_core.app.cli import main
+
+    folder, _ = latent_runs
+    saved = {}
+    for run in ("teacher", "student"):  # the manifest names each item's latents file, beside its video
+        for item in json.loads((folder / run / "manifest.json").read_text())["items"]:
+            assert item["latents"] == item["output"] + ".latents.safetensors" == f"{item['id']}.gif.latents.safetensors"
+            tensor = load_file(folder / run / item["latents"])["latents"]
+            assert tensor.dtype == torch.float32 and tensor.shape == (1, 4, 2, 8, 8)
+            saved[run, item["seed"]] = tensor
+    assert sorted(saved) == [("student", 7), ("student", 8), ("teacher", 7), ("teacher", 8)]
+    out = folder / "eval"
+    assert main(["evaluate", "--manifest", str(folder / "student"), "--reference",
+                 str(folder / "teacher" / "manifest.json"), "--models", str(tiny_models), "--out", str(out)]) == 0
+
+    by_hand = {seed: float(((saved["student", seed].double() - saved["teacher", seed].double()) ** 2).mean())
+               for seed in (7, 8)}
+    assert all(mse > 0 for mse in by_hand.values())  # 1 step is not 3 steps: the comparison measures something
+    scores = json.loads((out / "scores.json").read_text())
+    assert {row["id"]: row["latent_mse"] for row in scores["videos"]} == pytest.approx(
+        {f"seed{seed}": mse for seed, mse in by_hand.items()}, rel=1e-12)
+    table = {row["config"]: row for row in csv.DictReader((out / "compare.csv").open())}
+    assert list(table) == ["reference", "ddim 1 steps"]
+    assert table["ddim 1 steps"]["videos"] == "2"
+    assert float(table["ddim 1 steps"]["latent_mse"]) == pytest.approx(sum(by_hand.values()) / 2, rel=1e-5)
+
+
+def test_a_resumed_job_whose_latents_file_is_gone_is_redone(latent_runs, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from videobooth_core.app.cli import main
+
+    folder, commands = latent_runs
+    student = folder / "student"
+    first, second = json.loads((student / "manifest.json").read_text())["items"]
+    gone, kept = student / first["latents"], student / second["latents"]
+    before, kept_stamp = load_file(gone)["latents"], kept.stat().st_mtime_ns
+    gone.unlink()
+    capsys.readouterr()
+    assert main(commands["student"]) == 0
+    captured = capsys.readouterr()
+    assert f"redoing {first['id']}" in captured.err
+    summary = json.loads(captured.out.split("finished: ", 1)[1].splitlines()[0])
+    assert (summary["done"], summary["skipped"]) == (1, 1)
+    assert torch.equal(load_file(gone)["latents"], before)  # the same job again: the same latents
+    assert kept.stat().st_mtime_ns == kept_stamp  # the finished one untouched
+    assert json.loads((student / "manifest.json").read_text())["items"][0]["latents"] == first["latents"]

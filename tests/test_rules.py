@@ -67,6 +67,9 @@ def work(tmp_path, tiny_models, dataset) -> Path:
     root = tmp_path / "work"
     root.mkdir()
     (root / "mine.png").write_bytes(b"the user's picture")
+    (root / "taken.gif.latents.safetensors").write_bytes(b"the user's latents of an earlier taken.gif")
+    (root / "batch_taken").mkdir()
+    (root / "batch_taken" / "00001.gif.latents.safetensors").write_bytes(b"the user's latents")
     (root / "converted").mkdir()
     (root / "converted" / "videobooth_mapper.safetensors").write_bytes(b"the user's earlier conversion")
     (root / "corrupt.safetensors").write_bytes(b"garbage")
@@ -195,6 +198,14 @@ CASES = {
     # overwrites
     "preview_over_a_users_file": (lambda m, d, w: ["dataset", "preview", str(d), "--out", str(w / "mine.png")],
                                   ["already exists", "--overwrite"], None),
+    "latents_over_a_users_file": (lambda m, d, w: [*_gen(m, w)[:-1], str(w / "taken.gif"), "--save-latents"],
+                                  ["latents file", "already exists", "taken.gif.latents.safetensors", "--overwrite"],
+                                  None),
+    "jobs_latents_over_a_users_file": (lambda m, d, w: ["generate", "--models", str(m), "--jobs",
+                                                        str(w / "jobs.jsonl"), "--out-dir", str(w / "batch_taken"),
+                                                        "--save-latents"],
+                                       ["line 1", "latents file already exists", "00001.gif.latents.safetensors",
+                                        "--overwrite"], None),
     "convert_over_a_users_file": (lambda m, d, w: ["convert", "--mapper", str(m / "videobooth" / "mapper.pt"),
                                                    "--out", str(w / "converted")],
                                   ["already exists", "videobooth_mapper.safetensors", "--overwrite"], None),

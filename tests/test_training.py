@@ -19,7 +19,7 @@ from videobooth_core.training.config import TrainConfig, TrainingError
 from training_helpers import SMALL, one_thread, synth  # noqa: F401  (module fixtures)
 
 
-def config(tiny_models: Path, synth: Path, out: Path, stage: int, **kwargs) -> TrainConfig:
+def config(tiny_models: Path, synth: Path, out: Path, stage: int | str, **kwargs) -> TrainConfig:
     mapper = str(tiny_models / "videobooth" / "mapper.pt") if stage == 2 else None
     settings = {**SMALL, "mapper": mapper, **kwargs}
     return TrainConfig(stage=stage, data=str(synth), models=str(tiny_models), out=str(out), **settings)
@@ -130,14 +130,21 @@ def test_each_stage_overfits_two_clips(tiny_models, synth, tmp_path, stage):
     assert last <= 0.5 * first, (first, last)
 
 
-def _train_command(tiny_models: Path, synth: Path, out: Path, *extra: str) -> list[str]:
+def _train_command(tiny_models: Path, synth: Path, out: Path, *extra: str, stage: int | str = 2) -> list[str]:
+    """``python -m videobooth_core train`` on the tiny models: stage 2 from the tiny mapper by default; ``stage``
+    ``"distill"``: the LoRA of :data:`DISTILL_LORA` (the stage starts from the models folder's mapper)."""
     import sys
 
-    return [sys.executable, "-m", "videobooth_core", "train", "--stage", "2", "--data", str(synth), "--models",
-            str(tiny_models), "--mapper", str(tiny_models / "videobooth" / "mapper.pt"), "--size", "64",
-            "--frames", "2",
+    start = ["--mapper", str(tiny_models / "videobooth" / "mapper.pt")] if stage == 2 else []
+    lora = [f"--{key.replace('_', '-')}={value}" for key, value in DISTILL_LORA.items()] if stage == "distill" else []
+    return [sys.executable, "-m", "videobooth_core", "train", "--stage", str(stage), "--data", str(synth), "--models",
+            str(tiny_models), *start, *lora, "--size", "64", "--frames", "2",
             "--cpu", "--no-progress", "--no-tensorboard", "--no-memory-check", "--log-every", "1", "--out", str(out),
             *extra]
+
+
+DISTILL_LORA = {"lora_rank": 4, "lora_alpha": 4.0}
+"""The distillation stage's LoRA in these tests: small, so a step takes a fraction of a second."""
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -543,9 +550,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, synth, tmp
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-8)
 
 
-def test_two_ranks_train_as_one_with_twice_the_batch(tiny_models, synth, tmp_path):
+@pytest.mark.parametrize("stage", [2, "distill"])
+def test_two_ranks_train_as_one_with_twice_the_batch(tiny_models, synth, tmp_path, stage):
     """torchrun with 2 CPU ranks (gloo), batch 1 per rank, against 1 rank with batch 2: the trained parameters after
-    5 steps agree within 1e-6, in the float64 checking precision. Why not float32: the tiny test models' backward
+    5 steps (stage 2: the mapper; distill: the student's LoRA, whose draws are seeded per sample, not per rank) agree
+    within 1e-6, in the float64 checking precision. Why not float32: the tiny test models' backward
     pass is ill-conditioned (8x8 latents reach 1x1 in the UNet's last block, where GroupNorm normalises 4 numbers),
     so the float32 kernels' batch-size-dependent rounding (~1e-7, batch 1 vs 2) grows to ~1e-3 relative in the
     gradients, and Adam's first steps (update ~ lr * sign(g)) turn that into ~1e-4 parameter differences. In float64
@@ -556,27 +565,35 @@ def test_two_ranks_train_as_one_with_twice_the_batch(tiny_models, synth, tmp_pat
 
     import sys
 
+    lora = DISTILL_LORA if stage == "distill" else {}
     command = _train_command(tiny_models, synth, tmp_path / "ranks", "--steps", "5", "--batch-size", "1",
-                             "--dtype", "float64")
+                             "--dtype", "float64", stage=stage)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *command[1:]], env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    doubled = config(tiny_models, synth, tmp_path / "double", 2, batch_size=2, steps=5, cpu=True, dtype="float64")
+    doubled = config(tiny_models, synth, tmp_path / "double", stage, batch_size=2, steps=5, cpu=True, dtype="float64",
+                     **lora)
     train(doubled)
-    ranks_progress, ranks_mapper, _ = _checkpoint(list_checkpoints(config(tiny_models, synth, tmp_path / "ranks", 2))[-1])
-    double_progress, double_mapper, _ = _checkpoint(list_checkpoints(doubled)[-1])
+    ranks_progress, ranks_weights, _ = _checkpoint(list_checkpoints(config(tiny_models, synth, tmp_path / "ranks",
+                                                                           stage))[-1])
+    double_progress, double_weights, _ = _checkpoint(list_checkpoints(doubled)[-1])
     assert (ranks_progress["world_size"], ranks_progress["batch_size"]) == (2, 1)
     assert (double_progress["world_size"], double_progress["batch_size"]) == (1, 2)
     assert ranks_progress["step"] == double_progress["step"] == 5
-    assert ranks_mapper.keys() == double_mapper.keys()  # unwrapped keys whatever the number of processes
-    from videobooth_core.loading.checkpoint import load_mapper
+    assert ranks_weights.keys() == double_weights.keys()  # unwrapped keys whatever the number of processes
+    if stage == 2:  # not re-initialised: it trained, so the comparison is not vacuous
+        from videobooth_core.loading.checkpoint import load_mapper
 
-    start = load_mapper(tiny_models / "videobooth" / "mapper.pt").state_dict()
-    for key, value in double_mapper.items():
+        start = load_mapper(tiny_models / "videobooth" / "mapper.pt").state_dict()
+        moved = {key: start[key] for key in double_weights if key.startswith("mapping_")}
+    else:  # the LoRA's up projections start at 0
+        moved = {key: torch.zeros_like(value) for key, value in double_weights.items() if key.endswith(".up")}
+    assert moved
+    for key, value in double_weights.items():
         assert value.dtype == torch.float64
-        assert float((ranks_mapper[key] - value).abs().max()) <= 1e-6, key
-        if key.startswith("mapping_"):  # not re-initialised: it trained, so the comparison is not vacuous
-            assert float((value - start[key].double()).abs().max()) > 1e-4, key
+        assert float((ranks_weights[key] - value).abs().max()) <= 1e-6, key
+        if key in moved:
+            assert float((value - moved[key].double()).abs().max()) > 1e-4, key
     first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
              for run in ("ranks", "double")]
     assert first[0] == pytest.approx(first[1], rel=1e-12)

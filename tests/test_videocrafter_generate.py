@@ -93,9 +93,16 @@ def test_bad_requests_are_refused_naming_the_value() -> None:
 def test_the_command_line_runs_the_family_it_finds(sets: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cat"
     flags = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "4"]
-    assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags, "--out", str(out)]) == 0
-    assert "videocrafter2; 4 frames 64x64, 4 DDIM steps, eta 1.0, guidance 12.0, fps 28, seed 123" in capsys.readouterr().out
+    assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags, "--save-latents",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "videocrafter2; 4 frames 64x64, 4 DDIM steps, eta 1.0, guidance 12.0, fps 28, seed 123" in printed
     assert read_last_frames(out, 10).shape == (4, 64, 64, 3)
+    from safetensors.torch import load_file  # --save-latents: the sampler's latents beside the frames folder
+
+    assert f"latents {tmp_path / 'cat.latents.safetensors'}" in printed
+    latents = load_file(tmp_path / "cat.latents.safetensors")["latents"]
+    assert latents.dtype == torch.float32 and latents.shape == (1, 4, 4, 8, 8) and bool(latents.isfinite().all())
     # refused before any model loads, one line, exit 2; nothing written
     for extra, message in ((["--lora", "x.safetensors"], "'--lora'"), (["--steps", "3"], "breaks at this step count")):
         assert main(["generate", "--models", str(sets / "vc2"), "--prompt", "a cat", *flags, *extra,
@@ -145,7 +152,8 @@ def test_the_videocrafter_table_is_its_requests_defaults_with_videobooths_flags(
     request = VideoCrafterRequest(prompt="x")
     assert {key: getattr(request, spec.name) for key, spec in VIDEOCRAFTER_SETTINGS.items()} == {
         "negative": "", "frames": 16, "width": None, "height": None, "sampler": "ddim", "steps": 50, "eta": 1.0,
-        "cfg": 12.0, "fps": None, "seed": 123, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid"}
+        "cfg": 12.0, "fps": None, "seed": 123, "context_window": None, "context_overlap": 4, "context_fuse": "pyramid",
+        "save_latents": False}
     assert all(spec.flag == SETTINGS[key].flag for key, spec in VIDEOCRAFTER_SETTINGS.items())
 
 
@@ -157,7 +165,8 @@ def test_batch_jobs_run_a_videocrafter_folder_as_the_api_does(sets: Path, tmp_pa
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "a cat", "out": "a"}) + "\n"
-                    + json.dumps({"id": "b", "prompt": "a dog", "seed": 5, "cfg": 7.5, "out": "b"}) + "\n")
+                    + json.dumps({"id": "b", "prompt": "a dog", "seed": 5, "cfg": 7.5, "out": "b",
+                                  "save_latents": True}) + "\n")
     out = tmp_path / "out"
     command = ["generate", "--models", str(sets / "vc2"), "--jobs", str(jobs), "--out-dir", str(out),
                "--frames", "4", "--width", "64", "--height", "64", "--steps", "4"]
@@ -169,7 +178,14 @@ def test_batch_jobs_run_a_videocrafter_folder_as_the_api_does(sets: Path, tmp_pa
     pipe = VideoCrafterPipeline.from_models_dir(sets / "vc2")
     for job, request in (("a", VideoCrafterRequest(prompt="a cat", **SMALL)),
                          ("b", VideoCrafterRequest(prompt="a dog", seed=5, guidance=7.5, **SMALL))):
-        assert torch.equal(read_last_frames(out / job, 4), pipe.generate(request).frames), job
+        result = pipe.generate(request)
+        assert torch.equal(read_last_frames(out / job, 4), result.frames), job
+    from safetensors.torch import load_file  # b's save_latents: the sampler's latents, named in the manifest
+
+    assert "latents" not in manifest["items"][0] and manifest["items"][1]["latents"] == "b.latents.safetensors"
+    assert torch.equal(load_file(out / "b.latents.safetensors")["latents"], result.latents)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["a", "b", "b.latents.safetensors", "manifest.json"]
     capsys.readouterr()
     assert main(command) == 0
     assert "2 already done, 0 to generate" in capsys.readouterr().err

@@ -285,6 +285,9 @@ class GenerationSettings:
         "str", WHOLE_WORD, "how the subject word is found in the prompt: whole-word (so 'dog' leaves 'hotdog' "
         "alone) or official-substring (the official code's plain replacement)", choices=SUBJECT_MATCHES)
     fps: float = _setting("float", 8.0, "frames per second of the written video", above=0.0)
+    save_latents: bool = _setting(
+        "bool", False, "also write the sampler's final latents (before the VAE decode) next to the video as "
+        "OUT.latents.safetensors, for evaluate --reference's latent MSE (refused when it exists, as the video is)")
     context_window: int = _setting(
         "int", CONTEXT_WINDOW, "long videos: frames per UNet call; more frames are denoised by overlapping windows "
         "that all attend to frame 0 and the image prompt (memory of one window, time linear in the frames)", minimum=2,
@@ -393,6 +396,8 @@ class VideoCrafterSettings:
                                     maximum=VIDEOCRAFTER_MAX_FRAMES - 1)
     context_fuse: str = _setting("str", FUSE_MODES[0], "VideoCrafter long videos: weights of overlapping windows' "
                                  "predictions (pyramid: highest at a window's middle; flat: equal)", choices=FUSE_MODES)
+    save_latents: bool = _setting("bool", False, "VideoCrafter: also write the sampler's final latents next to the "
+                                  "video as OUT.latents.safetensors (as VideoBooth's --save-latents)")
 
     def check(self, names: Names | None = None) -> None:
         """Every setting's type and range (SamplingError naming the value, as ``names`` calls it, and the fix);

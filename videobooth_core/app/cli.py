@@ -252,8 +252,9 @@ def _fill_setting_defaults(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..evaluation.best_of import check_best_of
     from ..files import check_output_folder
+    from ..latents_file import check_latents_target, write_result
     from ..pipeline import VideoBoothPipeline
-    from ..video_io import check_output_path, write_frames
+    from ..video_io import check_output_path
 
     from .videocrafter import run_videocrafter, uses_videocrafter
 
@@ -280,6 +281,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise OutputError("--out is required: a .mp4, .gif or .webp file, or a folder for PNG frames")
     # before any model loads: nothing of the user's is replaced, and a bad target fails in seconds, not hours
     out = check_output_path(args.out, overwrite=args.overwrite, fps=args.fps)
+    if args.save_latents:  # OUT.latents.safetensors, refused as the video is
+        check_latents_target(out, overwrite=args.overwrite)
     check_best_of(args.best_of, args.rank_by, True)  # the number first; the image prompt once it is read
     loras = _sd_model_args(args)
     request = _request_from(args)
@@ -302,8 +305,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result, request.seed = best.result, best.seed  # the summary's seed alone reproduces the written video
     else:
         result = pipe.generate(request, callback=progress_callback("sampling"))
-    write_frames(result.frames, out, args.fps, overwrite=args.overwrite)
-    print("done: " + run_summary(result, request, time.perf_counter() - start, out, args))
+    latents = write_result(result, out, args.fps, overwrite=args.overwrite, save=args.save_latents)
+    print("done: " + run_summary(result, request, time.perf_counter() - start, out, args, latents))
     return 0
 
 

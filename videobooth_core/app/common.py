@@ -54,11 +54,12 @@ def speed_modes(options: Any) -> list[str]:
     return modes
 
 
-def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any) -> str:
-    """The JSON line printed after ``done: ``: where the video went, time, memory (estimated and measured) and
-    the settings that made it."""
+def run_summary(result: Any, request: Any, seconds: float, out: Path, args: Any, latents: Path | None = None) -> str:
+    """The JSON line printed after ``done: ``: where the video went (and its ``latents`` file, when written), time,
+    memory (estimated and measured) and the settings that made it."""
     return json.dumps({
-        "output": str(out), "seconds": round(seconds, 2), "peak_rss_mb": round(peak_memory_mb(), 1),
+        "output": str(out), **({"latents": str(latents)} if latents is not None else {}),
+        "seconds": round(seconds, 2), "peak_rss_mb": round(peak_memory_mb(), 1),
         "frames": request.frames, "size": [request.width, request.height], "steps": request.steps,
         "sampler": request.sampler, "cfg": request.cfg_scale, "guidance": request.guidance,
         "seed": request.seed, "dtype": getattr(args, "dtype", DEFAULT_PRECISION), "prompt_used": result.prompt_used,

@@ -108,8 +108,9 @@ def request_from(args: argparse.Namespace):
 def run_videocrafter(args: argparse.Namespace) -> int:
     import torch
 
+    from ..latents_file import check_latents_target, write_result
     from ..loading.checkpoint import parse_dtype
-    from ..video_io import check_output_path, write_frames
+    from ..video_io import check_output_path
     from ..videocrafter_pipeline import VideoCrafterPipeline, check_request, pick_videocrafter_model
 
     if not args.out:
@@ -117,6 +118,8 @@ def run_videocrafter(args: argparse.Namespace) -> int:
     write_fps = args.fps if args.fps is not None else SETTINGS["fps"].default  # the file's; not the conditioning's
     out = check_output_path(args.out, overwrite=args.overwrite, fps=write_fps)
     request = request_from(args)
+    if request.save_latents:  # OUT.latents.safetensors, refused as the video is (latents_file)
+        check_latents_target(out, overwrite=args.overwrite)
     path, kind = pick_videocrafter_model(args.models, args.model)
     check_request(request, kind, multiple=16)  # everything but the UNet's own size multiple, before any load
     start = time.perf_counter()
@@ -126,12 +129,13 @@ def run_videocrafter(args: argparse.Namespace) -> int:
     request = pipe.check(request)  # sizes, frames, steps and the start image against this model, before sampling
     print(pipe.estimate_memory(request).describe(), file=sys.stderr)
     result = pipe.generate(request, callback=progress_callback("sampling"))
-    write_frames(result.frames, out, write_fps, overwrite=args.overwrite)
+    latents = write_result(result, out, write_fps, overwrite=args.overwrite, save=request.save_latents)
     r = result.request
     windows = _windows_note(r)
     sampler = f"{r.steps} DDIM steps, eta {r.eta}" if r.sampler == "ddim" else f"{r.steps} {r.sampler} steps"
     print(f"done: {out} ({path.name}, {kind}; {r.frames} frames {r.width}x{r.height}{windows}, {sampler}, guidance "
-          f"{r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)")
+          f"{r.guidance}, fps {r.fps}, seed {r.seed}; {time.perf_counter() - start:.1f} s)"
+          + (f"; latents {latents}" if latents is not None else ""))
     return 0
 
 

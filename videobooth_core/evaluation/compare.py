@@ -6,11 +6,12 @@ video without one is an error before any metric model loads. Besides the four sc
 its **latent MSE** to its reference: mean over every element of (latents - reference latents)^2 in float64, and
 the relative MSE (that over the reference's mean square), the figures ``benchmarks/distill_proof.py`` reports.
 
-Latents come from the ``latents`` file a set line names (a ``.safetensors`` holding one tensor ``latents``,
-(1, 4, f, h, w) or (4, f, h, w), raw SD latents as ``result.latents`` of ``generate``; :func:`save_latents`
-writes one). They are the sampler's own result; the decoded frames are NOT re-encoded with the VAE: a VAE round
-trip of uint8 frames adds its own error (and needs the VAE loaded), so it would measure the VAE as much as the
-sampler. A video or reference without latents keeps an empty latent MSE (a warning says so).
+Latents come from the ``latents`` file a set line (or a jobs manifest's item) names (a ``.safetensors`` holding one
+tensor ``latents``, (1, 4, f, h, w) or (4, f, h, w), raw SD latents as ``result.latents`` of ``generate``;
+``generate --save-latents`` writes one beside the video, :func:`save_latents` any tensor: both
+:mod:`videobooth_core.latents_file`). They are the sampler's own result; the decoded frames are NOT re-encoded with
+the VAE: a VAE round trip of uint8 frames adds its own error (and needs the VAE loaded), so it would measure the VAE
+as much as the sampler. A video or reference without latents keeps an empty latent MSE (a warning says so).
 
 Results, per configuration (a set line's ``config``; default ``all``): the mean of each score and of the latent
 MSEs, the reference set first, in ``compare.csv``, ``compare.md`` and ``chart_compare.png`` (one panel per column).
@@ -29,6 +30,7 @@ import torch
 
 from ..errors import EvaluationError
 from ..files import atomic_path
+from ..latents_file import LATENTS_KEY, save_latents  # noqa: F401  (the writer of the files read here)
 from .media import EvalItem
 from .metrics import METRICS
 
@@ -38,7 +40,6 @@ LATENT_COLUMNS = ("latent_mse", "latent_rel_mse")
 COLUMNS = (*METRICS, *LATENT_COLUMNS)
 REFERENCE_CONFIG = "reference"
 """The reference set's row in the comparison table."""
-LATENTS_KEY = "latents"
 LATENT_LABELS = {"latent_mse": "latent MSE to the reference", "latent_rel_mse": "latent MSE / reference mean square"}
 
 
@@ -79,16 +80,6 @@ def match_references(items: Sequence[EvalItem], references: Sequence[EvalItem], 
     return matched
 
 
-def save_latents(path: str | Path, latents: torch.Tensor) -> Path:
-    """Write ``latents`` (any shape, e.g. (1, 4, f, h, w)) as a ``.safetensors`` a set line's ``latents`` reads."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({LATENTS_KEY: latents.detach().cpu().contiguous()}, str(tmp))
-    return path
-
-
 def read_latents(path: Path) -> torch.Tensor:
     """A ``latents`` file -> (4, f, h, w) float64 (a leading batch of 1 dropped). EvaluationError naming the file
     when it cannot be read or holds no ``latents`` tensor."""
@@ -105,7 +96,7 @@ def read_latents(path: Path) -> torch.Tensor:
                               "the video") from None
     if LATENTS_KEY not in tensors:
         raise EvaluationError(f"the latents file {path} holds no tensor 'latents' (it has {sorted(tensors)[:4]}); "
-                              "write it with videobooth_core.evaluation.compare.save_latents")
+                              "write it with videobooth_core.latents_file.save_latents (or generate --save-latents)")
     latents = tensors[LATENTS_KEY]
     return (latents[0] if latents.ndim == 5 and latents.shape[0] == 1 else latents).double()
 

@@ -10,7 +10,8 @@ cut-out PNG's alpha is its mask); ``mask``, ``bbox`` [x1, y1, x2, y2], ``word`` 
 name) are optional; with ``evaluate --reference`` (compare.py) also ``seed``, ``config`` (the configuration the
 video belongs to in the comparison table, e.g. ``lcm 4 steps``) and ``latents`` (a .safetensors of the video's
 latents, for the latent MSE). A batch-jobs output is
-read from its ``manifest.json`` (``--manifest``): every finished item with its prompt, word, image and mask.
+read from its ``manifest.json`` (``--manifest``): every finished item with its prompt, word, image and mask, and
+its ``latents`` file when the jobs ran with ``save_latents``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def read_manifest(path: str | Path) -> list[EvalItem]:
         steps, sampler = settings.get("steps"), settings.get("sampler")
         config = f"{sampler} {steps} steps" if sampler and steps else None  # the comparison's configuration
         obj = {"id": entry.get("id"), "video": entry.get("output"), "seed": entry.get("seed"), "config": config,
+               "latents": entry.get("latents"),  # written with save_latents (generate --save-latents)
                **{k: settings.get(k) for k in ("prompt", "word", "image", "mask", "bbox")}}
         items.append(_item(obj, path.parent, f"{path} item {entry.get('id')!r}"))
     if not items:

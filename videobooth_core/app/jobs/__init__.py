@@ -10,7 +10,10 @@ subjects: ``[{"word", "image", "mask"?, "strength"?, "region"?, "bbox"?}, ...]``
 every setting of :data:`videobooth_core.settings.SETTINGS` under its flag's name: ``negative``, ``frames``,
 ``width``, ``height``, ``steps``, ``sampler``, ``spacing``, ``eta``, ``cfg``, ``guidance``, ``seed``, ``padding``,
 ``subject_match``, ``fps``, ``single_frame_image_prompt`` (true/false), ``image_prompt_steps`` ([start, end]),
-``watermark_branch`` (false = ``--no-watermark-branch``) and ``image_prompt_strength``; and best of N,
+``watermark_branch`` (false = ``--no-watermark-branch``), ``image_prompt_strength`` and ``save_latents`` (true:
+the final latents beside the output as ``<out>.latents.safetensors``, named in the done-record and the manifest as
+``latents``, so ``evaluate --manifest M --reference R`` computes the latent MSE; ``--save-latents`` sets it for
+every line); and best of N,
 ``best_of`` (N seeds: seed, seed + 1, ...; the best is written) and ``rank_by`` (``dino``, ``clip-i``,
 ``clip-t``); and SD 1.x styles, ``base_checkpoint`` (a file or diffusers UNet folder), ``loras`` (a list of
 ``[path, strength]`` or ``"path:strength"``) and ``lora_kv`` (``mapper`` or ``ignore``), applied before the
@@ -49,8 +52,9 @@ only when it holds nothing but PNG frames, so other jobs' and the user's files a
 
 Resuming. Before writing its output an item records a claim ``OUT/.videobooth/claims/<id>.json``; the output
 is written atomically by :func:`videobooth_core.video_io.write_frames`, then the done-record
-``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item is skipped when its output and its done-record
-both exist and the record's settings match the job's, so a killed run restarted with the same command redoes
+``OUT/.videobooth/done/<id>.json`` (written atomically: temporary file, ``os.replace``). An item is skipped when
+its output (with ``save_latents``, also its latents file) and its done-record both exist and the record's settings
+match the job's (a job whose latents file is gone is redone), so a killed run restarted with the same command redoes
 only unfinished items; a job whose line changed is redone (replacing its own earlier output).
 ``OUT/manifest.json`` lists every finished item of the jobs file (id, output, seed, settings, seconds, rank; for
 best of N, ``seed`` is the winner's, which alone reproduces the output, and ``best_of`` lists every candidate's

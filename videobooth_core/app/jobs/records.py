@@ -43,9 +43,12 @@ def read_done_record(out_dir: Path, job: Job) -> dict[str, Any] | None:
 
 
 def finished_record(out_dir: Path, job: Job, dtype: str) -> dict[str, Any] | None:
-    """The job's done-record if the job is finished: record and output exist and the settings match."""
+    """The job's done-record if the job is finished: record and output (and with ``save_latents`` its latents
+    file) exist and the settings match; a job whose latents file is gone is redone."""
     record = read_done_record(out_dir, job)
     if record is None or record.get("fingerprint") != job.fingerprint(dtype) or record.get("output") != job.out:
+        return None
+    if job.latents is not None and not (out_dir / job.latents).is_file():
         return None
     return record if (out_dir / job.out).exists() else None
 
@@ -75,18 +78,23 @@ def check_outputs(out_dir: Path, jobs: list[Job], dtype: str, overwrite: bool = 
         raise OutputError(explain("--out-dir is a file, not a folder", out_dir, "name a folder for the outputs"))
     replace: set[str] = set()
     for job in jobs:
-        target = out_dir / job.out
-        if not (target.exists() or target.is_symlink()) or finished_record(out_dir, job, dtype) is not None:
+        # the output, and with save_latents its latents file (written with it, so owned with it)
+        taken = [name for name in (job.out, job.latents) if name is not None
+                 and ((out_dir / name).exists() or (out_dir / name).is_symlink())]
+        if not taken or finished_record(out_dir, job, dtype) is not None:
             continue
         owned = owns_output(out_dir, job)
         if not (owned or overwrite):
-            raise OutputError(explain(f"line {job.line} (job {job.id}): its output already exists in --out-dir and "
-                                      "was not written by this job", job.out,
+            what = "its output" if taken[0] == job.out else "its latents file"
+            raise OutputError(explain(f"line {job.line} (job {job.id}): {what} already exists in --out-dir and "
+                                      "was not written by this job", taken[0],
                                       "choose another 'out', or pass --overwrite to replace it"))
-        try:
-            check_target(target, overwrite=True, replaceable=is_frame_folder, folder=not Path(job.out).suffix)
-        except OutputError as error:
-            raise OutputError(f"line {job.line} (job {job.id}): {error}") from None
+        for name in taken:
+            try:
+                check_target(out_dir / name, overwrite=True, replaceable=is_frame_folder,
+                             folder=name == job.out and not Path(job.out).suffix)
+            except OutputError as error:
+                raise OutputError(f"line {job.line} (job {job.id}): {error}") from None
         replace.add(job.id)
     return replace
 

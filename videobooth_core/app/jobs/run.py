@@ -245,7 +245,8 @@ def _generate_all(pipe, scorer: Any, todo: list[Job], n_mine: int, run: RankRun)
             continue
         seconds = time.perf_counter() - item_start
         record = {
-            "id": job.id, "line": job.line, "output": job.out, "seed": seed, **best_of,
+            "id": job.id, "line": job.line, "output": job.out, **({"latents": job.latents} if job.latents else {}),
+            "seed": seed, **best_of,
             "settings": job.describe(), "dtype": dtype,
             "prompt_used": getattr(result, "prompt_used", job.prompt),  # VideoCrafter: the prompt as given
             "seconds": round(seconds, 2), "rank": run.rank, "world_size": run.world, "device": device,
@@ -258,7 +259,8 @@ def _generate_all(pipe, scorer: Any, todo: list[Job], n_mine: int, run: RankRun)
         run.rebuild_manifest()
         done += 1
         print(f"{tag}done {job.id} ({number}/{len(todo)}, {n_mine} on this rank): " + json.dumps({
-            "output": str(out_dir / job.out), "seconds": round(seconds, 2), **peak_memory(device),
+            "output": str(out_dir / job.out), **({"latents": str(out_dir / job.latents)} if job.latents else {}),
+            "seconds": round(seconds, 2), **peak_memory(device),
             **_what_ran(job, result), "seed": seed, **best_of, "prompt_used": record["prompt_used"],
         }), flush=True)
     return done, failed
@@ -301,7 +303,7 @@ def _generate_one(pipe, job: Job, out_dir: Path, label: str, overwrite: bool,
 
 def _sample_and_write(pipe, job: Job, request: Any, out_dir: Path, label: str, overwrite: bool,
                       scorer: Any) -> tuple[Any, int, dict[str, Any]]:
-    from ...video_io import write_frames
+    from ...latents_file import write_result
     from ..common import progress_callback
 
     if job.best_of > 1:
@@ -318,7 +320,7 @@ def _sample_and_write(pipe, job: Job, request: Any, out_dir: Path, label: str, o
     output = out_dir / job.out
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / CLAIMS_DIR / f"{job.id}.json", {"id": job.id, "output": job.out, "claimed_at": now()})
-    write_frames(result.frames, output, _write_fps(job), overwrite=overwrite)
+    write_result(result, output, _write_fps(job), overwrite=overwrite, save=job.latents is not None)
     return result, seed, best_of
 
 

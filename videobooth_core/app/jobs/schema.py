@@ -103,6 +103,16 @@ class Job:
                 **self.settings}
 
     @property
+    def latents(self) -> str | None:
+        """The latents file the job writes beside its output (``save_latents``; posix, relative to --out-dir), or
+        None."""
+        if not self.settings.get("save_latents"):
+            return None
+        from ...latents_file import latents_path
+
+        return latents_path(self.out).as_posix()
+
+    @property
     def styled(self) -> bool:
         return self.base_checkpoint is not None or bool(self.loras)
 
@@ -111,7 +121,9 @@ class Job:
         the SD 1.x style files only when some are set)."""
         if self.family != VIDEOBOOTH:
             start = {"start_image": self.start_image} if self.start_image else {}
-            return {"family": self.family, "model": self.model, "prompt": self.prompt, **start, **self.settings}
+            # save_latents only when on: the records (and fingerprints) of earlier runs stay valid
+            settings = {key: value for key, value in self.settings.items() if key != "save_latents" or value}
+            return {"family": self.family, "model": self.model, "prompt": self.prompt, **start, **settings}
         best_of = {"best_of": self.best_of, "rank_by": self.rank_by} if self.best_of > 1 else {}
         styles = {"base_checkpoint": self.base_checkpoint, "loras": [list(lora) for lora in self.loras],
                   "lora_kv": self.lora_kv} if self.styled else {}
