@@ -116,4 +116,4 @@ class VideoBoothLCMSchedule:
 
 
 NODE_CLASS_MAPPINGS = {"VideoBoothLCMSchedule": VideoBoothLCMSchedule}
-NODE_DISPLAY_NAME_MAPPINGS = {"VideoBoothLCMSchedule": "VideoBooth LCM Schedule (native four steps)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"VideoBoothLCMSchedule": "VideoBooth LCM Schedule"}

@@ -77,9 +77,20 @@ CORE_NODES: dict[str, tuple[list, tuple]] = {
                     ("device", ["default", "cpu"], {})], ("CLIP",)),
     "VAELoader": ([("vae_name", FILES, {})], ("VAE",)),
     "VAEDecode": ([("samples", "LATENT", {}), ("vae", "VAE", {})], ("IMAGE",)),
+    # the native four-step road's (issue 27), from ComfyUI 0.3.64's nodes.py (LoraLoaderModelOnly) and
+    # comfy_extras/nodes_custom_sampler.py (SamplerCustom, KSamplerSelect: comfy/samplers.py's SAMPLER_NAMES)
+    "LoraLoaderModelOnly": ([("model", "MODEL", {}), ("lora_name", FILES, {}),
+                             ("strength_model", "FLOAT", {"min": -100.0, "max": 100.0})], ("MODEL",)),
+    "KSamplerSelect": ([("sampler_name", KSAMPLER_SAMPLERS, {})], ("SAMPLER",)),
+    "SamplerCustom": ([("model", "MODEL", {}), ("add_noise", "BOOLEAN", {}),
+                       ("noise_seed", "INT", {"min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+                       ("cfg", "FLOAT", {"min": 0.0, "max": 100.0}), ("positive", "CONDITIONING", {}),
+                       ("negative", "CONDITIONING", {}), ("sampler", "SAMPLER", {}), ("sigmas", "SIGMAS", {}),
+                       ("latent_image", "LATENT", {})], ("LATENT", "LATENT")),
 }
 # Core nodes that only ComfyUI can run (no stand-in here): the API twins that use them are schema-checked only.
-COMFY_ONLY = {"KSampler", "EmptyLatentImage", "CLIPLoader", "VAELoader", "VAEDecode"}
+COMFY_ONLY = {"KSampler", "EmptyLatentImage", "CLIPLoader", "VAELoader", "VAEDecode", "LoraLoaderModelOnly",
+              "KSamplerSelect", "SamplerCustom"}
 # Widgets the frontend adds beyond the schema's inputs (LoadImage's "upload" button value).
 EXTRA_WIDGETS = {"LoadImage": 1}
 # Nodes that exist only in the frontend (never in /object_info, never in an API graph).
@@ -189,9 +200,12 @@ WORKFLOWS = {
     "long_video": "VideoBooth long video (64 frames)", "image_to_video": "VideoBooth start image to video",
     "postprocess": "VideoBooth smoother, larger MP4",
     "native": "VideoBooth native KSampler", "native_long": "VideoBooth native long video",
+    "native_lcm": "VideoBooth native 4 steps (lcm)",
     "videocrafter_t2v": "VideoBooth VideoCrafter T2V", "videocrafter_i2v": "VideoBooth VideoCrafter I2V",
 }
 NATIVE = {f"{WORKFLOWS['native']}.json", f"{WORKFLOWS['native_long']}.json"}  # KSampler, not the pack's Sampler
+# SamplerCustom with the distilled LoRA and VideoBooth LCM Schedule (its own checks: tests/test_native_lcm.py)
+NATIVE_LCM = f"{WORKFLOWS['native_lcm']}.json"
 # Another model family (VideoCrafter1/2): its own loader and sampler, no subject photo, its own official settings.
 VIDEOCRAFTER = {f"{WORKFLOWS['videocrafter_t2v']}.json", f"{WORKFLOWS['videocrafter_i2v']}.json"}
 UI_WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
@@ -302,7 +316,7 @@ TEXT_DROPPED_BELOW = 8 / 14
 PREVIEW_ROOM = 250
 # KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
 # 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
-PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler"}
+PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler", "SamplerCustom"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
 # width + 146 in 1.27.10 (340 -> 486, 380 -> 526; 1.58.1's classic renderer keeps the stored size).
@@ -324,6 +338,8 @@ VUE_HEIGHT = {
     "KSampler": 292, "EmptyLatentImage": 148, "CLIPLoader": 144, "VAELoader": 92, "VAEDecode": 84,
     # the VideoCrafter nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
     "VideoBoothVideoCrafterLoader": 172, "VideoBoothVideoCrafterSampler": 468,
+    # the native four-step road's (1.58.1, Nodes 2.0, live page)
+    "LoraLoaderModelOnly": 120, "VideoBoothLCMSchedule": 136, "KSamplerSelect": 92, "SamplerCustom": 260,
 }
 VUE_BADGE = 26  # Best of N stored 300 high is drawn 356 high (300 + title + badge)
 VUE_MIN_WIDTH = {"VideoBoothStartFrames": 394, "VideoBoothMetricModels": 303}
@@ -416,6 +432,7 @@ FRONTEND_MIN_WIDTH = {
     "VideoBoothNativeLoader": 266, "VideoBoothNativeConditioning": 237, "VideoBoothNativeContextWindows": 268,
     # 1.27.10; 1.58.1's classic renderer draws them wider (292 and 282)
     "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 267,
+    "VideoBoothLCMSchedule": 270,  # 1.27.10 (277 in 1.58.1), a new node's width
 }
 
 
@@ -481,7 +498,9 @@ def test_ui_workflow_uses_the_fast_sampler_and_names_the_official_one(name) -> N
         for said in ("official DDIM", "steps 50", "eta 1.0", "cfg 12.0", "seed 123", "models/videocrafter/"):
             assert said in notes, (name, said)
         return
-    if name in NATIVE:  # KSampler with the settings that match the pack's ddim / trailing, and the note says so
+    if name == NATIVE_LCM:  # SamplerCustom lcm, 4 steps, cfg 1 (checked in tests/test_native_lcm.py)
+        assert samplers == []
+    elif name in NATIVE:  # KSampler with the settings that match the pack's ddim / trailing, and the note says so
         assert samplers == []
         ksamplers = [dict(zip(widget_names("KSampler"), n["widgets_values"])) for n in graph["nodes"]
                      if n["type"] == "KSampler"]
@@ -510,7 +529,7 @@ def test_every_workflow_uses_the_shipped_subject_photo() -> None:
     images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
                if n["class_type"] == "LoadImage"]
     # two_subjects loads it twice; VideoCrafter I2V starts from it; VideoCrafter T2V has no LoadImage
-    assert len(images) == 24 and set(images) == {SUBJECT_PHOTO}, images
+    assert len(images) == 26 and set(images) == {SUBJECT_PHOTO}, images
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
@@ -521,7 +540,7 @@ def test_ui_workflow_has_a_thumbnail(name) -> None:
     assert thumbnail.format == "JPEG" and 400 <= thumbnail.width <= 1024 and thumbnail.height >= 200
 
 
-@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("name", sorted(NATIVE | {NATIVE_LCM}))
 def test_native_workflow_names_where_to_get_each_model(name) -> None:
     """Every loader of the native workflows lists its files in properties.models (the frontend's missing-models
     dialog offers the download), with the same sources as the other workflows."""
@@ -683,7 +702,7 @@ def test_api_twin_matches_the_schemas_and_runs(models_dir, name, request, monkey
             assert spec["inputs"]["batch_size"] <= 4
             assert spec["inputs"]["width"] <= 64 and spec["inputs"]["height"] <= 64
     comfy_only = {n["class_type"] for n in graph.values()} & COMFY_ONLY
-    assert bool(comfy_only) == (name in NATIVE), (name, comfy_only)
+    assert bool(comfy_only) == (name in NATIVE | {NATIVE_LCM}), (name, comfy_only)
     if comfy_only:
         # The native road's graphs need ComfyUI itself (KSampler's sampling, CLIPLoader's CLIP, VAELoader), which CI
         # does not have and which this test has no stand-ins for: they are schema-checked above and run in a real
