@@ -3,6 +3,8 @@ conditional pass with the exemplar, the unconditional pass without, and the offi
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -494,3 +496,49 @@ def test_comfyuis_lcm_sampler_on_the_native_model_is_the_core_lcm_sampler(model,
     core_f = lcm.consistency_output(x_t, eps, 999, abar)
     torch.testing.assert_close(comfy, core_f + c_skip * (abar ** -0.5 - 1) * x_t, rtol=1e-12, atol=1e-12)
     assert not torch.equal(comfy, core_f) and 0 < c_skip * (abar ** -0.5 - 1) < 5e-7
+
+
+def test_comfyuis_lcm_loop_with_the_lcm_schedule_node_is_the_core_lcm_sampler_at_its_own_timesteps(
+        model, monkeypatch) -> None:
+    """VideoBooth LCM Schedule's MODEL and SIGMAS in ComfyUI's ``lcm`` loop (SamplerCustom: the start noise scaled at
+    sigma_max, EPS input scaling, the sampling object's ``timestep`` and LCM boundary, re-noising with
+    ``noise_scaling``; ComfyUI 0.3.64's classes by the stand-in) equal the core's ``sample_lcm`` at the core's own
+    timesteps (999, 758, 518, 277: no monkeypatch) with the same draws, within float rounding."""
+    import comfy_stand_in
+    from conftest import PACK_NAME, import_pack
+
+    from videobooth_core.sampling import lcm
+
+    import_pack()
+    node = sys.modules[f"{PACK_NAME}.nodes.native_lcm"].VideoBoothLCMSchedule()
+    comfy_stand_in.install(monkeypatch)
+    patched, sigmas = node.schedule(comfy_stand_in.native_patcher(), 4)
+    sampling = patched.object_patches["model_sampling"]
+    timesteps = [int(sampling.timestep(sigma)) for sigma in sigmas[:-1]]
+    assert timesteps == lcm.lcm_timesteps(4) == [999, 758, 518, 277] and float(sigmas[-1]) == 0.0
+    assert float(sampling.sigma_max) == float(sigmas[0])  # SamplerCustom's max_denoise: z * sqrt(1 + sigma^2)
+    generator = torch.Generator().manual_seed(11)
+    shape = (1, 4, FRAMES, SIZE, SIZE)
+    draws = {"z": torch.randn(shape, generator=generator),
+             "exemplar": [torch.randn(shape, generator=generator) for _ in timesteps],
+             "step": [torch.randn(shape, generator=generator) for _ in timesteps]}
+    cond, null, clean = model["cond"], model["null"], model["clean"][:1]
+    denoiser = VideoDenoiser(model["unet"], cond, null, cfg_scale=4.0, batch_passes=False)
+    with torch.no_grad():
+        core = lcm.sample_lcm(denoiser, 4, shape, _Replay(draws), exemplar_clean=clean)  # cfg 1: one pass a step
+        z = video_to_frames(draws["z"])
+        x = sampling.noise_scaling(sigmas[0], z, torch.zeros_like(z), max_denoise=True)
+        for i in range(len(timesteps)):
+            sigma = sigmas[i] * x.new_ones(x.shape[0])  # k-diffusion's s_in: one sigma per frame
+            eps = model["native"](sampling.calculate_input(sigma, x), sampling.timestep(sigma).float(),
+                                  cond.expand(x.shape[0], -1, -1), FRAMES, image_prompt=clean,
+                                  image_prompt_noise=draws["exemplar"][i],
+                                  image_prompt_alpha_cumprod=alpha_cumprod_of_sigma(float(sigmas[i])),
+                                  null_context=null)
+            x = sampling.calculate_denoised(sigma, eps, x)
+            if sigmas[i + 1] > 0:  # sample_lcm re-noises with the sampler's noise (here the core's draw)
+                x = sampling.noise_scaling(sigmas[i + 1], video_to_frames(draws["step"][i]), x)
+    host = frames_to_video(x, FRAMES)
+    scale = core.abs().max().item()
+    assert scale > 1.0 and host.shape == core.shape
+    torch.testing.assert_close(host, core, rtol=0, atol=1e-5 * scale)

@@ -100,7 +100,7 @@ EXPECTED_IDS = {
     "VideoBoothSubjects", "VideoBoothDrift",
     "VideoBoothContextOptions", "VideoBoothStartFrames",
     "VideoBoothNativeLoader", "VideoBoothNativeConditioning", "VideoBoothNativeContextWindows",
-    "VideoBoothNativeStartFrames", "VideoBoothNativeImagePromptEncode",
+    "VideoBoothNativeStartFrames", "VideoBoothNativeImagePromptEncode", "VideoBoothLCMSchedule",
     "VideoBoothVideoCrafterLoader", "VideoBoothVideoCrafterSampler",
 }
 

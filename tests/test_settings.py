@@ -467,6 +467,7 @@ WIDGET_SETTINGS = {
     ("VideoBoothBestOfN", "frames_per_video"): "frames",
     ("VideoBoothNativeContextWindows", "fuse"): "context_fuse",
     ("VideoBoothVideoCrafterSampler", "negative_prompt"): "negative",
+    ("VideoBoothLCMSchedule", "steps"): "lcm_steps",
 }
 WIDGET_DEFAULTS = {("VideoBoothStartFrames", "last_frames"): 1}
 """Widgets whose default differs from their setting's, on purpose (a start image is one frame)."""
@@ -483,14 +484,15 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
     from conftest import import_pack
 
     from videobooth_core.settings import (
-        CONVERT_PRECISION, DEFAULT_DEVICE, LORA_STRENGTH_RANGE, PRECISIONS, SAMPLER_BATCH, VIDEOCRAFTER_SETTINGS,
+        CONVERT_PRECISION, DEFAULT_DEVICE, LCM_STEPS, LORA_STRENGTH_RANGE, PRECISIONS, SAMPLER_BATCH,
+        VIDEOCRAFTER_SETTINGS,
     )
 
     checked = set()
     for node, cls in import_pack().NODE_CLASS_MAPPINGS.items():
         # a VideoCrafter node's widgets come from the VideoCrafter table (its own defaults and ranges)
         table = VIDEOCRAFTER_SETTINGS if node.startswith("VideoBoothVideoCrafter") else \
-            {**SETTINGS, "batch": SAMPLER_BATCH}
+            {**SETTINGS, "batch": SAMPLER_BATCH, "lcm_steps": LCM_STEPS}
         schema = cls.INPUT_TYPES()
         for name, spec in {**schema["required"], **schema.get("optional", {})}.items():
             kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
@@ -536,7 +538,7 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
             ("VideoBoothContextOptions", "context_window"), ("VideoBoothContextOptions", "noise_reuse"),
             ("VideoBoothStartFrames", "last_frames"),
             ("VideoBoothNativeContextWindows", "context_overlap"), ("VideoBoothImagePrompt", "padding"),
-            ("VideoBoothTextEncode", "negative_prompt")} <= checked
+            ("VideoBoothTextEncode", "negative_prompt"), ("VideoBoothLCMSchedule", "steps")} <= checked
     videocrafter = {"frames", "width", "height", "sampler", "steps", "eta", "cfg", "fps", "seed", "negative_prompt"}
     assert {("VideoBoothVideoCrafterSampler", name) for name in videocrafter} <= checked
 

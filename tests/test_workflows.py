@@ -19,6 +19,7 @@ from workflow_helpers import (
     FILES,
     MAPPINGS,
     NATIVE,
+    NATIVE_LCM,
     REPO,
     SUBJECT_PHOTO,
     THIRD_PARTY_NODES,
@@ -145,7 +146,9 @@ def test_ui_workflow_uses_the_fast_sampler_and_names_the_official_one(name) -> N
         for said in ("official DDIM", "steps 50", "eta 1.0", "cfg 12.0", "seed 123", "models/videocrafter/"):
             assert said in notes, (name, said)
         return
-    if name in NATIVE:  # KSampler with the settings that match the pack's ddim / trailing, and the note says so
+    if name == NATIVE_LCM:  # SamplerCustom lcm, 4 steps, cfg 1 (checked in tests/test_native_lcm.py)
+        assert samplers == []
+    elif name in NATIVE:  # KSampler with the settings that match the pack's ddim / trailing, and the note says so
         assert samplers == []
         ksamplers = [dict(zip(widget_names("KSampler"), n["widgets_values"])) for n in graph["nodes"]
                      if n["type"] == "KSampler"]
@@ -174,7 +177,7 @@ def test_every_workflow_uses_the_shipped_subject_photo() -> None:
     images += [n["inputs"]["image"] for p in API_DIR.glob("*.json") for n in json.loads(p.read_text()).values()
                if n["class_type"] == "LoadImage"]
     # two_subjects loads it twice; VideoCrafter I2V starts from it; VideoCrafter T2V has no LoadImage
-    assert len(images) == 24 and set(images) == {SUBJECT_PHOTO}, images
+    assert len(images) == 26 and set(images) == {SUBJECT_PHOTO}, images
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
@@ -185,7 +188,7 @@ def test_ui_workflow_has_a_thumbnail(name) -> None:
     assert thumbnail.format == "JPEG" and 400 <= thumbnail.width <= 1024 and thumbnail.height >= 200
 
 
-@pytest.mark.parametrize("name", sorted(NATIVE))
+@pytest.mark.parametrize("name", sorted(NATIVE | {NATIVE_LCM}))
 def test_native_workflow_names_where_to_get_each_model(name) -> None:
     """Every loader of the native workflows lists its files in properties.models (the frontend's missing-models
     dialog offers the download), with the same sources as the other workflows."""

@@ -25,7 +25,7 @@ TEXT_DROPPED_BELOW = 8 / 14
 PREVIEW_ROOM = 250
 # KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
 # 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
-PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler"}
+PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler", "SamplerCustom"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
 # width + 146 in 1.27.10 (340 -> 486, 380 -> 526; 1.58.1's classic renderer keeps the stored size).
@@ -47,6 +47,8 @@ VUE_HEIGHT = {
     "KSampler": 292, "EmptyLatentImage": 148, "CLIPLoader": 144, "VAELoader": 92, "VAEDecode": 84,
     # the VideoCrafter nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
     "VideoBoothVideoCrafterLoader": 172, "VideoBoothVideoCrafterSampler": 468,
+    # the native four-step road's (1.58.1, Nodes 2.0, live page)
+    "LoraLoaderModelOnly": 120, "VideoBoothLCMSchedule": 136, "KSamplerSelect": 92, "SamplerCustom": 260,
 }
 VUE_BADGE = 26  # Best of N stored 300 high is drawn 356 high (300 + title + badge)
 VUE_MIN_WIDTH = {"VideoBoothStartFrames": 394, "VideoBoothMetricModels": 303}
@@ -139,6 +141,7 @@ FRONTEND_MIN_WIDTH = {
     "VideoBoothNativeLoader": 266, "VideoBoothNativeConditioning": 237, "VideoBoothNativeContextWindows": 268,
     # 1.27.10; 1.58.1's classic renderer draws them wider (292 and 282)
     "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 267,
+    "VideoBoothLCMSchedule": 270,  # 1.27.10 (277 in 1.58.1), a new node's width
 }
 
 

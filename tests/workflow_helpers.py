@@ -70,9 +70,20 @@ CORE_NODES: dict[str, tuple[list, tuple]] = {
                     ("device", ["default", "cpu"], {})], ("CLIP",)),
     "VAELoader": ([("vae_name", FILES, {})], ("VAE",)),
     "VAEDecode": ([("samples", "LATENT", {}), ("vae", "VAE", {})], ("IMAGE",)),
+    # the native four-step road's (issue 27), from ComfyUI 0.3.64's nodes.py (LoraLoaderModelOnly) and
+    # comfy_extras/nodes_custom_sampler.py (SamplerCustom, KSamplerSelect: comfy/samplers.py's SAMPLER_NAMES)
+    "LoraLoaderModelOnly": ([("model", "MODEL", {}), ("lora_name", FILES, {}),
+                             ("strength_model", "FLOAT", {"min": -100.0, "max": 100.0})], ("MODEL",)),
+    "KSamplerSelect": ([("sampler_name", KSAMPLER_SAMPLERS, {})], ("SAMPLER",)),
+    "SamplerCustom": ([("model", "MODEL", {}), ("add_noise", "BOOLEAN", {}),
+                       ("noise_seed", "INT", {"min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+                       ("cfg", "FLOAT", {"min": 0.0, "max": 100.0}), ("positive", "CONDITIONING", {}),
+                       ("negative", "CONDITIONING", {}), ("sampler", "SAMPLER", {}), ("sigmas", "SIGMAS", {}),
+                       ("latent_image", "LATENT", {})], ("LATENT", "LATENT")),
 }
 # Core nodes that only ComfyUI can run (no stand-in here): the API twins that use them are schema-checked only.
-COMFY_ONLY = {"KSampler", "EmptyLatentImage", "CLIPLoader", "VAELoader", "VAEDecode"}
+COMFY_ONLY = {"KSampler", "EmptyLatentImage", "CLIPLoader", "VAELoader", "VAEDecode", "LoraLoaderModelOnly",
+              "KSamplerSelect", "SamplerCustom"}
 # Widgets the frontend adds beyond the schema's inputs (LoadImage's "upload" button value).
 EXTRA_WIDGETS = {"LoadImage": 1}
 # Nodes that exist only in the frontend (never in /object_info, never in an API graph).
@@ -182,9 +193,12 @@ WORKFLOWS = {
     "long_video": "VideoBooth long video (64 frames)", "image_to_video": "VideoBooth start image to video",
     "postprocess": "VideoBooth smoother, larger MP4",
     "native": "VideoBooth native KSampler", "native_long": "VideoBooth native long video",
+    "native_lcm": "VideoBooth native 4 steps (lcm)",
     "videocrafter_t2v": "VideoBooth VideoCrafter T2V", "videocrafter_i2v": "VideoBooth VideoCrafter I2V",
 }
 NATIVE = {f"{WORKFLOWS['native']}.json", f"{WORKFLOWS['native_long']}.json"}  # KSampler, not the pack's Sampler
+# SamplerCustom with the distilled LoRA and VideoBooth LCM Schedule (its own checks: tests/test_native_lcm.py)
+NATIVE_LCM = f"{WORKFLOWS['native_lcm']}.json"
 # Another model family (VideoCrafter1/2): its own loader and sampler, no subject photo, its own official settings.
 VIDEOCRAFTER = {f"{WORKFLOWS['videocrafter_t2v']}.json", f"{WORKFLOWS['videocrafter_i2v']}.json"}
 UI_WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))

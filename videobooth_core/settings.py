@@ -31,7 +31,7 @@ from .loading.checkpoint import DTYPES
 from .models.attention import ATTENTION_BACKENDS
 from .sampling.denoiser import GUIDANCE_RULES
 from .sampling.known_frames import check_long_video
-from .sampling.lcm import LCM_SAMPLER, lcm_timesteps
+from .sampling.lcm import LCM_SAMPLER, MAX_STEPS as LCM_MAX_STEPS, lcm_timesteps
 from .sampling.schedulers import OFFICIAL_SAMPLER, SAMPLERS, SPACINGS
 from .sampling.videocrafter import REFUSED_SAMPLERS as VIDEOCRAFTER_REFUSED_SAMPLERS
 from .sampling.videocrafter import SAMPLERS as VIDEOCRAFTER_SAMPLERS
@@ -484,7 +484,11 @@ def key_names(key: str) -> str:
 SAMPLER_BATCH = Setting("int", 1, "videos per run, one after another with seeds seed, seed + 1, ...", key="batch",
                         label="batch", minimum=1, maximum=64)
 """VideoBooth Sampler's batch widget (not a generation setting: the command line's is ``--jobs`` or ``--best-of``)."""
-WIDGET_SETTINGS: dict[str, Setting] = {**SETTINGS, "batch": SAMPLER_BATCH}
+LCM_STEPS = Setting("int", 4, "steps of the lcm sampler on the native road (the distilled LoRA's 1, 2, 4 or 8; at most "
+                    "one per point of its 50-point grid)", key="lcm_steps", label="steps", minimum=1,
+                    maximum=LCM_MAX_STEPS)
+"""VideoBooth LCM Schedule's steps widget (the command line's is ``--steps`` with ``--sampler lcm``)."""
+WIDGET_SETTINGS: dict[str, Setting] = {**SETTINGS, "batch": SAMPLER_BATCH, "lcm_steps": LCM_STEPS}
 """Every setting a node widget takes its options and its check from, by key."""
 
 

@@ -39,6 +39,8 @@ TRAINED_GRID = 250
 """The respaced grid VideoBooth was trained on (the official scripts draw timesteps from it)."""
 DEFAULT_SKIP = 5
 """Grid points per solver step: 250 / 5 = 50 solver points, LCM's 50-step DDIM solver."""
+MAX_STEPS = TRAINED_GRID // DEFAULT_SKIP
+"""The most steps the sampler takes on the default grid: one per solver point."""
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 """LCM's boundary-condition constants (diffusers' ``LCMScheduler`` defaults)."""
@@ -75,6 +77,14 @@ def lcm_timesteps(steps: int, skip: int = DEFAULT_SKIP) -> list[int]:
                                     "use --steps 4 (1, 2, 4 or 8 are the distilled settings)"))
     stride = len(points) // steps
     return points[::stride][:steps]
+
+
+def grid_positions(steps: int, skip: int = DEFAULT_SKIP) -> list[int]:
+    """Where the sampler's ``steps`` timesteps (:func:`lcm_timesteps`, descending) sit in the skipping grid
+    (:func:`solver_timesteps`, ascending): the indices a host that keeps the grid as its table (ComfyUI's
+    discrete sampling, one sigma per grid point) reads its sigmas at."""
+    points = solver_timesteps(skip)
+    return [points.index(timestep) for timestep in lcm_timesteps(steps, skip)]
 
 
 def consistency_coefficients(timestep: int) -> tuple[float, float]:
