@@ -269,7 +269,7 @@ def _whole(value: Any) -> Any:
 
 def _line_defaults(defaults: dict[str, Any] | None, family: str = VIDEOBOOTH) -> dict[str, Any]:
     """Every setting's default for the lines: the command line's value where given (checked, naming its flag),
-    else settings.py's (a VideoCrafter family's: its own table, where None is the checkpoint kind's value)."""
+    else the settings table's (a VideoCrafter family's: its own table, where None is the checkpoint kind's value)."""
     if family != VIDEOBOOTH:
         table = settings_of(family)
         try:
