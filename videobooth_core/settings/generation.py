@@ -182,6 +182,7 @@ LCM_STEPS = Setting("int", 4, "steps of the lcm sampler on the native road (the 
                     maximum=LCM_MAX_STEPS)
 """VideoBooth LCM Schedule's steps widget (the command line's is ``--steps`` with ``--sampler lcm``)."""
 WIDGET_SETTINGS: dict[str, Setting] = {**SETTINGS, "batch": SAMPLER_BATCH, "lcm_steps": LCM_STEPS}
+"""Every setting a node widget takes its options and its check from, by key."""
 
 
 def widget(key: str, table: Mapping[str, Setting] | None = None, **extra: Any) -> dict[str, Any]:
