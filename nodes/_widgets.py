@@ -1,5 +1,5 @@
 """The one way the nodes check their widgets: each widget that is a setting is checked by that setting's rule in
-``videobooth_core/settings.py`` (the table its default and range come from), and the message names the widget.
+``videobooth_core/settings/`` (the table its default and range come from), and the message names the widget.
 The Sampler, Context Options, Start Frames, Latent Injection and Image Prompt nodes call :func:`check_widgets`
 (the LoRA node's strengths go through ``settings.check_lora_strength``, the same rule as ``--lora``); combinations
 of settings are then the core's: the one validation (``GenerationRequest.validate``) with :func:`widget_names` on

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ["auto", *CORE_PRECISIONS]
-"""auto: each loader's own choice (its tooltip says which); then the core's precisions (settings.py)."""
+"""auto: each loader's own choice (its tooltip says which); then the core's precisions (videobooth_core.settings)."""
 DEVICES = ["auto", DEFAULT_DEVICE]
 NO_FILE = "none"
 AUTO_TOKENIZER = "auto"

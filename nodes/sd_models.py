@@ -16,7 +16,7 @@ from ._types import CLIP, MODEL, VideoBoothCLIP, VideoBoothModel
 logger = logging.getLogger(__name__)
 
 _STRENGTH = {"default": 1.0, "min": LORA_STRENGTH_RANGE[0], "max": LORA_STRENGTH_RANGE[1]}
-"""A LoRA strength widget's options: the command line's range (settings.py)."""
+"""A LoRA strength widget's options: the command line's range (videobooth_core.settings)."""
 _KV_TOOLTIP = ("VideoBooth attends with the mapper's key/value projections, not the UNet's own attn1/attn2 to_k/to_v. "
                "mapper: apply the file's key/value weights to the mapper's projections; ignore: leave them out.")
 

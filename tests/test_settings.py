@@ -1,4 +1,4 @@
-"""One home for the settings (videobooth_core/settings.py) and the one validation before any model loads:
+"""One home for the settings (the package videobooth_core/settings) and the one validation before any model loads:
 the table against the dataclasses, the command line, the jobs schema and the node inputs; every bad input of
 issue 11 (exit code 2, one ``error:`` line naming the value, nothing written); whole-word subject matching;
 the 77-token check after the subject splice; a cut-out's alpha as its mask. All in-process."""
@@ -543,23 +543,49 @@ def test_every_node_widget_agrees_with_the_settings() -> None:
     assert {("VideoBoothVideoCrafterSampler", name) for name in videocrafter} <= checked
 
 
-def test_the_shared_constants_have_one_home() -> None:
-    """settings.py alone defines the shared constants (no copy in the core or the nodes; the trainer is being
-    rewritten elsewhere)."""
+SHARED_CONSTANTS = {"VAE_SCALE", "MAX_SEED", "CONTEXT_WINDOW", "CONTEXT_OVERLAP", "FUSE_MODES", "TRAINED_FRAMES",
+                    "TRAINED_SIZE", "DEFAULT_PRECISION", "DEFAULT_ATTENTION"}
+"""Constants every road shares: defined once, in ``videobooth_core/settings/constants.py``."""
+RETIRED_CONSTANTS = {"DEFAULT_WINDOW", "DEFAULT_OVERLAP"}
+"""Old copies of CONTEXT_WINDOW and CONTEXT_OVERLAP: defined nowhere."""
+
+
+def _constant_definitions(paths: list[Path]) -> list[str]:
+    """``"file: NAME"`` for every assignment of a shared or retired constant in ``paths``, and ``"file: 2**64"``
+    for every literal ``2**64`` (the seed range, MAX_SEED's)."""
     import ast
 
-    from conftest import REPO
-
-    shared = {"VAE_SCALE", "MAX_SEED", "CONTEXT_WINDOW", "CONTEXT_OVERLAP", "DEFAULT_WINDOW", "DEFAULT_OVERLAP",
-              "FUSE_MODES", "TRAINED_FRAMES", "TRAINED_SIZE", "DEFAULT_PRECISION", "DEFAULT_ATTENTION"}
-    found = []
-    for path in [*(REPO / "videobooth_core").rglob("*.py"), *(REPO / "nodes").rglob("*.py")]:
-        if "training" in path.parts or path.name == "settings.py":
-            continue
+    watched, found = SHARED_CONSTANTS | RETIRED_CONSTANTS, []
+    for path in paths:
         for item in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets = item.targets if isinstance(item, ast.Assign) else [item.target] \
                 if isinstance(item, ast.AnnAssign) else []
-            found += [f"{path.name}: {t.id}" for t in targets if isinstance(t, ast.Name) and t.id in shared]
+            found += [f"{path.name}: {t.id}" for t in targets if isinstance(t, ast.Name) and t.id in watched]
             if isinstance(item, ast.BinOp) and isinstance(item.op, ast.Pow) and getattr(item.right, "value", 0) == 64:
                 found.append(f"{path.name}: 2**64")
-    assert found == []
+    return found
+
+
+def test_the_shared_constants_have_one_home() -> None:
+    """The settings package defines each shared constant exactly once, in its ``constants`` module (the other
+    modules import it), and no other module of the core or the nodes defines one (the trainer is being rewritten
+    elsewhere)."""
+    from conftest import REPO
+
+    package = REPO / "videobooth_core" / "settings"
+    modules = sorted(package.glob("*.py"))
+    assert {p.name for p in modules} >= {"__init__.py", "constants.py", "table.py", "generation.py"}
+    assert sorted(_constant_definitions(modules)) == \
+        sorted([f"constants.py: {name}" for name in SHARED_CONSTANTS] + ["constants.py: 2**64"])
+    others = [path for path in [*(REPO / "videobooth_core").rglob("*.py"), *(REPO / "nodes").rglob("*.py")]
+              if "training" not in path.parts and package not in path.parents]
+    assert len(others) > 50
+    assert _constant_definitions(others) == []
+
+
+def test_the_one_home_check_sees_a_second_definition(tmp_path) -> None:
+    """The scan above finds a constant defined twice, an annotated copy, a retired name and a literal 2**64."""
+    module = tmp_path / "copy.py"
+    module.write_text("VAE_SCALE = 8\nVAE_SCALE: int = 8\nDEFAULT_WINDOW = 16\nLIMIT = 2**64 - 1\nOTHER = 8\n")
+    assert _constant_definitions([module]) == ["copy.py: VAE_SCALE", "copy.py: VAE_SCALE", "copy.py: DEFAULT_WINDOW",
+                                               "copy.py: 2**64"]

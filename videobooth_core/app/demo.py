@@ -77,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     image, mask = synthetic_subject()
     steps = args.steps or (10 if tiny else 250)
-    # the official settings (settings.py's defaults: 16 frames of 256 x 256, seed 10), fewer steps on tiny weights
+    # the official settings (the settings' defaults: 16 frames of 256 x 256, seed 10), fewer steps on tiny weights
     request = GenerationRequest(prompt=DEMO_PROMPT, subject_word=DEMO_WORD, image=image, mask=mask, steps=steps)
     start = time.perf_counter()
     pipe = VideoBoothPipeline.from_files(files, dtype=DEFAULT_PRECISION, device=args.device)

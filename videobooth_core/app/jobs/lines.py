@@ -68,6 +68,33 @@ def _resolve(path: Any, key: str, base: Path, where: str) -> str:
     return str((p if p.is_absolute() else base / p).resolve())
 
 
+def _unknown_key(obj: dict[str, Any], allowed: tuple[str, ...], where: str) -> str | None:
+    """The first key of a line that its family does not take (None when all are known); a key that is set for
+    the whole run is refused here, naming its command-line flag."""
+    for key in obj:
+        if key in PER_RUN_KEYS:
+            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
+                            "line")
+        if key not in allowed:
+            return key
+    return None
+
+
+def _id_and_prompt(obj: dict[str, Any], line: int, where: str) -> tuple[str, str]:
+    """A line's ``id`` (the line number, ``00007``, when absent; a whole number is read as its digits) and its
+    ``prompt``, both checked: every family's line has them."""
+    job_id = obj.get("id", f"{line:05d}")
+    if isinstance(job_id, int) and not isinstance(job_id, bool):
+        job_id = str(job_id)
+    if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
+        raise JobsError(f"{where}: 'id' must be 1-100 letters, digits, '_', '-' or '.' (not starting with "
+                        f"'.' or '-'), got {json.dumps(job_id)}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise JobsError(f"{where}: 'prompt' is required: a non-empty string describing the video")
+    return job_id, prompt
+
+
 def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, Any], family: str = VIDEOBOOTH,
                model: str | None = None) -> Job:
     """Validate one decoded line (keys and value types; files are checked by :func:`check_job`). ``family``:
@@ -78,21 +105,10 @@ def parse_line(obj: Any, index: int, line: int, base: Path, defaults: dict[str, 
     if family != VIDEOBOOTH:
         return _parse_videocrafter_line(obj, index, line, base, defaults, family, model)
     allowed = ("id", "out", *SUBJECT_KEYS, *START_KEYS, *SETTINGS, *BEST_OF_KEYS, *SD_MODEL_KEYS.values())
-    for key in obj:
-        if key in PER_RUN_KEYS:
-            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
-                            "line")
-        if key not in allowed:
-            raise JobsError(f"{where}: unknown key {key!r}; the keys are {', '.join(allowed)}")
-    job_id = obj.get("id", f"{line:05d}")
-    if isinstance(job_id, int) and not isinstance(job_id, bool):
-        job_id = str(job_id)
-    if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
-        raise JobsError(f"{where}: 'id' must be 1-100 letters, digits, '_', '-' or '.' (not starting with "
-                        f"'.' or '-'), got {json.dumps(job_id)}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise JobsError(f"{where}: 'prompt' is required: a non-empty string describing the video")
+    unknown = _unknown_key(obj, allowed, where)
+    if unknown is not None:
+        raise JobsError(f"{where}: unknown key {unknown!r}; the keys are {', '.join(allowed)}")
+    job_id, prompt = _id_and_prompt(obj, line, where)
     word = obj.get("word")
     if word is not None and (not isinstance(word, str) or not word.strip()):
         raise JobsError(f"{where}: 'word' must be the prompt's word naming the subject, got {json.dumps(word)}")
@@ -121,22 +137,11 @@ def _parse_videocrafter_line(obj: dict[str, Any], index: int, line: int, base: P
     """A line for a VideoCrafter model: ``prompt``, ``start_image`` (image-to-video), ``id``, ``out`` and the
     VideoCrafter settings; a VideoBooth-only key is refused by name."""
     where = f"line {line}"
-    for key in obj:
-        if key in PER_RUN_KEYS:
-            raise JobsError(f"{where}: {key!r} is set for the whole run: use --{key.replace('_', '-')} on the command "
-                            "line")
-        if key not in VIDEOCRAFTER_KEYS:
-            raise JobsError(f"{where}: {key!r} does not apply to a VideoCrafter model ({family}); its keys are "
-                            f"{', '.join(VIDEOCRAFTER_KEYS)}")
-    job_id = obj.get("id", f"{line:05d}")
-    if isinstance(job_id, int) and not isinstance(job_id, bool):
-        job_id = str(job_id)
-    if not isinstance(job_id, str) or not ID_PATTERN.match(job_id):
-        raise JobsError(f"{where}: 'id' must be 1-100 letters, digits, '_', '-' or '.' (not starting with "
-                        f"'.' or '-'), got {json.dumps(job_id)}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise JobsError(f"{where}: 'prompt' is required: a non-empty string describing the video")
+    unknown = _unknown_key(obj, VIDEOCRAFTER_KEYS, where)
+    if unknown is not None:
+        raise JobsError(f"{where}: {unknown!r} does not apply to a VideoCrafter model ({family}); its keys are "
+                        f"{', '.join(VIDEOCRAFTER_KEYS)}")
+    job_id, prompt = _id_and_prompt(obj, line, where)
     table = settings_of(family)
     settings = {key: _check_value(key, obj[key], where, table) if obj.get(key) is not None else defaults[key]
                 for key in table}
@@ -264,7 +269,7 @@ def _whole(value: Any) -> Any:
 
 def _line_defaults(defaults: dict[str, Any] | None, family: str = VIDEOBOOTH) -> dict[str, Any]:
     """Every setting's default for the lines: the command line's value where given (checked, naming its flag),
-    else settings.py's (a VideoCrafter family's: its own table, where None is the checkpoint kind's value)."""
+    else the settings table's (a VideoCrafter family's: its own table, where None is the checkpoint kind's value)."""
     if family != VIDEOBOOTH:
         table = settings_of(family)
         try:
