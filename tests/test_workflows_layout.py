@@ -140,8 +140,8 @@ FRONTEND_MIN_WIDTH = {
     "VideoBoothMetricModels": 288, "VideoBoothScore": 210, "VideoBoothBestOfN": 264, "VideoBoothDrift": 269,
     "VideoBoothSubjects": 210, "VideoBoothContextOptions": 300, "VideoBoothStartFrames": 370,
     "VideoBoothNativeLoader": 266, "VideoBoothNativeConditioning": 237, "VideoBoothNativeContextWindows": 268,
-    # 1.27.10; 1.58.1's classic renderer draws the Loader wider (292). The Sampler: 210 in both since its sampler
-    # widget and context socket (267 in 1.27.10 and 282 in 1.58.1 before them)
+    # 1.27.10; 1.58.1's classic renderer draws the Loader wider (292). The Sampler: 210 in both (the frontend's
+    # least) since its title is "VideoCrafter Sampler" (267 in 1.27.10 with "VideoCrafter Sampler (official DDIM)")
     "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 210,
     "VideoBoothLCMSchedule": 270,  # 1.27.10 (277 in 1.58.1), a new node's width
 }
