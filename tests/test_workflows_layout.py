@@ -24,7 +24,8 @@ TEXT_DROPPED_BELOW = 8 / 14
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
 # KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
-# 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
+# with --preview-method latent2rgb, 4 frames at 64x64: 422 -> 626 px classic in 1.27.10 and 1.58.1, 516 -> 764 drawn
+# in Nodes 2.0)
 PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler", "SamplerCustom"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
