@@ -24,7 +24,8 @@ TEXT_DROPPED_BELOW = 8 / 14
 # by side at 300 px) in 1.27.10 and in 1.58.1 (classic renderer), drawn over whatever lies below it.
 PREVIEW_ROOM = 250
 # KSampler's latent preview grows it below as well, and so does the VideoCrafter Sampler's (bridge.step_reporter;
-# 378 -> 582 px in 1.58.1 classic with --preview-method latent2rgb, 4 frames at 64x64)
+# with --preview-method latent2rgb, 4 frames at 64x64: 422 -> 626 px classic in 1.27.10 and 1.58.1, 516 -> 764 drawn
+# in Nodes 2.0)
 PREVIEW_NODES = {"VideoBoothSampler", "KSampler", "VideoBoothVideoCrafterSampler", "SamplerCustom"}
 # Other nodes grow after a run to show what they got (measured with the shipped workflows, square videos):
 # PreviewImage 190 -> 246 (classic) or 266 (Nodes 2.0), PreviewAny 88 -> 122 (1.58.1), SaveAnimatedWEBP to its
@@ -45,8 +46,9 @@ VUE_HEIGHT = {
     # the native road's nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
     "VideoBoothNativeLoader": 228, "VideoBoothNativeConditioning": 340, "VideoBoothNativeContextWindows": 172,
     "KSampler": 292, "EmptyLatentImage": 148, "CLIPLoader": 144, "VAELoader": 92, "VAEDecode": 84,
-    # the VideoCrafter nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page)
-    "VideoBoothVideoCrafterLoader": 172, "VideoBoothVideoCrafterSampler": 468,
+    # the VideoCrafter nodes, stored smaller than drawn (1.58.1, Nodes 2.0, live page; the Sampler with its sampler
+    # widget and context socket, 516 at its stored width 300 and at 225, its narrowest)
+    "VideoBoothVideoCrafterLoader": 172, "VideoBoothVideoCrafterSampler": 516,
     # the native four-step road's (1.58.1, Nodes 2.0, live page)
     "LoraLoaderModelOnly": 120, "VideoBoothLCMSchedule": 136, "KSamplerSelect": 92, "SamplerCustom": 260,
 }
@@ -139,8 +141,9 @@ FRONTEND_MIN_WIDTH = {
     "VideoBoothMetricModels": 288, "VideoBoothScore": 210, "VideoBoothBestOfN": 264, "VideoBoothDrift": 269,
     "VideoBoothSubjects": 210, "VideoBoothContextOptions": 300, "VideoBoothStartFrames": 370,
     "VideoBoothNativeLoader": 266, "VideoBoothNativeConditioning": 237, "VideoBoothNativeContextWindows": 268,
-    # 1.27.10; 1.58.1's classic renderer draws them wider (292 and 282)
-    "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 267,
+    # 1.27.10; 1.58.1's classic renderer draws the Loader wider (292). The Sampler: 210 in both (the frontend's
+    # least) since its title is "VideoCrafter Sampler" (267 in 1.27.10 with "VideoCrafter Sampler (official DDIM)")
+    "VideoBoothVideoCrafterLoader": 277, "VideoBoothVideoCrafterSampler": 210,
     "VideoBoothLCMSchedule": 270,  # 1.27.10 (277 in 1.58.1), a new node's width
 }
 
@@ -150,9 +153,8 @@ def frontend_min_height(node_type: str) -> int:
     (the more of socket inputs and outputs), 24 per widget (54 for a multiline text, +24 for a seed's control)
     plus 8 below the widgets, and 6 of margin. Checked against the live page for Sampler 422, Text Encode 206,
     Subjects 194, Context Options 130, Start Frames 126, Drift 142 and Best of N 268 (with invert_mask), Decode 78,
-    Image Prompt Encode 66, VideoCrafter Loader 106 and VideoCrafter Sampler 378 (the same in 1.58.1's classic;
-    measured before its optional context socket: with it the rule gives 398, one 20 px socket row more, not yet
-    re-measured on the live page)."""
+    Image Prompt Encode 66, VideoCrafter Loader 106 and VideoCrafter Sampler 422 (three socket rows and its sampler
+    combo; 378 with two rows and no combo; the same in 1.58.1's classic)."""
     inputs, outputs = schema(node_type)
     sockets = sum(1 for _, kind, _ in inputs if not is_widget(kind))
     widgets = 0
@@ -167,11 +169,8 @@ def test_the_minimum_height_rule_matches_the_frontend() -> None:
     measured = {"VideoBoothSampler": 422, "VideoBoothTextEncode": 206, "VideoBoothSubjects": 194,
                 "VideoBoothContextOptions": 130, "VideoBoothStartFrames": 126, "VideoBoothDrift": 142,
                 "VideoBoothDecode": 78, "VideoBoothImagePromptEncode": 66, "VideoBoothBestOfN": 268,
-                "VideoBoothVideoCrafterLoader": 106,
-                "VideoBoothVideoCrafterSampler": 378 + 20}  # measured 378 with 2 sockets; + the context socket's row
-    # the VideoCrafter Sampler was measured before its sampler widget (one combo: 24 px by the rule) was added
-    added_since = {"VideoBoothVideoCrafterSampler": 24}
-    assert {name: frontend_min_height(name) - added_since.get(name, 0) for name in measured} == measured
+                "VideoBoothVideoCrafterLoader": 106, "VideoBoothVideoCrafterSampler": 422}
+    assert {name: frontend_min_height(name) for name in measured} == measured
 
 
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
