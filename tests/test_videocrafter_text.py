@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,14 @@ def tower() -> _OpenClipTextTower:
     return _OpenClipTextTower().eval()
 
 
-def test_tokens_are_padded_with_zeros_and_a_long_prompt_keeps_its_end_token(clip_tokenizer_dir: Path) -> None:
+def test_tokens_are_padded_with_zeros_and_a_long_prompt_keeps_its_end_token(clip_tokenizer_dir: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     tokenizer = load_clip_tokenizer(clip_tokenizer_dir)
-    ids = tokenize_openclip(tokenizer, ["a panda", "", "panda " * 100])
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_openclip(tokenizer, ["a panda", "", "panda " * 75 + "playing guitar"])
+    # the cut is said once, for the long prompt, naming its length and the words the model will not see
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "is 79 tokens" in warnings[0] and "('playing guitar' is not" in warnings[0], warnings
     assert ids.shape == (3, 77) and ids.dtype == torch.long
     assert ids[0, :4].tolist() == [49406, 320, 12952, 49407] and ids[0, 4:].eq(0).all()
     assert ids[1, :2].tolist() == [49406, 49407] and ids[1, 2:].eq(0).all()

@@ -12,6 +12,7 @@ split into q/k/v), from a separate OpenCLIP-layout file, or from a transformers-
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
 PAD_ID = 0
 """OpenCLIP's ``tokenize`` pads with zeros (not with the end token, as SD 1.x's tokenizer does)."""
+logger = logging.getLogger(__name__)
+
 CONTEXT_LENGTH = 77
 
 _BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
@@ -141,6 +144,11 @@ def tokenize_openclip(tokenizer: "transformers.CLIPTokenizer", prompts: Sequence
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"]
         if len(ids) > CONTEXT_LENGTH:
+            # the official code cuts silently; the user should know which words the model never saw
+            dropped = tokenizer.decode(ids[CONTEXT_LENGTH - 1:-1]).strip()
+            dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."  # where the cut starts is what matters
+            logger.warning("the prompt is %d tokens, more than the text encoder's %d: the end is cut (%r is not "
+                           "seen); shorten the prompt to keep it", len(ids), CONTEXT_LENGTH, dropped)
             ids = ids[:CONTEXT_LENGTH - 1] + [tokenizer.eos_token_id]
         rows.append(ids + [PAD_ID] * (CONTEXT_LENGTH - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
