@@ -10,6 +10,7 @@ checkpoints, which ComfyUI's ``ModelSamplingDiscrete`` cannot express). Each nod
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from ..videobooth_core.videocrafter_pipeline import VideoCrafterPipeline, VideoC
 from . import _bridge as bridge
 from .loaders import DEVICES, PRECISIONS, precision_tooltip
 from .long_video import CONTEXT, ContextOptions
+
+logger = logging.getLogger(__name__)
 
 VIDEOCRAFTER_FOLDER = "videocrafter"
 VIDEOCRAFTER = "VIDEOCRAFTER"
@@ -181,7 +184,9 @@ class VideoBoothVideoCrafterSampler:
             sampler=sampler, steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed, **_context_settings(context),
             start_image=bridge.first_image(start_image) if start_image is not None else None), names=_widget_names)
         # ComfyUI frees one step's working memory (beyond the weights, which it counts itself), then loads the model
-        bridge.activate([model.managed], memory_required=pipeline.estimate_memory(request).activations_bytes)
+        estimate = pipeline.estimate_memory(request)
+        logger.info("VideoCrafter Sampler: %s", estimate.describe())
+        bridge.activate([model.managed], memory_required=estimate.activations_bytes)
         progress = bridge.Progress(step_count(request), unique_id)
         result = pipeline.generate(request, callback=bridge.step_reporter(progress, 0))
         return (bridge.image_to_comfy(result.frames.float() / 255.0),)
