@@ -51,7 +51,8 @@ def test_the_sampler_gives_the_apis_frames_as_an_image(models: Path) -> None:
     assert model.pipeline.kind == "videocrafter2"
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)
     assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
-    expected = model.pipeline.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3))
+    expected = model.pipeline.generate(
+        api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3))
     assert torch.equal(frames, expected.frames.float() / 255)
     (again,) = run("VideoBoothVideoCrafterLoader", ckpt_name="videocrafter2.ckpt", precision="fp32", device="cpu")
     assert again is model  # loaded once while the file and settings stay the same
@@ -78,8 +79,9 @@ def test_the_sampler_widget_runs_the_fast_samplers_as_the_api_does(models: Path,
     monkeypatch.setattr(bridge.Progress, "__init__", lambda self, total, node=None: totals.append(total))
     monkeypatch.setattr(bridge.Progress, "update", lambda self, value, preview=None: None)
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "sampler": "dpmpp_2m", "steps": 3})
-    expected = model.pipeline.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, sampler="dpmpp_2m",
-                                                      steps=3, seed=3))
+    expected = model.pipeline.generate(
+        api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, sampler="dpmpp_2m",
+                                steps=3, seed=3))
     assert torch.equal(frames, expected.frames.float() / 255)
     assert totals == [3]
     assert api.step_count(api.VideoCrafterRequest(prompt="x", steps=30)) == 31
@@ -92,8 +94,9 @@ def test_image_to_video_takes_its_start_image_from_an_image(models: Path) -> Non
                    device="cpu")
     image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(0))
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER, start_image=image)
-    expected = model.pipeline.generate(api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3,
-                                                      start_image=image[0]))
+    expected = model.pipeline.generate(
+        api.VideoCrafterRequest(prompt="a cat", frames=4, width=64, height=64, steps=4, seed=3,
+                                start_image=image[0]))
     assert torch.equal(frames, expected.frames.float() / 255)
     with pytest.raises(errors.ImagePromptError, match="needs a start image"):
         run("VideoBoothVideoCrafterSampler", model=model, **SAMPLER)
@@ -106,9 +109,11 @@ def test_the_sampler_takes_the_context_options_as_windows_of_consecutive_frames(
     (context,) = run("VideoBoothContextOptions", context_window=4, context_overlap=2, context_fuse="flat",
                      noise_reuse=False)
     (frames,) = run("VideoBoothVideoCrafterSampler", model=model, **{**SAMPLER, "frames": 7}, context=context)
-    expected = model.pipeline.generate(api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3,
-                                                      context_window=4, context_overlap=2, context_fuse="flat"))
-    plain = model.pipeline.generate(api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3))
+    expected = model.pipeline.generate(
+        api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3,
+                                context_window=4, context_overlap=2, context_fuse="flat"))
+    plain = model.pipeline.generate(
+        api.VideoCrafterRequest(prompt="a cat", frames=7, width=64, height=64, steps=4, seed=3))
     assert frames.shape == (7, 64, 64, 3) and torch.equal(frames, expected.frames.float() / 255)
     assert not torch.equal(expected.frames, plain.frames)
     (reuse,) = run("VideoBoothContextOptions", context_window=4, context_overlap=2, context_fuse="flat",
