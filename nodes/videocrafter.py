@@ -10,6 +10,8 @@ checkpoints, which ComfyUI's ``ModelSamplingDiscrete`` cannot express). Each nod
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,11 +28,25 @@ from . import _bridge as bridge
 from .loaders import DEVICES, PRECISIONS, precision_tooltip
 from .long_video import CONTEXT, ContextOptions
 
+logger = logging.getLogger(__name__)
+
 VIDEOCRAFTER_FOLDER = "videocrafter"
 VIDEOCRAFTER = "VIDEOCRAFTER"
 """The socket type of a loaded VideoCrafter model."""
 AUTO = "auto"
-_CACHE: dict[tuple, VideoCrafterPipeline] = {}
+
+
+@dataclass(frozen=True)
+class VideoCrafterModel:
+    """What the VIDEOCRAFTER socket carries: the core pipeline (computing on ComfyUI's compute device) and its
+    modules in ComfyUI's memory management, which moves them there before sampling and back to the offload device
+    when other models need the memory."""
+
+    pipeline: VideoCrafterPipeline
+    managed: bridge.ManagedModel
+
+
+_CACHE: dict[tuple, VideoCrafterModel] = {}
 _OTHER_NAMES = {"negative": "negative_prompt", "context_window": "context_window (VideoBooth Context Options)",
                 "context_overlap": "context_overlap (VideoBooth Context Options)",
                 "context_fuse": "context_fuse (VideoBooth Context Options)"}
@@ -86,17 +102,26 @@ class VideoBoothVideoCrafterLoader:
             "device": (DEVICES, {"default": AUTO, "tooltip": "auto: ComfyUI's compute device; cpu: the CPU."}),
         }}
 
-    def load(self, ckpt_name: str, precision: str, device: str) -> tuple[VideoCrafterPipeline]:
-        compute, _ = bridge.devices_for("unet", device)
+    def load(self, ckpt_name: str, precision: str, device: str) -> tuple[VideoCrafterModel]:
+        compute, offload = bridge.devices_for("unet", device)
         key = (bridge.file_signature(VIDEOCRAFTER_FOLDER, ckpt_name), precision, str(compute))
         if key not in _CACHE:
             _CACHE.clear()  # one VideoCrafter model at a time: they are several GB each
-            _CACHE[key] = VideoCrafterPipeline.from_files(bridge.model_path(VIDEOCRAFTER_FOLDER, ckpt_name),
-                                                          _tokenizer_dir(),
-                                                          dtype=parse_dtype(DEFAULT_PRECISION if precision == AUTO
-                                                                            else precision),
-                                                          device=compute)
+            # loaded on the offload device, as the VideoBooth loaders: the sampler has ComfyUI move it to compute
+            pipeline = VideoCrafterPipeline.from_files(bridge.model_path(VIDEOCRAFTER_FOLDER, ckpt_name),
+                                                       _tokenizer_dir(),
+                                                       dtype=parse_dtype(DEFAULT_PRECISION if precision == AUTO
+                                                                         else precision),
+                                                       device=compute, weights_device=offload)
+            _CACHE[key] = VideoCrafterModel(pipeline, bridge.ManagedModel(_modules(pipeline), compute, offload))
         return (_CACHE[key],)
+
+
+def _modules(pipeline: VideoCrafterPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's modules that move together (the image encoder and projector only for image-to-video)."""
+    modules = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder,
+               "image_encoder": pipeline.image_encoder, "projector": pipeline.projector}
+    return {name: module for name, module in modules.items() if module is not None}
 
 
 class VideoBoothVideoCrafterSampler:
@@ -149,16 +174,21 @@ class VideoBoothVideoCrafterSampler:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, model: VideoCrafterPipeline, prompt: str, negative_prompt: str, frames: int, width: int,
+    def sample(self, model: VideoCrafterModel, prompt: str, negative_prompt: str, frames: int, width: int,
                height: int, sampler: str, steps: int, eta: float, cfg: float, fps: int, seed: int,
                start_image: torch.Tensor | None = None, context: ContextOptions | None = None,
                unique_id: str | None = None) -> tuple[torch.Tensor]:
-        request = model.check(VideoCrafterRequest(  # 0: not set, the model's value
+        pipeline = model.pipeline
+        request = pipeline.check(VideoCrafterRequest(  # 0: not set, the model's value
             prompt=prompt, negative_prompt=negative_prompt, frames=frames, width=width or None, height=height or None,
             sampler=sampler, steps=steps, eta=eta, guidance=cfg, fps=fps or None, seed=seed, **_context_settings(context),
             start_image=bridge.first_image(start_image) if start_image is not None else None), names=_widget_names)
+        # ComfyUI frees one step's working memory (beyond the weights, which it counts itself), then loads the model
+        estimate = pipeline.estimate_memory(request)
+        logger.info("VideoCrafter Sampler: %s", estimate.describe())
+        bridge.activate([model.managed], memory_required=estimate.activations_bytes)
         progress = bridge.Progress(step_count(request), unique_id)
-        result = model.generate(request, callback=bridge.step_reporter(progress, 0))
+        result = pipeline.generate(request, callback=bridge.step_reporter(progress, 0))
         return (bridge.image_to_comfy(result.frames.float() / 255.0),)
 
 

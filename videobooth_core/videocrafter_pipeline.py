@@ -104,9 +104,14 @@ class VideoCrafterPipeline:
     @classmethod
     def from_files(cls, checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, *,
                    text_encoder: str | os.PathLike | None = None, image_encoder: str | os.PathLike | None = None,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "VideoCrafterPipeline":
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   weights_device: str | torch.device | None = None) -> "VideoCrafterPipeline":
         """Load from a ``model.ckpt`` (or its safetensors conversion), the CLIP tokenizer folder, and the text /
-        image encoder files when the checkpoint lacks them (see :func:`.loading.videocrafter.missing_encoders`)."""
+        image encoder files when the checkpoint lacks them (see :func:`.loading.videocrafter.missing_encoders`).
+
+        ``device`` is where :meth:`generate` computes; ``weights_device`` (default ``device``) where the modules are
+        loaded, for a host that moves them to ``device`` itself before generating (ComfyUI's memory management
+        keeps them on its offload device between runs)."""
         from .conditioning.openclip_text import load_videocrafter_text_encoder
         from .conditioning.tokenizer import load_clip_tokenizer
         from .loading.vae import load_vae
@@ -120,6 +125,7 @@ class VideoCrafterPipeline:
                                           "give those files (--text-encoder / --image-encoder) or use the released "
                                           "model.ckpt, which carries them"))
         tok = load_clip_tokenizer(tokenizer)
+        compute, device = device, device if weights_device is None else weights_device
         _, unet = load_videocrafter_unet(checkpoint, state_dict=state, dtype=dtype, device=device)
         vae = load_vae(checkpoint, dtype=torch.float32, device=device)
         text = load_videocrafter_text_encoder(state, source=checkpoint, text_encoder_path=text_encoder,
@@ -129,7 +135,7 @@ class VideoCrafterPipeline:
             projector = load_image_projector(checkpoint, state, dtype=dtype, device=device)
             image = load_videocrafter_image_encoder(state, source=checkpoint, image_encoder_path=image_encoder,
                                                     device=device)
-        return cls(kind, unet, vae, text, tok, projector=projector, image_encoder=image, device=device)
+        return cls(kind, unet, vae, text, tok, projector=projector, image_encoder=image, device=compute)
 
     @classmethod
     def from_models_dir(cls, models_dir: str | os.PathLike, model: str | None = None, **kwargs) -> "VideoCrafterPipeline":
