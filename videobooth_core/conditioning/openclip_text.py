@@ -142,7 +142,8 @@ def tokenize_openclip(tokenizer: "transformers.CLIPTokenizer", prompts: Sequence
     long is cut to 77 with the end token last. (The BPE vocabulary is CLIP's, the same for ViT-L and ViT-H.)"""
     rows = []
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"]
+        # verbose=False: transformers' own "longer than the maximum" advice would say it a second time, less clearly
+        ids = tokenizer(prompt, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         if len(ids) > CONTEXT_LENGTH:
             # the official code cuts silently; the user should know which words the model never saw
             dropped = tokenizer.decode(ids[CONTEXT_LENGTH - 1:-1]).strip()
