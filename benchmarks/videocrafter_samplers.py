@@ -29,15 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from videobooth_core.app.tiny_videocrafter import _randomise, tiny_unet_config  # noqa: E402
+from videobooth_core.app.tiny_videocrafter import tiny_guided_eps  # noqa: E402
 from videobooth_core.models.videocrafter.config import RELEASED_SAMPLING, RELEASED_UNETS  # noqa: E402
-from videobooth_core.models.videocrafter.unet import VideoCrafterUNet  # noqa: E402
 from videobooth_core.sampling.noise import GeneratorNoise  # noqa: E402
 from videobooth_core.sampling.videocrafter import (  # noqa: E402
     FAST_SAMPLERS,
     VideoCrafterDDIM,
     alphas_cumprod,
-    guided_unet,
     sample_videocrafter_ddim,
     sample_videocrafter_scheduler,
     variance_preserving_schedule,
@@ -48,17 +46,7 @@ SHAPE = (1, 4, 2, 8, 8)
 
 
 def scale_of(kind: str) -> dict:
-    d = RELEASED_SAMPLING[kind]
-    return dict(use_scale=d.use_scale, scale_b=d.scale_b, fix_scale_bug=d.fix_scale_bug)
-
-
-def tiny_eps(kind: str):
-    config = tiny_unet_config(kind)
-    unet = VideoCrafterUNet(config).eval()
-    _randomise(unet, torch.Generator().manual_seed(1))
-    tokens = 77 + (16 if config.use_image_attention else 0)
-    context = torch.randn(2, tokens, config.context_dim, generator=torch.Generator().manual_seed(2))
-    return guided_unet(unet, context[:1], context[1:], torch.tensor([RELEASED_SAMPLING[kind].fps]))
+    return RELEASED_SAMPLING[kind].x0_scale
 
 
 MEAN, STD = 0.3, 0.8
@@ -112,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(1)
     result: dict = {"equivalence": {}, "gaussian": {}, "tiny": {}}
     for kind in sorted(RELEASED_UNETS):
-        eps = tiny_eps(kind)
+        eps = tiny_guided_eps(kind)
         for steps in (10, 50):
             ref = official(eps, kind, steps)
             ours = fast(eps, kind, "ddim", steps, spacing="leading")
@@ -130,7 +118,7 @@ def main() -> None:
             result["gaussian"][f"{kind} {label}"] = error
             print(f"gaussian ODE {kind} {label}: rel rms vs the exact solution {error:.2e}", flush=True)
     kind = "videocrafter2"
-    eps = tiny_eps(kind)
+    eps = tiny_guided_eps(kind)
     ref = official(eps, kind, 50)
     rows = {"ddim@25 (official)": official(eps, kind, 25)}
     rows.update({f"{name}@25": fast(eps, kind, name, 25) for name in FAST_SAMPLERS})

@@ -11,16 +11,14 @@ import pytest
 import torch
 
 from videobooth_core.app.cli import main
-from videobooth_core.app.tiny_videocrafter import _randomise, make_tiny_videocrafter, tiny_unet_config
+from videobooth_core.app.tiny_videocrafter import make_tiny_videocrafter, tiny_guided_eps
 from videobooth_core.errors import SamplingError
 from videobooth_core.models.videocrafter.config import RELEASED_SAMPLING, RELEASED_UNETS
-from videobooth_core.models.videocrafter.unet import VideoCrafterUNet
 from videobooth_core.sampling.noise import GeneratorNoise
 from videobooth_core.sampling.videocrafter import (
     FAST_SAMPLERS,
     VideoCrafterDDIM,
     alphas_cumprod,
-    guided_unet,
     sample_videocrafter_ddim,
     sample_videocrafter_scheduler,
     variance_preserving_schedule,
@@ -32,18 +30,7 @@ SHAPE = (1, 4, 2, 8, 8)
 
 
 def _scale(kind: str) -> dict:
-    d = RELEASED_SAMPLING[kind]
-    return dict(use_scale=d.use_scale, scale_b=d.scale_b, fix_scale_bug=d.fix_scale_bug)
-
-
-def _tiny_eps(kind: str):
-    """A tiny random UNet of ``kind`` with its guidance branches (fps, and the I2V image tokens' width)."""
-    config = tiny_unet_config(kind)
-    unet = VideoCrafterUNet(config).eval()
-    _randomise(unet, torch.Generator().manual_seed(1))
-    tokens = 77 + (16 if config.use_image_attention else 0)
-    context = torch.randn(2, tokens, config.context_dim, generator=torch.Generator().manual_seed(2))
-    return guided_unet(unet, context[:1], context[1:], torch.tensor([RELEASED_SAMPLING[kind].fps]))
+    return RELEASED_SAMPLING[kind].x0_scale
 
 
 def test_the_variance_preserving_view_is_a_valid_schedule() -> None:
@@ -66,7 +53,7 @@ def test_the_diffusers_ddim_on_the_variance_preserving_view_is_the_official_ddim
     ``sample_videocrafter_scheduler`` on a tiny model of each kind reproduces the official DDIM within the parity
     suite's tolerance (measured: max |diff| at most 7.8e-7 of max |latent| over the four kinds, 10 steps, cfg 12),
     visiting the official timesteps. The same run on SD's plain schedule misses a use_scale kind by far."""
-    eps = _tiny_eps(kind)
+    eps = tiny_guided_eps(kind)
     official_steps, ours_steps = [], []
     official = sample_videocrafter_ddim(eps, VideoCrafterDDIM(10, 0.0, **_scale(kind)), SHAPE,
                                         GeneratorNoise(torch.Generator().manual_seed(3)), guidance=12.0,

@@ -277,7 +277,7 @@ def _sample(request: VideoCrafterRequest, defaults: SamplingDefaults, eps_functi
             noise: NoiseSource, device: torch.device, on_step) -> torch.Tensor:
     """The request's sampler from noise to the clean latent: the official DDIM, or a fast one on the same model
     (the kind's ``use_scale`` schedule either way, the same guidance and ``x_T``)."""
-    scale = dict(use_scale=defaults.use_scale, scale_b=defaults.scale_b, fix_scale_bug=defaults.fix_scale_bug)
+    scale = defaults.x0_scale
     if request.sampler == OFFICIAL_SAMPLER:
         return sample_videocrafter_ddim(eps_function, VideoCrafterDDIM(request.steps, request.eta, **scale), shape,
                                         noise, guidance=request.guidance, device=device, on_step=on_step)

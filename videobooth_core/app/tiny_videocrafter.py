@@ -46,6 +46,21 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
 
 
+def tiny_guided_eps(kind: str):
+    """The guided eps function (:func:`~..sampling.videocrafter.guided_unet`) of a tiny random UNet of ``kind``
+    with random contexts (77 text tokens, + 16 image tokens for I2V) and the kind's official fps: what the sampler
+    tests and ``benchmarks/videocrafter_samplers.py`` sample with."""
+    from ..models.videocrafter.unet import VideoCrafterUNet
+    from ..sampling.videocrafter import guided_unet
+
+    config = tiny_unet_config(kind)
+    unet = VideoCrafterUNet(config).eval()
+    _randomise(unet, torch.Generator().manual_seed(1))
+    tokens = 77 + (16 if config.use_image_attention else 0)
+    context = torch.randn(2, tokens, config.context_dim, generator=torch.Generator().manual_seed(2))
+    return guided_unet(unet, context[:1], context[1:], torch.tensor([RELEASED_SAMPLING[kind].fps]))
+
+
 def tiny_unet_config(family: str):
     """The family's switches at width 32/64, one res block per level, attention at the first level."""
     return replace(RELEASED_UNETS[family], model_channels=TINY_WIDTH, channel_mult=(1, 2), num_res_blocks=1,

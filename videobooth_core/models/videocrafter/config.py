@@ -129,6 +129,12 @@ class SamplingDefaults:
     scale_b: float = 0.3
     fix_scale_bug: bool = False
 
+    @property
+    def x0_scale(self) -> dict[str, object]:
+        """The ``use_scale`` keywords every VideoCrafter sampler takes (``VideoCrafterDDIM``,
+        ``sample_videocrafter_scheduler``, ``variance_preserving_schedule``)."""
+        return dict(use_scale=self.use_scale, scale_b=self.scale_b, fix_scale_bug=self.fix_scale_bug)
+
 
 RELEASED_SAMPLING: dict[str, SamplingDefaults] = {
     KIND_T2V_512_V1: SamplingDefaults(height=320, width=512),
