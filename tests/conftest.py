@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,6 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 # every fixture the suite needs lives in the repository (tests/fixtures/README.md says what each is and how it
 # was made), so a fresh clone passes on its own; the environment variables point a run at another recording
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+PARITY_RTOL = 1e-4
+"""The parity suite's tolerance against an official recording (the fixture README's): rtol 1e-4 and
+:func:`parity_atol`. Every parity test uses these, so the bar is one."""
+
+
+def parity_atol(expected: torch.Tensor) -> float:
+    """atol 1e-4 * max(1, max|expected|): relative to the recording's size, at least 1e-4."""
+    return 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def assert_parity_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``actual`` within the parity tolerance of the recorded ``expected`` (shape first, then the values)."""
+    expected = expected.to(actual.dtype)
+    atol = parity_atol(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs().max().item()
+    assert torch.allclose(actual, expected, rtol=PARITY_RTOL, atol=atol), (
+        f"{name}: max |diff| {diff:.3g} (atol {atol:.3g})")
 
 
 def fixture_dir(env_var: str, default: Path) -> Path:

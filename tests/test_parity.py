@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_parity_close
 from safetensors.torch import load_file
 
 from videobooth_core.loading.checkpoint import load_mapper, load_unet
@@ -25,16 +26,7 @@ from videobooth_core.sampling.schedule import RespacedDDPM
 from videobooth_core.loading.streaming import load_unet_streamed
 from videobooth_core.conditioning.text import NULL_PROMPT, encode_text, prepare_subject_prompt, tokenize
 
-RTOL = 1e-4
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """rtol 1e-4, atol 1e-4 * max(1, max|expected|), as the fixture README suggests."""
-    expected = expected.to(actual.dtype)
-    atol = 1e-4 * max(1.0, expected.abs().max().item())
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual - expected).abs().max().item()
-    assert torch.allclose(actual, expected, rtol=RTOL, atol=atol), f"{name}: max |diff| {diff:.3g} (atol {atol:.3g})"
+assert_close = assert_parity_close  # the parity tolerance (conftest), by the name these tests and their importers use
 
 
 class Official:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import PARITY_RTOL, parity_atol
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DATA = DATA_DIR / "pinned_generation.safetensors"
@@ -99,8 +100,8 @@ def test_default_path_is_bit_identical_to_the_recording(tiny_models) -> None:
             assert worst <= level + 1e-6, (f"{name} differs from {DATA.name} by {worst:.3e} (> one 8-bit level) on "
                                            f"CPU {signature}, which has no recording of its own")
         else:
-            atol = 1e-4 * max(1.0, tensor.abs().max().item())
-            torch.testing.assert_close(got, tensor, rtol=1e-4, atol=atol, msg=lambda m: (
+            atol = parity_atol(tensor)
+            torch.testing.assert_close(got, tensor, rtol=PARITY_RTOL, atol=atol, msg=lambda m: (
                 f"{name} on CPU {signature} (no recording of its own) is outside the parity tolerance of "
                 f"{DATA.name}: {m}; if the default path was changed deliberately, re-record with "
                 "`python tests/test_pinned_result.py --record`"))

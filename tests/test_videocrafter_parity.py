@@ -8,14 +8,13 @@ from __future__ import annotations
 import gzip
 import json
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, assert_parity_close
 from videobooth_core.conditioning.vae import vae_decode
 from videobooth_core.loading.vae import load_vae
 from videobooth_core.loading.videocrafter import (
@@ -46,16 +45,7 @@ KINDS = {"t2v_512_v1": "videocrafter1-t2v-512", "t2v_1024_v1": "videocrafter1-t2
 TINY_PROJECTOR = ImageProjectorConfig(dim=32, depth=4, dim_head=8, heads=4, num_queries=16, embedding_dim=48,
                                       output_dim=32)
 """The i2v recording's projector (its README: the harness's Resampler sizes; heads are not in the shapes)."""
-RTOL = 1e-4
-
-
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """The tolerance of tests/test_parity.py: rtol 1e-4, atol 1e-4 * max(1, max|expected|)."""
-    expected = expected.to(actual.dtype)
-    atol = 1e-4 * max(1.0, expected.abs().max().item())
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual - expected).abs().max().item()
-    assert torch.allclose(actual, expected, rtol=RTOL, atol=atol), f"{name}: max |diff| {diff:.3g} (atol {atol:.3g})"
+assert_close = assert_parity_close  # the parity tolerance of tests/test_parity.py (conftest)
 
 
 class Recording:

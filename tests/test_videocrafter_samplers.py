@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_RTOL, parity_atol
 
 from videobooth_core.app.cli import main
 from videobooth_core.app.tiny_videocrafter import make_tiny_videocrafter, tiny_guided_eps
@@ -61,11 +62,11 @@ def test_the_diffusers_ddim_on_the_variance_preserving_view_is_the_official_ddim
     ours = sample_videocrafter_scheduler(eps, "ddim", 10, SHAPE, GeneratorNoise(torch.Generator().manual_seed(3)),
                                          guidance=12.0, spacing="leading", **_scale(kind),
                                          on_step=lambda r: ours_steps.append((r.timestep, r.pred_x0)))
-    atol = 1e-4 * max(1.0, official.abs().max().item())  # tests/test_parity.py's tolerance
-    torch.testing.assert_close(ours, official, rtol=1e-4, atol=atol)
+    atol = parity_atol(official)
+    torch.testing.assert_close(ours, official, rtol=PARITY_RTOL, atol=atol)
     assert [t for t, _ in ours_steps] == [t for t, _ in official_steps] == list(range(901, 0, -100))
     for (_, mine), (_, theirs) in zip(ours_steps, official_steps):  # the official pred_x0 (divided by the scale)
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4 * max(1.0, theirs.abs().max().item()))
+        torch.testing.assert_close(mine, theirs, rtol=PARITY_RTOL, atol=parity_atol(theirs))
     if RELEASED_SAMPLING[kind].use_scale:
         plain = sample_videocrafter_scheduler(eps, "ddim", 10, SHAPE, GeneratorNoise(torch.Generator().manual_seed(3)),
                                               guidance=12.0, spacing="leading")
