@@ -19,7 +19,7 @@ from videobooth_core.sampling.noise import GeneratorNoise
 from videobooth_core.sampling.run import run_sampler
 from videobooth_core.sampling.schedule import respaced_timesteps
 
-from training_helpers import one_thread, synth  # noqa: F401  (module fixtures)
+from training_helpers import dataset_without_the_word, one_thread, synth  # noqa: F401  (module fixtures)
 
 SHAPE = (1, 4, 3, 8, 8)
 
@@ -326,24 +326,15 @@ def test_a_short_distillation_runs_and_resumes_after_sigkill_bit_identically(tin
 def test_a_failed_distillation_leaves_the_callers_unet_without_the_lora(tiny_models, synth, tmp_path) -> None:
     """The one loop closes the stage however the run ends: a dataset entry refused after the LoRA's hooks were put
     on the caller's UNet (its caption lacks its word) leaves the UNet with no hook, as it came."""
-    import json
-    import shutil
-
-    from videobooth_core.dataset.layout import list_entries
     from videobooth_core.training.config import TrainingError
     from videobooth_core.training.distill_loop import load_distill_models, train_distill
 
-    broken = tmp_path / "broken"
-    shutil.copytree(synth, broken)
-    entry = list_entries(broken)[0]
-    info = json.loads((entry / "entry.json").read_text())
-    info["caption"] = "a shape moving"
-    (entry / "entry.json").write_text(json.dumps(info))
+    broken, broken_id = dataset_without_the_word(synth, tmp_path / "broken")
     config = _distill_config(tiny_models, broken, tmp_path / "run")
     models = load_distill_models(config, torch.device("cpu"))
     hooked = lambda: sum(len(m._forward_hooks) for m in models["unet"].modules())  # noqa: E731
     before = hooked()
-    with pytest.raises(TrainingError, match=info["id"]):
+    with pytest.raises(TrainingError, match=broken_id):
         train_distill(config, models=models)
     assert hooked() == before
 

@@ -16,7 +16,7 @@ import torch
 from videobooth_core.training.config import TrainConfig, TrainingError
 
 # the memory check (a ~3 s dry run per start) has its own test
-from training_helpers import SMALL, one_thread, synth  # noqa: F401  (module fixtures)
+from training_helpers import SMALL, dataset_without_the_word, one_thread, synth  # noqa: F401  (module fixtures)
 
 
 def config(tiny_models: Path, synth: Path, out: Path, stage: int | str, **kwargs) -> TrainConfig:
@@ -443,20 +443,11 @@ def test_config_file_flags_and_one_line_errors(tiny_models, synth, tmp_path):
     # stage 2 without a mapper, and a dataset entry whose caption lacks its word: one line, exit code 2
     assert main(["train", "--stage", "2", "--data", str(synth), "--models", str(tiny_models),
                  "--out", str(tmp_path / "x")]) == 2
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(synth, broken)
-    from videobooth_core.dataset.layout import list_entries
-
-    entry = list_entries(broken)[0]
-    info = json.loads((entry / "entry.json").read_text())
-    info["caption"] = "a shape moving"
-    (entry / "entry.json").write_text(json.dumps(info))
+    broken, broken_id = dataset_without_the_word(synth, tmp_path / "broken")
     cfg = config(tiny_models, broken, tmp_path / "y", 1, steps=1)
     from videobooth_core.training.loop import train
 
-    with pytest.raises(TrainingError, match=info["id"]):
+    with pytest.raises(TrainingError, match=broken_id):
         train(cfg)
 
 

@@ -27,3 +27,19 @@ def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_data") / "synth"
     make_synthetic(out, videos=2, seed=0)
     return out
+
+
+def dataset_without_the_word(synth: Path, out: Path) -> tuple[Path, str]:
+    """A copy of ``synth`` whose first clip's caption no longer names its subject word (a bad entry every stage
+    must refuse, naming it), and that clip's id."""
+    import json
+    import shutil
+
+    from videobooth_core.dataset.layout import list_entries
+
+    shutil.copytree(synth, out)
+    entry = list_entries(out)[0]
+    info = json.loads((entry / "entry.json").read_text())
+    info["caption"] = "a shape moving"
+    (entry / "entry.json").write_text(json.dumps(info))
+    return out, info["id"]
